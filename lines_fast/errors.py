@@ -1,0 +1,13 @@
+"""The one exception type for bad input.
+
+Anything the user can fix (a missing file, a shape mismatch, a bad parameter) raises
+MergeInputError with a one-paragraph message that names the file, the tensor and the
+models involved and says what to do. The CLI prints it and exits with status 2, without
+a traceback. Bugs stay ordinary exceptions, so they keep their tracebacks.
+"""
+
+EXIT_BAD_INPUT = 2
+
+
+class MergeInputError(Exception):
+    """Bad input the user can fix; `str(err)` is the whole message shown to them."""

@@ -1,0 +1,83 @@
+"""DARE's random stream: Philox4x32-10, bit-exact with Triton's `tl.philox`.
+
+Derivation (the kernels in kernels/merge.py use exactly this):
+- key   = the 64-bit seed, split as tl.philox splits it: k0 = seed & 0xffffffff, k1 = seed >> 32.
+- counter = (c0, c1, c2, c3) = (j & 0xffffffff, j >> 32, tensor_stream_id(name), i), where j is
+  the element's flat index in the tensor and i the model's index in the config (0-based).
+- draw  = the first 32-bit output word r0 of Philox4x32-10(counter, key).
+- u     = Triton's uint_to_uniform_float: x = r0 read as int32, x = ~x where x < 0,
+  u = float32(x) * float32(4.6566127342e-10), so 0 <= u < 1.
+- keep element j of model i iff u >= p_i, with p_i = float32(1 - density_i); kept values are
+  divided by float32(1 - p_i) (see dare_constants).
+Because u is a pure function of (seed, i, name, j), masks are the same on CPU and GPU, for
+any chunking, tensor order or number of processes.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_ROUND_A = 0xD2511F53
+_ROUND_B = 0xCD9E8D57
+_KEY_A = 0x9E3779B9
+_KEY_B = 0xBB67AE85
+_N_ROUNDS = 10
+_UNIFORM_SCALE = np.float32(4.6566127342e-10)
+MAX_SEED = (1 << 63) - 1
+
+
+def tensor_stream_id(name: str) -> int:
+    """A stable 32-bit id of a tensor name: the first 4 bytes (little-endian) of BLAKE2b-32 of its UTF-8."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest(), "little")
+
+
+def dare_constants(density: float) -> tuple[float, float]:
+    """(p, divisor) as float32 values: drop when u < p; kept values are divided by divisor = float32(1 - p)."""
+    p = np.float32(1.0 - density)
+    divisor = np.float32(1.0 - float(p))
+    return float(p), float(divisor)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) 32-bit halves of the 64-bit product of constant a and uint32 values b (held in int64)."""
+    b_hi = b >> 16
+    b_lo = b & 0xFFFF
+    hi_part = a * b_hi                  # < 2^48
+    lo_part = a * b_lo                  # < 2^48
+    hi = (hi_part + (lo_part >> 16)) >> 16
+    lo = (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Philox4x32-10 on uint32 counters held in int64 tensors; returns the 4 output words."""
+    for _ in range(_N_ROUNDS):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    return c0, c1, c2, c3
+
+
+def uniform_from_bits(r0: torch.Tensor) -> torch.Tensor:
+    """Triton's uint_to_uniform_float for 32-bit words: float32 in [0, 1)."""
+    x = torch.where(r0 >= (1 << 31), r0 - (1 << 32), r0)   # read as int32
+    x = torch.where(x < 0, -x - 1, x)                       # ~x for negatives
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE)
+
+
+def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int = 0) -> torch.Tensor:
+    """u for flat indices start .. start+numel-1 of tensor `name`, model `model_index` (float32, CPU)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    j = torch.arange(start, start + numel, dtype=torch.int64)
+    c0 = j & _MASK32
+    c1 = j >> 32
+    c2 = torch.full_like(j, tensor_stream_id(name))
+    c3 = torch.full_like(j, model_index)
+    r0, _, _, _ = philox4x32_10(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
+    return uniform_from_bits(r0)

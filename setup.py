@@ -1,0 +1,28 @@
+"""Packaging for lines_fast.
+
+The Triton kernels live in the top-level `kernels/` folder of the repository but are
+installed as `lines_fast.kernels`, so lines_fast never claims the generic import name
+`kernels` (another PyPI package uses it).
+"""
+from setuptools import setup
+
+setup(
+    name="lines_fast",
+    version="0.1.0",
+    description="Fast, reference-exact model merging (TIES, DARE, task arithmetic, soups, WiSE-FT, LiNeS) for sharded safetensors checkpoints",
+    packages=["lines_fast", "lines_fast.backends", "lines_fast.kernels"],
+    package_dir={"lines_fast.kernels": "kernels"},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "plot": ["matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["lines-fast=lines_fast.cli:main"]},
+)
