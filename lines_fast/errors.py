@@ -11,3 +11,16 @@ EXIT_BAD_INPUT = 2
 
 class MergeInputError(Exception):
     """Bad input the user can fix; `str(err)` is the whole message shown to them."""
+
+
+class NonFiniteInput(Exception):
+    """A backend met NaN or Inf in an input tensor (model_index -1 is the base).
+
+    Backends know tensors, not files; the engine turns this into a MergeInputError that
+    names the file and the model.
+    """
+
+    def __init__(self, name: str, model_index: int):
+        super().__init__(f"non-finite values in tensor {name} of input {model_index}")
+        self.name = name
+        self.model_index = model_index

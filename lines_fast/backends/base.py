@@ -33,7 +33,11 @@ class MergeJob:
     base: θ0, or None only for plain `linear` (MethodSpec.uses_base is False).
     models: θ_1..θ_N in config order, same shape as base.
     thresholds: for trimming methods, t_i per model as a float32-representable float
-        (keep |tau_i| >= t_i); float('inf') keeps nothing (k = 0). None otherwise.
+        (keep |tau_i| >= t_i); float('inf') keeps nothing (k = 0). For a trimming method
+        with `tensor` scope it may be None: the backend then finds the per-tensor
+        thresholds itself (k_i = spec.kept_count(density_i, numel), exact, via
+        selection.tensor_thresholds or its own fused equivalent), so a GPU can select and
+        merge from one host-to-device copy. None for methods that do not trim.
     scale: the factor on the merged task vector: λ, or the LiNeS λ(ℓ) that replaces it.
         Ignored by plain `linear`.
     out_dtype: dtype of the result.

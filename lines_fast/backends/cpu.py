@@ -1,0 +1,234 @@
+"""The CPU backend: the default where there is no GPU.
+
+It computes what lines_fast/reference.py computes, with the same float32 operations in the
+same order (so election signs and DARE masks are identical, and values agree bitwise in
+practice), but chunk by chunk: each tensor is walked in slices of `chunk` elements that
+stay in the CPU caches, into buffers allocated once, so nothing the size of a tensor is
+ever materialised in float32. Both cores are kept busy by torch's intra-op threads, and a
+read-ahead thread faults in the next tensor's pages while the current one computes.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Iterator
+
+import torch
+
+from ..errors import NonFiniteInput
+from ..rng import dare_constants, dare_uniform
+from ..selection import BINS, tensor_thresholds
+from ..spec import MethodSpec
+from .base import MergeJob
+
+DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resident
+_PAGE = 4096
+
+
+class _Buffers:
+    """float32/bool scratch for one chunk: the base, one task vector per model, accumulators."""
+
+    def __init__(self, n_models: int, chunk: int):
+        f32 = dict(dtype=torch.float32)
+        self.base = torch.empty(chunk, **f32)
+        self.tau = [torch.empty(chunk, **f32) for _ in range(n_models)]
+        self.acc = torch.empty(chunk, **f32)
+        self.num = torch.empty(chunk, **f32)
+        self.den = torch.empty(chunk, **f32)
+        self.tmp = torch.empty(chunk, **f32)
+        self.mask = torch.empty(chunk, dtype=torch.bool)
+        self.mask2 = torch.empty(chunk, dtype=torch.bool)
+        self.bits = torch.empty(chunk, dtype=torch.int32)
+
+
+def _touch_pages(tensors: list[torch.Tensor]) -> None:
+    """Fault in the pages behind memory-mapped tensors (one byte read per page)."""
+    for t in tensors:
+        if t.numel():
+            raw = t.reshape(-1).view(torch.uint8)
+            raw[::_PAGE].sum()
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self, chunk: int = DEFAULT_CHUNK, check_finite: bool = True, read_ahead: bool = True):
+        self.chunk = chunk
+        self.check_finite = check_finite
+        self.read_ahead = read_ahead
+        self._buffers: dict[int, _Buffers] = {}
+
+    def _bufs(self, n_models: int) -> _Buffers:
+        if n_models not in self._buffers:
+            self._buffers[n_models] = _Buffers(n_models, self.chunk)
+        return self._buffers[n_models]
+
+    def _spans(self, numel: int):
+        for start in range(0, numel, self.chunk):
+            yield start, min(start + self.chunk, numel)
+
+    # -- task vectors ---------------------------------------------------------------------
+    def _load_tau(self, out: torch.Tensor, model: torch.Tensor, base_f32: torch.Tensor,
+                  name: str, model_index: int) -> torch.Tensor:
+        """out = float32(model) - base_f32, checking for NaN/Inf cheaply (one reduction)."""
+        out.copy_(model)
+        out.sub_(base_f32)
+        if self.check_finite and not torch.isfinite(out.sum()):
+            # The sum is non-finite if any term is (or, in theory, on overflow): look closer.
+            if not torch.isfinite(base_f32).all():
+                raise NonFiniteInput(name, -1)
+            if not torch.isfinite(model).all():
+                raise NonFiniteInput(name, model_index)
+        return out
+
+    # -- statistics -----------------------------------------------------------------------
+    def magnitude_histogram(self, base: torch.Tensor, model: torch.Tensor,
+                            bucket: int | None = None) -> torch.Tensor:
+        base_flat, model_flat = base.reshape(-1), model.reshape(-1)
+        bufs = self._bufs(1)
+        hist = torch.zeros(BINS, dtype=torch.int64)
+        for s, e in self._spans(base_flat.numel()):
+            n = e - s
+            b = bufs.base[:n]
+            b.copy_(base_flat[s:e])
+            tau = self._load_tau(bufs.tau[0][:n], model_flat[s:e], b, "", 0)
+            tau.abs_()
+            bits = tau.view(torch.int32)
+            if bucket is None:
+                hist += torch.bincount(torch.bitwise_right_shift(bits, 16, out=bufs.bits[:n]), minlength=BINS)
+            else:
+                hi = torch.bitwise_right_shift(bits, 16, out=bufs.bits[:n])
+                in_bucket = torch.eq(hi, bucket, out=bufs.mask[:n])
+                low = bits[in_bucket] & 0xFFFF
+                if low.numel():
+                    hist += torch.bincount(low, minlength=BINS)
+        return hist
+
+    def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
+        base_flat = base.reshape(-1)
+        flats = [m.reshape(-1) for m in models]
+        bufs = self._bufs(len(models))
+        total = 0.0
+        for s, e in self._spans(base_flat.numel()):
+            n = e - s
+            b = bufs.base[:n]
+            b.copy_(base_flat[s:e])
+            acc = bufs.acc[:n]
+            acc.zero_()
+            for i, m in enumerate(flats):
+                acc.add_(self._load_tau(bufs.tau[i][:n], m[s:e], b, "", i))
+            total += float(acc.abs_().sum(dtype=torch.float64))
+        return total
+
+    def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
+        total = 0.0
+        for s, e, bufs in self._chunks(job):
+            total += float(self._merged_delta(job, spec, s, e, bufs).abs().sum(dtype=torch.float64))
+        return total
+
+    # -- merging --------------------------------------------------------------------------
+    def _chunks(self, job: MergeJob):
+        numel = job.models[0].numel()
+        bufs = self._bufs(len(job.models))
+        for s, e in self._spans(numel):
+            yield s, e, bufs
+
+    def _merged_delta(self, job: MergeJob, spec: MethodSpec, s: int, e: int, bufs: _Buffers) -> torch.Tensor:
+        """τ_m for elements s..e (λ = 1): trimmed/dropped, elected, merged. Leaves the base in bufs.base."""
+        n = e - s
+        b = bufs.base[:n]
+        b.copy_(job.base.reshape(-1)[s:e])
+        taus = []
+        for i, model in enumerate(job.models):
+            tau = self._load_tau(bufs.tau[i][:n], model.reshape(-1)[s:e], b, job.name, i)
+            if spec.trims:
+                # Trim: keep |tau| >= t_i (ties at the threshold kept); t = inf keeps nothing.
+                torch.lt(torch.abs(tau, out=bufs.tmp[:n]), job.thresholds[i], out=bufs.mask[:n])
+                tau.masked_fill_(bufs.mask[:n], 0.0)
+            if spec.drops:
+                p, divisor = dare_constants(spec.densities[i])
+                u = dare_uniform(spec.seed, i, job.name, n, start=s)
+                tau.div_(divisor)
+                tau.masked_fill_(u < p, 0.0)
+            taus.append(tau)
+        weights = spec.weights
+        if spec.elects_sign:
+            return self._disjoint_merge(taus, weights, spec.normalize, n, bufs)
+        acc = bufs.acc[:n]
+        acc.zero_()
+        for w, tau in zip(weights, taus):
+            acc.add_(tau if w == 1.0 else tau.mul_(w))
+        if spec.method == "linear":  # linear with LiNeS: the weighted mean of the task vectors
+            acc.div_(sum(weights))
+        return acc
+
+    @staticmethod
+    def _disjoint_merge(taus, weights, normalize: bool, n: int, bufs: _Buffers) -> torch.Tensor:
+        # Elect: gamma = +1 where sum_i w_i tau_i >= 0, summed in model order as the reference does.
+        acc, tmp = bufs.acc[:n], bufs.tmp[:n]
+        acc.zero_()
+        for w, tau in zip(weights, taus):
+            acc.add_(tau if w == 1.0 else torch.mul(tau, w, out=tmp))
+        positive = torch.ge(acc, 0.0, out=bufs.mask[:n])
+        # Disjoint merge over A = {i : tau_i != 0 and sign(tau_i) = gamma}.
+        num, den, agree = bufs.num[:n], bufs.den[:n], bufs.mask2[:n]
+        num.zero_()
+        den.zero_()
+        for w, tau in zip(weights, taus):
+            torch.gt(tau, 0.0, out=agree)
+            agree.eq_(positive)
+            agree.logical_and_(tau != 0)
+            weighted = tau if w == 1.0 else tau.mul_(w)
+            num.add_(weighted.masked_fill_(agree.logical_not(), 0.0))
+            den.add_(tmp.copy_(agree).mul_(w))
+        if not normalize:
+            return num
+        empty = torch.eq(den, 0.0, out=bufs.mask[:n])
+        return num.div_(den).masked_fill_(empty, 0.0)
+
+    def _merge_one(self, job: MergeJob, spec: MethodSpec) -> torch.Tensor:
+        if spec.trims and job.thresholds is None:
+            job.thresholds = tensor_thresholds(self.magnitude_histogram, job.base, job.models, spec.densities)
+        out = torch.empty(job.models[0].shape, dtype=job.out_dtype)
+        out_flat = out.reshape(-1)
+        for s, e, bufs in self._chunks(job):
+            n = e - s
+            if not spec.uses_base:
+                result = self._linear_chunk(job, spec, s, e, bufs)
+            else:
+                result = self._merged_delta(job, spec, s, e, bufs)
+                result.mul_(job.scale)
+                result.add_(bufs.base[:n])
+            out_flat[s:e].copy_(result)
+        return out
+
+    def _linear_chunk(self, job: MergeJob, spec: MethodSpec, s: int, e: int, bufs: _Buffers) -> torch.Tensor:
+        """Plain linear (model soup): sum_i w_i θ_i, divided by sum_i w_i when normalizing."""
+        n = e - s
+        acc = bufs.acc[:n]
+        acc.zero_()
+        for i, (w, model) in enumerate(zip(spec.weights, job.models)):
+            theta = bufs.tau[i][:n]
+            theta.copy_(model.reshape(-1)[s:e])
+            if self.check_finite and not torch.isfinite(theta.sum()):
+                raise NonFiniteInput(job.name, i)
+            acc.add_(theta if w == 1.0 else theta.mul_(w))
+        if spec.normalize:
+            acc.div_(sum(spec.weights))
+        return acc
+
+    def merge_many(self, jobs: Iterable[MergeJob], spec: MethodSpec) -> Iterator[tuple[MergeJob, torch.Tensor]]:
+        jobs = iter(jobs)
+        current = next(jobs, None)
+        while current is not None:
+            following = next(jobs, None)
+            reader = None
+            if self.read_ahead and following is not None:
+                inputs = [t for t in [following.base, *following.models] if t is not None]
+                reader = threading.Thread(target=_touch_pages, args=(inputs,), daemon=True)
+                reader.start()
+            try:
+                yield current, self._merge_one(current, spec)
+            finally:
+                if reader is not None:
+                    reader.join()
+            current = following

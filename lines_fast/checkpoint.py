@@ -1,0 +1,417 @@
+"""Reading safetensors checkpoints: headers up front, tensors as views of a memory map.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON mapping each
+tensor name to {"dtype", "shape", "data_offsets": [begin, end]} (plus an optional
+"__metadata__" object of strings), then the data buffer; offsets are relative to the buffer.
+
+Opening a checkpoint reads and checks every header and nothing else, so a 70B model opens in
+milliseconds and a bad file fails before any merging starts. `Checkpoint.tensor(name)` maps
+the file once (read-only, shared) and returns a zero-copy view: pages come from the page cache
+on first touch, and the merge never holds a second copy of its inputs. The views are backed
+by read-only pages, so writing into one in place crashes the process: always compute into new
+tensors.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import MergeInputError
+
+# safetensors dtype names -> torch dtypes. The float8 and unsigned types exist only in newer
+# torch builds; a file using one that this torch lacks gets a clear error at open.
+DTYPES: dict[str, torch.dtype] = {
+    name: dtype
+    for name, dtype in (
+        ("F64", torch.float64),
+        ("F32", torch.float32),
+        ("F16", torch.float16),
+        ("BF16", torch.bfloat16),
+        ("I64", torch.int64),
+        ("I32", torch.int32),
+        ("I16", torch.int16),
+        ("I8", torch.int8),
+        ("U8", torch.uint8),
+        ("BOOL", torch.bool),
+        ("U16", getattr(torch, "uint16", None)),
+        ("U32", getattr(torch, "uint32", None)),
+        ("U64", getattr(torch, "uint64", None)),
+        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
+        ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
+    )
+    if dtype is not None
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+# The reference implementation refuses larger headers; a bigger length means the file is not
+# safetensors (a renamed .bin, say), and reading it would allocate garbage.
+MAX_HEADER_SIZE = 100_000_000
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Non-weight files a merged model needs next to its weights: config, generation settings,
+# tokenizer, chat template, processor configs, and remote-code modules named by auto_map.
+AUX_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece*.model",
+    "*.tiktoken",
+    "chat_template.*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "configuration_*.py",
+    "modeling_*.py",
+    "tokenization_*.py",
+)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file and the absolute byte range of its data there."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def _describe(label: str, file: Path) -> str:
+    """'label' (file) for messages, or just the file when the label is its path."""
+    return f"'{file}'" if label == str(file) else f"checkpoint '{label}' ({file})"
+
+
+def read_header(file: Path, label: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Reads and checks one file's header; returns its tensors (by offset) and __metadata__.
+
+    Touches only the first 8 + N bytes. Every number in the header is checked against the
+    file size, so a later view can never point outside the file.
+    """
+    file = Path(file)
+    where = _describe(str(file) if label is None else label, file)
+    redo = "Re-download or re-copy the file, or re-save the model with safetensors."
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise MergeInputError(
+                    f"{where} is {size} bytes long, too short for a safetensors header; "
+                    f"the file is truncated or not a safetensors file. {redo}"
+                )
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER_SIZE or 8 + n > size:
+                raise MergeInputError(
+                    f"{where}: the header length field says {n} bytes but the file is {size} "
+                    f"bytes long; the file is truncated or not a safetensors file. {redo}"
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise MergeInputError(f"Cannot read {where}: {e.strerror or e}. Check the path and its permissions.") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeInputError(
+            f"{where}: the header is not valid JSON ({e}); the file is corrupt or not a "
+            f"safetensors file. {redo}"
+        ) from None
+    if not isinstance(header, dict):
+        raise MergeInputError(
+            f"{where}: the header is a JSON {type(header).__name__}, not an object; the file is "
+            f"corrupt or not a safetensors file. {redo}"
+        )
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise MergeInputError(
+            f"{where}: the header's __metadata__ is not a map of strings to strings; the file "
+            f"is corrupt. {redo}"
+        )
+
+    data_start = 8 + n
+    data_len = size - data_start
+    infos = []
+    for name, entry in header.items():
+        bad = f"{where}, tensor '{name}':"
+        if not isinstance(entry, dict):
+            raise MergeInputError(f"{bad} the header entry is not an object; the file is corrupt. {redo}")
+        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype_name not in DTYPES:
+            raise MergeInputError(
+                f"{bad} unsupported dtype {dtype_name!r} (this build reads "
+                f"{', '.join(DTYPES)}). Convert the model to one of these dtypes first."
+            )
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise MergeInputError(f"{bad} the shape {shape!r} is not a list of non-negative integers; the file is corrupt. {redo}")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise MergeInputError(
+                f"{bad} data_offsets {offsets!r} is not an ordered [begin, end] pair of "
+                f"non-negative integers; the file is corrupt. {redo}"
+            )
+        dtype = DTYPES[dtype_name]
+        info = TensorInfo(name, dtype, tuple(shape), file, data_start + offsets[0], offsets[1] - offsets[0])
+        if info.numel * dtype.itemsize != info.nbytes:
+            raise MergeInputError(
+                f"{bad} dtype {dtype_name} and shape {list(shape)} need "
+                f"{info.numel * dtype.itemsize} bytes but data_offsets {offsets} span "
+                f"{info.nbytes}; the header is corrupt. {redo}"
+            )
+        if offsets[1] > data_len:
+            raise MergeInputError(
+                f"{bad} the data ends at byte {data_start + offsets[1]} but the file is only "
+                f"{size} bytes long; the file is truncated or corrupt. {redo}"
+            )
+        infos.append(info)
+
+    infos.sort(key=lambda i: (i.offset, i.nbytes))
+    for prev, cur in zip(infos, infos[1:]):
+        if cur.offset < prev.offset + prev.nbytes:
+            raise MergeInputError(
+                f"{where}: the data of tensors '{prev.name}' and '{cur.name}' overlap; the "
+                f"header is corrupt. {redo}"
+            )
+    return {i.name: i for i in infos}, metadata
+
+
+class Checkpoint:
+    """A model's weights: one safetensors file, or a directory in Hugging Face layout.
+
+    `tensors` lists every tensor, file by file (shards in name order) and by offset within a
+    file, which is the order that reads each file front to back.
+    """
+
+    def __init__(self, path: Path, label: str, tensors: dict[str, TensorInfo], files: list[Path]):
+        self.path = path
+        self.label = label
+        self.tensors = tensors
+        self.files = files
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, label: str | None = None) -> "Checkpoint":
+        """Reads and checks the headers (never the data) of a checkpoint file or directory."""
+        path = Path(path)
+        label = str(path) if label is None else label
+        if not path.exists():
+            raise MergeInputError(f"Checkpoint '{label}': the path '{path}' does not exist. Check the model path.")
+        if path.is_dir():
+            if (path / SINGLE_FILE).is_file():  # Hugging Face prefers the single file too
+                return cls._from_files(path, label, [path / SINGLE_FILE])
+            if (path / INDEX_FILE).is_file():
+                return cls._from_index(path, label, path / INDEX_FILE)
+            return cls._from_files(path, label, [_only_safetensors(path, label)])
+        if path.name.endswith(".index.json"):
+            return cls._from_index(path, label, path)
+        if path.suffix != ".safetensors" and path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+            raise MergeInputError(
+                f"Checkpoint '{label}': '{path}' is a PyTorch pickle, not safetensors. Convert it "
+                f"to safetensors first (e.g. transformers' save_pretrained(dir, safe_serialization=True))."
+            )
+        return cls._from_files(path, label, [path])
+
+    @classmethod
+    def _from_files(cls, path: Path, label: str, files: list[Path]) -> "Checkpoint":
+        tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            tensors.update(read_header(file, label)[0])
+        return cls(path, label, tensors, files)
+
+    @classmethod
+    def _from_index(cls, path: Path, label: str, index: Path) -> "Checkpoint":
+        where = _describe(label, index)
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            detail = "is not a JSON object" if isinstance(e, AttributeError) else f"is not valid JSON ({e})"
+            raise MergeInputError(f"{where} {detail}. Re-download the index file.") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise MergeInputError(
+                f"{where} has no \"weight_map\" object mapping tensor names to shard files. "
+                f"Re-download the index file."
+            )
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (index.parent / s).is_file()]
+        if missing:
+            raise MergeInputError(
+                f"{where} names shard file '{missing[0]}'"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + f" that does not exist in '{index.parent}'. The download is incomplete: fetch "
+                f"the missing shards."
+            )
+        headers = {s: read_header(index.parent / s, label)[0] for s in shards}
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                raise MergeInputError(
+                    f"{where} maps tensor '{name}' to '{index.parent / shard}', but that file "
+                    f"has no such tensor. The index and shards come from different versions: "
+                    f"re-download them together."
+                )
+        # Only what the index lists is part of the model, as in Hugging Face's loaders.
+        tensors = {
+            name: info
+            for shard in shards
+            for name, info in headers[shard].items()
+            if weight_map.get(name) == shard
+        }
+        return cls(path, label, tensors, [index.parent / s for s in shards])
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MergeInputError(
+                f"Checkpoint '{self.label}' ({self.path}) has no tensor '{name}'. Check that "
+                f"all models share one architecture."
+            ) from None
+
+    def total_bytes(self) -> int:
+        return sum(i.nbytes for i in self.tensors.values())
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy, read-only view of the tensor's bytes in the file's memory map.
+
+        The view keeps the map alive, even past close(). A tensor whose offset is not a
+        multiple of its element size (files written without header padding, e.g. by MLX) is
+        returned as an aligned copy instead, so kernels never see misaligned memory.
+        """
+        info = self.info(name)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        mm = self._map(info.file)
+        with warnings.catch_warnings():
+            # frombuffer warns that the buffer is not writable: read-only is the point.
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.offset)
+        if info.offset % info.dtype.itemsize:
+            t = t.clone()
+        return t.view(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Asks the kernel to start reading the tensor's pages now (MADV_WILLNEED); a hint only."""
+        self._advise(name, "MADV_WILLNEED")
+
+    def release(self, name: str) -> None:
+        """Unmaps the tensor's pages from this process (MADV_DONTNEED) once it is merged.
+
+        Safe even while views exist: the mapping is shared and read-only, so a later access
+        just faults the pages back in from the page cache or the file. What it buys is a
+        resident set that stays bounded instead of growing to the size of every input.
+        """
+        self._advise(name, "MADV_DONTNEED")
+
+    def _advise(self, name: str, advice_name: str) -> None:
+        info = self.info(name)
+        advice = getattr(mmap, advice_name, None)
+        if advice is None or info.nbytes == 0:
+            return
+        mm = self._map(info.file)
+        start = info.offset - info.offset % mmap.PAGESIZE  # madvise needs a page-aligned start
+        try:
+            mm.madvise(advice, start, info.offset + info.nbytes - start)
+        except OSError:
+            pass
+
+    def _map(self, file: Path) -> mmap.mmap:
+        mm = self._maps.get(file)
+        if mm is None:
+            with open(file, "rb") as f:  # the map keeps its own descriptor
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mmap, "MADV_SEQUENTIAL"):
+                # Merges read each tensor front to back once: aggressive read-ahead, early reuse.
+                try:
+                    mm.madvise(mmap.MADV_SEQUENTIAL)
+                except OSError:
+                    pass
+            self._maps[file] = mm
+        return mm
+
+    def aux_files(self) -> list[Path]:
+        """Config, tokenizer and similar non-weight files of a directory checkpoint, by name."""
+        if self.path.is_dir():
+            folder = self.path
+        elif self.path.name.endswith(".index.json"):
+            folder = self.path.parent
+        else:
+            return []  # a lone .safetensors file: its neighbours need not belong to it
+        return sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_file()
+            and not p.name.endswith((".safetensors", ".index.json", ".bin"))
+            and any(fnmatch.fnmatchcase(p.name, pat) for pat in AUX_PATTERNS)
+        )
+
+    def close(self) -> None:
+        """Drops the maps. Never munmaps directly: views still alive keep their map (and
+        unmapping under them would crash), so each map goes when its last view does."""
+        self._maps.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.label!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
+
+
+def _only_safetensors(folder: Path, label: str) -> Path:
+    """The one .safetensors file of a directory without model.safetensors or an index."""
+    found = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    where = f"Checkpoint '{label}'" + ("" if label == str(folder) else f" ('{folder}')")
+    if found:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise MergeInputError(
+            f"{where}: the directory holds {len(found)} .safetensors files ({names}) but no "
+            f"{INDEX_FILE}, so which of them form the model is unclear. Add the index file "
+            f"or point at a single .safetensors file."
+        )
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    if pickles:
+        raise MergeInputError(
+            f"{where}: the directory has no .safetensors weights, only PyTorch pickles "
+            f"({', '.join(pickles[:3])}). Convert them to safetensors first (e.g. "
+            f"transformers' save_pretrained(dir, safe_serialization=True))."
+        )
+    raise MergeInputError(
+        f"{where}: the directory has no .safetensors weights ({SINGLE_FILE} or {INDEX_FILE}). "
+        f"Point at a model directory or a .safetensors file."
+    )

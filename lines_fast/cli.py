@@ -1,0 +1,293 @@
+"""`lines-fast`: merge, demo, layers, plan, bench.
+
+Bad input (anything MergeInputError covers) prints one paragraph and exits with status 2,
+without a traceback; an interrupted merge says where its partial work is and how to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import EXIT_BAD_INPUT, MergeInputError
+
+_MERGE_EPILOG = """\
+examples:
+  lines-fast merge ties.yml merged/                    # a mergekit YAML config
+  lines-fast merge --method ties --base base/ --model ft1/ --model ft2/ \\
+      --density 0.2 --lines-beta 1.0 -o merged/       # TIES + LiNeS (alpha auto)
+  lines-fast merge --method wise_ft --base base/ --model ft/ --lambda 0.5 -o wise/
+
+methods: linear (soups), wise_ft, task_arithmetic, ties, dare_linear, dare_ties.
+Options given with a CONFIG override its values. Output: HF layout (shards + index.json,
+config and tokenizer files from the base), written under OUT_DIR.lines-fast-partial and
+renamed only when complete; --resume continues an interrupted merge.
+"""
+
+
+def _add_merge_parser(sub) -> None:
+    p = sub.add_parser(
+        "merge", help="merge checkpoints (main job)", epilog=_MERGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Merge a base and N fine-tuned checkpoints (HF directories or .safetensors files).")
+    p.add_argument("paths", nargs="*", metavar="CONFIG.yml OUT_DIR",
+                   help="a mergekit-format YAML config and the output directory")
+    p.add_argument("-o", "--out", metavar="OUT_DIR", help="output directory (instead of the positional)")
+    g = p.add_argument_group("what to merge (without a CONFIG)")
+    g.add_argument("--method", help="linear | wise_ft | task_arithmetic | ties | dare_linear | dare_ties")
+    g.add_argument("--base", metavar="DIR", help="the pre-trained model θ0")
+    g.add_argument("--model", metavar="DIR", action="append", default=[],
+                   help="a fine-tuned model; repeat, in order")
+    g = p.add_argument_group("method parameters")
+    g.add_argument("--weight", type=float, action="append", metavar="W",
+                   help="model weight, once per --model in order (default 1)")
+    g.add_argument("--density", type=float, action="append", metavar="D",
+                   help="fraction of each task vector kept (ties, dare_*): once, or once per model")
+    g.add_argument("--lambda", dest="lam", type=float, metavar="L",
+                   help="scale of the merged task vector (default 1); wise_ft's mixing coefficient (default 0.5)")
+    g.add_argument("--trim-scope", choices=["tensor", "global"],
+                   help="ties: trim per tensor (mergekit) or over the whole model (the TIES paper); default tensor")
+    g.add_argument("--normalize", dest="normalize", action="store_true", default=None,
+                   help="divide by the sum of (agreeing) weights (default for linear and ties)")
+    g.add_argument("--no-normalize", dest="normalize", action="store_false")
+    g.add_argument("--seed", type=int, help="DARE's random seed (default 0); masks depend only on it")
+    g.add_argument("--exclude", action="append", metavar="REGEX",
+                   help="copy tensors whose name matches from the base instead of merging; repeatable")
+    g = p.add_argument_group("LiNeS: update of block l of L scaled by alpha + beta*l/(L-1)")
+    g.add_argument("--lines-alpha", metavar="A|auto",
+                   help="alpha, or 'auto' (default): (1/N)·‖Σ τ_i‖₁/‖τ_MTL‖₁, the official rule")
+    g.add_argument("--lines-beta", type=float, metavar="B", help="beta; giving it turns LiNeS on")
+    g.add_argument("--lines-outside", choices=["alpha", "last"],
+                   help="scale of tensors outside every block: alpha (official) or alpha+beta")
+    g.add_argument("--layer-pattern", metavar="REGEX",
+                   help="regex with one integer group giving the block index (see `lines-fast layers`)")
+    g = p.add_argument_group("output and execution")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "interpret"],
+                   help="auto: cuda if a GPU is visible, else cpu; interpret: the Triton kernels on CPU (slow, for checking)")
+    g.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32"],
+                   help="output dtype (default: the base's); math is always float32")
+    g.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
+    g.add_argument("--tokenizer-source", metavar="DIR", help="copy tokenizer files from this model (default: base)")
+    g.add_argument("--missing", choices=["error", "copy-base"],
+                   help="a tensor the base has and a model lacks: error (default) or use the base's value")
+    g.add_argument("--allow-nonfinite", action="store_true", default=None,
+                   help="merge tensors containing NaN/Inf instead of refusing")
+    g.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted merge from its verified shards (same inputs and options)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
+
+
+def _lines_from_args(args, base_lines):
+    from .config import parse_lines
+
+    if args.lines_alpha is None and args.lines_beta is None and args.lines_outside is None \
+            and args.layer_pattern is None:
+        return None
+    block = {}
+    if base_lines is not None:
+        block = {"alpha": base_lines.alpha, "beta": base_lines.beta, "outside": base_lines.outside,
+                 "layer_pattern": base_lines.layer_pattern}
+    if args.lines_alpha is not None:
+        block["alpha"] = args.lines_alpha if args.lines_alpha == "auto" else _float(args.lines_alpha, "--lines-alpha")
+    if args.lines_beta is not None:
+        block["beta"] = args.lines_beta
+    if args.lines_outside is not None:
+        block["outside"] = args.lines_outside
+    if args.layer_pattern is not None:
+        block["layer_pattern"] = args.layer_pattern
+    if "beta" not in block:
+        raise MergeInputError("LiNeS options were given without --lines-beta; LiNeS needs beta "
+                              "(the paper tunes it: 0.1-1.5 for ties, 0.1-1.0 for task arithmetic).")
+    return parse_lines(block, "command line")
+
+
+def _float(text: str, flag: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise MergeInputError(f"{flag} must be a number or 'auto', got {text!r}.") from None
+
+
+def _config_from_args(args):
+    from .config import MergeConfig, load_yaml, parse_dtype, validate, with_overrides
+
+    paths = list(args.paths)
+    out = args.out
+    config_path = None
+    if len(paths) == 2:
+        config_path, out = paths
+        if args.out:
+            raise MergeInputError("give OUT_DIR once: either as the second argument or with -o.")
+    elif len(paths) == 1:
+        if out:
+            config_path = paths[0]
+        elif args.method:
+            out = paths[0]
+        else:
+            raise MergeInputError(f"one argument given ({paths[0]}): expected CONFIG.yml OUT_DIR, "
+                                  "or --method/--base/--model with -o OUT_DIR.")
+    elif len(paths) > 2:
+        raise MergeInputError(f"too many arguments: {' '.join(paths)}; expected CONFIG.yml OUT_DIR.")
+    if out is None:
+        raise MergeInputError("no output directory: give OUT_DIR (or -o OUT_DIR).")
+    out_dtype = parse_dtype(args.out_dtype, "command line", "--out-dtype") if args.out_dtype else None
+    if config_path is not None:
+        if args.method or args.base or args.model or args.weight or args.density and len(args.density) > 1:
+            raise MergeInputError(f"{config_path}: --method/--base/--model/--weight come from the config; "
+                                  "give them either in the YAML or on the command line, not both.")
+        config = load_yaml(Path(config_path))
+        lines = _lines_from_args(args, config.lines)
+        config = with_overrides(
+            config, lam=args.lam, trim_scope=args.trim_scope, seed=args.seed, normalize=args.normalize,
+            lines=lines, out_dtype=out_dtype, missing=args.missing, allow_nonfinite=args.allow_nonfinite,
+            exclude=(config.exclude + args.exclude) if args.exclude else None,
+            densities=list(args.density) * len(config.models) if args.density else None,
+            tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None)
+        return config, Path(out)
+    if not args.method:
+        raise MergeInputError("no CONFIG.yml and no --method: give a config file, or --method, --base and "
+                              "--model (repeatable). See `lines-fast merge --help`.")
+    config = MergeConfig(
+        method=args.method, models=[Path(m) for m in args.model],
+        base=Path(args.base) if args.base else None,
+        weights=list(args.weight or []), densities=list(args.density or []), lam=args.lam,
+        normalize=args.normalize, trim_scope=args.trim_scope or "tensor",
+        seed=0 if args.seed is None else args.seed, lines=_lines_from_args(args, None),
+        out_dtype=out_dtype, exclude=list(args.exclude or []),
+        tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None,
+        missing=args.missing or "error", allow_nonfinite=bool(args.allow_nonfinite))
+    return validate(config), Path(out)
+
+
+def _cmd_merge(args) -> int:
+    from .engine import Engine
+
+    config, out = _config_from_args(args)
+    log = (lambda message: None) if args.quiet else None
+    engine = Engine(config, out, device=args.device, max_shard_size=args.max_shard_size, force=args.force,
+                    resume=args.resume, progress=False if args.no_progress else None, log=log)
+    try:
+        result = engine.run()
+    except KeyboardInterrupt:
+        print(f"lines-fast: interrupted. Finished shards are kept in {out}.lines-fast-partial (not a usable "
+              "checkpoint); rerun the same command with --resume to continue.", file=sys.stderr)
+        return 130
+    print(result.summary())
+    return 0
+
+
+def _cmd_layers(args) -> int:
+    from .checkpoint import Checkpoint
+    from .layers import format_layer_table, layer_table
+
+    if (args.alpha is None) != (args.beta is None):
+        raise MergeInputError("give both --alpha and --beta to see LiNeS scales (or neither for the layer map).")
+    with Checkpoint.open(Path(args.model)) as ckpt:
+        names = [n for n, info in ckpt.tensors.items() if info.is_float]
+    rows = layer_table(names, args.alpha, args.beta, args.outside, args.layer_pattern)
+    print(format_layer_table(rows, outside=args.outside))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(recipe=args.recipe, device=args.device, keep=args.keep)
+
+
+def _cmd_plan(args) -> int:
+    from .cost import plan_command
+
+    return plan_command(args)
+
+
+def _cmd_bench(args) -> int:
+    from .benchmark import bench_command
+
+    return bench_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lines-fast",
+        description="Fast, reference-exact model merging for sharded safetensors checkpoints: task "
+                    "arithmetic, TIES (tensor or global trim), DARE, model soups, WiSE-FT, and LiNeS.",
+        epilog="Start with `lines-fast demo`. Each command has its own --help.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"lines_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_merge_parser(sub)
+
+    p = sub.add_parser("demo", help="merge a built-in example (TIES + LiNeS) and check it against the reference",
+                       description="Builds a small Llama-shaped base and three fine-tunes in a temporary "
+                                   "directory, merges them with TIES + LiNeS on the best backend here, and "
+                                   "checks the result against the pure-PyTorch reference.")
+    p.add_argument("--recipe", default="tiny", help="shape recipe: tiny (default), llama-336m, llama-1b")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "interpret"])
+    p.add_argument("--keep", metavar="DIR", help="keep the example checkpoints and the merge in DIR")
+
+    p = sub.add_parser("layers", help="show how LiNeS sees a checkpoint: tensor -> stack, block, L, scale",
+                       description="Reads only the headers of MODEL (a directory or .safetensors file) and "
+                                   "prints each float tensor's residual stack, block index, stack depth L and, "
+                                   "with --alpha/--beta, its LiNeS scale alpha + beta*l/(L-1).")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--beta", type=float)
+    p.add_argument("--outside", choices=["alpha", "last"], default="alpha")
+    p.add_argument("--layer-pattern", metavar="REGEX")
+
+    p = sub.add_parser("plan", help="dry run: passes, bytes, memory and predicted time of a merge",
+                       description="Prices a merge without running it: from a CONFIG (reads headers only) or "
+                                   "from a shape recipe (no data at all), e.g. "
+                                   "`lines-fast plan --recipe llama3-70b --method ties --models 3`.")
+    p.add_argument("config", nargs="?", metavar="CONFIG.yml")
+    p.add_argument("--recipe", help="tiny, llama-336m, llama-1b, llama3-70b")
+    p.add_argument("--method", default="ties")
+    p.add_argument("--models", type=int, default=3, help="number of fine-tuned models (with --recipe)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--trim-scope", choices=["tensor", "global"], default="tensor")
+    p.add_argument("--lines-alpha", metavar="A|auto")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--read-gbps", type=float, default=None, help="storage read bandwidth, GB/s")
+    p.add_argument("--pcie-gbps", type=float, default=None, help="host-to-device bandwidth, GB/s")
+    p.add_argument("--hbm-gbps", type=float, default=None, help="GPU memory bandwidth, GB/s")
+    p.add_argument("--cpu-gbps", type=float, default=None, help="CPU backend throughput per input GB, GB/s")
+
+    p = sub.add_parser("bench", help="benchmark end-to-end merges (vs the reference and mergekit)",
+                       description="Generates a workload, runs merges end to end as separate processes and "
+                                   "prints a table of seconds, GB/s and peak memory; writes JSON (and a PNG "
+                                   "chart with matplotlib) under bench/results/.")
+    p.add_argument("--workload", default="llama-336m")
+    p.add_argument("--methods", default="ties,task_arithmetic")
+    p.add_argument("--devices", default="cpu")
+    p.add_argument("--compare", default="", help="comma list: reference, mergekit")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--workdir", default=None, help="where the generated checkpoints go (default: a temp dir)")
+    p.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    if getattr(args, "device", None) == "interpret":
+        # Triton's interpreter must be chosen before triton is first imported in this process.
+        import os
+        os.environ["TRITON_INTERPRET"] = "1"
+    handlers = {"merge": _cmd_merge, "demo": _cmd_demo, "layers": _cmd_layers, "plan": _cmd_plan,
+                "bench": _cmd_bench}
+    try:
+        return handlers[args.command](args)
+    except MergeInputError as err:
+        print(f"lines-fast {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

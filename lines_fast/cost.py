@@ -1,0 +1,157 @@
+"""`lines-fast plan`: what a merge will cost, before running it.
+
+From a CONFIG (headers only) or a shape recipe (no data at all, e.g. llama3-70b) it lists
+the passes the engine will make (lines_fast.planning), the bytes each reads and writes,
+peak host and GPU memory, and a predicted time from given bandwidths. The prediction is a
+bottleneck model: within a pass, reading, host-to-device copies, compute and writing
+overlap, so a pass takes as long as its slowest stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DTYPES, MergeConfig, load_yaml
+from .errors import MergeInputError
+from .planning import Pass, plan_passes
+from .spec import LinesSpec, MethodSpec
+
+# Defaults: a local NVMe Gen4 drive, PCIe Gen5 x16 with copy engines, H100 HBM3 (FACTS.md),
+# and the CPU backend's measured throughput on 2 cores (README, bench/results).
+DEFAULT_READ_GBPS = 5.0
+DEFAULT_PCIE_GBPS = 50.0
+DEFAULT_HBM_GBPS = 3000.0
+DEFAULT_CPU_GBPS = 1.0
+CPU_CHUNK_BYTES = (1 << 18) * 4          # CpuBackend.DEFAULT_CHUNK float32 elements
+GPU_STAGE_BYTES = 256 << 20              # TritonBackend's staging chunk
+GPU_STAGES = 3                           # read / compute / write in flight
+PROCESS_BASELINE_BYTES = 400 << 20       # Python + torch, measured RSS of an idle import
+
+
+@dataclass
+class TensorCost:
+    name: str
+    numel: int
+    in_bytes: int       # base + all models, one read
+    out_bytes: int
+
+
+@dataclass
+class PassCost:
+    step: Pass
+    read_bytes: int
+    write_bytes: int
+    seconds: float
+    bottleneck: str
+
+
+def _estimate(spec: MethodSpec, tensors: list[TensorCost], device: str, read_gbps: float, pcie_gbps: float,
+              hbm_gbps: float, cpu_gbps: float) -> tuple[list[PassCost], int, int]:
+    passes = plan_passes(spec)
+    total_in = sum(t.in_bytes for t in tensors)
+    total_out = sum(t.out_bytes for t in tensors)
+    costs = []
+    for p in passes:
+        write = total_out if p.writes else 0
+        # Reads and writes share the drive, so the storage stage carries both.
+        stages = {"storage": (total_in + write) / (read_gbps * 1e9)}
+        if device == "cuda":
+            stages["PCIe host-to-device"] = total_in / (pcie_gbps * 1e9)
+            stages["PCIe device-to-host"] = write / (pcie_gbps * 1e9)
+            stages["HBM"] = (total_in + write) / (hbm_gbps * 1e9)
+        else:
+            stages["CPU compute"] = total_in / (cpu_gbps * 1e9)
+        bottleneck = max(stages, key=stages.get)
+        costs.append(PassCost(p, total_in, write, stages[bottleneck], bottleneck))
+    n_inputs = spec.n_models + (1 if spec.uses_base else 0)
+    largest_in = max(t.in_bytes for t in tensors)
+    largest_out = max(t.out_bytes for t in tensors)
+    # Host: the current tensor's mapped input pages and the one read ahead, its output, scratch.
+    host = 2 * largest_in + largest_out + (n_inputs + 5) * CPU_CHUNK_BYTES + PROCESS_BASELINE_BYTES
+    gpu = 0
+    if device == "cuda":
+        host = 2 * largest_in + largest_out + GPU_STAGES * GPU_STAGE_BYTES + PROCESS_BASELINE_BYTES
+        gpu = GPU_STAGES * (n_inputs + 1) * GPU_STAGE_BYTES
+    return costs, host, gpu
+
+
+def _tensors_from_recipe(recipe_name: str, n_models: int, dtype: torch.dtype, uses_base: bool) -> list[TensorCost]:
+    from .synth import recipe, tensor_shapes
+
+    shapes = tensor_shapes(recipe(recipe_name))
+    n_inputs = n_models + (1 if uses_base else 0)
+    out = []
+    for name, shape in shapes:
+        numel = int(torch.Size(shape).numel())
+        out.append(TensorCost(name, numel, numel * dtype.itemsize * n_inputs, numel * dtype.itemsize))
+    return out
+
+
+def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
+    from .checkpoint import Checkpoint
+
+    paths = ([config.base] if config.base else []) + list(config.models)
+    opened = [Checkpoint.open(p) for p in paths]
+    try:
+        reference = opened[0]
+        out = []
+        for name, info in reference.tensors.items():
+            in_bytes = sum(c.tensors[name].nbytes for c in opened if name in c.tensors)
+            out_dtype = config.out_dtype if (config.out_dtype and info.is_float) else info.dtype
+            out.append(TensorCost(name, info.numel, in_bytes, info.numel * out_dtype.itemsize))
+        return out
+    finally:
+        for c in opened:
+            c.close()
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
+def plan_command(args) -> int:
+    lines_alpha = getattr(args, "lines_alpha", None)
+    if args.config:
+        config = load_yaml(Path(args.config))
+        spec = config.method_spec()
+        tensors = _tensors_from_config(config)
+        what = f"{args.config}: {config.method}, {len(config.models)} models"
+    elif args.recipe:
+        from .spec import METHODS
+
+        if args.method not in METHODS:
+            raise MergeInputError(f"--method {args.method!r} is not one of {', '.join(METHODS)}.")
+        lines = None
+        if lines_alpha is not None:
+            lines = LinesSpec(alpha="auto" if lines_alpha == "auto" else float(lines_alpha), beta=1.0)
+        spec = MethodSpec(method=args.method, n_models=args.models, weights=(1.0,) * args.models,
+                          densities=(0.2,) * args.models, trim_scope=args.trim_scope, lines=lines)
+        tensors = _tensors_from_recipe(args.recipe, args.models, DTYPES[args.dtype], spec.uses_base)
+        what = f"recipe {args.recipe}: {args.method}, {args.models} fine-tuned models, {args.dtype}"
+    else:
+        raise MergeInputError("plan needs a CONFIG.yml or --recipe NAME (tiny, llama-336m, llama-1b, llama3-70b).")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    read = args.read_gbps or DEFAULT_READ_GBPS
+    pcie = args.pcie_gbps or DEFAULT_PCIE_GBPS
+    hbm = args.hbm_gbps or DEFAULT_HBM_GBPS
+    cpu = args.cpu_gbps or DEFAULT_CPU_GBPS
+    costs, host, gpu = _estimate(spec, tensors, device, read, pcie, hbm, cpu)
+    params = sum(t.numel for t in tensors)
+    print(f"plan for {what}")
+    print(f"  {len(tensors)} tensors, {params / 1e9:.2f} B parameters per model; "
+          f"largest tensor {max(t.numel for t in tensors) / 1e6:,.0f} M elements")
+    print(f"  device {device}; bandwidths: read {read:g} GB/s"
+          + (f", PCIe {pcie:g} GB/s, HBM {hbm:g} GB/s" if device == "cuda" else f", CPU backend {cpu:g} GB/s of input"))
+    print(f"  {'pass':<12} {'reads':>12} {'writes':>12} {'predicted':>11}  bottleneck / why")
+    for c in costs:
+        print(f"  {c.step.name:<12} {_gb(c.read_bytes):>12} {_gb(c.write_bytes):>12} {c.seconds:>10.1f}s  "
+              f"{c.bottleneck}: {c.step.why}")
+    total_s = sum(c.seconds for c in costs)
+    print(f"  total: {len(costs)} pass(es), reads {_gb(sum(c.read_bytes for c in costs))}, writes "
+          f"{_gb(sum(c.write_bytes for c in costs))}, predicted {total_s:,.0f} s ({total_s / 60:.1f} min)")
+    print(f"  peak host memory ~{_gb(host)}" + (f", peak GPU memory ~{_gb(gpu)}" if device == "cuda" else ""))
+    return 0

@@ -1,0 +1,490 @@
+"""The streaming merge engine: checkpoints in, one merged checkpoint out, bounded memory.
+
+Flow: open the inputs (headers only) -> check that they fit together -> plan the passes ->
+statistics passes if the method needs whole-model numbers -> the merge pass, which streams
+one tensor at a time from the memory maps through the backend into the shard writer.
+Peak memory is a few chunks of scratch plus one output tensor, whatever the depth: each
+input tensor's pages are released once it is merged.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import __version__
+from .backends.base import MergeJob
+from .checkpoint import Checkpoint, TensorInfo
+from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
+from .errors import MergeInputError, NonFiniteInput
+from .layers import lines_scales
+from .planning import Pass, auto_alpha, describe, plan_passes
+from .progress import Progress
+from .selection import BINS, KEEP_NOTHING, bits_to_float, locate, tensor_thresholds
+from .spec import MethodSpec, kept_count
+from .writer import ShardedWriter, check_output_dir, parse_size
+
+_VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    method: str
+    backend: str
+    passes: list[str]
+    merged_tensors: int
+    copied_tensors: list[str]
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    alpha: float | None = None
+    global_thresholds: tuple[float, ...] | None = None
+
+    @property
+    def read_gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
+
+    def summary(self) -> str:
+        text = (f"merged {self.merged_tensors} tensors ({self.method}, {self.backend}) "
+                f"in {self.seconds:.2f} s: read {self.bytes_read / 1e9:.2f} GB "
+                f"({self.read_gbps:.2f} GB/s), wrote {self.bytes_written / 1e9:.2f} GB "
+                f"in {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''} -> {self.out_dir}")
+        if self.alpha is not None:
+            text += f"; LiNeS alpha = {self.alpha:.6g}"
+        return text
+
+
+@dataclass
+class _Inputs:
+    """The opened checkpoints: the base (or None) and the fine-tuned models, in config order."""
+
+    base: Checkpoint | None
+    models: list[Checkpoint]
+
+    def all(self) -> list[Checkpoint]:
+        return ([self.base] if self.base else []) + self.models
+
+    def close(self) -> None:
+        for ckpt in self.all():
+            ckpt.close()
+
+
+@dataclass
+class _Plan:
+    order: list[str]                       # output tensor order (the reference checkpoint's order)
+    merged: list[str]                      # float tensors that are merged
+    copied: dict[str, str]                 # name -> why it is copied unchanged
+    out_dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    substitutes: dict[tuple[int, str], str] = field(default_factory=dict)  # (model, name) -> "base"
+
+
+def _log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_backend(device: str, allow_nonfinite: bool = False):
+    """The backend for --device auto|cpu|cuda|interpret."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        from .backends.cpu import CpuBackend
+        return CpuBackend(check_finite=not allow_nonfinite)
+    if device in ("cuda", "interpret"):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise MergeInputError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu "
+                                  "(or auto), or --device interpret to run the Triton kernels on the CPU.")
+        try:
+            from .backends.triton_backend import TritonBackend
+        except ImportError as err:
+            raise MergeInputError(f"--device {device} needs triton ({err}); pip install triton, "
+                                  "or use --device cpu.") from None
+        return TritonBackend(device, check_finite=not allow_nonfinite)
+    raise MergeInputError(f"--device must be auto, cpu, cuda or interpret, got {device!r}.")
+
+
+def load_config(config_or_path: Any) -> MergeConfig:
+    if isinstance(config_or_path, MergeConfig):
+        return validate(config_or_path)
+    if isinstance(config_or_path, dict):
+        return from_yaml_dict(config_or_path, "config")
+    return load_yaml(Path(config_or_path))
+
+
+# -- opening and checking the inputs ------------------------------------------------------
+def _open_inputs(config: MergeConfig) -> _Inputs:
+    opened: list[Checkpoint] = []
+    try:
+        base = None
+        if config.base is not None:
+            base = Checkpoint.open(config.base, label=f"base model {config.base}")
+            opened.append(base)
+        models = []
+        for i, path in enumerate(config.models):
+            models.append(Checkpoint.open(path, label=f"model {i + 1} ({path})"))
+            opened.append(models[-1])
+        return _Inputs(base, models)
+    except BaseException:
+        for ckpt in opened:
+            ckpt.close()
+        raise
+
+
+def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], None]) -> _Plan:
+    """Decide, tensor by tensor, what is merged and what is copied, and check the inputs agree."""
+    reference = inputs.base or inputs.models[0]
+    exclude = [re.compile(p) for p in config.exclude]
+    plan = _Plan(order=list(reference.tensors), merged=[], copied={}, out_dtypes={}, shapes={})
+    for i, model in enumerate(inputs.models):
+        extra = [n for n in model.tensors if n not in reference.tensors]
+        if extra:
+            raise MergeInputError(
+                f"{model.label} has {len(extra)} tensor(s) that {reference.label} lacks, e.g. '{extra[0]}'. "
+                "lines_fast merges the tensors of the base; check that the models share an architecture, "
+                "or merge from a base that has these tensors.")
+    for name in plan.order:
+        info = reference.tensors[name]
+        plan.shapes[name] = info.shape
+        if not info.is_float:
+            plan.copied[name] = f"not floating point ({info.dtype})"
+            plan.out_dtypes[name] = info.dtype
+            continue
+        if any(p.search(name) for p in exclude):
+            plan.copied[name] = "excluded"
+            plan.out_dtypes[name] = info.dtype
+            continue
+        for i, model in enumerate(inputs.models):
+            other = model.tensors.get(name)
+            if other is None:
+                if config.missing == "copy-base" and inputs.base is not None:
+                    plan.substitutes[(i, name)] = "base"
+                    continue
+                raise MergeInputError(
+                    f"tensor '{name}' is in {reference.label} but missing from {model.label} "
+                    f"({len(model.tensors)} tensors). If that model simply never changed it, rerun with "
+                    "--missing copy-base to use the base's value for it.")
+            if not other.is_float:
+                raise MergeInputError(
+                    f"tensor '{name}' is floating point in {reference.label} ({info.dtype}) but "
+                    f"{other.dtype} in {model.label} ({other.file}); the checkpoints do not match.")
+            if other.shape != info.shape:
+                raise MergeInputError(_shape_message(name, reference, info, model, other))
+        plan.merged.append(name)
+        plan.out_dtypes[name] = config.out_dtype or info.dtype
+    if plan.copied:
+        non_float = [n for n, why in plan.copied.items() if why.startswith("not floating")]
+        if non_float:
+            log(f"copying {len(non_float)} non-float tensor(s) from {reference.label} unchanged: "
+                + ", ".join(non_float[:5]) + (" ..." if len(non_float) > 5 else ""))
+        excluded = [n for n, why in plan.copied.items() if why == "excluded"]
+        if excluded:
+            log(f"copying {len(excluded)} excluded tensor(s) from {reference.label} unchanged")
+    if plan.substitutes:
+        log(f"--missing copy-base: {len(plan.substitutes)} (model, tensor) pair(s) take the base's value")
+    if not plan.merged:
+        raise MergeInputError(f"{reference.label}: no floating-point tensors to merge "
+                              "(all are non-float or excluded).")
+    return plan
+
+
+def _shape_message(name: str, reference: Checkpoint, info: TensorInfo, model: Checkpoint, other: TensorInfo) -> str:
+    text = (f"tensor '{name}' has shape {list(info.shape)} in {reference.label} ({info.file}) but "
+            f"{list(other.shape)} in {model.label} ({other.file}). Shapes must match exactly; lines_fast "
+            "never broadcasts.")
+    if (_VOCAB_NAMES.search(name) and len(info.shape) == len(other.shape) == 2
+            and info.shape[1] == other.shape[1]):
+        text += (f" This is the vocabulary size ({info.shape[0]} vs {other.shape[0]} rows): the model's "
+                 "embeddings were resized for added tokens. Resize all models to one vocabulary first "
+                 "(e.g. model.resize_token_embeddings in transformers, then save), or use the model with "
+                 "the extra tokens as the base.")
+    return text
+
+
+# -- statistics passes --------------------------------------------------------------------
+class _Stats:
+    """What the statistics passes leave for the merge pass: thresholds and α."""
+
+    def __init__(self) -> None:
+        self.global_thresholds: tuple[float, ...] | None = None
+        self.tensor_thresholds: dict[str, tuple[float, ...]] = {}
+        self.alpha: float | None = None
+
+
+class Engine:
+    def __init__(self, config: MergeConfig, out_dir: Path, *, device: str = "auto",
+                 max_shard_size: int | str = "5GB", force: bool = False, resume: bool = False,
+                 progress: bool | None = None, log: Callable[[str], None] | None = None):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.device = device
+        self.max_shard_size = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+        self.force = force
+        self.resume = resume
+        self.progress = progress
+        self.log = log or _log_to_stderr
+        self.spec: MethodSpec = config.method_spec()
+
+    # The inputs of tensor `name` for the backend: zero-copy views of the memory maps.
+    def _base_tensor(self, inputs: _Inputs, name: str) -> torch.Tensor | None:
+        return inputs.base.tensor(name) if inputs.base is not None else None
+
+    def _model_tensors(self, inputs: _Inputs, plan: _Plan, name: str) -> list[torch.Tensor]:
+        return [inputs.base.tensor(name) if (i, name) in plan.substitutes else m.tensor(name)
+                for i, m in enumerate(inputs.models)]
+
+    def _release(self, inputs: _Inputs, name: str) -> None:
+        for ckpt in inputs.all():
+            if name in ckpt.tensors:
+                ckpt.release(name)
+
+    def _input_bytes(self, inputs: _Inputs, names: list[str]) -> int:
+        total = 0
+        for name in names:
+            for ckpt in ([inputs.base] if inputs.base is not None and self.spec.uses_base else []) + inputs.models:
+                info = ckpt.tensors.get(name)
+                total += info.nbytes if info else 0
+        return total
+
+    def _nonfinite(self, err: NonFiniteInput, inputs: _Inputs, name: str) -> MergeInputError:
+        ckpt = inputs.base if err.model_index < 0 else inputs.models[err.model_index]
+        info = ckpt.tensors[name]
+        return MergeInputError(
+            f"tensor '{name}' of {ckpt.label} ({info.file}) contains NaN or Inf values. A merge of it would "
+            "spread them; check that checkpoint (a diverged fine-tune?), exclude the tensor with --exclude, "
+            "or pass --allow-nonfinite to merge anyway.")
+
+    def _stats_passes(self, passes: list[Pass], inputs: _Inputs, plan: _Plan, backend) -> _Stats:
+        stats = _Stats()
+        spec = self.spec
+        n = spec.n_models
+        sum_l1 = 0.0
+        need_sum_l1 = auto_alpha(spec)
+        total_elements = sum(int(torch.Size(plan.shapes[name]).numel()) for name in plan.merged)
+        buckets: list[tuple[int, int] | None] = [None] * n
+        for p in passes:
+            if p.name == "merge":
+                break
+            t0 = time.perf_counter()
+            bar = Progress(f"pass {passes.index(p) + 1}/{len(passes)} {p.name}",
+                           self._input_bytes(inputs, plan.merged), enabled=self.progress)
+            hists = [torch.zeros(BINS, dtype=torch.int64) for _ in range(n)]
+            delta_l1 = 0.0
+            for name in plan.merged:
+                base = self._base_tensor(inputs, name)
+                models = self._model_tensors(inputs, plan, name)
+                try:
+                    if p.name == "magnitudes":
+                        for i, m in enumerate(models):
+                            hists[i] += self._histogram(backend, base, m, None, i)
+                    elif p.name == "refine":
+                        for i, m in enumerate(models):
+                            if buckets[i] is not None:
+                                hists[i] += self._histogram(backend, base, m, buckets[i][0], i)
+                    elif p.name == "norms":
+                        thresholds = stats.global_thresholds
+                        if spec.trims and thresholds is None:
+                            thresholds = tensor_thresholds(backend.magnitude_histogram, base, models, spec.densities)
+                            stats.tensor_thresholds[name] = thresholds
+                        job = MergeJob(name, base, models, thresholds if spec.trims else None, 1.0, torch.float32)
+                        delta_l1 += backend.merged_delta_l1(job, spec)
+                    if need_sum_l1 and p is passes[0]:
+                        sum_l1 += backend.task_vector_sum_l1(base, models)
+                except NonFiniteInput as err:
+                    raise self._nonfinite(err, inputs, name) from None
+                self._release(inputs, name)
+                bar.advance(self._input_bytes(inputs, [name]))
+            bar.close()
+            if p.name == "magnitudes":
+                for i in range(n):
+                    k = kept_count(spec.densities[i], total_elements)
+                    buckets[i] = locate(hists[i], k) if k > 0 else None
+            elif p.name == "refine":
+                thresholds = []
+                for i in range(n):
+                    if buckets[i] is None:
+                        thresholds.append(KEEP_NOTHING)
+                    else:
+                        bucket, rank = buckets[i]
+                        low, _ = locate(hists[i], rank)
+                        thresholds.append(bits_to_float((bucket << 16) | low))
+                stats.global_thresholds = tuple(thresholds)
+                self.log("global trim thresholds: " + ", ".join(f"model {i + 1}: {t:.6g}" for i, t in enumerate(thresholds)))
+            elif p.name == "norms":
+                if delta_l1 == 0.0:
+                    raise MergeInputError(
+                        f"LiNeS alpha auto is undefined: the merged task vector ‖τ_MTL‖₁ is 0 over all "
+                        f"{len(plan.merged)} merged tensors (the models equal the base, or nothing survives "
+                        "trimming). Give alpha explicitly.")
+                stats.alpha = (sum_l1 / delta_l1) / n
+                self.log(f"LiNeS alpha auto = (‖Σ τ_i‖₁ / ‖τ_MTL‖₁) / N = ({sum_l1:.6g} / {delta_l1:.6g}) / {n} "
+                         f"= {stats.alpha:.6g}")
+            self.log(f"pass {passes.index(p) + 1}/{len(passes)} ({p.name}) took {time.perf_counter() - t0:.2f} s")
+        return stats
+
+    @staticmethod
+    def _histogram(backend, base, model, bucket, i) -> torch.Tensor:
+        try:
+            return backend.magnitude_histogram(base, model, bucket)
+        except NonFiniteInput as err:
+            raise NonFiniteInput(err.name, -1 if err.model_index < 0 else i) from None
+
+    # -- the run ----------------------------------------------------------------------------
+    def run(self) -> MergeResult:
+        started = time.perf_counter()
+        config, spec = self.config, self.spec
+        inputs = _open_inputs(config)
+        writer = None
+        try:
+            input_dirs = [c.path for c in inputs.all()]
+            check_output_dir(self.out_dir, input_dirs, force=self.force)
+            plan = _plan_tensors(config, inputs, self.log)
+            backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite)
+            passes = plan_passes(spec)
+            self.log(describe(passes))
+            entries = [(n, plan.out_dtypes[n], plan.shapes[n]) for n in plan.order]
+            out_bytes = sum(int(torch.Size(s).numel()) * d.itemsize for _, d, s in entries)
+            self._check_disk(out_bytes)
+            stats = self._stats_passes(passes, inputs, plan, backend)
+            scales = self._scales(plan, stats)
+            metadata = {
+                "lines_fast_version": __version__,
+                "lines_fast_recipe": json.dumps(config.recipe(), sort_keys=True),
+            }
+            if stats.alpha is not None:
+                metadata["lines_fast_alpha"] = repr(stats.alpha)
+            writer = ShardedWriter(self.out_dir, entries, max_shard_size=self.max_shard_size,
+                                   metadata=metadata, resume=self.resume, overwrite=self.force)
+            pending = writer.pending_names()
+            if self.resume:
+                self.log(f"--resume: {len(plan.order) - len(pending)} of {len(plan.order)} tensors already "
+                         "written and verified; continuing")
+            bytes_read = self._merge_pass(passes, inputs, plan, backend, writer, pending, stats, scales)
+            with tempfile.TemporaryDirectory() as tmp:
+                writer.finish(self._aux_files(inputs, plan, Path(tmp)))
+            bytes_read += self._input_bytes(inputs, plan.merged) * (len(passes) - 1)
+            return MergeResult(
+                out_dir=self.out_dir, method=config.method, backend=backend.name,
+                passes=[p.name for p in passes], merged_tensors=len(plan.merged),
+                copied_tensors=list(plan.copied), bytes_read=bytes_read, bytes_written=out_bytes,
+                seconds=time.perf_counter() - started, alpha=stats.alpha,
+                global_thresholds=stats.global_thresholds)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            inputs.close()
+
+    def _scales(self, plan: _Plan, stats: _Stats) -> dict[str, float]:
+        """The factor on each tensor's merged task vector: λ, or LiNeS's λ(ℓ) that replaces it."""
+        lines = self.spec.lines
+        if lines is None:
+            return {name: self.spec.lam for name in plan.merged}
+        alpha = stats.alpha if lines.alpha == "auto" else float(lines.alpha)
+        return lines_scales(plan.merged, alpha, lines.beta, lines.outside, lines.layer_pattern)
+
+    def _merge_pass(self, passes, inputs, plan, backend, writer, pending, stats, scales) -> int:
+        pending_set = set(pending)
+        merged = [n for n in plan.merged if n in pending_set]
+        total_in = self._input_bytes(inputs, merged)
+        bar = Progress(f"pass {len(passes)}/{len(passes)} merge", total_in, enabled=self.progress)
+        t0 = time.perf_counter()
+        spec = self.spec
+        source = inputs.base or inputs.models[0]
+
+        def jobs() -> Iterator[MergeJob]:
+            for name in merged:
+                thresholds = stats.global_thresholds or stats.tensor_thresholds.get(name)
+                yield MergeJob(name, self._base_tensor(inputs, name) if spec.uses_base else None,
+                               self._model_tensors(inputs, plan, name),
+                               thresholds if spec.trims else None, scales[name], plan.out_dtypes[name])
+
+        copies = [n for n in plan.order if n in plan.copied and n in pending_set]
+        position = {n: i for i, n in enumerate(plan.order)}
+
+        def write_copies_before(limit: int) -> None:
+            while copies and position[copies[0]] < limit:
+                name = copies.pop(0)
+                writer.write(name, source.tensor(name))
+                source.release(name)
+
+        current = None
+        try:
+            for job, output in backend.merge_many(jobs(), spec):
+                current = job.name
+                write_copies_before(position[job.name])
+                writer.write(job.name, output)
+                del output
+                self._release(inputs, job.name)
+                bar.advance(self._input_bytes(inputs, [job.name]))
+        except NonFiniteInput as err:
+            raise self._nonfinite(err, inputs, err.name or current) from None
+        write_copies_before(len(plan.order))
+        bar.close()
+        self.log(f"pass {len(passes)}/{len(passes)} (merge) took {time.perf_counter() - t0:.2f} s")
+        return total_in
+
+    def _check_disk(self, out_bytes: int) -> None:
+        parent = self.out_dir.resolve().parent
+        while not parent.exists():
+            parent = parent.parent
+        free = shutil.disk_usage(parent).free
+        if free < out_bytes * 1.02 + (64 << 20):
+            raise MergeInputError(
+                f"{parent}: too little free disk for the output: the merge writes {out_bytes / 1e9:.2f} GB "
+                f"and {free / 1e9:.2f} GB are free. Free some space or choose another OUT_DIR.")
+
+    def _aux_files(self, inputs: _Inputs, plan: _Plan, scratch: Path) -> list[Path]:
+        """config.json etc. from the base (or first model); tokenizer files from tokenizer_source."""
+        source = inputs.base or inputs.models[0]
+        files = list(source.aux_files())
+        if self.config.tokenizer_source is not None:
+            tok = Checkpoint.open(self.config.tokenizer_source, label=f"tokenizer_source {self.config.tokenizer_source}")
+            try:
+                tok_files = [f for f in tok.aux_files() if f.name.startswith(("tokenizer", "special_tokens",
+                                                                               "vocab", "merges", "added_tokens",
+                                                                               "chat_template"))]
+            finally:
+                tok.close()
+            names = {f.name for f in tok_files}
+            files = [f for f in files if f.name not in names] + tok_files
+        out_dtype = self.config.out_dtype
+        patched = []
+        for f in files:
+            if f.name == "config.json" and out_dtype is not None:
+                # The model's declared dtype should describe the merged weights.
+                try:
+                    cfg = json.loads(f.read_text())
+                    cfg["torch_dtype"] = DTYPE_NAMES[out_dtype]
+                    f = scratch / "config.json"
+                    f.write_text(json.dumps(cfg, indent=2) + "\n")
+                except (ValueError, OSError):
+                    pass
+            patched.append(f)
+        return patched
+
+
+def merge(config_or_path: Any, out_dir: str | os.PathLike, **options: Any) -> MergeResult:
+    """Merge checkpoints as a config describes and write the result to out_dir.
+
+    config_or_path: a MergeConfig, a dict in mergekit's YAML format, or a path to a YAML file.
+    options: device, max_shard_size, force, resume, progress, log, and any MergeConfig field
+    to override (lam, seed, trim_scope, lines, out_dtype, exclude, missing, allow_nonfinite...).
+    """
+    engine_keys = {"device", "max_shard_size", "force", "resume", "progress", "log"}
+    engine_options = {k: v for k, v in options.items() if k in engine_keys}
+    overrides = {k: v for k, v in options.items() if k not in engine_keys}
+    config = load_config(config_or_path)
+    if overrides:
+        config = with_overrides(config, **overrides)
+    return Engine(config, Path(out_dir), **engine_options).run()

@@ -1,0 +1,427 @@
+"""Streaming, crash-safe, resumable output of a checkpoint in Hugging Face layout.
+
+The whole layout is planned before the first byte is written: the output tensors' names,
+dtypes and shapes fix every shard's contents, header and size. Each shard's header is
+written first and tensor bytes go straight to their offsets as the merge produces them, so
+no shard is ever held in memory (mergekit's peak memory grows with the shard size).
+
+Everything is written into `<out_dir>.lines-fast-partial` and renamed to `out_dir` only once
+complete and fsynced, so a crash at any moment leaves either no `out_dir` or a complete one.
+A journal in the partial directory records each finished shard's size and CRC-32; a run with
+`resume=True` keeps the shards that still verify and rewrites the rest. Because the layout
+is a pure function of the plan, the result is byte-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import re
+import shutil
+import zlib
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+
+from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from .errors import MergeInputError
+
+PARTIAL_SUFFIX = ".lines-fast-partial"
+OLD_SUFFIX = ".lines-fast-old"
+JOURNAL = "lines-fast-journal.json"
+# Bumped whenever the bytes written for a given plan change, so old partial output is
+# never mixed with new.
+LAYOUT_VERSION = 1
+
+_DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "5GB", "500MB", "2GiB", "1.5G" or "1000000"; K/M/G/T are decimal, KiB.. binary."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if m and unit == "b":
+            # mergekit's --out-shard-size 5B means five billion bytes; Hugging Face's "5B"
+            # would be five bytes. Guessing either way silently makes absurd shards.
+            raise MergeInputError(
+                f"Size '{text}' is ambiguous: mergekit reads the B suffix as billions of bytes, "
+                f"others as bytes. Write e.g. {m.group(1)}GB for {m.group(1)} billion bytes, "
+                f"or a plain number of bytes."
+            )
+        unit = unit[:-1] if unit.endswith("b") else unit
+        mult = _DECIMAL.get(unit) or _BINARY.get(unit)
+        if m is None or mult is None:
+            raise MergeInputError(
+                f"Cannot read '{text}' as a size. Use a number of bytes or a number with a unit: "
+                f"KB, MB, GB, TB (powers of 1000, K/M/G/T alike) or KiB, MiB, GiB, TiB (powers of 1024)."
+            )
+        value = int(Fraction(m.group(1)) * mult)
+    if value <= 0:
+        raise MergeInputError(f"Size '{text}' must be at least one byte.")
+    return value
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One planned output file: its name, tensors in order, header bytes and total size."""
+
+    file: str
+    names: tuple[str, ...]
+    header: bytes
+    size: int
+
+
+def plan_shards(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int, metadata: dict[str, str]
+) -> list[Shard]:
+    """Fills shards greedily in entry order, as mergekit and Hugging Face do.
+
+    A new shard starts when the next tensor would take the current one's tensor bytes past
+    max_shard_size; a tensor larger than the limit gets a shard of its own.
+    """
+    groups: list[list[tuple[str, str, list[int], int]]] = [[]]
+    filled = 0
+    for name, dtype, shape in entries:
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if groups[-1] and filled + nbytes > max_shard_size:
+            groups.append([])
+            filled = 0
+        groups[-1].append((name, DTYPE_NAMES[dtype], list(shape), nbytes))
+        filled += nbytes
+    n = len(groups)
+    shards = []
+    for i, group in enumerate(groups):
+        header: dict = {"__metadata__": metadata}
+        begin = 0
+        for name, dtype_name, shape, nbytes in group:
+            header[name] = {"dtype": dtype_name, "shape": shape, "data_offsets": [begin, begin + nbytes]}
+            begin += nbytes
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # Pad with spaces so the data starts 8-byte aligned, as the reference writer does.
+        raw += b" " * (-len(raw) % 8)
+        file = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        head = len(raw).to_bytes(8, "little") + raw
+        shards.append(Shard(file, tuple(e[0] for e in group), head, len(head) + begin))
+    return shards
+
+
+def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path], force: bool, resume: bool = False) -> None:
+    """Refuses an output directory that exists (unless force) or overlaps an input.
+
+    resume changes nothing here, only the message: the partial output lives next to out_dir,
+    so an existing out_dir is a finished merge, not something to resume.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise MergeInputError(f"The output path '{out_dir}' exists and is not a directory. Remove it or choose another output path.")
+    if out.exists() and not force:
+        raise MergeInputError(
+            f"The output directory '{out_dir}' already exists"
+            + (" (a finished merge: there is nothing to resume)" if resume else "")
+            + ". Choose another path, or pass --force to replace it (the old one is removed "
+            "only once the new one is complete)."
+        )
+    for given in inputs:
+        inp = Path(given).resolve()
+        if inp == out or out in inp.parents:
+            raise MergeInputError(
+                f"The output directory '{out_dir}' contains the input '{given}'; writing there "
+                f"would replace the input. Choose an output path outside every input."
+            )
+        if inp.is_dir() and inp in out.parents:
+            raise MergeInputError(
+                f"The output directory '{out_dir}' lies inside the input directory '{given}'. "
+                f"Choose an output path outside every input directory."
+            )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy (and without needing numpy)."""
+    n = t.numel() * t.element_size()
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
+class ShardedWriter:
+    """Writes planned shards tensor by tensor, then publishes the directory atomically.
+
+    Call write() for each name of pending_names(), in that order, then finish(). A crash,
+    an exception or abort() leaves the partial directory for a later resume=True run and
+    never creates out_dir. With overwrite=True (the CLI's --force) an existing out_dir is
+    replaced at finish: renamed aside, the new one renamed in, then the old one deleted, so
+    a crash never loses both.
+
+    Resume trusts the plan hash: metadata should carry a digest of everything that decides
+    the tensor values (models, method, parameters), so a changed merge never reuses shards.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        *,
+        max_shard_size: int,
+        metadata: dict[str, str],
+        resume: bool = False,
+        overwrite: bool = False,
+    ):
+        if max_shard_size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise TypeError("shard metadata must map strings to strings")
+        names = [e[0] for e in entries]
+        if len(set(names)) != len(names) or "__metadata__" in names:
+            raise ValueError("output tensor names must be unique and not '__metadata__'")
+        for name, dtype, shape in entries:
+            if dtype not in DTYPE_NAMES or any(type(d) is not int or d < 0 for d in shape):
+                raise ValueError(f"cannot write tensor {name!r}: dtype {dtype}, shape {shape}")
+
+        self.out_dir = Path(os.path.abspath(out_dir))
+        self.partial = self.out_dir.with_name(self.out_dir.name + PARTIAL_SUFFIX)
+        self.overwrite = overwrite
+        self.metadata = {"format": "pt", **metadata}
+        self.shards = plan_shards(entries, max_shard_size, self.metadata)
+        self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
+        plan = [LAYOUT_VERSION, max_shard_size, self.metadata, [[n, DTYPE_NAMES[d], list(s)] for n, d, s in entries]]
+        self.plan_hash = hashlib.sha256(json.dumps(plan, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+        self._done: dict[str, dict[str, int]] = {}  # shard file -> {"size", "crc32"}
+        try:
+            if self.partial.exists() or self.partial.is_symlink():
+                if resume and self.partial.is_dir():
+                    self._verify_journal()
+                else:
+                    _remove(self.partial)
+            self.partial.mkdir(parents=True, exist_ok=True)
+            # Anything not verified (a half-written shard, a copied config) is rewritten.
+            for p in self.partial.iterdir():
+                if p.name not in self._done and p.name != JOURNAL:
+                    _remove(p)
+            self._save_journal()
+        except OSError as e:
+            raise MergeInputError(
+                f"Cannot create the output's temporary directory '{self.partial}': "
+                f"{e.strerror or e}. Check that the output location is writable."
+            ) from e
+
+        self._pending = [(i, name) for i, s in enumerate(self.shards) if s.file not in self._done for name in s.names]
+        self._pos = 0
+        self._file = None
+        self._crc = 0
+        self._state = "open"
+        self._check_space()
+
+    def _verify_journal(self) -> None:
+        """Keeps the journal's shards whose size and CRC-32 still match; refuses another plan."""
+        try:
+            journal = json.loads((self.partial / JOURNAL).read_text(encoding="utf-8"))
+            plan, done = journal["plan"], dict(journal["done"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return  # no usable journal: nothing is known complete, so rewrite everything
+        if plan != self.plan_hash:
+            raise MergeInputError(
+                f"The partial output '{self.partial}' was written for a different merge (other "
+                f"models, parameters, tensors, shard size or metadata), so it cannot be resumed. "
+                f"Rerun without --resume, or delete '{self.partial}'."
+            )
+        files = {s.file: s for s in self.shards}
+        for file, record in done.items():
+            path = self.partial / file
+            if (
+                file in files
+                and isinstance(record, dict)
+                and record.get("size") == files[file].size
+                and path.is_file()
+                and path.stat().st_size == record["size"]
+                and _file_crc32(path) == record.get("crc32")
+            ):
+                self._done[file] = {"size": record["size"], "crc32": record["crc32"]}
+
+    def _save_journal(self) -> None:
+        # Write-then-rename, so the journal is always either the old or the new version.
+        tmp = self.partial / (JOURNAL + ".tmp")
+        _write_synced(tmp, json.dumps({"plan": self.plan_hash, "done": self._done}, indent=1).encode("utf-8"))
+        os.replace(tmp, self.partial / JOURNAL)
+        _fsync_dir(self.partial)
+
+    def _check_space(self) -> None:
+        needed = sum(s.size for s in self.shards if s.file not in self._done)
+        try:
+            free = shutil.disk_usage(self.partial).free
+        except OSError:
+            return
+        if free < needed:
+            raise MergeInputError(
+                f"The output needs {needed / 1e9:.2f} GB more but only {free / 1e9:.2f} GB are "
+                f"free at '{self.partial.parent}'. Free some space or choose another output path."
+            )
+
+    def pending_names(self) -> list[str]:
+        """The names still to write, in the order write() must receive them."""
+        return [name for _, name in self._pending[self._pos :]]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Appends the next pending tensor (CPU or device) to its shard."""
+        if self._state != "open":
+            raise ValueError(f"cannot write {name!r}: the writer is {self._state}")
+        if self._pos == len(self._pending):
+            raise ValueError(f"cannot write {name!r}: every pending tensor has been written")
+        index, expected = self._pending[self._pos]
+        if name != expected:
+            raise ValueError(f"tensors must be written in plan order: expected {expected!r}, got {name!r}")
+        dtype, shape = self._entries[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the plan says {dtype} {shape}"
+            )
+        if not tensor.is_contiguous():
+            raise ValueError(f"tensor {name!r} is not contiguous")
+        tensor = tensor.cpu()
+        shard = self.shards[index]
+        try:
+            if self._file is None:
+                self._file = open(self.partial / shard.file, "wb")
+                self._file.write(shard.header)
+                self._crc = zlib.crc32(shard.header)
+            if tensor.numel():
+                data = _tensor_bytes(tensor)
+                self._file.write(data)
+                self._crc = zlib.crc32(data, self._crc)
+            self._pos += 1
+            if self._pos == len(self._pending) or self._pending[self._pos][0] != index:
+                self._close_shard(shard)
+        except OSError as e:
+            self.abort()
+            raise MergeInputError(
+                f"Writing '{self.partial / shard.file}' failed: {e.strerror or e}. Free some space "
+                f"or fix the output location, then rerun with --resume to keep finished shards."
+            ) from e
+
+    def _close_shard(self, shard: Shard) -> None:
+        if self._file is None:  # a shard without tensors (an empty model)
+            _write_synced(self.partial / shard.file, shard.header)
+            self._crc = zlib.crc32(shard.header)
+        else:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            size = self._file.tell()
+            self._file.close()
+            self._file = None
+            if size != shard.size:
+                raise RuntimeError(f"{shard.file}: wrote {size} bytes, planned {shard.size}")
+        self._done[shard.file] = {"size": shard.size, "crc32": self._crc}
+        self._save_journal()
+
+    def finish(self, aux_files: list[Path] = (), extra_files: dict[str, bytes] | None = None) -> Path:
+        """Writes the index, copies aux_files, writes extra_files (name -> bytes, e.g. an
+        updated config.json; they win over aux files of the same name), and publishes."""
+        if self._state != "open":
+            raise ValueError(f"cannot finish: the writer is {self._state}")
+        if self._pos != len(self._pending):
+            raise ValueError(f"cannot finish: {len(self._pending) - self._pos} tensors unwritten, next {self._pending[self._pos][1]!r}")
+        extra = {name: data.encode("utf-8") if isinstance(data, str) else data for name, data in (extra_files or {}).items()}
+        ours = {s.file for s in self.shards} | {INDEX_FILE, JOURNAL}
+        clash = ours & ({Path(p).name for p in aux_files} | set(extra))
+        if clash:
+            raise ValueError(f"extra output files would replace the weights or index: {sorted(clash)}")
+        if (self.out_dir.exists() or self.out_dir.is_symlink()) and not self.overwrite:
+            self.abort()
+            raise MergeInputError(
+                f"The output directory '{self.out_dir}' appeared while merging. Move it away, "
+                f"or rerun with --force; add --resume to keep the finished shards in "
+                f"'{self.partial}'."
+            )
+        try:
+            for shard in self.shards:
+                if shard.file not in self._done:
+                    self._close_shard(shard)
+            if len(self.shards) > 1:
+                total = sum(s.size - len(s.header) for s in self.shards)
+                weight_map = {name: s.file for s in self.shards for name in s.names}
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                # Hugging Face writes the index with indent=2 and sorted keys.
+                _write_synced(self.partial / INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+            for src in aux_files:
+                if Path(src).name not in extra:
+                    dst = self.partial / Path(src).name
+                    shutil.copyfile(src, dst)
+                    with open(dst, "rb+") as f:
+                        os.fsync(f.fileno())
+            for name, data in extra.items():
+                _write_synced(self.partial / name, data)
+            (self.partial / JOURNAL).unlink()
+            _fsync_dir(self.partial)
+
+            aside = None
+            if self.out_dir.exists() or self.out_dir.is_symlink():
+                aside = self.out_dir.with_name(self.out_dir.name + OLD_SUFFIX)
+                _remove(aside)  # left by an earlier crash between the renames below
+                os.rename(self.out_dir, aside)
+            os.rename(self.partial, self.out_dir)
+            _fsync_dir(self.out_dir.parent)
+            if aside is not None:
+                _remove(aside)
+        except OSError as e:
+            self.abort()
+            raise MergeInputError(
+                f"Finishing the output in '{self.partial}' failed: {e.strerror or e}. Fix the "
+                f"output location, then rerun with --resume to keep finished shards."
+            ) from e
+        self._state = "finished"
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Stops writing; the partial directory stays for a resume=True run."""
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+        if self._state == "open":
+            self._state = "aborted"
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._state == "open":
+            self.abort()

@@ -1,0 +1,301 @@
+"""The streaming writer: exact output, sharding, atomic publication, crash and resume."""
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lines_fast.checkpoint import Checkpoint
+from lines_fast.errors import MergeInputError
+from lines_fast.writer import JOURNAL, ShardedWriter, check_output_dir, parse_size, plan_shards
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sample():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "embed.weight": torch.randn(40, 8, generator=g).bfloat16(),
+        "layers.0.w": torch.randn(30, 10, generator=g),
+        "layers.0.b": torch.randn(3, generator=g).half(),
+        "layers.0.mask": torch.rand(7, generator=g) > 0.5,
+        "layers.1.w": torch.randn(30, 10, generator=g),
+        "layers.1.idx": torch.arange(5),
+        "layers.1.scale": torch.tensor(0.5, dtype=torch.float64),
+        "layers.1.empty": torch.zeros(0, 3),
+        "head.weight": torch.randn(50, 8, generator=g).bfloat16(),
+    }
+
+
+def entries_of(tensors):
+    return [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+
+
+def write_some(writer, tensors, count=None):
+    for name in writer.pending_names()[:count]:
+        writer.write(name, tensors[name])
+
+
+def write_all(out, tensors, max_shard_size=1000, metadata=None, **kw):
+    w = ShardedWriter(out, entries_of(tensors), max_shard_size=max_shard_size, metadata=metadata or {}, **kw)
+    write_some(w, tensors)
+    return w.finish()
+
+
+def same_bits(a, b):
+    def raw(t):
+        return t.contiguous().reshape(-1).view(torch.uint8)
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(raw(a), raw(b))
+
+
+def files_of(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_round_trip_sharded(tmp_path):
+    tensors = sample()
+    out = write_all(tmp_path / "out", tensors, max_shard_size=1000, metadata={"lines_fast.plan": "abc"})
+    assert out == tmp_path / "out"
+    assert not (tmp_path / "out.lines-fast-partial").exists()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shard_files = sorted(set(index["weight_map"].values()))
+    n = len(shard_files)
+    assert n > 2 and shard_files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert sorted(p.name for p in out.iterdir()) == sorted(shard_files + ["model.safetensors.index.json"])
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+    loaded = {}
+    for file in shard_files:
+        part = load_file(out / file)
+        assert all(index["weight_map"][name] == file for name in part)
+        loaded.update(part)
+        with safe_open(out / file, "pt") as f:
+            assert f.metadata() == {"format": "pt", "lines_fast.plan": "abc"}
+        header_len = struct.unpack("<Q", (out / file).read_bytes()[:8])[0]
+        assert header_len % 8 == 0  # data starts 8-byte aligned
+    assert loaded.keys() == tensors.keys()
+    for name, ref in tensors.items():
+        assert same_bits(loaded[name], ref), name
+    # Our own reader sees the same, in output order.
+    ckpt = Checkpoint.open(out)
+    assert ckpt.names() == list(tensors)
+    assert all(same_bits(ckpt.tensor(n), t) for n, t in tensors.items())
+
+
+def test_sharding_respects_limit():
+    sizes = [400, 400, 400, 2500, 100, 1000, 1]
+    entries = [(f"t{i}", torch.uint8, (s,)) for i, s in enumerate(sizes)]
+    shards = plan_shards(entries, 1000, {"format": "pt"})
+    assert [s.names for s in shards] == [("t0", "t1"), ("t2",), ("t3",), ("t4",), ("t5",), ("t6",)]
+    for s in shards:
+        data = s.size - len(s.header)
+        assert data <= 1000 or len(s.names) == 1
+    # Everything fits: a single model.safetensors.
+    assert [s.file for s in plan_shards(entries, 10**6, {})] == ["model.safetensors"]
+
+
+def test_single_shard_has_no_index(tmp_path):
+    tensors = sample()
+    out = write_all(tmp_path / "out", tensors, max_shard_size=10**9)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    loaded = load_file(out / "model.safetensors")
+    assert all(same_bits(loaded[n], t) for n, t in tensors.items())
+
+
+def test_empty_model(tmp_path):
+    out = write_all(tmp_path / "out", {}, max_shard_size=10)
+    assert load_file(out / "model.safetensors") == {}
+
+
+def test_published_only_at_finish(tmp_path):
+    tensors = sample()
+    out = tmp_path / "out"
+    w = ShardedWriter(out, entries_of(tensors), max_shard_size=1000, metadata={})
+    write_some(w, tensors)
+    assert not out.exists() and (tmp_path / "out.lines-fast-partial").is_dir()
+    (tmp_path / "config.json").write_text('{"a": 1}')
+    w.finish([tmp_path / "config.json"], {"README.md": "merged"})
+    assert not (tmp_path / "out.lines-fast-partial").exists()
+    assert (out / "config.json").read_text() == '{"a": 1}' and (out / "README.md").read_text() == "merged"
+    assert not (out / JOURNAL).exists()
+
+
+def test_write_checks(tmp_path):
+    tensors = sample()
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={})
+    with pytest.raises(ValueError, match="expected 'embed.weight'"):
+        w.write("layers.0.w", tensors["layers.0.w"])
+    with pytest.raises(ValueError, match="plan says"):
+        w.write("embed.weight", tensors["embed.weight"].float())
+    with pytest.raises(ValueError, match="plan says"):
+        w.write("embed.weight", tensors["embed.weight"].reshape(8, 40))
+    with pytest.raises(ValueError, match="contiguous"):
+        w.write("embed.weight", tensors["embed.weight"].t().contiguous().t())
+    with pytest.raises(ValueError, match="unwritten"):
+        w.finish()
+    w.abort()
+    assert not (tmp_path / "out").exists()
+
+
+def interrupted(tmp_path, tensors, count, **kw):
+    """Writes the first `count` tensors, then stops as a crash would."""
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={"m": "1"}, **kw)
+    write_some(w, tensors, count)
+    w.abort()
+    return w
+
+
+def resume_and_finish(tmp_path, tensors, **kw):
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={"m": "1"}, resume=True, **kw)
+    pending = w.pending_names()
+    write_some(w, tensors)
+    w.finish()
+    return pending
+
+
+def test_resume_is_byte_identical(tmp_path):
+    tensors = sample()
+    reference = files_of(write_all(tmp_path / "ref", tensors, max_shard_size=1000, metadata={"m": "1"}))
+    first = interrupted(tmp_path, tensors, 6)  # four shards done, the fifth half written
+    done = json.loads((first.partial / JOURNAL).read_text())["done"]
+    finished = [s for s in first.shards if s.file in done]
+    assert finished and len(finished) < len(first.shards)
+    assert not (tmp_path / "out").exists()
+
+    pending = resume_and_finish(tmp_path, tensors)
+    skipped = [n for s in finished for n in s.names]
+    assert pending == [n for n in tensors if n not in skipped]
+    assert files_of(tmp_path / "out") == reference
+
+
+def test_resume_rewrites_corrupted_shard(tmp_path):
+    tensors = sample()
+    reference = files_of(write_all(tmp_path / "ref", tensors, max_shard_size=1000, metadata={"m": "1"}))
+    first = interrupted(tmp_path, tensors, 6)
+    shard = first.partial / first.shards[0].file
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    pending = resume_and_finish(tmp_path, tensors)
+    assert pending[: len(first.shards[0].names)] == list(first.shards[0].names)
+    assert files_of(tmp_path / "out") == reference
+
+
+def test_resume_refuses_another_plan(tmp_path):
+    tensors = sample()
+    interrupted(tmp_path, tensors, 5)
+    with pytest.raises(MergeInputError) as e:
+        ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=2000, metadata={"m": "1"}, resume=True)
+    assert "--resume" in str(e.value) and "out.lines-fast-partial" in str(e.value)
+    with pytest.raises(MergeInputError):
+        ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={"m": "2"}, resume=True)
+    # Without resume, the partial output is discarded and everything is written afresh.
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=2000, metadata={"m": "1"})
+    assert w.pending_names() == list(tensors)
+    assert sorted(p.name for p in w.partial.iterdir()) == [JOURNAL]
+
+
+def test_resume_without_partial_starts_fresh(tmp_path):
+    tensors = sample()
+    reference = files_of(write_all(tmp_path / "ref", tensors, max_shard_size=1000, metadata={"m": "1"}))
+    assert resume_and_finish(tmp_path, tensors) == list(tensors)
+    assert files_of(tmp_path / "out") == reference
+
+
+CRASH_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, torch
+    sys.path.insert(0, {repo!r})
+    from lines_fast import writer as wmod
+    from tests.test_writer import entries_of, sample
+    tensors = sample()
+    w = wmod.ShardedWriter({out!r}, entries_of(tensors), max_shard_size=1000, metadata={{"m": "1"}})
+    kill = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+    if {where!r} == "publish":
+        wmod.os.rename = kill
+    for i, name in enumerate(w.pending_names()):
+        if {where!r} == "mid-shard" and i >= 3 and w._file is not None:
+            w._file.flush()  # half a shard on disk, as a crash mid-write leaves it
+            kill()
+        w.write(name, tensors[name])
+    w.finish()
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["mid-shard", "publish"])
+def test_kill_9_then_resume(tmp_path, where):
+    tensors = sample()
+    reference = files_of(write_all(tmp_path / "ref", tensors, max_shard_size=1000, metadata={"m": "1"}))
+    script = CRASH_SCRIPT.format(repo=str(REPO), out=str(tmp_path / "out"), where=where)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    assert not (tmp_path / "out").exists()
+    resume_and_finish(tmp_path, tensors)
+    assert files_of(tmp_path / "out") == reference
+
+
+def test_overwrite_replaces_only_at_finish(tmp_path):
+    tensors = sample()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    w = ShardedWriter(out, entries_of(tensors), max_shard_size=1000, metadata={}, overwrite=True)
+    write_some(w, tensors)
+    assert (out / "old.txt").exists()  # the old output survives until the new one is complete
+    w.finish()
+    assert not (out / "old.txt").exists() and (out / "model.safetensors.index.json").exists()
+    assert not (tmp_path / "out.lines-fast-old").exists()
+
+    # Without overwrite, an output directory that appeared meanwhile is never replaced.
+    w = ShardedWriter(out, entries_of(tensors), max_shard_size=1000, metadata={})
+    write_some(w, tensors)
+    with pytest.raises(MergeInputError, match="--resume"):
+        w.finish()
+    assert (out / "model.safetensors.index.json").exists() and w.partial.exists()
+
+
+def test_check_output_dir(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    check_output_dir(tmp_path / "merged", [model], force=False)
+    (tmp_path / "merged").mkdir()
+    with pytest.raises(MergeInputError, match="--force"):
+        check_output_dir(tmp_path / "merged", [model], force=False)
+    with pytest.raises(MergeInputError, match="nothing to resume"):
+        check_output_dir(tmp_path / "merged", [model], force=False, resume=True)
+    check_output_dir(tmp_path / "merged", [model], force=True)
+    with pytest.raises(MergeInputError, match="inside the input"):
+        check_output_dir(model / "merged", [model], force=False)
+    with pytest.raises(MergeInputError, match="contains the input"):
+        check_output_dir(tmp_path, [model], force=True)
+    with pytest.raises(MergeInputError, match="contains the input"):
+        check_output_dir(model, [model], force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(MergeInputError, match="not a directory"):
+        check_output_dir(tmp_path / "file", [model], force=True)
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1000", 1000), (123, 123), ("5GB", 5 * 10**9), ("5gb", 5 * 10**9), ("5G", 5 * 10**9),
+        ("500MB", 500 * 10**6), ("2 KB", 2000), ("1.5GB", 1_500_000_000), ("2KiB", 2048),
+        ("3MiB", 3 * 2**20), ("1GiB", 2**30), ("1TB", 10**12), ("1tib", 2**40),
+    ],
+)
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "GB", "5XB", "-1GB", "0", "5 G B", "5B", "1e9"])
+def test_parse_size_errors(text):
+    with pytest.raises(MergeInputError):
+        parse_size(text)
