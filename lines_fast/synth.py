@@ -1,0 +1,617 @@
+"""Synthetic checkpoint families (a base model and fine-tunes of it) in Hugging Face layout.
+
+Used by `lines-fast demo`, the tests, the benchmarks and `lines-fast plan`. A *recipe* is a
+Llama shape (hidden size, layers, heads, ...); from it we derive the exact tensor names and
+shapes of `LlamaForCausalLM` and can write a base model plus N fine-tunes whose task vectors
+look like real ones:
+
+- base weights ~ N(0, base_std); RMSNorm weights ~ 1 + N(0, base_std);
+- each fine-tune is base + delta, with delta ~ N(0, delta_std * depth_factor): deeper layers
+  move more (the factor grows linearly from 0.5 at layer 0 to 1.5 at the last layer; the
+  embedding counts as shallowest, the final norm and lm_head as deepest), since fine-tuning
+  changes deep layers more than shallow ones -- the effect LiNeS is built on;
+- about `zero_fraction` of the delta elements are exactly zero, and the fine-tuned value is
+  computed as dtype(float32(stored base) + delta), so a zero delta reproduces the stored base
+  bit for bit and, in bf16, many small deltas round away or repeat the same magnitude, as in
+  real bf16 fine-tunes.
+
+Memory: nothing ever holds a whole model. Tensors are generated in fixed-size pieces and
+streamed straight into the .safetensors files through a small writer of the (trivial)
+safetensors format, whose header we can compute up front from the shapes. Writing all models
+of the family in lockstep lets each fine-tune reuse the base piece just generated instead of
+regenerating it. Peak memory is a few tens of MB whatever the recipe, which is what makes a
+`layers=K` cut of Llama-3-70B (a 2.1 GB embedding in bf16) writable on a small machine.
+
+Determinism: every piece is drawn from its own torch.Generator seeded from (seed, model
+index, tensor name, piece index), and piece boundaries depend only on the tensor's shape.
+So the same arguments give byte-identical files, independent of threading, and a `layers=K`
+cut has the same base tensors as the full model under the same names.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import MergeInputError
+
+__all__ = [
+    "Recipe",
+    "RECIPES",
+    "FamilyPaths",
+    "recipe",
+    "tensor_shapes",
+    "param_count",
+    "checkpoint_bytes",
+    "hf_config",
+    "write_checkpoint_family",
+    "write_yaml_config",
+    "generate",
+    "INT_TENSOR_NAME",
+]
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The shape of a Llama-architecture model (what config.json says, minus the data)."""
+
+    name: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tie_embeddings: bool = False
+    # config.json details only; they do not change any tensor shape.
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        # A few hundred KB in bf16: fast enough for every test.
+        Recipe("tiny", hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=128),
+        # The benchmark shape of FACTS.md (mergekit measured on it): TinyLlama widths, 4 layers, MHA.
+        Recipe("llama-336m", hidden=2048, intermediate=5632, layers=4, heads=16, kv_heads=16, vocab=32000),
+        # TinyLlama-1.1B.
+        Recipe("llama-1b", hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000),
+        # Llama-3-70B exactly. Too big to write whole here: plan with its shapes, or cut it with
+        # recipe("llama3-70b", layers=K) to write its first K layers at full width.
+        Recipe(
+            "llama3-70b", hidden=8192, intermediate=28672, layers=80, heads=64, kv_heads=8, vocab=128256,
+            max_position_embeddings=8192, rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+        ),
+    )
+}
+
+
+def recipe(name: str | Recipe, layers: int | None = None) -> Recipe:
+    """The named recipe, optionally cut to its first `layers` layers (names and widths unchanged)."""
+    if isinstance(name, Recipe):
+        base = name
+    else:
+        try:
+            base = RECIPES[name]
+        except KeyError:
+            raise MergeInputError(
+                f"Unknown synthetic model recipe {name!r}. Known recipes: {', '.join(RECIPES)}."
+            ) from None
+    if layers is None or layers == base.layers:
+        return base
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= base.layers:
+        raise MergeInputError(
+            f"Recipe {base.name!r} has {base.layers} layers; a cut must keep between 1 and "
+            f"{base.layers} of them, not {layers!r}."
+        )
+    return replace(base, name=f"{base.name}-{layers}L", layers=layers)
+
+
+# --------------------------------------------------------------------------- shapes
+
+INT_TENSOR_NAME = "model.position_ids"
+INT_TENSOR_SHAPE = (1, 16)
+_INT_VALUE = torch.arange(INT_TENSOR_SHAPE[1], dtype=torch.int64).reshape(INT_TENSOR_SHAPE)
+
+# Tensor kinds: how a tensor's values are generated.
+_WEIGHT, _NORM, _INT = "weight", "norm", "int"
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    depth: float  # in [0, 1]: 0 for the embedding and layer 0, 1 for the last layer and the head
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _tensor_specs(r: Recipe, int_tensor: bool = False) -> list[_TensorSpec]:
+    """Every tensor of LlamaForCausalLM in HF order: embed, layers in order, norm, lm_head."""
+    h, kv = r.hidden, r.kv_heads * r.head_dim
+    specs = [_TensorSpec("model.embed_tokens.weight", (r.vocab, h), _WEIGHT, 0.0)]
+    for i in range(r.layers):
+        depth = i / (r.layers - 1) if r.layers > 1 else 0.0
+        p = f"model.layers.{i}."
+        for suffix, shape, kind in (
+            ("input_layernorm.weight", (h,), _NORM),
+            ("self_attn.q_proj.weight", (h, h), _WEIGHT),
+            ("self_attn.k_proj.weight", (kv, h), _WEIGHT),
+            ("self_attn.v_proj.weight", (kv, h), _WEIGHT),
+            ("self_attn.o_proj.weight", (h, h), _WEIGHT),
+            ("post_attention_layernorm.weight", (h,), _NORM),
+            ("mlp.gate_proj.weight", (r.intermediate, h), _WEIGHT),
+            ("mlp.up_proj.weight", (r.intermediate, h), _WEIGHT),
+            ("mlp.down_proj.weight", (h, r.intermediate), _WEIGHT),
+        ):
+            specs.append(_TensorSpec(p + suffix, shape, kind, depth))
+    specs.append(_TensorSpec("model.norm.weight", (h,), _NORM, 1.0))
+    if not r.tie_embeddings:
+        specs.append(_TensorSpec("lm_head.weight", (r.vocab, h), _WEIGHT, 1.0))
+    if int_tensor:
+        specs.append(_TensorSpec(INT_TENSOR_NAME, INT_TENSOR_SHAPE, _INT, 0.0))
+    return specs
+
+
+def tensor_shapes(r: Recipe, int_tensor: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor in HF order; needs no data (fine for Llama-3-70B)."""
+    return [(s.name, s.shape) for s in _tensor_specs(r, int_tensor)]
+
+
+def param_count(r: Recipe) -> int:
+    """Number of parameters (floating-point elements) of the model."""
+    return sum(s.numel for s in _tensor_specs(r))
+
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+# safetensors' dtype codes for what we write.
+_ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.int64: "I64"}
+_HF_DTYPE_NAME = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in _HF_DTYPE_NAME:
+            return dtype
+    elif dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise MergeInputError(
+        f"Unsupported checkpoint dtype {dtype!r}: use bfloat16, float16 or float32."
+    )
+
+
+def checkpoint_bytes(r: Recipe, dtype: torch.dtype | str = torch.bfloat16) -> int:
+    """Bytes of tensor data of one model (index.json's total_size), without writing anything."""
+    return param_count(r) * _as_dtype(dtype).itemsize
+
+
+def hf_config(r: Recipe, dtype: torch.dtype | str = torch.bfloat16) -> dict:
+    """A plausible config.json of LlamaForCausalLM for the recipe."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": r.bos_token_id,
+        "eos_token_id": r.eos_token_id,
+        "head_dim": r.head_dim,
+        "hidden_act": "silu",
+        "hidden_size": r.hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": r.intermediate,
+        "max_position_embeddings": r.max_position_embeddings,
+        "mlp_bias": False,
+        "model_type": "llama",
+        "num_attention_heads": r.heads,
+        "num_hidden_layers": r.layers,
+        "num_key_value_heads": r.kv_heads,
+        "pretraining_tp": 1,
+        "rms_norm_eps": r.rms_norm_eps,
+        "rope_scaling": None,
+        "rope_theta": r.rope_theta,
+        "tie_word_embeddings": r.tie_embeddings,
+        "torch_dtype": _HF_DTYPE_NAME[_as_dtype(dtype)],
+        "transformers_version": "4.44.0",
+        "use_cache": True,
+        "vocab_size": r.vocab,
+    }
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass
+class _Shard:
+    filename: str
+    tensors: list[_TensorSpec] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def _tensor_dtype(spec: _TensorSpec, dtype: torch.dtype) -> torch.dtype:
+    return torch.int64 if spec.kind == _INT else dtype
+
+
+def _layout(specs: list[_TensorSpec], dtype: torch.dtype, max_shard_size: int | None) -> list[_Shard]:
+    """Split the tensors into shards the way HF/mergekit do: start a new shard when the next
+    tensor would push the current one past max_shard_size (a bigger tensor gets a shard alone)."""
+    groups: list[_Shard] = [_Shard("")]
+    for s in specs:
+        size = s.numel * _tensor_dtype(s, dtype).itemsize
+        cur = groups[-1]
+        if max_shard_size is not None and cur.tensors and cur.nbytes + size > max_shard_size:
+            cur = _Shard("")
+            groups.append(cur)
+        cur.tensors.append(s)
+        cur.nbytes += size
+    n = len(groups)
+    for i, g in enumerate(groups):
+        g.filename = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    return groups
+
+
+class _SafetensorsWriter:
+    """Streams one .safetensors file: the header is computed from the shapes, then the data of
+    each tensor is appended in header order, piece by piece. Same format as
+    safetensors.torch.save_file (8-byte little-endian header length, JSON header padded with
+    spaces to a multiple of 8 so the data is aligned, then the raw little-endian bytes),
+    which lets safetensors load it, while never needing a whole shard in memory."""
+
+    def __init__(self, path: Path, tensors: list[_TensorSpec], dtype: torch.dtype):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for s in tensors:
+            size = s.numel * _tensor_dtype(s, dtype).itemsize
+            header[s.name] = {
+                "dtype": _ST_DTYPE[_tensor_dtype(s, dtype)],
+                "shape": list(s.shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self._expected = offset
+        self._written = 0
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(raw)))
+        self._file.write(raw)
+
+    def write(self, t: torch.Tensor) -> None:
+        data = t.contiguous().view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._written += data.nbytes
+
+    def close(self) -> None:
+        self._file.close()
+        if self._written != self._expected:  # a bug here would give a file safetensors rejects
+            raise RuntimeError(f"wrote {self._written} data bytes, header promised {self._expected}")
+
+
+# --------------------------------------------------------------------------- generation
+
+# Elements per generated piece: big enough that per-piece Python overhead is negligible, small
+# enough that the scratch buffers (a few per piece, reused) stay well under glibc's mmap
+# threshold and out of the page-fault path, and that peak memory stays tens of MB.
+_PIECE_ELEMS = 1 << 21
+_WORKERS = 2  # torch's RNG is single-threaded per call: run independent pieces side by side
+
+
+def _seed_for(seed: int, model: int, name: str, piece: int) -> int:
+    """A 63-bit generator seed that depends on every input (so pieces are independent streams)."""
+    digest = hashlib.blake2b(f"{seed}/{model}/{name}/{piece}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _pieces(spec: _TensorSpec) -> Iterator[tuple[int, int]]:
+    """(start, stop) flat element ranges of at most _PIECE_ELEMS each: depend on the size only."""
+    for start in range(0, spec.numel, _PIECE_ELEMS):
+        yield start, min(start + _PIECE_ELEMS, spec.numel)
+
+
+@dataclass(frozen=True)
+class _GenParams:
+    seed: int
+    n_finetunes: int
+    dtype: torch.dtype
+    base_std: float
+    delta_std: float
+    norm_delta_scale: float
+    zero_count: int  # a delta element is zeroed with probability zero_count / 2**16
+
+
+class _Slot:
+    """Reusable buffers for one piece in flight (one slot per concurrent piece)."""
+
+    def __init__(self, n_models: int, dtype: torch.dtype):
+        self.base32 = torch.empty(_PIECE_ELEMS)
+        self.delta = torch.empty(_PIECE_ELEMS)
+        self.bits = torch.empty((_PIECE_ELEMS + 3) // 4, dtype=torch.int64)
+        self.mask = torch.empty(_PIECE_ELEMS, dtype=torch.bool)
+        self.out = [torch.empty(_PIECE_ELEMS, dtype=dtype) for _ in range(n_models)]
+
+
+def _delta_std(spec: _TensorSpec, p: _GenParams) -> float:
+    std = p.delta_std * (0.5 + spec.depth)  # linear in depth: 0.5x at the bottom, 1.5x at the top
+    # Norm weights sit near 1.0, where a bf16 step is 2**-7 (~4x delta_std at the top layer):
+    # without a larger delta nearly every norm change would round away in bf16.
+    return std * p.norm_delta_scale if spec.kind == _NORM else std
+
+
+def _generate_piece(slot: _Slot, spec: _TensorSpec, piece: int, n: int, p: _GenParams) -> list[torch.Tensor]:
+    """Fill slot.out[m][:n] with piece `piece` of the tensor for model m (0 = base); return views."""
+    if spec.kind == _INT:  # a buffer every model shares, as a merge should pass it through
+        return [_INT_VALUE] * (p.n_finetunes + 1)
+    g = torch.Generator()
+    base32 = slot.base32[:n]
+    g.manual_seed(_seed_for(p.seed, 0, spec.name, piece))
+    if spec.kind == _NORM:
+        base32.normal_(1.0, p.base_std, generator=g)
+    else:
+        base32.normal_(0.0, p.base_std, generator=g)
+    outs = [slot.out[0][:n].copy_(base32)]
+    # Fine-tunes start from the *stored* base, so a zero delta reproduces it exactly.
+    base32.copy_(outs[0])
+    std = _delta_std(spec, p)
+    delta, mask = slot.delta[:n], slot.mask[:n]
+    for m in range(1, p.n_finetunes + 1):
+        g.manual_seed(_seed_for(p.seed, m, spec.name, piece))
+        delta.normal_(0.0, std, generator=g)
+        if p.zero_count == 1 << 16:
+            delta.zero_()
+        elif p.zero_count > 0:
+            # 16 uniform bits per element, 4 per int64 draw: ~4x cheaper than torch.rand. A
+            # uniform int16 is below zero_count - 2**15 with probability exactly zero_count / 2**16.
+            bits = slot.bits[: (n + 3) // 4].random_(-(1 << 63), None, generator=g)
+            torch.lt(bits.view(torch.int16)[:n], p.zero_count - (1 << 15), out=mask)
+            delta.masked_fill_(mask, 0.0)
+        delta.add_(base32)
+        outs.append(slot.out[m][:n].copy_(delta))  # the cast to dtype is the quantization
+    return outs
+
+
+@dataclass
+class FamilyPaths:
+    """Where write_checkpoint_family put the models: one HF directory each."""
+
+    base: Path
+    finetunes: list[Path]
+
+    @property
+    def models(self) -> list[Path]:
+        """Base first, then the fine-tunes."""
+        return [self.base, *self.finetunes]
+
+
+def _write_side_files(model_dir: Path, r: Recipe, dtype: torch.dtype) -> None:
+    def dump(name: str, obj: dict) -> None:
+        (model_dir / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    dump("config.json", hf_config(r, dtype))
+    dump("generation_config.json", {
+        "_from_model_config": True,
+        "bos_token_id": r.bos_token_id,
+        "eos_token_id": r.eos_token_id,
+        "transformers_version": "4.44.0",
+    })
+    # Enough for tools that copy or inspect the tokenizer; there is no vocabulary file.
+    dump("tokenizer_config.json", {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": r.max_position_embeddings,
+        "tokenizer_class": "LlamaTokenizer",
+        "clean_up_tokenization_spaces": False,
+    })
+
+
+def _clear_weights(model_dir: Path) -> None:
+    """Remove weights left by an earlier run with other sharding, which loaders would pick up."""
+    for f in model_dir.glob("model*.safetensors"):
+        f.unlink()
+    idx = model_dir / "model.safetensors.index.json"
+    if idx.exists():
+        idx.unlink()
+
+
+def write_checkpoint_family(
+    out_dir: str | Path,
+    recipe: Recipe,
+    n_finetunes: int = 3,
+    dtype: torch.dtype | str = torch.bfloat16,
+    seed: int = 0,
+    max_shard_size: int | None = None,
+    zero_fraction: float = 0.3,
+    int_tensor: bool = False,
+    *,
+    base_std: float = 0.02,
+    delta_std: float = 1e-3,
+    norm_delta_scale: float = 10.0,
+) -> FamilyPaths:
+    """Write out_dir/base and out_dir/ft1..ftN as HF checkpoint directories.
+
+    delta_std is the mean (over depth) standard deviation of a fine-tune's delta on weight
+    matrices: 5% of base_std by default, 0.5x that at layer 0 and 1.5x at the last layer.
+    max_shard_size (bytes) shards the weights into model-0000i-of-0000N.safetensors with a
+    model.safetensors.index.json; without it each model is one model.safetensors.
+    int_tensor adds an int64 buffer (model.position_ids, [1, 16]) identical in every model.
+    """
+    dtype = _as_dtype(dtype)
+    if isinstance(n_finetunes, bool) or not isinstance(n_finetunes, int) or n_finetunes < 0:
+        raise MergeInputError(f"n_finetunes must be a non-negative integer, not {n_finetunes!r}.")
+    if max_shard_size is not None and max_shard_size <= 0:
+        raise MergeInputError(f"max_shard_size must be a positive number of bytes, not {max_shard_size!r}.")
+    if not 0.0 <= zero_fraction <= 1.0:
+        raise MergeInputError(f"zero_fraction must be in [0, 1], not {zero_fraction!r}.")
+    params = _GenParams(
+        seed=seed, n_finetunes=n_finetunes, dtype=dtype, base_std=base_std, delta_std=delta_std,
+        norm_delta_scale=norm_delta_scale, zero_count=round(zero_fraction * (1 << 16)),
+    )
+
+    out_dir = Path(out_dir)
+    paths = FamilyPaths(out_dir / "base", [out_dir / f"ft{i}" for i in range(1, n_finetunes + 1)])
+    for d in paths.models:
+        d.mkdir(parents=True, exist_ok=True)
+        _clear_weights(d)
+        _write_side_files(d, recipe, dtype)
+
+    specs = _tensor_specs(recipe, int_tensor)
+    shards = _layout(specs, dtype, max_shard_size)
+    n_models = n_finetunes + 1
+    # Pieces flow through a window of 2 * _WORKERS slots: while the main thread writes the
+    # oldest finished piece, the pool generates the next ones, so disk writes overlap
+    # generation. A slot is handed out again only after the piece it held has been written.
+    slots = [_Slot(n_models, dtype) for _ in range(2 * _WORKERS)]
+    items = [
+        (shard_idx, spec, piece, stop - start)
+        for shard_idx, shard in enumerate(shards)
+        for spec in shard.tensors
+        for piece, (start, stop) in enumerate(_pieces(spec))
+    ]
+    writers: list[_SafetensorsWriter] = []
+    current_shard = -1
+
+    def write(shard_idx: int, tensors: list[torch.Tensor]) -> None:
+        nonlocal writers, current_shard
+        if shard_idx != current_shard:  # items come shard by shard, so this opens each once
+            for w in writers:
+                w.close()
+            name, specs_in_shard = shards[shard_idx].filename, shards[shard_idx].tensors
+            writers = [_SafetensorsWriter(d / name, specs_in_shard, dtype) for d in paths.models]
+            current_shard = shard_idx
+        for w, t in zip(writers, tensors):
+            w.write(t)
+
+    inflight: deque = deque()
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        for i, (shard_idx, spec, piece, n) in enumerate(items):
+            if len(inflight) == len(slots):
+                done_shard, fut = inflight.popleft()
+                write(done_shard, fut.result())
+            fut = pool.submit(_generate_piece, slots[i % len(slots)], spec, piece, n, params)
+            inflight.append((shard_idx, fut))
+        while inflight:
+            done_shard, fut = inflight.popleft()
+            write(done_shard, fut.result())
+    for w in writers:
+        w.close()
+
+    if len(shards) > 1:
+        total = sum(s.nbytes for s in shards)
+        index = {
+            "metadata": {"total_size": total},
+            "weight_map": {t.name: s.filename for s in shards for t in s.tensors},
+        }
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        for d in paths.models:
+            (d / "model.safetensors.index.json").write_text(text)
+    return paths
+
+
+# --------------------------------------------------------------------------- merge configs
+
+# Methods whose models take a density (they trim or drop elements of the task vectors).
+_DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
+
+
+def _per_model(value: float | Sequence[float], n: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise MergeInputError(f"Got {len(values)} {what} values for {n} fine-tuned models.")
+    return values
+
+
+def write_yaml_config(
+    path: str | Path,
+    family: FamilyPaths,
+    method: str = "ties",
+    density: float | Sequence[float] = 0.2,
+    weight: float | Sequence[float] = 1.0,
+    lam: float = 1.0,
+    normalize: bool = True,
+    dtype: str = "float32",
+    out_dtype: str = "bfloat16",
+    extra: dict | None = None,
+) -> Path:
+    """Write a mergekit-format YAML merging the family's fine-tunes into its base.
+
+    density goes to each model only for methods that use it (ties, dare_*). Paths are absolute,
+    so the YAML works from any directory. `extra` adds or overrides top-level keys.
+    """
+    n = len(family.finetunes)
+    weights = _per_model(weight, n, "weight")
+    densities = _per_model(density, n, "density")
+    models = []
+    for ft, w, d in zip(family.finetunes, weights, densities):
+        mp: dict = {"weight": w}
+        if method in _DENSITY_METHODS:
+            mp["density"] = d
+        models.append({"model": str(ft.resolve()), "parameters": mp})
+    config: dict = {
+        "merge_method": method,
+        "base_model": str(family.base.resolve()),
+        "models": models,
+        "parameters": {"lambda": float(lam), "normalize": bool(normalize)},
+        "dtype": dtype,
+        "out_dtype": out_dtype,
+    }
+    config.update(extra or {})
+
+    import yaml  # imported here so the rest of the module works without pyyaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def generate(
+    recipe_name: str | Recipe,
+    out_dir: str | Path,
+    n_finetunes: int = 3,
+    dtype: torch.dtype | str = "bfloat16",
+    layers: int | None = None,
+    seed: int = 0,
+    max_shard_size: int | None = None,
+    zero_fraction: float = 0.3,
+    int_tensor: bool = False,
+    yaml_method: str | None = None,
+    **yaml_options,
+) -> FamilyPaths:
+    """Scripts' one-call entry: resolve the recipe, write the family, and optionally a merge
+    YAML for `yaml_method` at out_dir/<method>.yaml (yaml_options go to write_yaml_config)."""
+    r = recipe(recipe_name, layers)
+    family = write_checkpoint_family(
+        out_dir, r, n_finetunes=n_finetunes, dtype=dtype, seed=seed,
+        max_shard_size=max_shard_size, zero_fraction=zero_fraction, int_tensor=int_tensor,
+    )
+    if yaml_method is not None:
+        write_yaml_config(Path(out_dir) / f"{yaml_method}.yaml", family, method=yaml_method, **yaml_options)
+    return family

@@ -1,0 +1,212 @@
+"""The engine's files equal the reference's in-memory result, for every method and scope.
+
+Inputs are synthetic Llama-shaped families (lines_fast.synth) with several shards, tensors
+of mixed sizes, a non-float tensor, in fp32 and bf16. Outputs are read back from disk and
+compared with lines_fast.reference.merge_state_dicts within SEMANTICS.md's tolerances.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import lines_fast
+from lines_fast.checkpoint import Checkpoint
+from lines_fast.reference import merge_state_dicts
+from lines_fast.spec import LinesSpec
+from lines_fast.synth import Recipe, recipe, write_checkpoint_family
+from lines_fast.tolerance import compare
+
+
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    with Checkpoint.open(path) as ckpt:
+        return {name: ckpt.tensor(name).clone() for name in ckpt.tensors}
+
+
+@pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"family-{str(request.param).split('.')[-1]}")
+    # ~60 KB shards: every model spans several files, and tensors of many sizes.
+    paths = write_checkpoint_family(root, recipe("tiny"), n_finetunes=3, dtype=request.param, seed=1,
+                                    max_shard_size=60_000, int_tensor=True)
+    loaded = {"base": _load(paths.base), "models": [_load(p) for p in paths.finetunes]}
+    return paths, loaded
+
+
+CASES = {
+    "linear": dict(weights=[1.0, 2.0, 0.5]),
+    "linear-unnormalized": dict(method="linear", weights=[0.2, 0.3, 0.5], normalize=False),
+    "wise_ft": dict(models=1, lam=0.3),
+    "task_arithmetic": dict(weights=[1.0, 0.5, 0.25], lam=0.8),
+    "ties": dict(density=[0.2, 0.3, 0.5], lam=1.5),
+    "ties-weighted-unnormalized": dict(method="ties", density=0.2, weights=[1.0, 2.0, 0.5], normalize=False),
+    "ties-global": dict(method="ties", density=0.1, trim_scope="global"),
+    "dare_linear": dict(density=0.3, seed=7),
+    "dare_ties": dict(density=[0.5, 0.4, 0.3], seed=11, weights=[1.0, 0.7, 1.3]),
+    "ties-lines-auto": dict(method="ties", density=0.2, lines=LinesSpec("auto", 1.0)),
+    "ties-global-lines-auto": dict(method="ties", density=0.2, trim_scope="global",
+                                   lines=LinesSpec("auto", 0.7, "last")),
+    "task_arithmetic-lines-given": dict(method="task_arithmetic", lines=LinesSpec(0.4, 1.1)),
+    "linear-lines": dict(method="linear", lines=LinesSpec(0.5, 0.5)),
+    "dare_ties-lines-auto": dict(method="dare_ties", density=0.5, seed=3, lines=LinesSpec("auto", 1.0)),
+    "wise_ft-lines-gamma": dict(method="wise_ft", models=1, lines=LinesSpec(0.25, 0.75)),
+}
+
+
+def _config(paths, method, params) -> dict:
+    n = params.get("models", 3)
+    weights = params.get("weights", [1.0] * n)
+    density = params.get("density", 1.0)
+    densities = density if isinstance(density, list) else [density] * n
+    doc = {
+        "merge_method": method,
+        "base_model": str(paths.base),
+        "models": [{"model": str(p), "parameters": {"weight": w, "density": d}}
+                   for p, w, d in zip(paths.finetunes[:n], weights, densities)],
+        "parameters": {"trim_scope": params.get("trim_scope", "tensor")},
+        "seed": params.get("seed", 0),
+    }
+    if "lam" in params:
+        doc["parameters"]["lambda"] = params["lam"]
+    if "normalize" in params:
+        doc["parameters"]["normalize"] = params["normalize"]
+    lines = params.get("lines")
+    if lines is not None:
+        doc["lines"] = {"alpha": lines.alpha, "beta": lines.beta, "outside": lines.outside}
+    return doc
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_engine_files_equal_reference(case, family, tmp_path):
+    paths, loaded = family
+    params = dict(CASES[case])
+    method = params.pop("method", case)
+    doc = _config(paths, method, params)
+    result = lines_fast.merge(doc, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
+    merged = _load(result.out_dir)
+
+    n = params.get("models", 3)
+    expected = merge_state_dicts(
+        loaded["base"], loaded["models"][:n], method, weights=params.get("weights"),
+        density=params.get("density", 1.0), lam=params.get("lam"), normalize=params.get("normalize", method != "task_arithmetic" and method != "dare_linear" and method != "wise_ft"),
+        trim_scope=params.get("trim_scope", "tensor"), seed=params.get("seed", 0), lines=params.get("lines"))
+    assert set(merged) == set(expected)
+    for name, ref in expected.items():
+        verdict = compare(merged[name], ref)
+        assert verdict.ok, f"{case} {name}: {verdict.why} (max diff {verdict.max_abs_diff})"
+    # The non-float tensor passes through from the base, bit for bit.
+    assert torch.equal(merged["model.position_ids"], loaded["base"]["model.position_ids"])
+
+
+def test_output_layout_is_hf(family, tmp_path):
+    paths, loaded = family
+    doc = _config(paths, "ties", {"density": 0.2})
+    out = lines_fast.merge(doc, tmp_path / "out", device="cpu", progress=False, log=lambda m: None,
+                           max_shard_size=100_000).out_dir
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in loaded["base"].values())
+    assert (out / "config.json").exists() and (out / "generation_config.json").exists()
+    for shard in shards:
+        assert (out / shard).stat().st_size <= 100_000 + 10_000  # limit plus one header
+        with open(out / shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        meta = header["__metadata__"]
+        assert meta["lines_fast_version"] == lines_fast.__version__
+        assert json.loads(meta["lines_fast_recipe"])["merge_method"] == "ties"
+    assert not Path(str(out) + ".lines-fast-partial").exists()
+
+
+def test_mergekit_yaml_runs_unchanged(family, tmp_path):
+    """A mergekit user's config for ties and task_arithmetic runs as written (relative paths too)."""
+    paths, loaded = family
+    model_params = {"ties": "{weight: 1.0, density: 0.2}", "task_arithmetic": "{weight: 0.5}"}
+    for method, per_model in model_params.items():
+        text = textwrap.dedent(f"""\
+            merge_method: {method}
+            base_model: {paths.base}
+            models:
+              - model: {paths.finetunes[0]}
+                parameters: {per_model}
+              - model: {paths.finetunes[1]}
+                parameters: {per_model}
+            parameters:
+              lambda: 1.0
+              normalize: {'true' if method == 'ties' else 'false'}
+              int8_mask: true
+            dtype: float32
+            out_dtype: bfloat16
+            tokenizer_source: base
+            """)
+        config = tmp_path / f"{method}.yml"
+        config.write_text(text)
+        doc = yaml.safe_load(text)
+        assert doc["models"][0]["parameters"]  # the YAML above parsed as intended
+        out = tmp_path / f"out-{method}"
+        from lines_fast.cli import main
+        assert main(["merge", str(config), str(out), "--no-progress", "-q"]) == 0
+        merged = _load(out)
+        kw = {"density": 0.2, "weights": [1.0, 1.0]} if method == "ties" else {"weights": [0.5, 0.5]}
+        expected = merge_state_dicts(loaded["base"], loaded["models"][:2], method, out_dtype=torch.bfloat16,
+                                     normalize=(method == "ties"), **kw)
+        for name, ref in expected.items():
+            assert compare(merged[name], ref).ok, name
+
+
+@pytest.mark.parametrize("key, snippet", [
+    ("slices", "slices:\n  - sources: []\n"),
+    ("gradients", "parameters:\n  lambda: [0.5, 1.0]\n"),
+    ("filter", "parameters:\n  density:\n    - filter: mlp\n      value: 0.5\n"),
+    ("method", None),
+])
+def test_unsupported_mergekit_yaml_is_refused_by_name(key, snippet, family, tmp_path, capsys):
+    paths, _ = family
+    method = "model_stock" if key == "method" else "ties"
+    text = f"merge_method: {method}\nbase_model: {paths.base}\nmodels:\n  - model: {paths.finetunes[0]}\n"
+    if snippet:
+        text += snippet
+    config = tmp_path / "bad.yml"
+    config.write_text(text)
+    from lines_fast.cli import main
+    assert main(["merge", str(config), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    expected_word = {"slices": "slices", "gradients": "gradients", "filter": "gradients",
+                     "method": "model_stock"}[key]
+    assert expected_word in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+_RSS_SCRIPT = """
+import os, sys, resource
+from lines_fast.cli import main
+code = main(["merge", "--method", "ties", "--base", sys.argv[1] + "/base", "--model", sys.argv[1] + "/ft1",
+             "--model", sys.argv[1] + "/ft2", "--density", "0.2", "-o", sys.argv[2], "-q", "--no-progress"])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+sys.exit(code)
+"""
+
+
+def _peak_rss_kb(tmp_path: Path, layers: int) -> int:
+    shape = Recipe(name=f"mem-{layers}", hidden=1024, intermediate=4096, layers=layers, heads=8, kv_heads=8,
+                   vocab=2048)
+    family_dir = tmp_path / f"fam{layers}"
+    write_checkpoint_family(family_dir, shape, n_finetunes=2, dtype=torch.bfloat16, seed=0)
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(family_dir), str(tmp_path / f"out{layers}")],
+                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_depth(tmp_path):
+    """Doubling the layers (each ~100 MB of input across 3 checkpoints) must not raise peak RSS by > 10%."""
+    shallow = _peak_rss_kb(tmp_path, 2)
+    deep = _peak_rss_kb(tmp_path, 4)
+    assert deep <= 1.10 * shallow, f"peak RSS {shallow} KB with 2 layers, {deep} KB with 4"
