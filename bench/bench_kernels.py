@@ -1,0 +1,243 @@
+"""GPU benchmarks of the fused kernels (skipped without a GPU).
+
+    pytest bench/bench_kernels.py --benchmark-only          # pytest-benchmark
+    python bench/bench_kernels.py --json OUT.json [--numel N] [--models 3]
+
+Cases, bf16, N fine-tuned models, >= 64M elements per tensor:
+- copy:         device-to-device copy of a large tensor (the bandwidth ceiling), bytes read + written
+- merge:        fused TIES merge with given thresholds
+- select_merge: tensor-scope TIES from scratch: histograms (+ refine), thresholds, merge
+- reference:    lines_fast.reference's TIES on the same GPU tensors (for the speedup)
+- backend:      TritonBackend("cuda").merge_many from CPU tensors to CPU output (host <-> GPU)
+GB/s counts the minimal bytes: N + 1 inputs read once and one output written, even where a
+pass reads more (selection reads the inputs again), so it compares directly with copy GB/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import pytest  # noqa: E402
+
+NUMEL = 64 << 20
+N_MODELS = 3
+DENSITY = 0.2
+NAME = "model.layers.7.mlp.down_proj.weight"
+HAS_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _kernels():
+    from lines_fast.backends.triton_backend import import_kernels
+
+    return import_kernels()
+
+
+def make_inputs(numel: int, n_models: int, dtype=torch.bfloat16, seed: int = 0):
+    """A base and fine-tunes on the GPU: small deltas with some exact zeros (never all zeros)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    base = torch.randn(numel, generator=g, device="cuda").to(dtype)
+    models = []
+    for _ in range(n_models):
+        delta = 0.01 * torch.randn(numel, generator=g, device="cuda")
+        delta[torch.rand(numel, generator=g, device="cuda") < 0.05] = 0
+        models.append((base.float() + delta).to(dtype))
+    return base, models
+
+
+def ties_spec(n_models: int):
+    from lines_fast.spec import MethodSpec
+
+    return MethodSpec(method="ties", n_models=n_models, weights=(1.0,) * n_models,
+                      densities=(DENSITY,) * n_models)
+
+
+class Case:
+    """The GPU callables of every benchmark case on one set of inputs."""
+
+    def __init__(self, numel: int = NUMEL, n_models: int = N_MODELS):
+        kmerge, kselect = _kernels()
+        self.kmerge, self.kselect = kmerge, kselect
+        self.numel, self.n_models = numel, n_models
+        self.base, self.models = make_inputs(numel, n_models)
+        self.staged = torch.stack(self.models)  # the backend's [N, n] staging layout
+        self.out = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
+        self.spec = ties_spec(n_models)
+        self.plan = kmerge.MergePlan.from_spec(self.spec)
+        self.thresholds, _ = kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=numel)
+        self.table = self.plan.table(self.thresholds, "cuda")
+        # as many bytes as the merge moves: (N + 2) tensors of numel bf16 values
+        self.copy_src = torch.randn(numel * (n_models + 2), device="cuda").to(torch.bfloat16)
+        self.copy_dst = torch.empty_like(self.copy_src)
+        es = self.base.element_size()
+        self.merge_bytes = (n_models + 1) * numel * es + numel * es
+        self.copy_bytes = 2 * self.copy_src.numel() * self.copy_src.element_size()
+
+    def copy(self):
+        self.copy_dst.copy_(self.copy_src)
+
+    def merge(self, table=None):
+        from lines_fast.rng import tensor_stream_id
+
+        self.kmerge.launch_merge(self.out, self.base, self.staged, table if table is not None else self.table,
+                                 self.plan, n=self.numel, scale=1.0, stream_id=tensor_stream_id(NAME))
+
+    def select_merge(self):
+        thresholds, _ = self.kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=self.numel)
+        self.merge(self.plan.table(thresholds, "cuda"))
+
+    def reference(self):
+        from lines_fast import reference as ref
+
+        return ref.merge_state_dicts({NAME: self.base}, [{NAME: m} for m in self.models], "ties", density=DENSITY)
+
+
+def time_gpu(fn, reps: int = 20) -> float:
+    """Median seconds of fn() with CUDA events, after warm-up (compilation stays out)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_backend(case: Case, reps: int = 3) -> tuple[float, int]:
+    """Median seconds of TritonBackend('cuda').merge_many over the case as CPU tensors; peak GPU bytes."""
+    from lines_fast.backends.base import MergeJob
+    from lines_fast.backends.triton_backend import TritonBackend
+
+    base, models = case.base.cpu(), [m.cpu() for m in case.models]
+    be = TritonBackend("cuda")
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        jobs = [MergeJob(NAME, base, models, None, 1.0, torch.bfloat16)]
+        t0 = time.perf_counter()
+        for _job, _out in be.merge_many(jobs, case.spec):
+            pass
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2], be.peak_gpu_bytes()
+
+
+def run_all(numel: int = NUMEL, n_models: int = N_MODELS, with_reference: bool = True) -> dict:
+    import triton
+
+    case = Case(numel, n_models)
+    copy_s = time_gpu(case.copy)
+    copy_gbs = case.copy_bytes / copy_s / 1e9
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "dtype": "bfloat16",
+        "numel": numel,
+        "n_models": n_models,
+        "density": DENSITY,
+        "copy": {"bytes": case.copy_bytes, "seconds": copy_s, "GB/s": copy_gbs},
+    }
+    cases = {"merge": case.merge, "select_merge": case.select_merge}
+    if with_reference:
+        cases["reference"] = case.reference
+    for name, fn in cases.items():
+        seconds = time_gpu(fn, reps=5 if name == "reference" else 20)
+        gbs = case.merge_bytes / seconds / 1e9
+        result[name] = {"bytes": case.merge_bytes, "seconds": seconds, "GB/s": gbs,
+                        "pct_of_copy": 100 * gbs / copy_gbs}
+    if with_reference:
+        for name in ("merge", "select_merge"):
+            result[name]["speedup_vs_reference"] = result["reference"]["seconds"] / result[name]["seconds"]
+    seconds, peak = time_backend(case)
+    result["backend"] = {"bytes_host": case.merge_bytes, "seconds": seconds,
+                         "GB/s": case.merge_bytes / seconds / 1e9, "peak_gpu_bytes": peak}
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# pytest-benchmark
+# ---------------------------------------------------------------------------------------
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def case():
+    return Case()
+
+
+@pytest.fixture(scope="module")
+def copy_gbs(case):
+    return case.copy_bytes / time_gpu(case.copy) / 1e9
+
+
+def _bench(benchmark, fn, nbytes: int, copy_gbs: float | None = None, rounds: int = 20):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2, iterations=1)
+    seconds = benchmark.stats.stats.median
+    gbs = nbytes / seconds / 1e9
+    benchmark.extra_info.update({"bytes": nbytes, "GB/s": round(gbs, 1)})
+    if copy_gbs:
+        benchmark.extra_info.update({"copy GB/s": round(copy_gbs, 1), "% of copy": round(100 * gbs / copy_gbs, 1)})
+    return seconds
+
+
+def test_copy_bandwidth(benchmark, case):
+    _bench(benchmark, case.copy, case.copy_bytes)
+
+
+def test_fused_ties_merge(benchmark, case, copy_gbs):
+    _bench(benchmark, case.merge, case.merge_bytes, copy_gbs)
+
+
+def test_ties_select_and_merge(benchmark, case, copy_gbs):
+    _bench(benchmark, case.select_merge, case.merge_bytes, copy_gbs)
+
+
+def test_reference_ties_on_gpu(benchmark, case, copy_gbs):
+    _bench(benchmark, case.reference, case.merge_bytes, copy_gbs, rounds=3)
+
+
+# ---------------------------------------------------------------------------------------
+# Script mode
+# ---------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True, help="where to write the results")
+    parser.add_argument("--numel", type=int, default=NUMEL)
+    parser.add_argument("--models", type=int, default=N_MODELS)
+    parser.add_argument("--no-reference", action="store_true", help="skip the (slow, memory-hungry) reference")
+    args = parser.parse_args(argv)
+    if not HAS_GPU:
+        print("no CUDA GPU: nothing to benchmark", file=sys.stderr)
+        return 1
+    result = run_all(args.numel, args.models, with_reference=not args.no_reference)
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"{'case':<14}{'ms':>10}{'GB/s':>10}{'% copy':>8}")
+    for name in ("copy", "merge", "select_merge", "reference", "backend"):
+        if name in result:
+            r = result[name]
+            print(f"{name:<14}{1e3 * r['seconds']:>10.3f}{r['GB/s']:>10.1f}{r.get('pct_of_copy', 100.0 if name == 'copy' else float('nan')):>8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Fused merge: every method of shared/SEMANTICS.md in one pass over its inputs.
+
+One kernel family; the methods differ by tl.constexpr switches (HAS_BASE, TRIM, DROP,
+ELECT, NORMALIZE), so each combination compiles to straight-line code. Per element, all in
+float32 and in model order i = 0..N-1 exactly as lines_fast/reference.py writes it:
+
+    tau_i  = f32(m_i) - f32(b)                 plain linear (no base): tau_i = f32(m_i)
+    TRIM:    tau_i = |tau_i| >= t_i ? tau_i : 0                  (t_i = inf keeps nothing)
+    DROP:    tau_i = u_i >= p_i ? tau_i / div_i : 0              (u_i: Philox, lines_fast/rng.py)
+    acc    = acc + w_i * tau_i                 from 0: the election sum, or the weighted sum
+    ELECT:   gamma = acc >= 0 ? +1 : -1; tau_m = sum_{agreeing} w_i tau_i [/ sum_{agreeing} w_i]
+    else:    tau_m = acc [/ sum_i w_i]
+    out    = b + scale * tau_m                 (two roundings, never an FMA); b where scale == 0
+
+Election and disjoint merge in ONE loop over the models: the agreeing set is either the
+models with tau_i > 0 (gamma = +1) or those with tau_i < 0 (gamma = -1), so the kernel keeps
+both candidate numerators and denominators, each summed in model order, and picks one per
+element once gamma is known. The picked sums are the reference's sums term for term (a
+non-agreeing model adds 0), so values are identical and every input is read exactly once.
+
+Inputs: `base` (any of bf16/fp16/fp32, absent for plain linear) and the N models as ONE
+[N, model_stride] staging tensor of a single dtype (the models' common dtype, float32 when
+they differ: widening is exact, so tau is unchanged). Per-model numbers travel in a float32
+table [4, N]: weights, trim thresholds, DARE drop probabilities p_i, DARE divisors.
+
+Every division is tl.fdiv(..., ieee_rounding=True): Triton's plain `/` on float32 compiles
+to div.full.f32 on NVIDIA, an approximation (up to 2 ulp), while torch divides exactly.
+
+bf16 travels as its int16 bit pattern and is widened / rounded (to nearest even) with
+integer operations: Triton's interpreter truncates float32 -> bf16 and mis-widens bf16
+subnormals, and the integer form is exact on every device, so the interpreter tests prove
+the very code the GPU runs.
+
+The L1 switch turns the kernel into the "delta L1" reduction for LiNeS auto alpha: nothing
+is written; each program stores sum |tau_m| (lambda = 1) of its block in float64, and the
+host adds the partials in float64 in a fixed order (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from lines_fast import rng
+from lines_fast.errors import MergeInputError
+from lines_fast.spec import MethodSpec
+
+MAX_MODELS = 8
+# GPU launch shape: 1024 elements in 4 warps = 8 per thread, i.e. 16-byte loads of bf16
+# (ptxas for sm_90: 70 registers for TIES with N = 3, no spills). DARE keeps Philox state
+# per element: 8 warps (4 elements per thread, 8-byte loads, still coalesced) halve its
+# registers (150 -> 76 for N = 3; 255 -> 178 for N = 8).
+BLOCK = 1024
+NUM_WARPS = 4
+NUM_WARPS_DROP = 8
+# The interpreter runs one program at a time in numpy: bigger blocks, fewer Python loops.
+INTERPRET_BLOCK = 4096
+_TABLE_ROWS = 4  # weights, thresholds, drop p, divisors
+
+
+def _interpreted(kernel) -> bool:
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+# ---------------------------------------------------------------------------------------
+# Device helpers (shared with select.py)
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def load_f32(ptrs, mask, BF16: tl.constexpr):
+    """Load and widen to float32; BF16 means the pointer holds bf16 bit patterns as int16."""
+    if BF16:
+        raw = tl.load(ptrs, mask=mask, other=0)
+        x = (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(ptrs, mask=mask, other=0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def f32_to_bf16_bits(x):
+    """float32 -> bf16 bit pattern (int16), round to nearest even (as torch rounds; no NaN here)."""
+    bits = x.to(tl.int32, bitcast=True)
+    # No overflow for non-NaN input: the largest pattern is 0x7F800000 (+inf) + 0x8000.
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.to(tl.int16)
+
+
+@triton.jit
+def nonfinite(x):
+    """Inf or NaN, from the exponent bits (robust to any fast-math rewriting of x != x)."""
+    return (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
+
+
+@triton.jit
+def _bit_or(a, b):
+    return a | b
+
+
+# ---------------------------------------------------------------------------------------
+# The kernel
+# ---------------------------------------------------------------------------------------
+
+@triton.jit
+def _fused_merge_kernel(
+    out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, flags_ptr,
+    n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum,
+    N: tl.constexpr, HAS_BASE: tl.constexpr, TRIM: tl.constexpr, DROP: tl.constexpr,
+    ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # int64 before the multiply: tensors can pass 2^31 elements.
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    zero = tl.zeros([BLOCK], dtype=tl.float32)
+    # Bit 0: the base had Inf/NaN; bit i + 1: model i had.
+    bad = tl.zeros([BLOCK], dtype=tl.int32)
+
+    if HAS_BASE:
+        b = load_f32(base_ptr + offs, mask, BASE_BF16)
+        if CHECK_FINITE:
+            bad = bad | nonfinite(b).to(tl.int32)
+    if DROP:
+        # DARE counter (lines_fast/rng.py): the GLOBAL flat index, so a chunked launch
+        # (elem_offset > 0) draws the same mask as a whole-tensor launch.
+        idx = offs + elem_offset
+        c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
+        c1 = (idx >> 32).to(tl.uint32)
+        c2 = (offs * 0 + stream_id).to(tl.uint32)  # stream id may be >= 2^31: widen, then wrap
+
+    acc = zero
+    pos_num = zero
+    pos_den = zero
+    neg_num = zero
+    neg_den = zero
+    # Advance the row pointer instead of computing i * model_stride, which is int32.
+    m_ptrs = models_ptr + offs
+    for i in tl.static_range(N):
+        x = load_f32(m_ptrs, mask, MODELS_BF16)
+        m_ptrs += model_stride
+        if CHECK_FINITE:
+            bad = bad | (nonfinite(x).to(tl.int32) << (i + 1))
+        if HAS_BASE:
+            tau = x - b
+        else:
+            tau = x
+        if TRIM:
+            t = tl.load(table_ptr + N + i)
+            tau = tl.where(tl.abs(tau) >= t, tau, 0.0)
+        if DROP:
+            p = tl.load(table_ptr + 2 * N + i)
+            divisor = tl.load(table_ptr + 3 * N + i)
+            c3 = (offs * 0 + i).to(tl.uint32)
+            r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c3)
+            u = tl.uint_to_uniform_float(r0)
+            tau = tl.where(u >= p, tl.fdiv(tau, divisor, ieee_rounding=True), 0.0)
+        w = tl.load(table_ptr + i)
+        wt = w * tau
+        acc = acc + wt
+        if ELECT:
+            pos = tau > 0
+            neg = tau < 0
+            pos_num = pos_num + tl.where(pos, wt, 0.0)
+            pos_den = pos_den + tl.where(pos, w, 0.0)
+            neg_num = neg_num + tl.where(neg, wt, 0.0)
+            neg_den = neg_den + tl.where(neg, w, 0.0)
+
+    if ELECT:
+        up = acc >= 0  # gamma = +1 where the sum is 0, -0.0 included
+        tau_m = tl.where(up, pos_num, neg_num)
+        if NORMALIZE:
+            den = tl.where(up, pos_den, neg_den)
+            has = den != 0
+            tau_m = tl.where(has, tl.fdiv(tau_m, tl.where(has, den, 1.0), ieee_rounding=True), 0.0)
+    else:
+        tau_m = acc
+        if NORMALIZE:
+            tau_m = tl.fdiv(tau_m, weight_sum, ieee_rounding=True)
+
+    if L1:
+        tl.store(partial_ptr + pid, tl.sum(tl.abs(tau_m).to(tl.float64), axis=0))
+    else:
+        if HAS_BASE:
+            res = b + scale * tau_m
+            # scale 0 returns the base bitwise (b + 0 * tau would turn -0.0 into +0.0).
+            res = tl.where(scale == 0.0, b, res)
+        else:
+            res = tau_m
+        if OUT_BF16:
+            tl.store(out_ptr + offs, f32_to_bf16_bits(res), mask=mask)
+        else:
+            tl.store(out_ptr + offs, res.to(out_ptr.dtype.element_ty), mask=mask)
+    if CHECK_FINITE:
+        tl.atomic_or(flags_ptr, tl.reduce(bad, 0, _bit_or), sem="relaxed")
+
+
+# ---------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------
+
+def f32(x: float) -> float:
+    """x rounded to float32 (nearest even), as a Python float: what the reference's _f32 holds."""
+    return float(np.float32(x))
+
+
+def kernel_view(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(tensor the kernel reads, is_bf16): bf16 travels as int16 bit patterns."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16), True
+    if t.dtype not in (torch.float16, torch.float32):
+        raise TypeError(f"kernels take bf16, fp16 or fp32 tensors, got {t.dtype}")
+    return t, False
+
+
+def staging_dtype(dtypes) -> torch.dtype:
+    """One dtype for the [N, n] model staging tensor: the common one, else float32 (exact)."""
+    dtypes = set(dtypes)
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def default_block(kernel=None) -> int:
+    return INTERPRET_BLOCK if _interpreted(kernel or _fused_merge_kernel) else BLOCK
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """The constexpr switches and per-model numbers of one method, from a MethodSpec.
+
+    weights are the effective ones (wise_ft ignores the spec's weights: tau_m = tau_1).
+    weight_sum is float32(sum(w)), the divisor of normalized linear merges.
+    """
+
+    n_models: int
+    has_base: bool
+    trim: bool
+    drop: bool
+    elect: bool
+    normalize: bool
+    weights: tuple[float, ...]
+    drop_p: tuple[float, ...]
+    divisors: tuple[float, ...]
+    seed: int = 0
+    weight_sum: float = 1.0
+
+    @classmethod
+    def from_spec(cls, spec: MethodSpec) -> "MergePlan":
+        n = spec.n_models
+        if not 1 <= n <= MAX_MODELS:
+            raise MergeInputError(f"The Triton kernels merge 1 to {MAX_MODELS} models, got {n}; use --device cpu.")
+        weights = (1.0,) * n if spec.method == "wise_ft" else tuple(spec.weights or (1.0,) * n)
+        drop = spec.drops
+        consts = [rng.dare_constants(d) for d in spec.densities] if drop else [(0.0, 1.0)] * n
+        linear_mean = spec.method == "linear" and spec.normalize
+        weight_sum = 1.0
+        if linear_mean:
+            total = sum(weights)  # a Python (double) sum, then float32, as the reference does
+            if total == 0:
+                raise MergeInputError(
+                    f"The weights {list(weights)} sum to 0, and this merge divides by their sum. "
+                    "Change the weights or set normalize: false.")
+            weight_sum = f32(total)
+        return cls(
+            n_models=n, has_base=spec.uses_base, trim=spec.trims, drop=drop, elect=spec.elects_sign,
+            normalize=linear_mean or (spec.elects_sign and spec.normalize),
+            weights=tuple(f32(w) for w in weights), drop_p=tuple(p for p, _ in consts),
+            divisors=tuple(dv for _, dv in consts), seed=int(spec.seed), weight_sum=weight_sum,
+        )
+
+    @classmethod
+    def task_vector_sum(cls, n_models: int) -> "MergePlan":
+        """sum_i tau_i, untrimmed and unweighted (w = 1 multiplies exactly): for ||sum tau||_1."""
+        return cls(n_models=n_models, has_base=True, trim=False, drop=False, elect=False, normalize=False,
+                   weights=(1.0,) * n_models, drop_p=(0.0,) * n_models, divisors=(1.0,) * n_models)
+
+    def table(self, thresholds, device) -> torch.Tensor:
+        """The float32 [4, N] table of per-model numbers, on the kernel's device."""
+        if self.trim:
+            if thresholds is None or len(thresholds) != self.n_models:
+                raise ValueError(f"a trimming merge needs {self.n_models} thresholds, got {thresholds!r}")
+            thresholds = tuple(float(t) for t in thresholds)
+        else:
+            thresholds = (0.0,) * self.n_models
+        rows = [self.weights, thresholds, self.drop_p, self.divisors]
+        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: float = 1.0,
+                 stream_id: int = 0, elem_offset: int = 0, partials=None, flags=None,
+                 block: int | None = None) -> None:
+    """Run the kernel over elements [0, n) of flat views already on the kernel's device.
+
+    out: [>= n] of the output dtype (ignored when `partials` is given: the L1 variant).
+    base: [>= n] or None (plain linear). models: [N, stride], rows of one dtype.
+    table: MergePlan.table(...). partials: float64 [cdiv(n, block)] for the L1 variant.
+    flags: int32 [1], OR-ed with a bit per input holding Inf/NaN (bit 0 base, i + 1 model i),
+    or None to skip the check. elem_offset: global flat index of element 0 (DARE counter).
+    """
+    if n == 0:
+        return
+    block = block or default_block()
+    l1 = partials is not None
+    if plan.has_base:
+        base_k, base_bf16 = kernel_view(base)
+    else:
+        base_k, base_bf16 = models, False  # never read
+    models_k, models_bf16 = kernel_view(models)
+    if l1:
+        out_k, out_bf16 = partials, False  # never written
+    else:
+        out_k, out_bf16 = kernel_view(out)
+    assert models.shape[0] == plan.n_models and models.stride(1) == 1
+    grid = (triton.cdiv(n, block),)
+    _fused_merge_kernel[grid](
+        out_k, base_k, models_k, table, partials if l1 else table, flags if flags is not None else table,
+        n, models.stride(0), int(elem_offset), int(plan.seed), int(stream_id), f32(scale), plan.weight_sum,
+        N=plan.n_models, HAS_BASE=plan.has_base, TRIM=plan.trim, DROP=plan.drop, ELECT=plan.elect,
+        NORMALIZE=plan.normalize, L1=l1, CHECK_FINITE=flags is not None,
+        BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,
+        num_warps=NUM_WARPS_DROP if plan.drop else NUM_WARPS,
+        # The reference rounds every product and sum: no fused multiply-add (an FMA can flip
+        # the sign of a cancelling election sum such as 0.3 * x + 0.3 * -x).
+        enable_fp_fusion=False,
+    )
+
+
+def stage_models(models, device=None) -> torch.Tensor:
+    """The models' flat values as one contiguous [N, n] tensor of their staging dtype."""
+    dtype = staging_dtype(m.dtype for m in models)
+    device = device or models[0].device
+    return torch.stack([m.reshape(-1).to(device=device, dtype=dtype) for m in models])
+
+
+def fused_merge(base, models, spec: MethodSpec, *, name: str, thresholds=None, scale: float = 1.0,
+                out_dtype: torch.dtype | None = None, elem_offset: int = 0, block: int | None = None,
+                flags=None) -> torch.Tensor:
+    """One-call merge of whole tensors already on the kernel's device; returns the flat output.
+
+    For tests and simple callers; the backend streams chunks through launch_merge instead.
+    elem_offset: global index of element 0 when `base`/`models` are one chunk of a larger tensor.
+    """
+    plan = MergePlan.from_spec(spec)
+    staged = stage_models(models)
+    ref = base if base is not None else models[0]
+    n = ref.numel()
+    out = torch.empty(n, dtype=out_dtype or ref.dtype, device=ref.device)
+    table = plan.table(thresholds, ref.device)
+    launch_merge(out, None if base is None else base.reshape(-1), staged, table, plan, n=n, scale=scale,
+                 stream_id=rng.tensor_stream_id(name), elem_offset=elem_offset, flags=flags, block=block)
+    return out
+
+
+def fused_delta_l1(base, models, spec_or_plan, *, name: str = "", thresholds=None,
+                   block: int | None = None) -> float:
+    """sum_j |tau_MTL[j]| (lambda = 1) of whole tensors on the kernel's device, in float64."""
+    plan = spec_or_plan if isinstance(spec_or_plan, MergePlan) else MergePlan.from_spec(spec_or_plan)
+    if not plan.has_base:
+        raise ValueError("plain linear has no task vector (no base): its delta L1 is undefined")
+    block = block or default_block()
+    staged = stage_models(models)
+    n = base.numel()
+    partials = torch.empty(max(1, triton.cdiv(n, block)), dtype=torch.float64, device=base.device)
+    partials.zero_()
+    launch_merge(None, base.reshape(-1), staged, plan.table(thresholds, base.device), plan, n=n,
+                 stream_id=rng.tensor_stream_id(name), partials=partials, block=block)
+    return float(partials.sum())
