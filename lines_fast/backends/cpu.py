@@ -200,6 +200,9 @@ class CpuBackend:
     def _merge_one(self, job: MergeJob, spec: MethodSpec) -> torch.Tensor:
         if spec.trims and job.thresholds is None:
             job.thresholds = tensor_thresholds(self.magnitude_histogram, job.base, job.models, spec.densities)
+        if spec.uses_base and job.scale == 0.0:
+            # A zero scale returns the base bitwise (b + 0 * tau would turn -0.0 into +0.0).
+            return job.base.to(job.out_dtype, copy=True)
         out = torch.empty(job.models[0].shape, dtype=job.out_dtype)
         out_flat = out.reshape(-1)
         for s, e, bufs in self._chunks(job):

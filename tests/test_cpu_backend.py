@@ -1,0 +1,61 @@
+"""CpuBackend against the reference on inputs chosen to hit its bit-level shortcuts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lines_fast.backends.base import MergeJob
+from lines_fast.backends.cpu import CpuBackend
+from lines_fast.reference import merge_state_dicts
+from lines_fast.spec import MethodSpec
+from lines_fast.tolerance import compare
+
+
+def _run(method, base, models, chunk=7, **kw):
+    n = len(models)
+    spec = MethodSpec(method, n, weights=tuple(kw.get("weights", [1.0] * n)),
+                      densities=tuple([kw.get("density", 1.0)] * n), lam=kw.get("lam", 1.0),
+                      normalize=kw.get("normalize", True), seed=kw.get("seed", 0))
+    job = MergeJob("w", base, models, None, spec.lam, base.dtype)
+    [(_, out)] = list(CpuBackend(chunk=chunk).merge_many([job], spec))
+    return out
+
+
+def test_zero_scale_returns_the_base_bitwise_including_negative_zero():
+    base = torch.tensor([-0.0, 1.5, -2.0, 0.0])
+    model = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    out = _run("task_arithmetic", base, [model], lam=0.0)
+    assert torch.equal(out.view(torch.int32), base.view(torch.int32))
+
+
+def test_trim_keeps_ties_at_the_threshold_and_zeroes_the_rest():
+    # |tau| = 3, 1, 2, 2, 0, 2: density 0.5 -> k = 3, third largest = 2: all three 2s kept too.
+    base = torch.zeros(6)
+    model = torch.tensor([3.0, -1.0, 2.0, -2.0, 0.0, 2.0])
+    out = _run("ties", base, [model], density=0.5)
+    assert out.tolist() == [3.0, 0.0, 2.0, -2.0, 0.0, 2.0]
+
+
+def test_election_cancelling_sum_elects_plus_and_disjoint_mean():
+    # Element 0: +2 and -2 cancel -> gamma = +1 -> mean of agreeing {+2} = 2.
+    # Element 1: +1, -3 -> gamma = -1 -> -3.  Element 2: +1, +3 -> 2.  Element 3: 0, 0 -> 0.
+    base = torch.zeros(4)
+    a = torch.tensor([2.0, 1.0, 1.0, 0.0])
+    b = torch.tensor([-2.0, -3.0, 3.0, 0.0])
+    assert _run("ties", base, [a, b]).tolist() == [2.0, -3.0, 2.0, 0.0]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
+@pytest.mark.parametrize("chunk", [5, 64, 1 << 18])
+def test_matches_reference_for_any_chunking(method, chunk):
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(1000, generator=g) * 0.02).bfloat16()
+    models = [(base.float() + torch.randn(1000, generator=g) * 2e-3).bfloat16() for _ in range(3)]
+    kw = dict(density=0.3, weights=[1.0, 0.5, 2.0], seed=5)
+    out = _run(method, base, models, chunk=chunk, **kw)
+    ref = merge_state_dicts({"w": base}, [{"w": m} for m in models], method, density=0.3,
+                            weights=[1.0, 0.5, 2.0], seed=5,
+                            normalize=method in ("ties", "dare_ties"))["w"]
+    verdict = compare(out, ref)
+    assert verdict.ok, verdict.why
+    assert verdict.n_different == 0   # same operations in the same order: bitwise equal
