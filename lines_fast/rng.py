@@ -41,23 +41,24 @@ def dare_constants(density: float) -> tuple[float, float]:
     return float(p), float(divisor)
 
 
-def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of the 64-bit product of constant a and uint32 values b (held in int64)."""
-    b_hi = b >> 16
-    b_lo = b & 0xFFFF
-    hi_part = a * b_hi                  # < 2^48
-    lo_part = a * b_lo                  # < 2^48
-    hi = (hi_part + (lo_part >> 16)) >> 16
-    lo = (((hi_part & 0xFFFF) << 16) + lo_part) & _MASK32
-    return hi, lo
-
-
 def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
-    """Philox4x32-10 on uint32 counters held in int64 tensors; returns the 4 output words."""
+    """Philox4x32-10 on uint32 counters held in int64 tensors (modified in place); returns the 4 words.
+
+    A 32x32-bit product is < 2^64: int64 multiplication keeps its low 64 bits (two's-complement
+    wrap), so `>> 32 & mask` and `& mask` give its exact high and low words. Everything runs in
+    place on the counter tensors and two scratch products: allocation dominated the cost otherwise.
+    """
+    prod_b = torch.empty_like(c0)
+    prod_a = torch.empty_like(c0)
     for _ in range(_N_ROUNDS):
-        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
-        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        torch.mul(c2, _ROUND_B, out=prod_b)
+        torch.mul(c0, _ROUND_A, out=prod_a)
+        # c0' = hi(B*c2) ^ c1 ^ k0 and c2' = hi(A*c0) ^ c3 ^ k1 (old c0, c2 are consumed above)
+        torch.bitwise_right_shift(prod_b, 32, out=c0).bitwise_and_(_MASK32).bitwise_xor_(c1).bitwise_xor_(k0)
+        torch.bitwise_right_shift(prod_a, 32, out=c2).bitwise_and_(_MASK32).bitwise_xor_(c3).bitwise_xor_(k1)
+        # c1' = lo(B*c2), c3' = lo(A*c0)
+        torch.bitwise_and(prod_b, _MASK32, out=c1)
+        torch.bitwise_and(prod_a, _MASK32, out=c3)
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
     return c0, c1, c2, c3
@@ -65,9 +66,9 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
 
 def uniform_from_bits(r0: torch.Tensor) -> torch.Tensor:
     """Triton's uint_to_uniform_float for 32-bit words: float32 in [0, 1)."""
-    x = torch.where(r0 >= (1 << 31), r0 - (1 << 32), r0)   # read as int32
-    x = torch.where(x < 0, -x - 1, x)                       # ~x for negatives
-    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE)
+    # Read as int32, negatives become ~x: for r0 >= 2^31 that is 2^32 - 1 - r0 = r0 ^ 0xffffffff.
+    x = r0.bitwise_xor((r0 >> 31) * _MASK32)
+    return x.to(torch.float32).mul_(torch.tensor(_UNIFORM_SCALE))
 
 
 def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int = 0) -> torch.Tensor:

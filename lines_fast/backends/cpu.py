@@ -146,7 +146,9 @@ class CpuBackend:
                 p, divisor = dare_constants(spec.densities[i])
                 u = dare_uniform(spec.seed, i, job.name, n, start=s)
                 tau.div_(divisor)
-                tau.masked_fill_(u < p, 0.0)
+                # Drop where u < p: the trim's bit trick (u, p >= 0 order as their bit patterns).
+                drop = u.view(torch.int32).sub_(float_to_bits(p)).bitwise_right_shift_(31).bitwise_not_()
+                tau.view(torch.int32).bitwise_and_(drop)
             taus.append(tau)
         weights = spec.weights
         if spec.elects_sign:

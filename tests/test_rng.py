@@ -1,0 +1,57 @@
+"""lines_fast.rng is bit-exact with Triton's tl.philox (run in Triton's interpreter here)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lines_fast.rng import dare_constants, dare_uniform, tensor_stream_id
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="needs Triton's interpreter or a GPU")
+
+
+@triton.jit
+def _uniform_kernel(out, seed, stream_id, model_index, start, n, BLOCK: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK).to(tl.int64)
+    c0 = (offs & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (offs >> 32).to(tl.uint32)
+    c2 = (offs * 0 + stream_id).to(tl.uint32)
+    c3 = (offs * 0 + model_index).to(tl.uint32)
+    r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    tl.store(out + tl.arange(0, BLOCK), tl.uint_to_uniform_float(r0), mask=tl.arange(0, BLOCK) < n)
+
+
+@pytest.mark.parametrize("seed, model_index, name, start", [
+    (0, 0, "model.embed_tokens.weight", 0),
+    (1234567, 2, "model.layers.3.mlp.up_proj.weight", 5),
+    ((1 << 40) + 17, 7, "lm_head.weight", (1 << 32) - 100),   # counter crosses into c1
+    ((1 << 63) - 1, 1, "x", 1 << 33),
+])
+def test_dare_uniform_matches_tl_philox(seed, model_index, name, start):
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    out = torch.empty(512, device=device)
+    _uniform_kernel[(1,)](out, seed, tensor_stream_id(name), model_index, start, 512, BLOCK=512)
+    assert torch.equal(out.cpu(), dare_uniform(seed, model_index, name, 512, start))
+
+
+def test_stream_ids_can_pass_2_to_the_31():
+    # The kernel widens then wraps the id; an id >= 2^31 must still agree.
+    name = next(n for n in (f"t{i}" for i in range(1000)) if tensor_stream_id(n) >= 1 << 31)
+    test_dare_uniform_matches_tl_philox(99, 3, name, 0)
+
+
+def test_uniforms_are_in_unit_interval_and_roughly_uniform():
+    u = dare_uniform(5, 0, "w", 200_000)
+    assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 0.01
+
+
+def test_dare_constants_are_float32_values():
+    p, divisor = dare_constants(0.3)
+    assert p == float(torch.tensor(0.7, dtype=torch.float32))
+    assert divisor == float(torch.tensor(1.0 - p, dtype=torch.float32))
