@@ -15,6 +15,7 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
+        "numpy",  # exact float32/uint arithmetic in rng.py; Triton's interpreter runs on it
         "safetensors>=0.4",
         "triton>=3.0; platform_system == 'Linux'",
         "pyyaml>=6",

@@ -105,6 +105,27 @@ def test_engine_files_equal_reference(case, family, tmp_path):
     assert torch.equal(merged["model.position_ids"], loaded["base"]["model.position_ids"])
 
 
+@pytest.mark.parametrize("case", ["ties", "ties-global-lines-auto", "dare_ties", "linear", "task_arithmetic-lines-given"])
+def test_engine_kernel_path_in_interpreter_equals_reference(case, family, tmp_path):
+    """--device interpret: the engine drives the Triton kernels (in Triton's interpreter here)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the interpreter is off in this process (a GPU runs the compiled twin of this test)")
+    paths, loaded = family
+    params = dict(CASES[case])
+    method = params.pop("method", case)
+    result = lines_fast.merge(_config(paths, method, params), tmp_path / "out", device="interpret",
+                              progress=False, log=lambda m: None)
+    assert result.backend == "interpret"
+    merged = _load(result.out_dir)
+    expected = merge_state_dicts(
+        loaded["base"], loaded["models"], method, weights=params.get("weights"),
+        density=params.get("density", 1.0), lam=params.get("lam"), normalize=method in ("linear", "ties", "dare_ties"),
+        trim_scope=params.get("trim_scope", "tensor"), seed=params.get("seed", 0), lines=params.get("lines"))
+    for name, ref in expected.items():
+        verdict = compare(merged[name], ref)
+        assert verdict.ok, f"{case} {name}: {verdict.why}"
+
+
 def test_output_layout_is_hf(family, tmp_path):
     paths, loaded = family
     doc = _config(paths, "ties", {"density": 0.2})
