@@ -189,6 +189,9 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     if unknown:
         raise _fail(source, f"unknown parameter(s) {', '.join(sorted(unknown))}; lines_fast knows "
                             f"{', '.join(sorted(_METHOD_PARAMS))}.")
+    for key in ("weight", "density"):
+        if key in params:  # checked even where every model overrides it: refused, never ignored
+            _number(params[key], source, f"parameters.{key}")
     if params.get("rescale", True) is not True:
         raise _fail(source, "parameters.rescale: false is not supported; DARE always rescales kept "
                             "values by 1/(1-p) (see README, differences from mergekit).")
@@ -254,7 +257,12 @@ def load_yaml(path: Path) -> MergeConfig:
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise MergeInputError(f"{path}: not valid YAML ({err}).") from None
+        # One line, not PyYAML's multi-line excerpt: where, and what the parser expected.
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise MergeInputError(f"{path}: not valid YAML{where}: {problem}. Fix the file (check the "
+                              "indentation, brackets and quotes there).") from None
     # Relative model paths in a config are relative to the working directory, as in mergekit.
     return from_yaml_dict(doc, str(path))
 
@@ -292,7 +300,9 @@ def validate(config: MergeConfig) -> MergeConfig:
                          "set weights that sum to what you want, or use linear.")
     divides_by_weight_sum = (config.method == "linear" and config.normalize)
     if divides_by_weight_sum and abs(sum(config.weights)) == 0.0:
-        raise _fail(src, f"the weights {config.weights} sum to zero, and {config.method} divides by their sum.")
+        raise _fail(src, f"the weights {config.weights} sum to zero, and {config.method} divides by their sum. "
+                         "Give weights with a non-zero sum, or set normalize: false (--no-normalize) "
+                         "for θ = Σ w_i θ_i.")
     if config.method != "linear" and config.base is None:
         raise _fail(src, f"{config.method} needs a base model (base_model / --base): task vectors are "
                          "differences from it.")

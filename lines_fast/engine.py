@@ -31,7 +31,7 @@ from .planning import Pass, auto_alpha, describe, plan_passes
 from .progress import Progress
 from .selection import BINS, KEEP_NOTHING, bits_to_float, locate, tensor_thresholds
 from .spec import MethodSpec, kept_count
-from .writer import ShardedWriter, check_output_dir, parse_size
+from .writer import PARTIAL_SUFFIX, ShardedWriter, check_output_dir, parse_size
 
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
 
@@ -149,7 +149,8 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
         extra = [n for n in model.tensors if n not in reference.tensors]
         if extra:
             raise MergeInputError(
-                f"{model.label} has {len(extra)} tensor(s) that {reference.label} lacks, e.g. '{extra[0]}'. "
+                f"{model.label} has {len(extra)} tensor(s) that {reference.label} lacks, e.g. '{extra[0]}' "
+                f"(in {model.tensors[extra[0]].file}). "
                 "lines_fast merges the tensors of the base; check that the models share an architecture, "
                 "or merge from a base that has these tensors.")
     for name in plan.order:
@@ -169,10 +170,13 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
                 if config.missing == "copy-base" and inputs.base is not None:
                     plan.substitutes[(i, name)] = "base"
                     continue
+                fix = ("If that model simply never changed it, rerun with --missing copy-base to use the "
+                       "base's value for it." if inputs.base is not None else
+                       "Without a base there is no value to substitute: check that the models share an "
+                       "architecture, or give a base model (--base) and --missing copy-base.")
                 raise MergeInputError(
-                    f"tensor '{name}' is in {reference.label} but missing from {model.label} "
-                    f"({len(model.tensors)} tensors). If that model simply never changed it, rerun with "
-                    "--missing copy-base to use the base's value for it.")
+                    f"tensor '{name}' is in {reference.label} ({info.file}) but missing from {model.label} "
+                    f"({len(model.tensors)} tensors). {fix}")
             if not other.is_float:
                 raise MergeInputError(
                     f"tensor '{name}' is floating point in {reference.label} ({info.dtype}) but "
@@ -195,6 +199,17 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
         raise MergeInputError(f"{reference.label}: no floating-point tensors to merge "
                               "(all are non-float or excluded).")
     return plan
+
+
+def _inputs_key(inputs: _Inputs) -> str:
+    """The identity of every input file (path, size, mtime): --resume refuses partial output
+    written from other files, e.g. a model re-downloaded or re-saved in between."""
+    files = []
+    for ckpt in inputs.all():
+        for f in ckpt.files:
+            st = f.stat()
+            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return json.dumps(files)
 
 
 def _shape_message(name: str, reference: Checkpoint, info: TensorInfo, model: Checkpoint, other: TensorInfo) -> str:
@@ -255,8 +270,14 @@ class Engine:
                 total += info.nbytes if info else 0
         return total
 
-    def _nonfinite(self, err: NonFiniteInput, inputs: _Inputs, name: str) -> MergeInputError:
-        ckpt = inputs.base if err.model_index < 0 else inputs.models[err.model_index]
+    def _nonfinite(self, err: NonFiniteInput, inputs: _Inputs, plan: _Plan, name: str) -> MergeInputError:
+        # A backend may not know which input it was reading (a histogram has no model index):
+        # name the input that really holds NaN/Inf, trying the reported one first.
+        candidates = ([(-1, inputs.base)] if inputs.base is not None and self.spec.uses_base else []) + [
+            (-1, inputs.base) if (i, name) in plan.substitutes else (i, m) for i, m in enumerate(inputs.models)]
+        candidates.sort(key=lambda c: c[0] != err.model_index)
+        found = [c for c in candidates if not bool(torch.isfinite(c[1].tensor(name)).all())]
+        _, ckpt = (found or candidates)[0]
         info = ckpt.tensors[name]
         return MergeInputError(
             f"tensor '{name}' of {ckpt.label} ({info.file}) contains NaN or Inf values. A merge of it would "
@@ -300,7 +321,7 @@ class Engine:
                     if need_sum_l1 and p is passes[0]:
                         sum_l1 += backend.task_vector_sum_l1(base, models)
                 except NonFiniteInput as err:
-                    raise self._nonfinite(err, inputs, name) from None
+                    raise self._nonfinite(err, inputs, plan, name) from None
                 self._release(inputs, name)
                 bar.advance(self._input_bytes(inputs, [name]))
             bar.close()
@@ -347,6 +368,7 @@ class Engine:
         try:
             input_dirs = [c.path for c in inputs.all()]
             check_output_dir(self.out_dir, input_dirs, force=self.force)
+            tok_files = self._tokenizer_files()
             plan = _plan_tensors(config, inputs, self.log)
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite)
             passes = plan_passes(spec)
@@ -363,14 +385,15 @@ class Engine:
             if stats.alpha is not None:
                 metadata["lines_fast_alpha"] = repr(stats.alpha)
             writer = ShardedWriter(self.out_dir, entries, max_shard_size=self.max_shard_size,
-                                   metadata=metadata, resume=self.resume, overwrite=self.force)
+                                   metadata=metadata, resume=self.resume, overwrite=self.force,
+                                   resume_key=_inputs_key(inputs))
             pending = writer.pending_names()
             if self.resume:
                 self.log(f"--resume: {len(plan.order) - len(pending)} of {len(plan.order)} tensors already "
                          "written and verified; continuing")
             bytes_read = self._merge_pass(passes, inputs, plan, backend, writer, pending, stats, scales)
             with tempfile.TemporaryDirectory() as tmp:
-                writer.finish(self._aux_files(inputs, plan, Path(tmp)))
+                writer.finish(self._aux_files(inputs, plan, Path(tmp), tok_files))
             bytes_read += self._input_bytes(inputs, plan.merged) * (len(passes) - 1)
             return MergeResult(
                 out_dir=self.out_dir, method=config.method, backend=backend.name,
@@ -428,7 +451,10 @@ class Engine:
                 self._release(inputs, job.name)
                 bar.advance(self._input_bytes(inputs, [job.name]))
         except NonFiniteInput as err:
-            raise self._nonfinite(err, inputs, err.name or current) from None
+            # Jobs come back in order, so the one that failed follows the last one returned.
+            name = err.name if err.name in plan.shapes else \
+                merged[min(merged.index(current) + 1, len(merged) - 1) if current else 0]
+            raise self._nonfinite(err, inputs, plan, name) from None
         write_copies_before(len(plan.order))
         bar.close()
         self.log(f"pass {len(passes)}/{len(passes)} (merge) took {time.perf_counter() - t0:.2f} s")
@@ -438,24 +464,33 @@ class Engine:
         parent = self.out_dir.resolve().parent
         while not parent.exists():
             parent = parent.parent
+        partial = self.out_dir.with_name(self.out_dir.name + PARTIAL_SUFFIX)
+        if self.resume and partial.is_dir():
+            # Its shards are kept or deleted before anything new is written: only the rest needs room.
+            out_bytes = max(0, out_bytes - sum(f.stat().st_size for f in partial.iterdir() if f.is_file()))
         free = shutil.disk_usage(parent).free
         if free < out_bytes * 1.02 + (64 << 20):
             raise MergeInputError(
                 f"{parent}: too little free disk for the output: the merge writes {out_bytes / 1e9:.2f} GB "
                 f"and {free / 1e9:.2f} GB are free. Free some space or choose another OUT_DIR.")
 
-    def _aux_files(self, inputs: _Inputs, plan: _Plan, scratch: Path) -> list[Path]:
+    def _tokenizer_files(self) -> list[Path] | None:
+        """The tokenizer files of tokenizer_source (None without one); read before merging, so a
+        bad path fails at the start, not after the last shard."""
+        if self.config.tokenizer_source is None:
+            return None
+        tok = Checkpoint.open(self.config.tokenizer_source, label=f"tokenizer_source {self.config.tokenizer_source}")
+        try:
+            return [f for f in tok.aux_files() if f.name.startswith(("tokenizer", "special_tokens", "vocab",
+                                                                     "merges", "added_tokens", "chat_template"))]
+        finally:
+            tok.close()
+
+    def _aux_files(self, inputs: _Inputs, plan: _Plan, scratch: Path, tok_files: list[Path] | None) -> list[Path]:
         """config.json etc. from the base (or first model); tokenizer files from tokenizer_source."""
         source = inputs.base or inputs.models[0]
         files = list(source.aux_files())
-        if self.config.tokenizer_source is not None:
-            tok = Checkpoint.open(self.config.tokenizer_source, label=f"tokenizer_source {self.config.tokenizer_source}")
-            try:
-                tok_files = [f for f in tok.aux_files() if f.name.startswith(("tokenizer", "special_tokens",
-                                                                               "vocab", "merges", "added_tokens",
-                                                                               "chat_template"))]
-            finally:
-                tok.close()
+        if tok_files is not None:
             names = {f.name for f in tok_files}
             files = [f for f in files if f.name not in names] + tok_files
         out_dtype = self.config.out_dtype

@@ -189,8 +189,9 @@ class ShardedWriter:
     replaced at finish: renamed aside, the new one renamed in, then the old one deleted, so
     a crash never loses both.
 
-    Resume trusts the plan hash: metadata should carry a digest of everything that decides
-    the tensor values (models, method, parameters), so a changed merge never reuses shards.
+    Resume trusts the plan hash: metadata (or resume_key, hashed but not written) should
+    carry a digest of everything that decides the tensor values (models, method, parameters),
+    so a changed merge never reuses shards.
     """
 
     def __init__(
@@ -202,6 +203,7 @@ class ShardedWriter:
         metadata: dict[str, str],
         resume: bool = False,
         overwrite: bool = False,
+        resume_key: str = "",
     ):
         if max_shard_size <= 0:
             raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
@@ -221,6 +223,8 @@ class ShardedWriter:
         self.shards = plan_shards(entries, max_shard_size, self.metadata)
         self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
         plan = [LAYOUT_VERSION, max_shard_size, self.metadata, [[n, DTYPE_NAMES[d], list(s)] for n, d, s in entries]]
+        if resume_key:  # what else decides the values but is not written (e.g. the inputs' identity)
+            plan.append(resume_key)
         self.plan_hash = hashlib.sha256(json.dumps(plan, ensure_ascii=False).encode("utf-8")).hexdigest()
 
         self._done: dict[str, dict[str, int]] = {}  # shard file -> {"size", "crc32"}
@@ -259,8 +263,8 @@ class ShardedWriter:
         if plan != self.plan_hash:
             raise MergeInputError(
                 f"The partial output '{self.partial}' was written for a different merge (other "
-                f"models, parameters, tensors, shard size or metadata), so it cannot be resumed. "
-                f"Rerun without --resume, or delete '{self.partial}'."
+                f"models, changed model files, parameters, tensors, shard size or metadata), so "
+                f"it cannot be resumed. Rerun without --resume, or delete '{self.partial}'."
             )
         files = {s.file: s for s in self.shards}
         for file, record in done.items():
