@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import NonFiniteInput
+from ..exactsum import AbsSum
 from ..rng import dare_constants, dare_uniform
 from ..selection import BINS, float_to_bits, tensor_thresholds
 from ..spec import MethodSpec
@@ -107,7 +108,7 @@ class CpuBackend:
         base_flat = base.reshape(-1)
         flats = [m.reshape(-1) for m in models]
         bufs = self._bufs(len(models))
-        total = 0.0
+        total = AbsSum()   # exact: the same α whatever the chunking or thread count
         for s, e in self._spans(base_flat.numel()):
             n = e - s
             b = bufs.base[:n]
@@ -116,14 +117,16 @@ class CpuBackend:
             acc.zero_()
             for i, m in enumerate(flats):
                 acc.add_(self._load_tau(bufs.tau[i][:n], m[s:e], b, "", i))
-            total += float(acc.abs_().sum(dtype=torch.float64))
-        return total
+            total.add(acc)
+        return total.value()
 
     def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
-        total = 0.0
+        if spec.trims and job.thresholds is None:
+            job.thresholds = tensor_thresholds(self.magnitude_histogram, job.base, job.models, spec.densities)
+        total = AbsSum()
         for s, e, bufs in self._chunks(job):
-            total += float(self._merged_delta(job, spec, s, e, bufs).abs().sum(dtype=torch.float64))
-        return total
+            total.add(self._merged_delta(job, spec, s, e, bufs))
+        return total.value()
 
     # -- merging --------------------------------------------------------------------------
     def _chunks(self, job: MergeJob):

@@ -1,0 +1,31 @@
+"""Exact, order-independent sums of |x| over float32 tensors (LiNeS α auto's L1 norms).
+
+A float32 magnitude is m * 2^(max(E, 1) - 150) with E its 8 exponent bits and m its 24-bit
+significand (hidden bit included for normal numbers). Summing m per exponent in int64 is
+exact and associative, so the total does not depend on chunking, thread count or order;
+the one rounding happens at the end, in Python's exact integer-to-float division. An int64
+bin holds 2^39 significands: more elements than any model has.
+"""
+from __future__ import annotations
+
+import torch
+
+_EXPONENTS = 256
+
+
+class AbsSum:
+    def __init__(self) -> None:
+        self.bins = torch.zeros(_EXPONENTS, dtype=torch.int64)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add sum |x| for a float32 tensor without NaN/Inf."""
+        bits = x.abs().view(torch.int32)
+        exponent = bits >> 23
+        significand = (bits & 0x7FFFFF) | (exponent.clamp(max=1) << 23)
+        # Each bin's float64 sum is exact: fewer than 2^29 significands of < 2^24 per call.
+        self.bins += torch.bincount(exponent.reshape(-1), weights=significand.reshape(-1).double(),
+                                    minlength=_EXPONENTS).to(torch.int64)
+
+    def value(self) -> float:
+        total = sum(int(count) << max(e, 1) - 1 for e, count in enumerate(self.bins.tolist()) if count)
+        return total / (1 << 149)   # correctly rounded

@@ -1,0 +1,26 @@
+import math
+from fractions import Fraction
+
+import torch
+
+from lines_fast.exactsum import AbsSum
+
+
+def test_sum_is_exact_and_order_independent():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(100_000, generator=g) * torch.logspace(-30, 10, 100_000)
+    x[:10] = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 3e38, 1.17549435e-38, 1.0, -1.0, 2.0 ** -126, 5e-40])
+    exact = sum(Fraction(v) for v in x.abs().double().tolist())
+    forward, chunked = AbsSum(), AbsSum()
+    forward.add(x)
+    for piece in torch.randperm(x.numel(), generator=g).split(777):
+        chunked.add(x[piece])
+    assert forward.value() == chunked.value() == float(exact)
+    assert forward.value() != 0 and math.isfinite(forward.value())
+
+
+def test_empty_and_zero():
+    s = AbsSum()
+    assert s.value() == 0.0
+    s.add(torch.zeros(5))
+    assert s.value() == 0.0
