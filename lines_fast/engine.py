@@ -36,6 +36,10 @@ from .writer import PARTIAL_SUFFIX, ShardedWriter, check_output_dir, parse_size
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
 
 
+def human_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 @dataclass
 class MergeResult:
     out_dir: Path
@@ -56,8 +60,8 @@ class MergeResult:
 
     def summary(self) -> str:
         text = (f"merged {self.merged_tensors} tensors ({self.method}, {self.backend}) "
-                f"in {self.seconds:.2f} s: read {self.bytes_read / 1e9:.2f} GB "
-                f"({self.read_gbps:.2f} GB/s), wrote {self.bytes_written / 1e9:.2f} GB "
+                f"in {self.seconds:.2f} s: read {human_bytes(self.bytes_read)} "
+                f"({self.read_gbps:.2f} GB/s), wrote {human_bytes(self.bytes_written)} "
                 f"in {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''} -> {self.out_dir}")
         if self.alpha is not None:
             text += f"; LiNeS alpha = {self.alpha:.6g}"
@@ -297,7 +301,8 @@ class Engine:
                 break
             t0 = time.perf_counter()
             bar = Progress(f"pass {passes.index(p) + 1}/{len(passes)} {p.name}",
-                           self._input_bytes(inputs, plan.merged), enabled=self.progress)
+                           self._input_bytes(inputs, plan.merged), enabled=self.progress,
+                           tensors=len(plan.merged))
             hists = [torch.zeros(BINS, dtype=torch.int64) for _ in range(n)]
             delta_l1 = 0.0
             for name in plan.merged:
@@ -420,7 +425,8 @@ class Engine:
         pending_set = set(pending)
         merged = [n for n in plan.merged if n in pending_set]
         total_in = self._input_bytes(inputs, merged)
-        bar = Progress(f"pass {len(passes)}/{len(passes)} merge", total_in, enabled=self.progress)
+        bar = Progress(f"pass {len(passes)}/{len(passes)} merge", total_in, enabled=self.progress,
+                       tensors=len(merged))
         t0 = time.perf_counter()
         spec = self.spec
         source = inputs.base or inputs.models[0]
@@ -471,8 +477,8 @@ class Engine:
         free = shutil.disk_usage(parent).free
         if free < out_bytes * 1.02 + (64 << 20):
             raise MergeInputError(
-                f"{parent}: too little free disk for the output: the merge writes {out_bytes / 1e9:.2f} GB "
-                f"and {free / 1e9:.2f} GB are free. Free some space or choose another OUT_DIR.")
+                f"{parent}: too little free disk for the output: the merge writes {human_bytes(out_bytes)} "
+                f"and {human_bytes(free)} are free. Free some space or choose another OUT_DIR.")
 
     def _tokenizer_files(self) -> list[Path] | None:
         """The tokenizer files of tokenizer_source (None without one); read before merging, so a

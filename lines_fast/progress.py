@@ -1,11 +1,13 @@
-"""A progress bar on stderr for long passes: GB read, GB/s and ETA, only on a terminal."""
+"""A progress bar on stderr for long passes: tensors, GB read, GB/s and ETA, only on a terminal."""
 from __future__ import annotations
 
 import sys
 
 
 class Progress:
-    def __init__(self, label: str, total_bytes: int, enabled: bool | None = None):
+    def __init__(self, label: str, total_bytes: int, enabled: bool | None = None, tensors: int = 0):
+        self._tensors_total = tensors
+        self._tensors_done = 0
         if enabled is None:
             enabled = sys.stderr.isatty()
         self._bar = None
@@ -16,7 +18,11 @@ class Progress:
                              unit_divisor=1000, file=sys.stderr, leave=False, dynamic_ncols=True)
 
     def advance(self, nbytes: int) -> None:
+        """One more tensor done, nbytes of input read for it."""
+        self._tensors_done += 1
         if self._bar is not None:
+            if self._tensors_total:
+                self._bar.set_postfix_str(f"tensors {self._tensors_done}/{self._tensors_total}", refresh=False)
             self._bar.update(nbytes)
 
     def close(self) -> None:
