@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="ties,task_arithmetic")
     p.add_argument("--devices", default="cpu")
     p.add_argument("--compare", default="", help="comma list: reference, mergekit")
+    p.add_argument("--mergekit", metavar="PATH", help="mergekit-yaml to compare with (default: $LINES_FAST_MERGEKIT, "
+                                                      "then PATH); install it in its own venv, never as our dependency")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--workdir", default=None, help="where the generated checkpoints go (default: a temp dir)")
     p.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
