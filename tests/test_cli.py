@@ -109,15 +109,7 @@ def refused(capsys, out_dir, *args, partial_ok=False):
     return error_of(err)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process merges on one intra-op thread: tiny tensors gain nothing from two, and on a
-    busy machine each parallel op can wait a scheduler tick for its second thread.
-    (test_thread_count_does_not_change_a_bit runs 1 and 2 threads in subprocesses.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,15 @@
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors; with one they run
 compiled on it (the same cases), plus GPU-only cases (a tensor above 2^31 elements).
-TRITON_INTERPRET must be set before lines_fast.kernels is imported; tests/conftest.py does
-it for the whole session, and this module does too when it is the first to import them.
+TRITON_INTERPRET must be set before lines_fast.kernels is imported: tests/conftest.py does
+it for the whole session.
 """
 from __future__ import annotations
 
 import math
-import os
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 

@@ -3,7 +3,7 @@
 Runs TritonBackend("interpret") without a GPU and TritonBackend("cuda") with one, always
 with a small chunk so that tensors go in several parts (the streaming path, the element
 offsets of DARE, thresholds found over parts). TRITON_INTERPRET must be set before
-lines_fast.kernels is imported (tests/conftest.py; this module too, if it comes first).
+lines_fast.kernels is imported: tests/conftest.py does it for the whole session.
 """
 from __future__ import annotations
 
@@ -11,12 +11,8 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
