@@ -42,7 +42,8 @@ def _add_merge_parser(sub) -> None:
     g.add_argument("--weight", type=float, action="append", metavar="W",
                    help="model weight, once per --model in order (default 1)")
     g.add_argument("--density", type=float, action="append", metavar="D",
-                   help="fraction of each task vector kept (ties, dare_*): once, or once per model")
+                   help="fraction of each task vector kept (ties, dare_*): once, or once per model "
+                        "(default 1: keep everything)")
     g.add_argument("--lambda", dest="lam", type=float, metavar="L",
                    help="scale of the merged task vector (default 1); wise_ft's mixing coefficient (default 0.5)")
     g.add_argument("--trim-scope", choices=["tensor", "global"],
@@ -50,7 +51,8 @@ def _add_merge_parser(sub) -> None:
     g.add_argument("--normalize", dest="normalize", action="store_true", default=None,
                    help="divide by the sum of (agreeing) weights (default for linear and ties)")
     g.add_argument("--no-normalize", dest="normalize", action="store_false")
-    g.add_argument("--seed", type=int, help="DARE's random seed (default 0); masks depend only on it")
+    g.add_argument("--seed", type=int, help="DARE's seed (default 0): masks are a pure function of (seed, model, tensor, element), "
+                        "the same on CPU and GPU")
     g.add_argument("--exclude", action="append", metavar="REGEX",
                    help="copy tensors whose name matches from the base instead of merging; repeatable")
     g = p.add_argument_group("LiNeS: update of block l of L scaled by alpha + beta*l/(L-1)")
@@ -203,6 +205,26 @@ def _cmd_plan(args) -> int:
     return plan_command(args)
 
 
+def _cmd_generate(args) -> int:
+    import time
+
+    from .synth import checkpoint_bytes, generate, param_count, recipe
+    from .writer import parse_size
+
+    shape = recipe(args.recipe, layers=args.layers)
+    size = checkpoint_bytes(shape, args.dtype) * (args.models + 1)
+    print(f"writing {shape.name}: base + {args.models} fine-tune(s), {param_count(shape) / 1e9:.3g} B parameters "
+          f"each, {args.dtype}, {size / 1e9:.2f} GB in all -> {args.out}")
+    t0 = time.perf_counter()
+    family = generate(shape, args.out, n_finetunes=args.models, dtype=args.dtype, seed=args.seed,
+                      max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
+                      yaml_method=args.config)
+    print(f"done in {time.perf_counter() - t0:.1f} s: base {family.base}, fine-tunes "
+          + ", ".join(str(p) for p in family.finetunes)
+          + (f"; config {args.out}/{args.config}.yaml" if args.config else ""))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .benchmark import bench_command
 
@@ -256,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hbm-gbps", type=float, default=None, help="GPU memory bandwidth, GB/s")
     p.add_argument("--cpu-gbps", type=float, default=None, help="CPU backend throughput per input GB, GB/s")
 
+    p = sub.add_parser("generate", help="write a synthetic base + fine-tunes from a shape recipe (for tests and benchmarks)",
+                       description="Writes OUT/base and OUT/ft1..ftN in Hugging Face layout: realistic fine-tunes "
+                                   "(depth-dependent deltas, ~30%% exact zeros, quantized by the dtype). Recipes: "
+                                   "tiny, llama-336m, llama-1b, llama3-70b (exact Llama-3-70B names and shapes; "
+                                   "--layers K writes its first K layers).")
+    p.add_argument("recipe", help="tiny, llama-336m, llama-1b, llama3-70b")
+    p.add_argument("out", metavar="OUT_DIR")
+    p.add_argument("--layers", type=int, help="keep only the first K layers (exact names and widths)")
+    p.add_argument("--models", type=int, default=3, help="number of fine-tuned models (default 3)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-size", metavar="SIZE", help="shard each model (e.g. 5GB); default one file")
+    p.add_argument("--config", metavar="METHOD", help="also write OUT/METHOD.yaml, a mergekit-format config")
+
     p = sub.add_parser("bench", help="benchmark end-to-end merges (vs the reference and mergekit)",
                        description="Generates a workload, runs merges end to end as separate processes and "
                                    "prints a table of seconds, GB/s and peak memory; writes JSON (and a PNG "
@@ -283,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         import os
         os.environ["TRITON_INTERPRET"] = "1"
     handlers = {"merge": _cmd_merge, "demo": _cmd_demo, "layers": _cmd_layers, "plan": _cmd_plan,
-                "bench": _cmd_bench}
+                "generate": _cmd_generate, "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except MergeInputError as err:

@@ -117,7 +117,7 @@ def plan_command(args) -> int:
         config = load_yaml(Path(args.config))
         spec = config.method_spec()
         tensors = _tensors_from_config(config)
-        what = f"{args.config}: {config.method}, {len(config.models)} models"
+        what = f"{args.config}: {config.method}, {len(config.models)} fine-tuned model(s)"
     elif args.recipe:
         from .spec import METHODS
 
