@@ -8,6 +8,7 @@ input tensor's pages are released once it is merged.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -97,24 +98,31 @@ def _log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def make_backend(device: str, allow_nonfinite: bool = False):
+def make_backend(device: str, allow_nonfinite: bool = False, log: Callable[[str], None] = _log_to_stderr):
     """The backend for --device auto|cpu|cuda|interpret."""
+    if device not in ("auto", "cpu", "cuda", "interpret"):
+        raise MergeInputError(f"--device must be auto, cpu, cuda or interpret, got {device!r}.")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and importlib.util.find_spec("triton") is None:
+            log("a GPU is visible but triton is not installed: merging on the CPU (pip install triton for the GPU)")
+            device = "cpu"
     if device == "cpu":
         from .backends.cpu import CpuBackend
         return CpuBackend(check_finite=not allow_nonfinite)
-    if device in ("cuda", "interpret"):
-        if device == "cuda" and not torch.cuda.is_available():
-            raise MergeInputError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu "
-                                  "(or auto), or --device interpret to run the Triton kernels on the CPU.")
-        try:
-            from .backends.triton_backend import TritonBackend
-        except ImportError as err:
-            raise MergeInputError(f"--device {device} needs triton ({err}); pip install triton, "
-                                  "or use --device cpu.") from None
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MergeInputError("--device cuda: no CUDA GPU is visible to torch here; use --device cpu "
+                              "(or auto), or --device interpret to run the Triton kernels on the CPU.")
+    try:
+        from .backends.triton_backend import TritonBackend
         return TritonBackend(device, check_finite=not allow_nonfinite)
-    raise MergeInputError(f"--device must be auto, cpu, cuda or interpret, got {device!r}.")
+    except ImportError as err:
+        raise MergeInputError(f"--device {device} needs triton ({err}); pip install triton, "
+                              "or use --device cpu.") from None
+    except RuntimeError as err:
+        # The environment, not the inputs: TRITON_INTERPRET set for a GPU run, kernels imported
+        # in the other mode, or the GPU not usable.
+        raise MergeInputError(f"--device {device}: {err}") from None
 
 
 def load_config(config_or_path: Any) -> MergeConfig:
@@ -375,7 +383,7 @@ class Engine:
             check_output_dir(self.out_dir, input_dirs, force=self.force)
             tok_files = self._tokenizer_files()
             plan = _plan_tensors(config, inputs, self.log)
-            backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite)
+            backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log)
             passes = plan_passes(spec)
             self.log(describe(passes))
             entries = [(n, plan.out_dtypes[n], plan.shapes[n]) for n in plan.order]

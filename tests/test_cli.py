@@ -633,3 +633,14 @@ def test_subprocess_bad_config_and_bug(fam):
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ZeroDivisionError: injected bug" in proc.stderr
     assert not fam.out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    family = write_checkpoint_family(tmp_path / "in", recipe("tiny"), n_finetunes=1, dtype=torch.bfloat16)
+    out = tmp_path / "out"
+    code = cli.main(["merge", "--method", "task_arithmetic", "--base", str(family.base), "--model",
+                     str(family.finetunes[0]), "-o", str(out), "--device", "cuda", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no CUDA GPU" in err and "--device cpu" in err and "Traceback" not in err
+    assert not out.exists()
