@@ -59,3 +59,17 @@ def test_cuda_engine_equals_reference(method, params, tmp_path):
     for name, ref in expected.items():
         verdict = compare(merged[name], ref)
         assert verdict.ok, f"{name}: {verdict.why}"
+
+
+def test_cuda_runs_are_bitwise_identical(tmp_path):
+    """Same inputs, options and seed on the GPU path: byte-identical output files."""
+    family = write_checkpoint_family(tmp_path / "in", recipe("tiny"), n_finetunes=3, dtype=torch.bfloat16)
+    doc = {"merge_method": "dare_ties", "base_model": str(family.base), "seed": 5,
+           "models": [{"model": str(p), "parameters": {"density": 0.5}} for p in family.finetunes],
+           "lines": {"alpha": "auto", "beta": 1.0}}
+    outs = [lines_fast.merge(doc, tmp_path / f"out{i}", device="cuda", progress=False, log=lambda m: None).out_dir
+            for i in range(2)]
+    files = sorted(p.name for p in outs[0].iterdir())
+    assert files == sorted(p.name for p in outs[1].iterdir())
+    for name in files:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
