@@ -6,7 +6,8 @@ written first and tensor bytes go straight to their offsets as the merge produce
 no shard is ever held in memory (mergekit's peak memory grows with the shard size).
 
 Everything is written into `<out_dir>.lines-fast-partial` and renamed to `out_dir` only once
-complete and fsynced, so a crash at any moment leaves either no `out_dir` or a complete one.
+complete and fsynced (unless durable=False), so a crash at any moment leaves either no
+`out_dir` or a complete one.
 A journal in the partial directory records each finished shard's size and CRC-32; a run with
 `resume=True` keeps the shards that still verify and rewrites the rest. Because the layout
 is a pure function of the plan, the result is byte-identical to an uninterrupted run.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -152,11 +154,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _write_synced(path: Path, data: bytes, sync: bool = True) -> None:
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def _remove(path: Path) -> None:
@@ -183,15 +186,22 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 class ShardedWriter:
     """Writes planned shards tensor by tensor, then publishes the directory atomically.
 
-    Call write() for each name of pending_names(), in that order, then finish(). A crash,
-    an exception or abort() leaves the partial directory for a later resume=True run and
-    never creates out_dir. With overwrite=True (the CLI's --force) an existing out_dir is
+    Call write() for each name of pending_names(), in that order, then finish(); or hand a
+    tensor over in consecutive flat pieces with write_piece(), so that a producer never holds
+    more than a piece of it. A crash, an exception or abort() leaves the partial directory
+    for a later resume=True run and never creates out_dir. With overwrite=True (the CLI's --force) an existing out_dir is
     replaced at finish: renamed aside, the new one renamed in, then the old one deleted, so
     a crash never loses both.
 
     Resume trusts the plan hash: metadata (or resume_key, hashed but not written) should
     carry a digest of everything that decides the tensor values (models, method, parameters),
     so a changed merge never reuses shards.
+
+    durable=False skips every fsync (of shards, journal, index, aux and extra files and
+    directories) and changes nothing else: same files, same journal, same atomic renames. The
+    output is then safe against a crash of this process but not against a power loss or an OS
+    crash. Meant for data that can be regenerated (synthetic checkpoints), where fsync would
+    make writing disk-bound.
     """
 
     def __init__(
@@ -204,6 +214,7 @@ class ShardedWriter:
         resume: bool = False,
         overwrite: bool = False,
         resume_key: str = "",
+        durable: bool = True,
     ):
         if max_shard_size <= 0:
             raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
@@ -219,6 +230,7 @@ class ShardedWriter:
         self.out_dir = Path(os.path.abspath(out_dir))
         self.partial = self.out_dir.with_name(self.out_dir.name + PARTIAL_SUFFIX)
         self.overwrite = overwrite
+        self.durable = durable
         self.metadata = {"format": "pt", **metadata}
         self.shards = plan_shards(entries, max_shard_size, self.metadata)
         self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
@@ -248,6 +260,7 @@ class ShardedWriter:
 
         self._pending = [(i, name) for i, s in enumerate(self.shards) if s.file not in self._done for name in s.names]
         self._pos = 0
+        self._piece_elems = 0  # elements of the current tensor written so far by write_piece
         self._file = None
         self._crc = 0
         self._state = "open"
@@ -282,9 +295,14 @@ class ShardedWriter:
     def _save_journal(self) -> None:
         # Write-then-rename, so the journal is always either the old or the new version.
         tmp = self.partial / (JOURNAL + ".tmp")
-        _write_synced(tmp, json.dumps({"plan": self.plan_hash, "done": self._done}, indent=1).encode("utf-8"))
+        journal = json.dumps({"plan": self.plan_hash, "done": self._done}, indent=1).encode("utf-8")
+        _write_synced(tmp, journal, self.durable)
         os.replace(tmp, self.partial / JOURNAL)
-        _fsync_dir(self.partial)
+        self._sync_dir(self.partial)
+
+    def _sync_dir(self, path: Path) -> None:
+        if self.durable:
+            _fsync_dir(path)
 
     def _check_space(self) -> None:
         needed = sum(s.size for s in self.shards if s.file not in self._done)
@@ -302,8 +320,8 @@ class ShardedWriter:
         """The names still to write, in the order write() must receive them."""
         return [name for _, name in self._pending[self._pos :]]
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Appends the next pending tensor (CPU or device) to its shard."""
+    def _next(self, name: str) -> tuple[int, torch.dtype, tuple[int, ...]]:
+        """The shard index, dtype and shape of the next pending tensor, which must be `name`."""
         if self._state != "open":
             raise ValueError(f"cannot write {name!r}: the writer is {self._state}")
         if self._pos == len(self._pending):
@@ -311,11 +329,38 @@ class ShardedWriter:
         index, expected = self._pending[self._pos]
         if name != expected:
             raise ValueError(f"tensors must be written in plan order: expected {expected!r}, got {name!r}")
-        dtype, shape = self._entries[name]
+        return (index, *self._entries[name])
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Appends the next pending tensor (CPU or device) to its shard."""
+        index, dtype, shape = self._next(name)
+        if self._piece_elems:
+            raise ValueError(f"tensor {name!r} is partly written: write the rest with write_piece")
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(
                 f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the plan says {dtype} {shape}"
             )
+        self._append(name, index, tensor, math.prod(shape))
+
+    def write_piece(self, name: str, piece: torch.Tensor) -> None:
+        """Appends the next piece of the pending tensor `name`: a contiguous tensor (any shape)
+        of its planned dtype holding the elements, in row-major order, that follow those
+        written before. The tensor is complete once its pieces add up to its planned number of
+        elements; pending_names() moves on then. A tensor without elements takes one empty piece.
+        """
+        index, dtype, shape = self._next(name)
+        total = math.prod(shape)
+        if piece.dtype != dtype:
+            raise ValueError(f"a piece of tensor {name!r} is {piece.dtype}, the plan says {dtype}")
+        if self._piece_elems + piece.numel() > total:
+            raise ValueError(
+                f"a piece of {piece.numel()} elements would take tensor {name!r} past its "
+                f"{total} elements ({self._piece_elems} written)"
+            )
+        self._append(name, index, piece, total)
+
+    def _append(self, name: str, index: int, tensor: torch.Tensor, total: int) -> None:
+        """Writes the tensor's bytes to the shard; total: elements the current tensor has in all."""
         if not tensor.is_contiguous():
             raise ValueError(f"tensor {name!r} is not contiguous")
         tensor = tensor.cpu()
@@ -329,9 +374,12 @@ class ShardedWriter:
                 data = _tensor_bytes(tensor)
                 self._file.write(data)
                 self._crc = zlib.crc32(data, self._crc)
-            self._pos += 1
-            if self._pos == len(self._pending) or self._pending[self._pos][0] != index:
-                self._close_shard(shard)
+            self._piece_elems += tensor.numel()
+            if self._piece_elems == total:
+                self._piece_elems = 0
+                self._pos += 1
+                if self._pos == len(self._pending) or self._pending[self._pos][0] != index:
+                    self._close_shard(shard)
         except OSError as e:
             self.abort()
             raise MergeInputError(
@@ -341,11 +389,12 @@ class ShardedWriter:
 
     def _close_shard(self, shard: Shard) -> None:
         if self._file is None:  # a shard without tensors (an empty model)
-            _write_synced(self.partial / shard.file, shard.header)
+            _write_synced(self.partial / shard.file, shard.header, self.durable)
             self._crc = zlib.crc32(shard.header)
         else:
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.durable:
+                os.fsync(self._file.fileno())
             size = self._file.tell()
             self._file.close()
             self._file = None
@@ -382,17 +431,19 @@ class ShardedWriter:
                 weight_map = {name: s.file for s in self.shards for name in s.names}
                 index = {"metadata": {"total_size": total}, "weight_map": weight_map}
                 # Hugging Face writes the index with indent=2 and sorted keys.
-                _write_synced(self.partial / INDEX_FILE, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode())
+                text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+                _write_synced(self.partial / INDEX_FILE, text.encode(), self.durable)
             for src in aux_files:
                 if Path(src).name not in extra:
                     dst = self.partial / Path(src).name
                     shutil.copyfile(src, dst)
-                    with open(dst, "rb+") as f:
-                        os.fsync(f.fileno())
+                    if self.durable:
+                        with open(dst, "rb+") as f:
+                            os.fsync(f.fileno())
             for name, data in extra.items():
-                _write_synced(self.partial / name, data)
+                _write_synced(self.partial / name, data, self.durable)
             (self.partial / JOURNAL).unlink()
-            _fsync_dir(self.partial)
+            self._sync_dir(self.partial)
 
             aside = None
             if self.out_dir.exists() or self.out_dir.is_symlink():
@@ -400,7 +451,7 @@ class ShardedWriter:
                 _remove(aside)  # left by an earlier crash between the renames below
                 os.rename(self.out_dir, aside)
             os.rename(self.partial, self.out_dir)
-            _fsync_dir(self.out_dir.parent)
+            self._sync_dir(self.out_dir.parent)
             if aside is not None:
                 _remove(aside)
         except OSError as e:

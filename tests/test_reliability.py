@@ -266,9 +266,8 @@ DETERMINISM_CASES = {
 
 
 def with_chunk(monkeypatch, chunk):
-    monkeypatch.setattr(engine, "make_backend",
-                        lambda device, allow_nonfinite=False: CpuBackend(chunk=chunk,
-                                                                         check_finite=not allow_nonfinite))
+    monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False, log=None:
+                        CpuBackend(chunk=chunk, check_finite=not allow_nonfinite))
 
 
 @pytest.fixture(scope="module")
@@ -383,7 +382,7 @@ class VagueBackend(CpuBackend):
 @pytest.mark.parametrize("poisoned", ["model.embed_tokens.weight", Q1])
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_nonfinite_is_traced_to_its_file(own_family, tmp_path, capsys, monkeypatch, poisoned, scope):
-    monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False: VagueBackend())
+    monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False, log=None: VagueBackend())
     fam = own_family
     ft2 = fam.finetunes[1]
     tensors = load(ft2)

@@ -3,6 +3,7 @@ ever written; the big recipes are checked through their shapes, which need no da
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -299,8 +300,37 @@ def test_pieces_and_layer_cut(tmp_path, monkeypatch):
     assert json.loads((cut.base / "config.json").read_text())["num_hidden_layers"] == 1
 
 
+def test_not_fsynced_and_nothing_left_over(tmp_path, monkeypatch):
+    # Synthetic data is written with durable=False, through the writer's partial directories.
+    def no_fsync(fd):
+        raise AssertionError("synthetic checkpoints must not be fsynced")
+
+    monkeypatch.setattr(os, "fsync", no_fsync)
+    synth.write_checkpoint_family(tmp_path, synth.recipe("tiny"), n_finetunes=1, max_shard_size=60_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1"]
+
+
+def test_failure_leaves_no_partial_output(tmp_path, monkeypatch):
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(synth, "_generate_piece", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        synth.write_checkpoint_family(tmp_path, synth.recipe("tiny"), n_finetunes=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_empty_tensors(tmp_path):
+    # A tensor without elements still gets its (empty) place in the file.
+    r = synth.Recipe("empty-mlp", hidden=8, intermediate=0, layers=1, heads=2, kv_heads=1, vocab=4)
+    fam = synth.write_checkpoint_family(tmp_path, r, n_finetunes=1)
+    tensors = load_model(fam.finetunes[0])
+    assert {n: tuple(t.shape) for n, t in tensors.items()} == dict(synth.tensor_shapes(r))
+    assert tensors["model.layers.0.mlp.down_proj.weight"].shape == (8, 0)
+
+
 def test_streaming_writer_matches_save_file(tmp_path, tiny_family):
-    # Our writer must produce a file safetensors reads exactly like one made by save_file.
+    # The streamed file must read exactly like one made by save_file.
     ours = load_file(tiny_family.base / "model.safetensors")
     save_file(ours, tmp_path / "ref.safetensors", metadata={"format": "pt"})
     ref = load_file(tmp_path / "ref.safetensors")

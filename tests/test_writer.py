@@ -1,5 +1,6 @@
 """The streaming writer: exact output, sharding, atomic publication, crash and resume."""
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -144,6 +145,70 @@ def test_write_checks(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_write_piece_matches_write(tmp_path):
+    tensors = sample()
+    reference = files_of(write_all(tmp_path / "ref", tensors, max_shard_size=1000))
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={})
+    for name in w.pending_names():
+        flat = tensors[name].reshape(-1)
+        if flat.numel() == 0:
+            w.write_piece(name, flat)  # an empty tensor takes one empty piece
+        for start in range(0, flat.numel(), 7):  # pieces that end mid-row
+            w.write_piece(name, flat[start : start + 7])
+    w.finish()
+    assert files_of(tmp_path / "out") == reference
+
+
+def test_write_piece_checks(tmp_path):
+    tensors = sample()
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={})
+    embed = tensors["embed.weight"].reshape(-1)  # 320 elements
+    with pytest.raises(ValueError, match="plan says"):
+        w.write_piece("embed.weight", embed[:10].float())
+    with pytest.raises(ValueError, match="past its 320 elements"):
+        w.write_piece("embed.weight", torch.cat([embed, embed[:1]]))
+    with pytest.raises(ValueError, match="contiguous"):
+        w.write_piece("embed.weight", embed[::2])
+    w.write_piece("embed.weight", embed[:100])
+    assert w.pending_names()[0] == "embed.weight"
+    with pytest.raises(ValueError, match="write_piece"):
+        w.write("embed.weight", tensors["embed.weight"])
+    with pytest.raises(ValueError, match="expected 'embed.weight'"):
+        w.write_piece("layers.0.w", tensors["layers.0.w"].reshape(-1))
+    with pytest.raises(ValueError, match="past its 320 elements"):
+        w.write_piece("embed.weight", embed[:300])
+    w.write_piece("embed.weight", embed[100:])
+    assert w.pending_names()[0] == "layers.0.w"
+    w.abort()
+
+
+def test_durable_false_skips_only_fsync(tmp_path, monkeypatch):
+    tensors = sample()
+    aux = tmp_path / "config.json"
+    aux.write_text('{"a": 1}')
+    calls = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        calls.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    results = {}
+    for durable in (True, False):
+        out = tmp_path / f"out-{durable}"
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+        calls.clear()
+        w = ShardedWriter(out, entries_of(tensors), max_shard_size=1000, metadata={}, overwrite=True, durable=durable)
+        write_some(w, tensors)
+        w.finish([aux], {"README.md": "merged"})
+        results[durable] = files_of(out), len(calls)
+    assert results[True][1] > 0 and results[False][1] == 0
+    assert results[True][0] == results[False][0]
+    assert "old.txt" not in results[False][0] and "README.md" in results[False][0]
+
+
 def interrupted(tmp_path, tensors, count, **kw):
     """Writes the first `count` tensors, then stops as a crash would."""
     w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={"m": "1"}, **kw)
@@ -160,16 +225,17 @@ def resume_and_finish(tmp_path, tensors, **kw):
     return pending
 
 
-def test_resume_is_byte_identical(tmp_path):
+@pytest.mark.parametrize("durable", [True, False])  # the journal does not depend on fsync
+def test_resume_is_byte_identical(tmp_path, durable):
     tensors = sample()
     reference = files_of(write_all(tmp_path / "ref", tensors, max_shard_size=1000, metadata={"m": "1"}))
-    first = interrupted(tmp_path, tensors, 6)  # four shards done, the fifth half written
+    first = interrupted(tmp_path, tensors, 6, durable=durable)  # four shards done, the fifth half written
     done = json.loads((first.partial / JOURNAL).read_text())["done"]
     finished = [s for s in first.shards if s.file in done]
     assert finished and len(finished) < len(first.shards)
     assert not (tmp_path / "out").exists()
 
-    pending = resume_and_finish(tmp_path, tensors)
+    pending = resume_and_finish(tmp_path, tensors, durable=durable)
     skipped = [n for s in finished for n in s.names]
     assert pending == [n for n in tensors if n not in skipped]
     assert files_of(tmp_path / "out") == reference
