@@ -303,6 +303,12 @@ def validate(config: MergeConfig) -> MergeConfig:
         raise _fail(src, f"the weights {config.weights} sum to zero, and {config.method} divides by their sum. "
                          "Give weights with a non-zero sum, or set normalize: false (--no-normalize) "
                          "for θ = Σ w_i θ_i.")
+    if config.method in ("ties", "dare_ties") and config.normalize and min(config.weights) <= 0.0:
+        # The disjoint mean divides by the weights of the agreeing models: with a zero or
+        # negative weight that sum can be 0 where models do agree, and the mean is undefined.
+        raise _fail(src, f"{config.method} with normalize divides by the sum of the agreeing models' weights, "
+                         f"so weights must be positive (got {config.weights}). Drop a model instead of giving "
+                         "it weight 0, or set normalize: false (--no-normalize) for a weighted sum.")
     if config.method != "linear" and config.base is None:
         raise _fail(src, f"{config.method} needs a base model (base_model / --base): task vectors are "
                          "differences from it.")

@@ -644,3 +644,16 @@ def test_device_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "no CUDA GPU" in err and "--device cpu" in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("weights", [["1", "0"], ["1", "-0.5"]])
+def test_normalized_ties_refuses_non_positive_weights(weights, tmp_path, capsys):
+    family = write_checkpoint_family(tmp_path / "in", recipe("tiny"), n_finetunes=2, dtype=torch.bfloat16)
+    args = ["merge", "--method", "ties", "--base", str(family.base), "--density", "0.5", "-o", str(tmp_path / "o"), "-q"]
+    for model, w in zip(family.finetunes, weights):
+        args += ["--model", str(model), "--weight", w]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "weights must be positive" in err and "--no-normalize" in err
+    # A weighted sum (no division) takes any weights.
+    assert cli.main(args + ["--no-normalize"]) == 0
