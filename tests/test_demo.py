@@ -1,0 +1,10 @@
+"""`lines-fast demo`, the README's first command, runs and checks itself against the reference."""
+from lines_fast.cli import main
+
+
+def test_demo_runs_and_matches_the_reference(tmp_path, capsys):
+    assert main(["demo", "--keep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ties, density 0.2" in out and "LiNeS alpha" in out
+    assert "within SEMANTICS.md tolerances: OK" in out
+    assert (tmp_path / "merged" / "model.safetensors").exists()
