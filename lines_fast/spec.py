@@ -7,7 +7,7 @@ hashed and recorded in the output's metadata.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 METHODS = ("linear", "wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties")
 # Methods that trim by magnitude (step 1 of TIES) and so need thresholds.

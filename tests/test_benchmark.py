@@ -3,7 +3,6 @@ reference, each as a child process (mergekit is never run here)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 

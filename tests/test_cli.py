@@ -2,7 +2,6 @@
 no traceback, and no OUT_DIR. Bugs (anything but MergeInputError) keep their tracebacks."""
 import json
 import re
-import os
 import shutil
 import subprocess
 import sys
@@ -14,9 +13,11 @@ import pytest
 import torch
 
 from lines_fast import cli
-from lines_fast.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, Checkpoint
+from lines_fast.checkpoint import INDEX_FILE, SINGLE_FILE
 from lines_fast.synth import INT_TENSOR_NAME, recipe, write_checkpoint_family
 from lines_fast.writer import PARTIAL_SUFFIX
+
+from helpers import load, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 EMBED = "model.embed_tokens.weight"
@@ -27,28 +28,6 @@ DOWN0 = "model.layers.0.mlp.down_proj.weight"
 
 
 # -- helpers ------------------------------------------------------------------------------
-def write_safetensors(path, tensors, metadata=None):
-    """A .safetensors file with the tensors stored in the dict's order (no reordering)."""
-    header, blobs, offset = {}, [], 0
-    if metadata:
-        header["__metadata__"] = metadata
-    for name, t in tensors.items():
-        t = t.contiguous()
-        data = bytes(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    Path(path).write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
-
-
-def load(path):
-    with Checkpoint.open(path) as ckpt:
-        return {name: ckpt.tensor(name).clone() for name in ckpt.tensors}
-
-
 def save_model(folder, tensors):
     """Replace the weights of an HF directory by one model.safetensors holding `tensors`."""
     folder = Path(folder)

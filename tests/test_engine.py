@@ -18,16 +18,14 @@ import torch
 import yaml
 
 import lines_fast
-from lines_fast.checkpoint import Checkpoint
 from lines_fast.reference import merge_state_dicts
 from lines_fast.spec import LinesSpec
 from lines_fast.synth import Recipe, recipe, write_checkpoint_family
 from lines_fast.tolerance import compare
 
+from helpers import load
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    with Checkpoint.open(path) as ckpt:
-        return {name: ckpt.tensor(name).clone() for name in ckpt.tensors}
+
 
 
 @pytest.fixture(scope="module", params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -36,7 +34,7 @@ def family(request, tmp_path_factory):
     # ~60 KB shards: every model spans several files, and tensors of many sizes.
     paths = write_checkpoint_family(root, recipe("tiny"), n_finetunes=3, dtype=request.param, seed=1,
                                     max_shard_size=60_000, int_tensor=True)
-    loaded = {"base": _load(paths.base), "models": [_load(p) for p in paths.finetunes]}
+    loaded = {"base": load(paths.base), "models": [load(p) for p in paths.finetunes]}
     return paths, loaded
 
 
@@ -90,7 +88,7 @@ def test_engine_files_equal_reference(case, family, tmp_path):
     method = params.pop("method", case)
     doc = _config(paths, method, params)
     result = lines_fast.merge(doc, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
-    merged = _load(result.out_dir)
+    merged = load(result.out_dir)
 
     n = params.get("models", 3)
     expected = merge_state_dicts(
@@ -116,7 +114,7 @@ def test_engine_kernel_path_in_interpreter_equals_reference(case, family, tmp_pa
     result = lines_fast.merge(_config(paths, method, params), tmp_path / "out", device="interpret",
                               progress=False, log=lambda m: None)
     assert result.backend == "interpret"
-    merged = _load(result.out_dir)
+    merged = load(result.out_dir)
     expected = merge_state_dicts(
         loaded["base"], loaded["models"], method, weights=params.get("weights"),
         density=params.get("density", 1.0), lam=params.get("lam"), normalize=method in ("linear", "ties", "dare_ties"),
@@ -174,7 +172,7 @@ def test_mergekit_yaml_runs_unchanged(family, tmp_path):
         out = tmp_path / f"out-{method}"
         from lines_fast.cli import main
         assert main(["merge", str(config), str(out), "--no-progress", "-q"]) == 0
-        merged = _load(out)
+        merged = load(out)
         kw = {"density": 0.2, "weights": [1.0, 1.0]} if method == "ties" else {"weights": [0.5, 0.5]}
         expected = merge_state_dicts(loaded["base"], loaded["models"][:2], method, out_dtype=torch.bfloat16,
                                      normalize=(method == "ties"), **kw)

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 import lines_fast
-from lines_fast.checkpoint import Checkpoint
 from lines_fast.reference import merge_state_dicts
 from lines_fast.spec import LinesSpec
 from lines_fast.synth import recipe, write_checkpoint_family
 from lines_fast.tolerance import compare
+
+from helpers import load
 
 pytestmark = [
     pytest.mark.gpu,
@@ -25,9 +26,6 @@ pytestmark = [
 ]
 
 
-def _load(path):
-    with Checkpoint.open(path) as ckpt:
-        return {n: ckpt.tensor(n).clone() for n in ckpt.tensors}
 
 
 @pytest.mark.parametrize("method, params", [
@@ -50,8 +48,8 @@ def test_cuda_engine_equals_reference(method, params, tmp_path):
         doc["lines"] = {"alpha": params["lines"].alpha, "beta": params["lines"].beta}
     result = lines_fast.merge(doc, tmp_path / "out", device="cuda", progress=False, log=lambda m: None)
     assert result.backend == "cuda"
-    merged = _load(result.out_dir)
-    expected = merge_state_dicts(_load(family.base), [_load(p) for p in family.finetunes], method,
+    merged = load(result.out_dir)
+    expected = merge_state_dicts(load(family.base), [load(p) for p in family.finetunes], method,
                                  density=params.get("density", 1.0), lam=params.get("lam"),
                                  trim_scope=params.get("trim_scope", "tensor"), seed=params.get("seed", 0),
                                  lines=params.get("lines"),

@@ -20,10 +20,12 @@ import torch
 import lines_fast.engine as engine
 from lines_fast import cli
 from lines_fast.backends.cpu import DEFAULT_CHUNK, CpuBackend
-from lines_fast.checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE, Checkpoint
+from lines_fast.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint
 from lines_fast.errors import NonFiniteInput
 from lines_fast.synth import Recipe, recipe, write_checkpoint_family
 from lines_fast.writer import JOURNAL, OLD_SUFFIX, PARTIAL_SUFFIX
+
+from helpers import load, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 # Big enough that torch splits its ops over threads (tensors of 131072 elements); about
@@ -35,25 +37,6 @@ LAST_FLOAT = "lm_head.weight"
 
 def files_of(folder):
     return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
-
-
-def load(path):
-    with Checkpoint.open(path) as ckpt:
-        return {name: ckpt.tensor(name).clone() for name in ckpt.tensors}
-
-
-def write_safetensors(path, tensors):
-    """A .safetensors file with the tensors stored in the dict's order (no reordering)."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        data = bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    Path(path).write_bytes(len(raw).to_bytes(8, "little") + raw + b"".join(blobs))
 
 
 def save_sharded(folder, shards):
