@@ -36,7 +36,6 @@ class _Buffers:
         self.num = torch.empty(chunk, **f32)
         self.den = torch.empty(chunk, **f32)
         self.tmp = torch.empty(chunk, **f32)
-        self.mask = torch.empty(chunk, dtype=torch.bool)
         self.den2 = torch.empty(chunk, **f32)
         self.bits = torch.empty(chunk, dtype=torch.int32)
 
