@@ -26,7 +26,7 @@ _PAGE = 4096
 
 
 class _Buffers:
-    """float32/bool scratch for one chunk: the base, one task vector per model, accumulators."""
+    """Scratch for one chunk, allocated once: the base, one task vector per model, accumulators."""
 
     def __init__(self, n_models: int, chunk: int):
         f32 = dict(dtype=torch.float32)
@@ -36,7 +36,7 @@ class _Buffers:
         self.num = torch.empty(chunk, **f32)
         self.den = torch.empty(chunk, **f32)
         self.tmp = torch.empty(chunk, **f32)
-        self.den2 = torch.empty(chunk, **f32)
+        self.indicator = torch.empty(chunk, **f32)
         self.bits = torch.empty(chunk, dtype=torch.int32)
 
 
@@ -178,7 +178,7 @@ class CpuBackend:
     @staticmethod
     def _disjoint_merge(taus, weights, normalize: bool, n: int, bufs: _Buffers) -> torch.Tensor:
         # Elect: gamma = +1 where sum_i w_i tau_i >= 0, summed in model order as the reference does.
-        acc, gamma, agree = bufs.acc[:n], bufs.tmp[:n], bufs.den2[:n]
+        acc, gamma, agree = bufs.acc[:n], bufs.tmp[:n], bufs.indicator[:n]
         acc.zero_()
         for w, tau in zip(weights, taus):
             acc.add_(tau if w == 1.0 else torch.mul(tau, w, out=gamma))
