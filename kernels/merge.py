@@ -90,6 +90,16 @@ def f32_to_bf16_bits(x):
 
 
 @triton.jit
+def uniform_from_bits(r0):
+    """DARE's u from Philox's first word, exactly as lines_fast/rng.py derives it (Triton's own
+    uint_to_uniform_float, written out so no Triton version's exports matter): read as int32,
+    ~x where negative, times float32(4.6566127342e-10); 0 <= u < 1."""
+    x = r0.to(tl.int32, bitcast=True)
+    x = tl.where(x < 0, ~x, x)
+    return x.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
 def nonfinite(x):
     """Inf or NaN, from the exponent bits (robust to any fast-math rewriting of x != x)."""
     return (x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000
@@ -157,7 +167,7 @@ def _fused_merge_kernel(
             divisor = tl.load(table_ptr + 3 * N + i)
             c3 = (offs * 0 + i).to(tl.uint32)
             r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c3)
-            u = tl.uint_to_uniform_float(r0)
+            u = uniform_from_bits(r0)
             tau = tl.where(u >= p, tl.fdiv(tau, divisor, ieee_rounding=True), 0.0)
         w = tl.load(table_ptr + i)
         wt = w * tau

@@ -1,4 +1,5 @@
-"""lines_fast.rng is bit-exact with Triton's tl.philox (run in Triton's interpreter here)."""
+"""lines_fast.rng is bit-exact with Triton's tl.philox and the kernels' uniform_from_bits
+(run in Triton's interpreter here, compiled on a GPU)."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,10 @@ from lines_fast.rng import dare_constants, dare_uniform, tensor_stream_id
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
+
+from lines_fast.backends.triton_backend import import_kernels  # noqa: E402
+
+kmerge, _ = import_kernels()
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
                                 reason="needs Triton's interpreter or a GPU")
@@ -23,7 +28,7 @@ def _uniform_kernel(out, seed, stream_id, model_index, start, n, BLOCK: tl.const
     c2 = (offs * 0 + stream_id).to(tl.uint32)
     c3 = (offs * 0 + model_index).to(tl.uint32)
     r0, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    tl.store(out + tl.arange(0, BLOCK), tl.uint_to_uniform_float(r0), mask=tl.arange(0, BLOCK) < n)
+    tl.store(out + tl.arange(0, BLOCK), kmerge.uniform_from_bits(r0), mask=tl.arange(0, BLOCK) < n)
 
 
 @pytest.mark.parametrize("seed, model_index, name, start", [
