@@ -30,7 +30,7 @@ from .errors import MergeInputError, NonFiniteInput
 from .layers import lines_scales
 from .planning import Pass, auto_alpha, describe, plan_passes
 from .progress import Progress
-from .selection import BINS, KEEP_NOTHING, bits_to_float, locate, tensor_thresholds
+from .selection import BINS, KEEP_NOTHING, Located, locate_kth
 from .spec import MethodSpec, kept_count
 from .writer import PARTIAL_SUFFIX, ShardedWriter, check_output_dir, parse_size
 
@@ -303,10 +303,15 @@ class Engine:
         sum_l1 = 0.0
         need_sum_l1 = auto_alpha(spec)
         total_elements = sum(int(torch.Size(plan.shapes[name]).numel()) for name in plan.merged)
-        buckets: list[tuple[int, int] | None] = [None] * n
+        located: list[Located | None] = [None] * n  # where each global k-th largest lies
         for p in passes:
             if p.name == "merge":
                 break
+            if p.name == "refine" and all(f is None or f.settled for f in located):
+                self.log(f"pass {passes.index(p) + 1}/{len(passes)} (refine) not needed: the magnitudes "
+                         "pass settled every threshold")
+                stats.global_thresholds = self._global_thresholds(located, None)
+                continue
             t0 = time.perf_counter()
             bar = Progress(f"pass {passes.index(p) + 1}/{len(passes)} {p.name}",
                            self._input_bytes(inputs, plan.merged), enabled=self.progress,
@@ -322,15 +327,16 @@ class Engine:
                             hists[i] += self._histogram(backend, base, m, None, i)
                     elif p.name == "refine":
                         for i, m in enumerate(models):
-                            if buckets[i] is not None:
-                                hists[i] += self._histogram(backend, base, m, buckets[i][0], i)
+                            if located[i] is not None and not located[i].settled:
+                                hists[i] += self._histogram(backend, base, m, located[i].bucket, i)
                     elif p.name == "norms":
-                        thresholds = stats.global_thresholds
-                        if spec.trims and thresholds is None:
-                            thresholds = tensor_thresholds(backend.magnitude_histogram, base, models, spec.densities)
-                            stats.tensor_thresholds[name] = thresholds
-                        job = MergeJob(name, base, models, thresholds if spec.trims else None, 1.0, torch.float32)
+                        # Tensor scope: the backend finds the thresholds (job.thresholds None) and
+                        # leaves them on the job, kept for the merge pass.
+                        job = MergeJob(name, base, models, stats.global_thresholds if spec.trims else None,
+                                       1.0, torch.float32)
                         delta_l1 += backend.merged_delta_l1(job, spec)
+                        if spec.trims and stats.global_thresholds is None:
+                            stats.tensor_thresholds[name] = job.thresholds
                     if need_sum_l1 and p is passes[0]:
                         sum_l1 += backend.task_vector_sum_l1(base, models)
                 except NonFiniteInput as err:
@@ -341,18 +347,9 @@ class Engine:
             if p.name == "magnitudes":
                 for i in range(n):
                     k = kept_count(spec.densities[i], total_elements)
-                    buckets[i] = locate(hists[i], k) if k > 0 else None
+                    located[i] = locate_kth(hists[i], k) if k > 0 else None
             elif p.name == "refine":
-                thresholds = []
-                for i in range(n):
-                    if buckets[i] is None:
-                        thresholds.append(KEEP_NOTHING)
-                    else:
-                        bucket, rank = buckets[i]
-                        low, _ = locate(hists[i], rank)
-                        thresholds.append(bits_to_float((bucket << 16) | low))
-                stats.global_thresholds = tuple(thresholds)
-                self.log("global trim thresholds: " + ", ".join(f"model {i + 1}: {t:.6g}" for i, t in enumerate(thresholds)))
+                stats.global_thresholds = self._global_thresholds(located, hists)
             elif p.name == "norms":
                 if delta_l1 == 0.0:
                     raise MergeInputError(
@@ -364,6 +361,13 @@ class Engine:
                          f"= {stats.alpha:.6g}")
             self.log(f"pass {passes.index(p) + 1}/{len(passes)} ({p.name}) took {time.perf_counter() - t0:.2f} s")
         return stats
+
+    def _global_thresholds(self, located: list, low_hists) -> tuple[float, ...]:
+        """The global t_i from pass 1's locations and (for unsettled ones) the refine pass's counts."""
+        thresholds = tuple(KEEP_NOTHING if f is None else f.threshold(None if f.settled else low_hists[i])
+                           for i, f in enumerate(located))
+        self.log("global trim thresholds: " + ", ".join(f"model {i + 1}: {t:.6g}" for i, t in enumerate(thresholds)))
+        return thresholds
 
     @staticmethod
     def _histogram(backend, base, model, bucket, i) -> torch.Tensor:

@@ -4,8 +4,9 @@ Per-tensor work (tensor-scope TIES, task arithmetic, linear, wise_ft, DARE, LiNe
 given α) reads each input byte once: one `merge` pass. Whole-model statistics need passes
 before it, and keep only a few numbers per model between passes (2 x 65536 histogram
 counts, L1 norms), never tensors:
-- `global` trim scope: `magnitudes` (high-bit histograms of |τ_i| over all merged
-  tensors) then `refine` (low-bit histograms inside the bucket holding each k-th value).
+- `global` trim scope: `magnitudes` (packed high-bit histograms of |τ_i| over all merged
+  tensors) then `refine` (low-bit histograms inside the bucket holding each k-th value),
+  which the engine skips when the first pass settled every threshold (usual for bf16).
 - α `auto`: ‖Σ τ_i‖₁ rides on the first statistics pass; ‖τ_MTL‖₁ needs the final
   thresholds, so it takes a `norms` pass of its own (which also finds tensor-scope
   thresholds, kept for the merge pass).
@@ -37,7 +38,8 @@ def plan_passes(spec: MethodSpec) -> list[Pass]:
         if auto_alpha(spec):
             why += ", and ‖Σ τ_i‖₁ for LiNeS α auto"
         passes.append(Pass("magnitudes", why))
-        passes.append(Pass("refine", "resolve each global threshold exactly inside its histogram bucket"))
+        passes.append(Pass("refine", "resolve each global threshold exactly inside its histogram bucket "
+                                    "(skipped when the magnitudes pass settles them)"))
     if auto_alpha(spec):
         why = "‖τ_MTL‖₁ for LiNeS α auto (needs the final thresholds)"
         if not global_trim:

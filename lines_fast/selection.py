@@ -1,20 +1,53 @@
 """Exact k-th largest magnitude from histograms of float32 bit patterns.
 
 |tau| is a non-negative float32, so its 32-bit pattern read as an unsigned integer sorts
-exactly as the value does. A backend counts the high 16 bits of every pattern (65536 bins);
-`locate` finds the bin that holds the k-th largest and how deep into that bin it lies; the
-backend then counts the low 16 bits of the elements in that one bin, and `locate` on that
-second histogram gives the exact pattern. No sort, and the statistics are 2 x 65536 counts
-per model whatever the model's size, so they also work across all tensors (global scope).
+exactly as the value does, and its sign bit is 0: the high 16 bits ("bucket") lie in
+0..0x7FFF. A backend's first pass counts every pattern in a PACKED 65536-bin histogram:
+
+    bin = bucket                 when the low 16 bits are all 0
+    bin = bucket | 0x8000        when they are not
+
+So one histogram gives both the bucket counts (bin b plus bin b | 0x8000) and, per bucket,
+how many elements have nonzero low bits. `locate` finds the bucket holding the k-th largest
+and its rank inside the bucket from the top. Inside a bucket every element with nonzero
+low bits is larger than every element without, so when the rank passes the bucket's count
+of nonzero-low elements, the k-th largest has low bits 0 and is exactly bucket << 16: the
+threshold is known after ONE pass. Only otherwise does the backend count the low 16 bits
+of that one bucket's elements (a refine pass). bf16 and fp16 deltas almost always end in
+the first case (their task vectors rarely need more than 16 significant bits).
+
+No sort, and the statistics are 65536 counts per model whatever the model's size, so they
+also add up across tensors (global scope).
 """
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 
 import torch
 
 BINS = 1 << 16
+BUCKETS = 1 << 15        # high 16 bits of a non-negative float32: 0 .. 0x7FFF
+NONZERO_LOW = 1 << 15    # packed-bin flag: the element's low 16 bits are not all 0
+NONFINITE_BUCKET = 0x7F80  # buckets >= this hold Inf/NaN magnitudes
 KEEP_NOTHING = float("inf")  # the threshold for k = 0: no |tau| is >= inf
+
+
+def packed_bins(bits: torch.Tensor) -> torch.Tensor:
+    """The packed-histogram bin of each non-negative int32 pattern (the definition above)."""
+    return (bits >> 16) | torch.where((bits & 0xFFFF) != 0, NONZERO_LOW, 0)
+
+
+def unpack(hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-bucket counts, per-bucket counts of nonzero-low elements) of a packed histogram [..., BINS]."""
+    nonzero_low = hist[..., NONZERO_LOW:]
+    return hist[..., :NONZERO_LOW] + nonzero_low, nonzero_low
+
+
+def nonfinite_count(hist: torch.Tensor) -> int:
+    """How many magnitudes a packed histogram counted as Inf/NaN."""
+    buckets, _ = unpack(hist)
+    return int(buckets[..., NONFINITE_BUCKET:].sum())
 
 
 def locate(hist: torch.Tensor, k: int) -> tuple[int, int]:
@@ -40,17 +73,46 @@ def float_to_bits(value: float) -> int:
     return struct.unpack("<I", struct.pack("<f", value))[0]
 
 
-def threshold_from_histograms(hist_hi: torch.Tensor, k: int, refine) -> float:
-    """The k-th largest |tau| (a float32 value), given the high-bits histogram and a callable
-    `refine(bucket) -> low-bits histogram of the elements in that bucket`.
+@dataclass(frozen=True)
+class Located:
+    """Where the k-th largest |tau| lies after the first pass.
+
+    bucket: its high 16 bits; rank: 1-based from the top inside the bucket. settled: the
+    rank passes the bucket's nonzero-low count, so the value is exactly bucket << 16.
+    """
+
+    bucket: int
+    rank: int
+    settled: bool
+
+    def threshold(self, low_hist: torch.Tensor | None = None) -> float:
+        """The exact threshold; an unsettled one needs the bucket's low-bits histogram."""
+        if self.settled:
+            return bits_to_float(self.bucket << 16)
+        if low_hist is None:
+            raise ValueError(f"bucket {self.bucket:#x} needs its low-bits histogram (a refine pass)")
+        low, _ = locate(low_hist, self.rank)
+        return bits_to_float((self.bucket << 16) | low)
+
+
+def locate_kth(hist: torch.Tensor, k: int) -> Located:
+    """Locate the k-th largest magnitude (1 <= k <= count) in a packed histogram."""
+    buckets, nonzero_low = unpack(hist)
+    bucket, rank = locate(buckets, k)
+    return Located(bucket, rank, settled=rank > int(nonzero_low[bucket]))
+
+
+def threshold_from_histograms(hist: torch.Tensor, k: int, refine) -> float:
+    """The k-th largest |tau| (a float32 value), given the packed histogram and a callable
+    `refine(bucket) -> low-bits histogram of the elements in that bucket`, called only when
+    the first pass did not settle it.
 
     k = 0 keeps nothing and returns KEEP_NOTHING without calling refine.
     """
     if k == 0:
         return KEEP_NOTHING
-    bucket, rank = locate(hist_hi, k)
-    low, _ = locate(refine(bucket), rank)
-    return bits_to_float((bucket << 16) | low)
+    found = locate_kth(hist, k)
+    return found.threshold(None if found.settled else refine(found.bucket))
 
 
 def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
@@ -69,6 +131,6 @@ def tensor_thresholds(histogram, base: torch.Tensor, models: list[torch.Tensor],
         if k == 0:
             thresholds.append(KEEP_NOTHING)
             continue
-        hist_hi = histogram(base, model)
-        thresholds.append(threshold_from_histograms(hist_hi, k, lambda b, m=model: histogram(base, m, b)))
+        hist = histogram(base, model)
+        thresholds.append(threshold_from_histograms(hist, k, lambda b, m=model: histogram(base, m, b)))
     return tuple(thresholds)

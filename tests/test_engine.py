@@ -229,3 +229,23 @@ def test_peak_memory_does_not_grow_with_depth(tmp_path):
     shallow = _peak_rss_kb(tmp_path, 2)
     deep = _peak_rss_kb(tmp_path, 4)
     assert deep <= 1.10 * shallow, f"peak RSS {shallow} KB with 2 layers, {deep} KB with 4"
+
+
+def test_global_refine_pass_runs_only_when_a_threshold_needs_it(family, tmp_path):
+    """Pass 1 settles a global threshold exactly when its low 16 bits are 0 (usual for bf16
+    deltas); the refine pass runs only when some model's threshold has nonzero low bits."""
+    paths, loaded = family
+    doc = _config(paths, "ties", dict(density=0.1, trim_scope="global"))
+    logs = []
+    lines_fast.merge(doc, tmp_path / "out", device="cpu", progress=False, log=logs.append)
+    taus = [{name: m[name].float() - loaded["base"][name].float() for name in m
+             if m[name].is_floating_point() and name != "model.position_ids"} for m in loaded["models"]]
+    from lines_fast.reference import trim_thresholds
+    from lines_fast.selection import float_to_bits
+
+    thresholds = [next(iter(trim_thresholds(tau, 0.1, "global").values())) for tau in taus]
+    needs_refine = any(float_to_bits(t) & 0xFFFF for t in thresholds)
+    skipped = any("(refine) not needed" in line for line in logs)
+    ran = any(line.startswith("pass 2/3 (refine) took") for line in logs)
+    assert (ran, skipped) == (needs_refine, not needs_refine), (thresholds, logs)
+    assert any(f"{thresholds[0]:.6g}" in line for line in logs if line.startswith("global trim thresholds"))

@@ -358,29 +358,59 @@ def test_nonfinite_inputs_are_flagged():
 # ---------------------------------------------------------------------------------------
 
 def _hist(base, model, bucket=None):
-    hist, low_zero = kselect.magnitude_histogram(dev(base), dev(model), bucket, block=BLOCK)
-    return hist.cpu(), low_zero
+    return kselect.magnitude_histogram(dev(base), dev(model), bucket, block=BLOCK).cpu()
+
+
+def packed_counts(bits: torch.Tensor) -> torch.Tensor:
+    """The packed layout, written independently: bucket, plus 32768 where the low bits are not 0."""
+    nonzero_low = ((bits & 0xFFFF) != 0).to(torch.int32)
+    return torch.bincount((bits >> 16) + 32768 * nonzero_low, minlength=BINS)
+
+
+def test_packed_histogram_by_hand():
+    base = torch.zeros(5)
+    model = torch.tensor([1.0, 1.0000001192092896, 0.0, -2.0, 0.5])  # 0x3F800000, 0x3F800001, 0, 0x40000000, 0x3F000000
+    hist = _hist(base, model)
+    want = torch.zeros(BINS, dtype=torch.int64)
+    want[[0x3F80, 0x3F80 | 0x8000, 0, 0x4000, 0x3F00]] = 1
+    assert torch.equal(hist, want)
+    assert torch.equal(_hist(base, model, 0x3F80)[:2], torch.tensor([1, 1]))  # low bits 0 and 1
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
 def test_histograms_count_bit_patterns(dtype):
     base, (model,) = make_inputs(3001, 1, dtype, [dtype], seed=10, zero_frac=0.3)
     bits = (model.float() - base.float()).abs().view(torch.int32)
-    hist, low_zero = _hist(base, model)
+    hist = _hist(base, model)
     assert hist.dtype == torch.int64 and hist.shape == (BINS,)
-    assert torch.equal(hist, torch.bincount(bits >> 16, minlength=BINS))
-    assert low_zero == bool(((bits & 0xFFFF) == 0).all())
+    assert torch.equal(hist, packed_counts(bits))
     bucket = int((bits >> 16)[bits != 0][0])
-    refined, _ = _hist(base, model, bucket)
+    refined = _hist(base, model, bucket)
     assert torch.equal(refined, torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=BINS))
 
 
-def test_low_bits_flag_for_bf16_deltas():
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_one_launch_histograms_every_model(dtype):
+    """Pass 1 reads the base once for all N models: one row of counts per staged model."""
+    n = 1500  # staged rows padded to a stride of 1504, as the backend lays them out
+    base, models = make_inputs(n, 3, dtype, [dtype] * 3, seed=31, zero_frac=0.2)
+    staged = torch.zeros(3, 1504, dtype=dtype, device=DEVICE)
+    for i, m in enumerate(models):
+        staged[i, :n] = dev(m)
+    hist32 = torch.zeros(3, BINS, dtype=torch.int32, device=DEVICE)
+    kselect.launch_magnitude_histogram(hist32, dev(base), staged[:, :n], n=n, block=BLOCK)
+    for i, m in enumerate(models):
+        bits = (m.float() - base.float()).abs().view(torch.int32)
+        assert torch.equal(hist32[i].cpu().to(torch.int64), packed_counts(bits)), i
+
+
+def test_bf16_deltas_have_low_bits_zero():
     base = torch.tensor([1.0, 2.0, -0.5] * 100).to(BF16)
     model = (base.float() + 0.125).to(BF16)  # exact small deltas: low 16 bits all zero
-    assert _hist(base, model)[1] is True
+    assert int(_hist(base, model)[0x8000:].sum()) == 0
     model[0] = 384.0  # 384 - 1 = 383 needs 9 significant bits: not a bf16, low bits nonzero
-    assert _hist(base, model)[1] is False
+    hist = _hist(base, model)
+    assert int(hist[0x8000:].sum()) == 1 and int(hist[0x43BF | 0x8000]) == 1  # 383.0 = 0x43BF8000
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16, F16])
@@ -391,7 +421,7 @@ def test_tensor_scope_thresholds_equal_the_reference(dtype, density):
         tau = model.float() - base.float()
         want = ref.trim_thresholds({NAME: tau}, density, "tensor")[NAME]
         k = kept_count(density, tau.numel())
-        got = threshold_from_histograms(_hist(base, model)[0], k, lambda b: _hist(base, model, b)[0])
+        got = threshold_from_histograms(_hist(base, model), k, lambda b: _hist(base, model, b))
         assert got == want
 
 
@@ -412,9 +442,9 @@ def test_global_scope_thresholds_equal_the_reference():
     for density in (0.05, 0.3, 1.0):
         taus = {f"t{j}": m[0].float() - b.float() for j, (b, m) in enumerate(tensors)}
         want = ref.trim_thresholds(taus, density, "global")["t0"]
-        total = sum(_hist(b, m[0])[0] for b, m in tensors)
+        total = sum(_hist(b, m[0]) for b, m in tensors)
         k = kept_count(density, sum(b.numel() for b, _ in tensors))
-        got = threshold_from_histograms(total, k, lambda bucket: sum(_hist(b, m[0], bucket)[0] for b, m in tensors))
+        got = threshold_from_histograms(total, k, lambda bucket: sum(_hist(b, m[0], bucket) for b, m in tensors))
         assert got == want
 
 
@@ -482,6 +512,6 @@ def test_tensor_above_2_pow_31_elements():
         want = (b32 + torch.tensor(1.0) * torch.where(keep, (m32 - b32) / torch.tensor(divisor), 0.0)).to(BF16)
         assert torch.equal(out[sl].cpu().view(torch.int16), want.view(torch.int16)), start
     del out
-    hist, _ = kselect.magnitude_histogram(base, model)
+    hist = kselect.magnitude_histogram(base, model)
     assert int(hist.sum()) == n
     assert int(hist[0]) == n // 7 + (1 if n % 7 > 3 else 0)

@@ -8,10 +8,12 @@ lines_fast/reference.py; a backend must match the reference within its tolerance
 thresholds, signs and DARE masks exactly.
 
 Magnitude histograms: |tau| of a float32 is non-negative, so its 32-bit pattern read as an
-integer sorts exactly as the value does. `magnitude_histogram(..., bucket=None)` counts the
-high 16 bits of those patterns (65536 bins); with `bucket=b` it counts the low 16 bits of
-the elements whose high 16 bits equal b. From the two the k-th largest |tau| is exact
-(see lines_fast/selection.py). NaN never reaches a backend (the engine refuses it first).
+integer sorts exactly as the value does. `magnitude_histogram(..., bucket=None)` counts
+those patterns in selection.py's packed 65536-bin layout (the high 16 bits, plus 0x8000
+where the low 16 bits are not all 0); with `bucket=b` it counts the low 16 bits of the
+elements whose high 16 bits equal b. From these the k-th largest |tau| is exact, usually
+from the first alone (see lines_fast/selection.py). NaN never reaches a backend (the
+engine refuses it first).
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ class Backend(Protocol):
 
     def magnitude_histogram(self, base: torch.Tensor, model: torch.Tensor,
                             bucket: int | None = None) -> torch.Tensor:
-        """int64 CPU tensor of HISTOGRAM_BINS counts of |float32(model) - float32(base)| bit patterns."""
+        """int64 CPU tensor of HISTOGRAM_BINS counts of |float32(model) - float32(base)| bit patterns
+        (packed layout without a bucket; the bucket's low 16 bits with one)."""
 
     def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
         """sum_j |sum_i tau_i[j]| for this tensor (unweighted, untrimmed), accumulated in float64."""

@@ -17,7 +17,7 @@ import torch
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum
 from ..rng import dare_constants, dare_uniform
-from ..selection import BINS, float_to_bits, tensor_thresholds
+from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from ..spec import MethodSpec
 from .base import MergeJob
 
@@ -38,6 +38,7 @@ class _Buffers:
         self.tmp = torch.empty(chunk, **f32)
         self.indicator = torch.empty(chunk, **f32)
         self.bits = torch.empty(chunk, dtype=torch.int32)
+        self.flag = torch.empty(chunk, dtype=torch.int32)
 
 
 def _touch_pages(tensors: list[torch.Tensor]) -> None:
@@ -95,7 +96,12 @@ class CpuBackend:
             tau.sub_(b).abs_()  # NaN/Inf are caught by the merge pass, which always checks
             bits = tau.view(torch.int32)
             if bucket is None:
-                hist += torch.bincount(torch.bitwise_right_shift(bits, 16, out=bufs.bits[:n]), minlength=BINS)
+                # Packed bin (selection.py): high bits | 0x8000 where the low bits are not 0.
+                # -(low) >> 31 is -1 exactly when low != 0 (bool tensors cost far more on CPU).
+                flag = torch.bitwise_and(bits, 0xFFFF, out=bufs.flag[:n]).neg_()
+                flag.bitwise_right_shift_(31).bitwise_and_(NONZERO_LOW)
+                key = torch.bitwise_right_shift(bits, 16, out=bufs.bits[:n]).bitwise_or_(flag)
+                hist += torch.bincount(key, minlength=BINS)
             else:
                 # Low 16 bits of the elements in `bucket`: shift that bucket to 1..65536, clamp
                 # everything else into bins 0 and 65537, count, and keep the middle (no bool tensors).

@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import NonFiniteInput
-from ..selection import BINS
+from ..selection import BINS, nonfinite_count
 from ..spec import MethodSpec
 from .base import MergeJob
 
@@ -356,10 +356,10 @@ class TritonBackend:
         return slot.released
 
     # -- statistics -----------------------------------------------------------------------
-    def _histograms(self, base, models, buckets=None):
-        """(hist [M, BINS] int64 CPU, lowbits [M] int CPU) of |models[i] - base| over whole tensors.
+    def _histograms(self, base, models, buckets=None) -> torch.Tensor:
+        """int64 CPU [M, BINS] histograms of |models[i] - base| over whole tensors (every part).
 
-        buckets None: high-bits histograms, lowbits > 0 where some element had nonzero low bits.
+        buckets None: packed histograms (selection.py), all models in one launch per part.
         buckets[i] = b: low-bits histogram of model i's elements in bucket b.
         """
         base = self._flat(base)
@@ -369,27 +369,25 @@ class TritonBackend:
         with self._mover.computing():
             total = torch.zeros(m_count, BINS, dtype=torch.int64, device=self._mover.device)
             hist32 = torch.zeros(m_count, BINS, dtype=torch.int32, device=self._mover.device)
-            lowbits = torch.zeros(m_count, dtype=torch.int32, device=self._mover.device)
         for start, stop in self._part_ranges(base.numel(), per_element):
             slot, views = self._upload(base, models, start, stop, {})
             with self._mover.computing():
-                self._launch_histograms(hist32, lowbits, views, stop - start, buckets)
+                n, rows = stop - start, views["models"]
+                if buckets is None:
+                    self._select.launch_magnitude_histogram(hist32, views["base"], rows, n=n, block=self.block)
+                else:
+                    for i, bucket in enumerate(buckets):
+                        self._select.launch_magnitude_histogram(hist32[i:i + 1], views["base"], rows[i:i + 1], n=n,
+                                                                bucket=bucket, block=self.block)
                 total += hist32
                 hist32.zero_()
             self._release(slot)
         with self._mover.computing():
-            return total.cpu(), lowbits.cpu()
-
-    def _launch_histograms(self, hist32, lowbits, views, n: int, buckets) -> None:
-        for i in range(views["models"].shape[0]):
-            bucket = None if buckets is None else buckets[i]
-            self._select.launch_magnitude_histogram(
-                hist32[i], lowbits[i:i + 1], views["base"], views["models"][i], n=n, bucket=bucket,
-                block=self.block)
+            return total.cpu()
 
     def _check_histogram(self, hist: torch.Tensor, name: str, base, models) -> None:
-        """Bins >= 0x7F80 hold Inf/NaN magnitudes: find the input with Inf/NaN, if one has."""
-        if not self.check_finite or int(hist[..., self._select.NONFINITE_BIN:].sum()) == 0:
+        """Packed bins of buckets >= 0x7F80 hold Inf/NaN magnitudes: find the input with Inf/NaN."""
+        if not self.check_finite or nonfinite_count(hist) == 0:
             return
         if not bool(torch.isfinite(base).all()):
             raise NonFiniteInput(name, -1)
@@ -400,29 +398,22 @@ class TritonBackend:
 
     def magnitude_histogram(self, base: torch.Tensor, model: torch.Tensor,
                             bucket: int | None = None) -> torch.Tensor:
-        hist, _ = self._histograms(base, [model], None if bucket is None else [bucket])
+        hist = self._histograms(base, [model], None if bucket is None else [bucket])
         if bucket is None:
             self._check_histogram(hist, "", base, [model])
         return hist[0]
 
-    def magnitude_histogram_hi(self, base: torch.Tensor, model: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """(high-bits histogram, low_bits_all_zero): when the flag is True, every element's low
-        16 bits are 0, so the refine histogram of any bucket b is all in bin 0 (hist[b] counts)."""
-        hist, lowbits = self._histograms(base, [model])
-        self._check_histogram(hist, "", base, [model])
-        return hist[0], int(lowbits[0]) == 0
-
     def _streamed_thresholds(self, job: MergeJob, spec: MethodSpec) -> tuple[float, ...]:
         """Tensor-scope thresholds of a job bigger than a slot: histogram passes over its parts."""
-        hist, lowbits = self._histograms(job.base, job.models)
+        hist = self._histograms(job.base, job.models)
         self._check_histogram(hist, job.name, job.base, job.models)
 
         def refine(need: dict) -> dict:
             order = sorted(need)
-            low, _ = self._histograms(job.base, [job.models[i] for i in order], [need[i] for i in order])
+            low = self._histograms(job.base, [job.models[i] for i in order], [need[i] for i in order])
             return {i: low[j] for j, i in enumerate(order)}
 
-        return self._select.thresholds_from_histograms(job.base.numel(), spec.densities, hist, lowbits, refine)
+        return self._select.thresholds_from_histograms(job.base.numel(), spec.densities, hist, refine)
 
     def _resident_thresholds(self, job: MergeJob, spec: MethodSpec, views: dict) -> tuple[float, ...]:
         """Tensor-scope thresholds of a job whose whole tensor sits in `views`: no second upload."""
