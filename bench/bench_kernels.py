@@ -6,11 +6,15 @@
 Cases, bf16, N fine-tuned models, >= 64M elements per tensor:
 - copy:         device-to-device copy of a large tensor (the bandwidth ceiling), bytes read + written
 - merge:        fused TIES merge with given thresholds
-- select_merge: tensor-scope TIES from scratch: histograms (+ refine), thresholds, merge
+- histogram:    selection's pass 1 alone: the packed histograms of all N models in one launch
+- select_merge: tensor-scope TIES from scratch: histograms (+ refine where pass 1 did not
+                settle a threshold), thresholds, merge
 - reference:    lines_fast.reference's TIES on the same GPU tensors (for the speedup)
 - backend:      TritonBackend("cuda").merge_many from CPU tensors to CPU output (host <-> GPU)
-GB/s counts the minimal bytes: N + 1 inputs read once and one output written, even where a
-pass reads more (selection reads the inputs again), so it compares directly with copy GB/s.
+GB/s counts the minimal bytes of a merge: N + 1 inputs read once and one output written,
+even where a pass reads more (selection reads the inputs again), so it compares directly
+with copy GB/s; `histogram` counts its own N + 1 inputs. select_merge also reports the
+bytes it really moves (pass 1, refines, merge) and the GB/s on those.
 """
 from __future__ import annotations
 
@@ -78,6 +82,17 @@ class Case:
         es = self.base.element_size()
         self.merge_bytes = (n_models + 1) * numel * es + numel * es
         self.copy_bytes = 2 * self.copy_src.numel() * self.copy_src.element_size()
+        self.hist32 = torch.zeros(n_models, kselect.BINS, dtype=torch.int32, device="cuda")
+        self.histogram_bytes = (n_models + 1) * numel * es
+        # Models whose threshold pass 1 did not settle: each costs a refine pass (base + model).
+        self.histogram()
+        from lines_fast.selection import locate_kth
+        from lines_fast.spec import kept_count
+
+        hist = self.hist32.to(torch.int64).cpu()
+        k = kept_count(DENSITY, numel)
+        self.refined_models = sum(not locate_kth(hist[i], k).settled for i in range(n_models))
+        self.select_merge_bytes_moved = self.histogram_bytes + self.refined_models * 2 * numel * es + self.merge_bytes
 
     def copy(self):
         self.copy_dst.copy_(self.copy_src)
@@ -87,6 +102,10 @@ class Case:
 
         self.kmerge.launch_merge(self.out, self.base, self.staged, table if table is not None else self.table,
                                  self.plan, n=self.numel, scale=1.0, stream_id=tensor_stream_id(NAME))
+
+    def histogram(self):
+        self.hist32.zero_()
+        self.kselect.launch_magnitude_histogram(self.hist32, self.base, self.staged, n=self.numel)
 
     def select_merge(self):
         thresholds, _ = self.kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=self.numel)
@@ -150,14 +169,19 @@ def run_all(numel: int = NUMEL, n_models: int = N_MODELS, with_reference: bool =
         "density": DENSITY,
         "copy": {"bytes": case.copy_bytes, "seconds": copy_s, "GB/s": copy_gbs},
     }
-    cases = {"merge": case.merge, "select_merge": case.select_merge}
+    cases = {"merge": case.merge, "histogram": case.histogram, "select_merge": case.select_merge}
     if with_reference:
         cases["reference"] = case.reference
     for name, fn in cases.items():
         seconds = time_gpu(fn, reps=5 if name == "reference" else 20)
-        gbs = case.merge_bytes / seconds / 1e9
-        result[name] = {"bytes": case.merge_bytes, "seconds": seconds, "GB/s": gbs,
-                        "pct_of_copy": 100 * gbs / copy_gbs}
+        nbytes = case.histogram_bytes if name == "histogram" else case.merge_bytes
+        gbs = nbytes / seconds / 1e9
+        result[name] = {"bytes": nbytes, "seconds": seconds, "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs}
+    moved = case.select_merge_bytes_moved
+    result["select_merge"].update({
+        "refined_models": case.refined_models, "bytes_moved": moved,
+        "GB/s_moved": moved / result["select_merge"]["seconds"] / 1e9,
+        "pct_of_copy_moved": 100 * moved / result["select_merge"]["seconds"] / 1e9 / copy_gbs})
     if with_reference:
         for name in ("merge", "select_merge"):
             result[name]["speedup_vs_reference"] = result["reference"]["seconds"] / result[name]["seconds"]
@@ -206,6 +230,10 @@ def test_fused_ties_merge(benchmark, case, copy_gbs):
     _bench(benchmark, case.merge, case.merge_bytes, copy_gbs)
 
 
+def test_selection_histogram_pass(benchmark, case, copy_gbs):
+    _bench(benchmark, case.histogram, case.histogram_bytes, copy_gbs)
+
+
 def test_ties_select_and_merge(benchmark, case, copy_gbs):
     _bench(benchmark, case.select_merge, case.merge_bytes, copy_gbs)
 
@@ -232,7 +260,7 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"{'case':<14}{'ms':>10}{'GB/s':>10}{'% copy':>8}")
-    for name in ("copy", "merge", "select_merge", "reference", "backend"):
+    for name in ("copy", "merge", "histogram", "select_merge", "reference", "backend"):
         if name in result:
             r = result[name]
             print(f"{name:<14}{1e3 * r['seconds']:>10.3f}{r['GB/s']:>10.1f}{r.get('pct_of_copy', 100.0 if name == 'copy' else float('nan')):>8.1f}")

@@ -237,6 +237,21 @@ def default_block(kernel=None) -> int:
     return INTERPRET_BLOCK if _interpreted(kernel or _fused_merge_kernel) else BLOCK
 
 
+def vector_friendly_spans(n: int, block: int) -> list[tuple[int, int]]:
+    """[(start, count)] launches covering [0, n): one, unless n is not a multiple of 16.
+
+    Triton vectorizes a masked load only when it can prove the mask constant across the
+    vector, i.e. when n_elements % 16 == 0 (it specializes integer arguments on that at
+    launch). A ragged n would make EVERY load of the launch a 2-byte scalar load (see
+    bench/compile_check.py), so the largest multiple of `block` goes in one launch and the
+    ragged rest (< block elements) in a second.
+    """
+    if n % 16 == 0 or n < block:
+        return [(0, n)] if n else []
+    main = n - n % block
+    return [(0, main), (main, n - main)]
+
+
 @dataclass(frozen=True)
 class MergePlan:
     """The constexpr switches and per-model numbers of one method, from a MethodSpec.
@@ -324,18 +339,22 @@ def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: fl
     else:
         out_k, out_bf16 = kernel_view(out)
     assert models.shape[0] == plan.n_models and models.stride(1) == 1
-    grid = (triton.cdiv(n, block),)
-    _fused_merge_kernel[grid](
-        out_k, base_k, models_k, table, partials if l1 else table, flags if flags is not None else table,
-        n, models.stride(0), int(elem_offset), int(plan.seed), int(stream_id), f32(scale), plan.weight_sum,
-        N=plan.n_models, HAS_BASE=plan.has_base, TRIM=plan.trim, DROP=plan.drop, ELECT=plan.elect,
-        NORMALIZE=plan.normalize, L1=l1, CHECK_FINITE=flags is not None,
-        BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,
-        num_warps=NUM_WARPS_DROP if plan.drop else NUM_WARPS,
-        # The reference rounds every product and sum: no fused multiply-add (an FMA can flip
-        # the sign of a cancelling election sum such as 0.3 * x + 0.3 * -x).
-        enable_fp_fusion=False,
-    )
+    for start, count in vector_friendly_spans(n, block):
+        # A second span starts at a multiple of `block`: its views keep their alignment, and
+        # its first program's partial lands right after the first span's last one.
+        _fused_merge_kernel[(triton.cdiv(count, block),)](
+            out_k[start:] if not l1 else out_k, base_k[start:] if plan.has_base else base_k, models_k[:, start:],
+            table, partials[start // block:] if l1 else table, flags if flags is not None else table,
+            count, models.stride(0), int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
+            plan.weight_sum,
+            N=plan.n_models, HAS_BASE=plan.has_base, TRIM=plan.trim, DROP=plan.drop, ELECT=plan.elect,
+            NORMALIZE=plan.normalize, L1=l1, CHECK_FINITE=flags is not None,
+            BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,
+            num_warps=NUM_WARPS_DROP if plan.drop else NUM_WARPS,
+            # The reference rounds every product and sum: no fused multiply-add (an FMA can flip
+            # the sign of a cancelling election sum such as 0.3 * x + 0.3 * -x).
+            enable_fp_fusion=False,
+        )
 
 
 def stage_models(models, device=None) -> torch.Tensor:

@@ -35,7 +35,7 @@ from lines_fast.selection import BINS, KEEP_NOTHING, NONZERO_LOW, locate_kth
 from lines_fast.spec import kept_count
 
 from .merge import (
-    NUM_WARPS, MergePlan, default_block, kernel_view, launch_merge, load_f32, stage_models,
+    NUM_WARPS, MergePlan, default_block, kernel_view, launch_merge, load_f32, stage_models, vector_friendly_spans,
 )
 
 _MAX_LAUNCH = 1 << 30  # elements per launch: int32 counts can never overflow
@@ -90,11 +90,12 @@ def launch_magnitude_histogram(hist32, base, models, *, n: int, bucket: int | No
     block = block or default_block(_magnitude_hist_kernel)
     base_k, base_bf16 = kernel_view(base)
     models_k, models_bf16 = kernel_view(models)
-    _magnitude_hist_kernel[(triton.cdiv(n, block),)](
-        hist32, base_k, models_k, models.stride(0), n, -1 if bucket is None else int(bucket),
-        N=models.shape[0], REFINE=bucket is not None, BASE_BF16=base_bf16, MODELS_BF16=models_bf16,
-        BLOCK=block, num_warps=NUM_WARPS,
-    )
+    for start, count in vector_friendly_spans(n, block):
+        _magnitude_hist_kernel[(triton.cdiv(count, block),)](
+            hist32, base_k[start:], models_k[:, start:], models.stride(0), count, -1 if bucket is None else int(bucket),
+            N=models.shape[0], REFINE=bucket is not None, BASE_BF16=base_bf16, MODELS_BF16=models_bf16,
+            BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=False,  # nothing to fuse; says so on every Triton
+        )
 
 
 def magnitude_histogram(base: torch.Tensor, model: torch.Tensor, bucket: int | None = None,

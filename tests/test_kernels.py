@@ -316,6 +316,24 @@ def test_dare_chunked_launch_uses_the_global_index(offset):
     assert torch.equal(torch.cat(parts).view(torch.int16), whole.view(torch.int16))
 
 
+def test_ragged_sizes_split_into_a_vectorizable_launch_and_a_tail():
+    """n % 16 != 0 would make every load scalar: the largest multiple of the block goes first."""
+    assert kmerge.vector_friendly_spans(4096, 1024) == [(0, 4096)]
+    assert kmerge.vector_friendly_spans(4112, 1024) == [(0, 4112)]        # a multiple of 16: one launch
+    assert kmerge.vector_friendly_spans(4100, 1024) == [(0, 4096), (4096, 4)]
+    assert kmerge.vector_friendly_spans(1000, 1024) == [(0, 1000)]         # smaller than a block
+    assert kmerge.vector_friendly_spans(0, 1024) == []
+    # Both launches write their own L1 partials: program 16 of 17 is the tail's only one.
+    base, models = make_inputs(4100, 2, BF16, [BF16] * 2, seed=9)
+    plan = kmerge.MergePlan.task_vector_sum(2)
+    partials = torch.full((17,), -1.0, dtype=torch.float64, device=DEVICE)
+    kmerge.launch_merge(None, dev(base), kmerge.stage_models([dev(m) for m in models]), plan.table(None, DEVICE),
+                        plan, n=4100, partials=partials, block=256)
+    tau_sum = sum(m.float() - base.float() for m in models).abs().double()
+    want = torch.stack([tau_sum[i * 256:(i + 1) * 256].sum() for i in range(17)])
+    assert torch.allclose(partials.cpu(), want, rtol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------
 # Conversions: bf16 widening and round-to-nearest-even
 # ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .base import MergeJob
 _ALIGN = 256            # byte alignment of every view carved from a slot (16-byte vector loads)
 _MAX_PART = 1 << 30     # elements per part: keeps every per-launch int32 count safe
 _PAGE = 4096
+_PART_MULTIPLE = 1024   # see kernels.merge.vector_friendly_spans
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,6 +320,8 @@ class TritonBackend:
     def _part_ranges(self, numel: int, bytes_per_element: int) -> list[tuple[int, int]]:
         size = self.chunk_elements or max(1, self.max_resident_bytes // max(1, bytes_per_element))
         size = max(1, min(size, _MAX_PART))
+        if size > _PART_MULTIPLE:  # parts of a multiple of 1024 keep every launch vectorized
+            size -= size % _PART_MULTIPLE
         return [(s, min(numel, s + size)) for s in range(0, numel, size)] or [(0, 0)]
 
     @staticmethod
