@@ -8,6 +8,7 @@ input tensor's pages are released once it is merged.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -32,7 +33,7 @@ from .planning import Pass, auto_alpha, describe, plan_passes
 from .progress import Progress
 from .selection import BINS, KEEP_NOTHING, Located, locate_kth
 from .spec import MethodSpec, kept_count
-from .writer import PARTIAL_SUFFIX, ShardedWriter, check_output_dir, parse_size
+from .writer import PARTIAL_SUFFIX, ShardedWriter, check_output_dir, different_merge_error, parse_size
 
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
 
@@ -239,12 +240,32 @@ def _shape_message(name: str, reference: Checkpoint, info: TensorInfo, model: Ch
 
 # -- statistics passes --------------------------------------------------------------------
 class _Stats:
-    """What the statistics passes leave for the merge pass: thresholds and α."""
+    """What the statistics passes leave for the merge pass: thresholds and α.
+
+    The global thresholds and α are journaled with the output (as exact hex floats), so a
+    --resume of the same merge skips the statistics passes; tensor-scope thresholds are
+    found again per tensor by the merge pass.
+    """
 
     def __init__(self) -> None:
         self.global_thresholds: tuple[float, ...] | None = None
         self.tensor_thresholds: dict[str, tuple[float, ...]] = {}
         self.alpha: float | None = None
+        self.passes_run = 0
+
+    def to_json(self) -> dict:
+        return {"alpha": None if self.alpha is None else self.alpha.hex(),
+                "global_thresholds": None if self.global_thresholds is None
+                else [t.hex() for t in self.global_thresholds]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "_Stats":
+        stats = cls()
+        if doc.get("alpha") is not None:
+            stats.alpha = float.fromhex(doc["alpha"])
+        if doc.get("global_thresholds") is not None:
+            stats.global_thresholds = tuple(float.fromhex(t) for t in doc["global_thresholds"])
+        return stats
 
 
 class Engine:
@@ -295,6 +316,30 @@ class Engine:
             f"tensor '{name}' of {ckpt.label} ({info.file}) contains NaN or Inf values. A merge of it would "
             "spread them; check that checkpoint (a diverged fine-tune?), exclude the tensor with --exclude, "
             "or pass --allow-nonfinite to merge anyway.")
+
+    def _resumed_stats(self, merge_key: str, passes: list[Pass]) -> _Stats | None:
+        """--resume: the interrupted run's statistics when it was this very merge; refuses another
+        merge at once; None where there is nothing to resume from (or an older journal)."""
+        notes = ShardedWriter.read_notes(self.out_dir)
+        if notes is None or "merge" not in notes:
+            return None
+        if notes["merge"] != merge_key:
+            raise different_merge_error(self.out_dir.with_name(self.out_dir.name + PARTIAL_SUFFIX))
+        try:
+            stats = _Stats.from_json(notes.get("stats") or {})
+        except (TypeError, ValueError, AttributeError):
+            return None
+        spec = self.spec
+        if ((auto_alpha(spec) and stats.alpha is None)
+                or (spec.trims and spec.trim_scope == "global" and stats.global_thresholds is None)):
+            return None  # not journaled (an older run): compute them again
+        skipped = [p.name for p in passes if p.name != "merge"]
+        if skipped:
+            found = " and ".join(what for what, value in (("α", stats.alpha), ("global thresholds",
+                                                           stats.global_thresholds)) if value is not None)
+            self.log(f"--resume: reusing the {found} of the interrupted run; statistics pass(es) "
+                     f"{', '.join(skipped)} skipped")
+        return stats
 
     def _stats_passes(self, passes: list[Pass], inputs: _Inputs, plan: _Plan, backend) -> _Stats:
         stats = _Stats()
@@ -359,6 +404,7 @@ class Engine:
                 stats.alpha = (sum_l1 / delta_l1) / n
                 self.log(f"LiNeS alpha auto = (‖Σ τ_i‖₁ / ‖τ_MTL‖₁) / N = ({sum_l1:.6g} / {delta_l1:.6g}) / {n} "
                          f"= {stats.alpha:.6g}")
+            stats.passes_run += 1
             self.log(f"pass {passes.index(p) + 1}/{len(passes)} ({p.name}) took {time.perf_counter() - t0:.2f} s")
         return stats
 
@@ -393,7 +439,15 @@ class Engine:
             entries = [(n, plan.out_dtypes[n], plan.shapes[n]) for n in plan.order]
             out_bytes = sum(int(torch.Size(s).numel()) * d.itemsize for _, d, s in entries)
             self._check_disk(out_bytes)
-            stats = self._stats_passes(passes, inputs, plan, backend)
+            # Everything that decides the output and is known before any pass: a resume of
+            # another merge is refused here, before the statistics passes, not after them.
+            merge_key = hashlib.sha256(json.dumps(
+                [__version__, config.recipe(), _inputs_key(inputs), str(self.max_shard_size),
+                 [[n, str(d), list(s)] for n, d, s in entries]], sort_keys=True, default=str,
+            ).encode("utf-8")).hexdigest()
+            stats = self._resumed_stats(merge_key, passes) if self.resume else None
+            if stats is None:
+                stats = self._stats_passes(passes, inputs, plan, backend)
             scales = self._scales(plan, stats)
             metadata = {
                 "lines_fast_version": __version__,
@@ -403,7 +457,8 @@ class Engine:
                 metadata["lines_fast_alpha"] = repr(stats.alpha)
             writer = ShardedWriter(self.out_dir, entries, max_shard_size=self.max_shard_size,
                                    metadata=metadata, resume=self.resume, overwrite=self.force,
-                                   resume_key=_inputs_key(inputs))
+                                   resume_key=_inputs_key(inputs),
+                                   notes={"merge": merge_key, "stats": stats.to_json()})
             pending = writer.pending_names()
             if self.resume:
                 self.log(f"--resume: {len(plan.order) - len(pending)} of {len(plan.order)} tensors already "
@@ -411,7 +466,7 @@ class Engine:
             bytes_read = self._merge_pass(passes, inputs, plan, backend, writer, pending, stats, scales)
             with tempfile.TemporaryDirectory() as tmp:
                 writer.finish(self._aux_files(inputs, plan, Path(tmp), tok_files))
-            bytes_read += self._input_bytes(inputs, plan.merged) * (len(passes) - 1)
+            bytes_read += self._input_bytes(inputs, plan.merged) * stats.passes_run
             return MergeResult(
                 out_dir=self.out_dir, method=config.method, backend=backend.name,
                 passes=[p.name for p in passes], merged_tensors=len(plan.merged),

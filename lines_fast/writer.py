@@ -183,6 +183,13 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
 
 
+def different_merge_error(partial: Path) -> MergeInputError:
+    return MergeInputError(
+        f"The partial output '{partial}' was written for a different merge (other models, changed model "
+        f"files, parameters, tensors, shard size or metadata), so it cannot be resumed. Rerun without "
+        f"--resume, or delete '{partial}'.")
+
+
 class ShardedWriter:
     """Writes planned shards tensor by tensor, then publishes the directory atomically.
 
@@ -196,6 +203,9 @@ class ShardedWriter:
     Resume trusts the plan hash: metadata (or resume_key, hashed but not written) should
     carry a digest of everything that decides the tensor values (models, method, parameters),
     so a changed merge never reuses shards.
+
+    notes: JSON-able facts the caller wants back on resume (read_notes), kept in the journal;
+    the engine keeps there what its statistics passes found, so a resume can skip them.
 
     durable=False skips every fsync (of shards, journal, index, aux and extra files and
     directories) and changes nothing else: same files, same journal, same atomic renames. The
@@ -215,6 +225,7 @@ class ShardedWriter:
         overwrite: bool = False,
         resume_key: str = "",
         durable: bool = True,
+        notes: dict | None = None,
     ):
         if max_shard_size <= 0:
             raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
@@ -239,6 +250,7 @@ class ShardedWriter:
             plan.append(resume_key)
         self.plan_hash = hashlib.sha256(json.dumps(plan, ensure_ascii=False).encode("utf-8")).hexdigest()
 
+        self.notes = notes
         self._done: dict[str, dict[str, int]] = {}  # shard file -> {"size", "crc32"}
         try:
             if self.partial.exists() or self.partial.is_symlink():
@@ -266,6 +278,17 @@ class ShardedWriter:
         self._state = "open"
         self._check_space()
 
+    @staticmethod
+    def read_notes(out_dir: str | os.PathLike) -> dict | None:
+        """The notes journaled by an interrupted writer of out_dir, or None (no usable journal)."""
+        partial = Path(os.path.abspath(out_dir))
+        partial = partial.with_name(partial.name + PARTIAL_SUFFIX)
+        try:
+            notes = json.loads((partial / JOURNAL).read_text(encoding="utf-8")).get("notes")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return notes if isinstance(notes, dict) else None
+
     def _verify_journal(self) -> None:
         """Keeps the journal's shards whose size and CRC-32 still match; refuses another plan."""
         try:
@@ -274,11 +297,7 @@ class ShardedWriter:
         except (OSError, ValueError, KeyError, TypeError):
             return  # no usable journal: nothing is known complete, so rewrite everything
         if plan != self.plan_hash:
-            raise MergeInputError(
-                f"The partial output '{self.partial}' was written for a different merge (other "
-                f"models, changed model files, parameters, tensors, shard size or metadata), so "
-                f"it cannot be resumed. Rerun without --resume, or delete '{self.partial}'."
-            )
+            raise different_merge_error(self.partial)
         files = {s.file: s for s in self.shards}
         for file, record in done.items():
             path = self.partial / file
@@ -295,7 +314,10 @@ class ShardedWriter:
     def _save_journal(self) -> None:
         # Write-then-rename, so the journal is always either the old or the new version.
         tmp = self.partial / (JOURNAL + ".tmp")
-        journal = json.dumps({"plan": self.plan_hash, "done": self._done}, indent=1).encode("utf-8")
+        record = {"plan": self.plan_hash, "done": self._done}
+        if self.notes is not None:
+            record["notes"] = self.notes
+        journal = json.dumps(record, indent=1).encode("utf-8")
         _write_synced(tmp, journal, self.durable)
         os.replace(tmp, self.partial / JOURNAL)
         self._sync_dir(self.partial)

@@ -249,3 +249,15 @@ def test_global_refine_pass_runs_only_when_a_threshold_needs_it(family, tmp_path
     ran = any(line.startswith("pass 2/3 (refine) took") for line in logs)
     assert (ran, skipped) == (needs_refine, not needs_refine), (thresholds, logs)
     assert any(f"{thresholds[0]:.6g}" in line for line in logs if line.startswith("global trim thresholds"))
+
+
+def test_journaled_statistics_round_trip_exactly():
+    """α and global thresholds survive a resume bit for bit (hex floats), inf included."""
+    from lines_fast.engine import _Stats
+
+    stats = _Stats()
+    stats.alpha = 0.1 + 0.2
+    stats.global_thresholds = (float("inf"), 1.401298464324817e-45, 0.0009765625)
+    back = _Stats.from_json(json.loads(json.dumps(stats.to_json())))
+    assert back.alpha == stats.alpha and back.global_thresholds == stats.global_thresholds
+    assert _Stats.from_json(_Stats().to_json()).alpha is None

@@ -165,6 +165,7 @@ def test_kill_9_then_resume_is_byte_identical(family, tmp_path, capsys):
         rc, _, err = run(capsys, *args_for(family, out, "ties", *changed), "--resume")
         assert rc == 2
         assert "different merge" in error_line(err) and str(partial) in err
+        assert "(norms) took" not in err  # refused before the statistics pass, not after it
         assert not out.exists() and (partial / JOURNAL).is_file()
     rc, _, err = run(capsys, *args_for(family, out, *TIES_LINES), "--resume", "--max-shard-size", "2MB")
     assert rc == 2 and "different merge" in error_line(err)
@@ -181,10 +182,28 @@ def test_kill_9_then_resume_is_byte_identical(family, tmp_path, capsys):
     assert not out.exists() and (partial / JOURNAL).is_file()
 
     err = merge_ok(capsys, *args_for(family, out, *TIES_LINES), "--resume")
-    line = next(l for l in err.splitlines() if l.startswith("--resume:"))
+    # α auto was journaled: the resume skips the norms pass and reuses it (the bytes below prove it exact).
+    assert "--resume: reusing the α of the interrupted run; statistics pass(es) norms skipped" in err
+    assert "(norms) took" not in err
+    line = next(l for l in err.splitlines() if l.startswith("--resume:") and "tensors already" in l)
     kept = int(line.split()[1])
     assert kept > 0, line
     assert not partial.exists()
+    assert files_of(out) == files_of(ref)
+
+
+def test_resume_of_a_global_merge_reuses_its_thresholds_and_alpha(family, tmp_path, capsys):
+    """Global TIES + LiNeS auto: 3-4 statistics passes. A resume journaled their results and
+    skips them all, and still writes the very bytes of an uninterrupted run."""
+    args = ("ties", "--density", "0.3", "--trim-scope", "global", "--lines-beta", "0.5")
+    ref = tmp_path / "ref"
+    err = merge_ok(capsys, *args_for(family, ref, *args))
+    assert "(magnitudes) took" in err and "(norms) took" in err
+    out = tmp_path / "out"
+    kill_mid_merge(args_for(family, out, *args), Path(str(out) + PARTIAL_SUFFIX))
+    err = merge_ok(capsys, *args_for(family, out, *args), "--resume")
+    assert "reusing the α and global thresholds of the interrupted run" in err
+    assert "(magnitudes) took" not in err and "(norms) took" not in err
     assert files_of(out) == files_of(ref)
 
 

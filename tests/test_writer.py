@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lines_fast.checkpoint import Checkpoint
 from lines_fast.errors import MergeInputError
-from lines_fast.writer import JOURNAL, ShardedWriter, check_output_dir, parse_size, plan_shards
+from lines_fast.writer import JOURNAL, PARTIAL_SUFFIX, ShardedWriter, check_output_dir, parse_size, plan_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -239,6 +239,16 @@ def test_resume_is_byte_identical(tmp_path, durable):
     skipped = [n for s in finished for n in s.names]
     assert pending == [n for n in tensors if n not in skipped]
     assert files_of(tmp_path / "out") == reference
+
+
+def test_notes_survive_an_interruption(tmp_path):
+    tensors = sample()
+    assert ShardedWriter.read_notes(tmp_path / "out") is None  # no partial output at all
+    notes = {"merge": "abc", "stats": {"alpha": (0.1).hex()}}
+    interrupted(tmp_path, tensors, 6, notes=notes)
+    assert ShardedWriter.read_notes(tmp_path / "out") == notes
+    (tmp_path / ("out" + PARTIAL_SUFFIX) / JOURNAL).write_text("{not json")
+    assert ShardedWriter.read_notes(tmp_path / "out") is None
 
 
 def test_resume_rewrites_corrupted_shard(tmp_path):
