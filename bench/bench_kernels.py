@@ -7,6 +7,8 @@ Cases, bf16, N fine-tuned models, >= 64M elements per tensor:
 - copy:         device-to-device copy of a large tensor (the bandwidth ceiling), bytes read + written
 - merge:        fused TIES merge with given thresholds
 - histogram:    selection's pass 1 alone: the packed histograms of all N models in one launch
+                (with its sampling launch); histogram_hot{32,64,128}: the same with 32/64/128
+                private slots for the sampled hot bins; histogram_zeros_only: only zeros private
 - select_merge: tensor-scope TIES from scratch: histograms (+ refine where pass 1 did not
                 settle a threshold), thresholds, merge
 - reference:    lines_fast.reference's TIES on the same GPU tensors (for the speedup)
@@ -103,9 +105,16 @@ class Case:
         self.kmerge.launch_merge(self.out, self.base, self.staged, table if table is not None else self.table,
                                  self.plan, n=self.numel, scale=1.0, stream_id=tensor_stream_id(NAME))
 
-    def histogram(self):
+    def histogram(self, hot=None):
         self.hist32.zero_()
-        self.kselect.launch_magnitude_histogram(self.hist32, self.base, self.staged, n=self.numel)
+        self.kselect.launch_magnitude_histogram(self.hist32, self.base, self.staged, n=self.numel, hot=hot)
+
+    def hot_bins(self, slots: int):
+        """The sampled hot bins with `slots` private slots (sampling kept out of the timing)."""
+        b_k, b_bf16 = self.kmerge.kernel_view(self.base)
+        m_k, m_bf16 = self.kmerge.kernel_view(self.staged)
+        return self.kselect.sample_hot_bins(b_k, b_bf16, m_k, m_bf16, n=self.numel, block=self.kmerge.BLOCK,
+                                            slots=slots)
 
     def select_merge(self):
         thresholds, _ = self.kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=self.numel)
@@ -177,6 +186,18 @@ def run_all(numel: int = NUMEL, n_models: int = N_MODELS, with_reference: bool =
         nbytes = case.histogram_bytes if name == "histogram" else case.merge_bytes
         gbs = nbytes / seconds / 1e9
         result[name] = {"bytes": nbytes, "seconds": seconds, "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs}
+    # Tuning: private slots for the hot bins (compute) against global atomics (contention).
+    for slots in (32, 64, 128):
+        hot = case.hot_bins(slots)
+        seconds = time_gpu(lambda hot=hot: case.histogram(hot))
+        gbs = case.histogram_bytes / seconds / 1e9
+        result[f"histogram_hot{slots}"] = {"bytes": case.histogram_bytes, "seconds": seconds, "GB/s": gbs,
+                                           "pct_of_copy": 100 * gbs / copy_gbs}
+    no_private = case.kselect.HotBins.lowest("cuda", 32)  # only exact zeros private: the contention baseline
+    seconds = time_gpu(lambda: case.histogram(no_private), reps=5)
+    result["histogram_zeros_only"] = {"bytes": case.histogram_bytes, "seconds": seconds,
+                                      "GB/s": case.histogram_bytes / seconds / 1e9,
+                                      "pct_of_copy": 100 * case.histogram_bytes / seconds / 1e9 / copy_gbs}
     moved = case.select_merge_bytes_moved
     result["select_merge"].update({
         "refined_models": case.refined_models, "bytes_moved": moved,
@@ -260,7 +281,8 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"{'case':<14}{'ms':>10}{'GB/s':>10}{'% copy':>8}")
-    for name in ("copy", "merge", "histogram", "select_merge", "reference", "backend"):
+    for name in ("copy", "merge", "histogram", "histogram_hot32", "histogram_hot64", "histogram_hot128",
+                 "histogram_zeros_only", "select_merge", "reference", "backend"):
         if name in result:
             r = result[name]
             print(f"{name:<14}{1e3 * r['seconds']:>10.3f}{r['GB/s']:>10.1f}{r.get('pct_of_copy', 100.0 if name == 'copy' else float('nan')):>8.1f}")

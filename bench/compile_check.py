@@ -49,7 +49,11 @@ def _merge_variant(name, n, *, has_base=True, trim=False, drop=False, elect=Fals
 
 
 def variants() -> list[Variant]:
-    from lines_fast.kernels.merge import NUM_WARPS, NUM_WARPS_DROP
+    from lines_fast.backends.triton_backend import import_kernels
+
+    kmerge, kselect = import_kernels()
+    NUM_WARPS, NUM_WARPS_DROP = kmerge.NUM_WARPS, kmerge.NUM_WARPS_DROP
+    HOT_SLOTS, ITERS = kselect.HOT_SLOTS, kselect.ITERS
 
     ties = dict(trim=True, elect=True, normalize=True)
     return [
@@ -65,10 +69,19 @@ def variants() -> list[Variant]:
         _merge_variant("dare_linear bf16 N=8", 8, drop=True, num_warps=NUM_WARPS_DROP, max_registers=255),
         _merge_variant("ties L1 (alpha auto) bf16 N=3", 3, **ties, l1=True, num_warps=NUM_WARPS),
         Variant("histogram bf16 N=3", "histogram",
-                dict(N=3, REFINE=False, BASE_BF16=True, MODELS_BF16=True, BLOCK=1024),
+                dict(N=3, NP=4, REFINE=False, BASE_BF16=True, MODELS_BF16=True, BLOCK=1024, ITERS=ITERS,
+                     HOT=HOT_SLOTS),
+                dict(base_ptr="i16", models_ptr="i16"), NUM_WARPS),
+        Variant("histogram bf16 N=3, 128 slots", "histogram",
+                dict(N=3, NP=4, REFINE=False, BASE_BF16=True, MODELS_BF16=True, BLOCK=1024, ITERS=ITERS, HOT=128),
+                dict(base_ptr="i16", models_ptr="i16"), NUM_WARPS),
+        Variant("histogram bf16 N=8", "histogram",
+                dict(N=8, NP=8, REFINE=False, BASE_BF16=True, MODELS_BF16=True, BLOCK=1024, ITERS=ITERS,
+                     HOT=HOT_SLOTS),
                 dict(base_ptr="i16", models_ptr="i16"), NUM_WARPS),
         Variant("histogram refine fp32 N=1", "histogram",
-                dict(N=1, REFINE=True, BASE_BF16=False, MODELS_BF16=False, BLOCK=1024),
+                dict(N=1, NP=1, REFINE=True, BASE_BF16=False, MODELS_BF16=False, BLOCK=1024, ITERS=ITERS,
+                     HOT=HOT_SLOTS),
                 dict(base_ptr="fp32", models_ptr="fp32"), NUM_WARPS),
     ]
 
@@ -78,9 +91,9 @@ def variants() -> list[Variant]:
 _MERGE_ARGS = dict(out_ptr=None, base_ptr=None, models_ptr=None, table_ptr="*fp32", partial_ptr="*fp64",
                    flags_ptr="*i32", n_elements="i64", model_stride="i64", elem_offset="i64", seed="i64",
                    stream_id="i64", scale="fp32", weight_sum="fp32")
-_HIST_ARGS = dict(hist_ptr="*i32", base_ptr=None, models_ptr=None, model_stride="i64", n_elements="i64",
-                  bucket="i32")
-_DIVISIBLE = ("n_elements", "model_stride")  # multiples of 16 on the benchmark's shapes
+_HIST_ARGS = dict(hist_ptr="*i32", slot_of_bin_ptr="*i16", bin_of_slot_ptr="*i32", base_ptr=None, models_ptr=None,
+                  model_stride="i64", n_elements="i64", block_stride="i64", bucket="i32")
+_DIVISIBLE = ("n_elements", "model_stride", "block_stride")  # multiples of 16 on the benchmark's shapes
 
 
 def compile_variant(variant: Variant, arch: int):

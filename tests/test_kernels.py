@@ -422,6 +422,67 @@ def test_one_launch_histograms_every_model(dtype):
         assert torch.equal(hist32[i].cpu().to(torch.int64), packed_counts(bits)), i
 
 
+def _bench_like(n, n_models, seed):
+    """bf16 deltas of a few exact values (multiples of the base's ulp): a handful of very hot bins."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).to(BF16)
+    models = []
+    for _ in range(n_models):
+        delta = 0.01 * torch.randn(n, generator=g)
+        delta[torch.rand(n, generator=g) < 0.05] = 0
+        models.append((base.float() + delta).to(BF16))
+    return base, models
+
+
+def _staged_histograms(base, models, **kw):
+    n = base.numel()
+    hist32 = torch.zeros(len(models), BINS, dtype=torch.int32, device=DEVICE)
+    staged = kmerge.stage_models([dev(m) for m in models])
+    kselect.launch_magnitude_histogram(hist32, dev(base), staged, n=n, block=kw.pop("block", BLOCK), **kw)
+    return hist32.cpu().to(torch.int64)
+
+
+@pytest.mark.parametrize("iters", [1, 3])
+@pytest.mark.parametrize("table", ["lowest", "random", "sampled"])
+def test_histogram_is_exact_whichever_bins_are_private(table, iters):
+    """Hot bins are counted per program, the rest by global atomics: every element exactly once."""
+    base, models = _bench_like(5000, 3, seed=41)
+    if table == "lowest":
+        hot = kselect.HotBins.lowest(DEVICE)
+    elif table == "random":
+        bins = torch.randperm(BINS, generator=torch.Generator().manual_seed(iters))[:32]  # 32 slots, not 64
+        hot = kselect.HotBins.of(bins.to(DEVICE))
+    else:
+        b_k, b_bf16 = kmerge.kernel_view(dev(base))
+        m_k, m_bf16 = kmerge.kernel_view(kmerge.stage_models([dev(m) for m in models]))
+        hot = kselect.sample_hot_bins(b_k, b_bf16, m_k, m_bf16, n=base.numel(), block=BLOCK)
+    hist = _staged_histograms(base, models, iters=iters, hot=hot)
+    for i, m in enumerate(models):
+        bits = (m.float() - base.float()).abs().view(torch.int32)
+        assert torch.equal(hist[i], packed_counts(bits)), i
+
+
+def test_sampling_privatizes_the_hot_bins(monkeypatch):
+    base, models = _bench_like(kselect.SAMPLE_BLOCKS * BLOCK * 4, 2, seed=42)
+    counts = sum(packed_counts((m.float() - base.float()).abs().view(torch.int32)) for m in models)
+    b_k, b_bf16 = kmerge.kernel_view(dev(base))
+    m_k, m_bf16 = kmerge.kernel_view(kmerge.stage_models([dev(m) for m in models]))
+    hot = kselect.sample_hot_bins(b_k, b_bf16, m_k, m_bf16, n=base.numel(), block=BLOCK)
+    private = set(hot.bin_of_slot.cpu().tolist())
+    assert int(hot.bin_of_slot[0]) == 0 and len(private) == kselect.HOT_SLOTS
+    top = counts.topk(6).indices.tolist()  # zeros and the few 1-ulp bins hold most elements
+    assert set(top) <= private, (top, sorted(private)[:10])
+    assert counts[list(private)].sum() > 0.9 * counts.sum()
+    slot_of_bin = hot.slot_of_bin.cpu().long()
+    assert torch.equal(slot_of_bin[hot.bin_of_slot.cpu().long()], torch.arange(kselect.HOT_SLOTS))
+    assert int((slot_of_bin >= 0).sum()) == kselect.HOT_SLOTS
+    # A pass 1 big enough to sample by itself still counts exactly.
+    monkeypatch.setattr(kselect, "SAMPLE_MIN_ELEMENTS", 0)
+    hist = _staged_histograms(base, models)
+    for i, m in enumerate(models):
+        assert torch.equal(hist[i], packed_counts((m.float() - base.float()).abs().view(torch.int32)))
+
+
 def test_bf16_deltas_have_low_bits_zero():
     base = torch.tensor([1.0, 2.0, -0.5] * 100).to(BF16)
     model = (base.float() + 0.125).to(BF16)  # exact small deltas: low 16 bits all zero
