@@ -379,10 +379,15 @@ class Engine:
                         # leaves them on the job, kept for the merge pass.
                         job = MergeJob(name, base, models, stats.global_thresholds if spec.trims else None,
                                        1.0, torch.float32)
-                        delta_l1 += backend.merged_delta_l1(job, spec)
+                        if need_sum_l1 and p is passes[0]:  # both norms from one read of the tensor
+                            task_sum, delta = backend.delta_norms(job, spec)
+                            sum_l1 += task_sum
+                            delta_l1 += delta
+                        else:
+                            delta_l1 += backend.merged_delta_l1(job, spec)
                         if spec.trims and stats.global_thresholds is None:
                             stats.tensor_thresholds[name] = job.thresholds
-                    if need_sum_l1 and p is passes[0]:
+                    if need_sum_l1 and p is passes[0] and p.name != "norms":  # rides on the first pass
                         sum_l1 += backend.task_vector_sum_l1(base, models)
                 except NonFiniteInput as err:
                     raise self._nonfinite(err, inputs, plan, name) from None

@@ -67,6 +67,10 @@ class Backend(Protocol):
     def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
         """sum_j |tau_MTL[j]| for this tensor: the merged task vector with λ = 1, no LiNeS scale."""
 
+    def delta_norms(self, job: MergeJob, spec: MethodSpec) -> tuple[float, float]:
+        """(task_vector_sum_l1, merged_delta_l1) of this tensor, equal to the two calls', from one
+        read where the backend can: α auto's norms pass needs both."""
+
     def merge_many(self, jobs: Iterable[MergeJob], spec: MethodSpec) -> Iterator[tuple[MergeJob, torch.Tensor]]:
         """Yield (job, output) in job order, output a CPU tensor of job.out_dtype.
 

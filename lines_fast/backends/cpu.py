@@ -39,6 +39,7 @@ class _Buffers:
         self.indicator = torch.empty(chunk, **f32)
         self.bits = torch.empty(chunk, dtype=torch.int32)
         self.flag = torch.empty(chunk, dtype=torch.int32)
+        self.task_sum = torch.empty(chunk, **f32)
 
 
 def _touch_pages(tensors: list[torch.Tensor]) -> None:
@@ -126,12 +127,23 @@ class CpuBackend:
         return total.value()
 
     def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
+        return self._norms(job, spec, with_task_sum=False)[1]
+
+    def delta_norms(self, job: MergeJob, spec: MethodSpec) -> tuple[float, float]:
+        return self._norms(job, spec, with_task_sum=True)
+
+    def _norms(self, job: MergeJob, spec: MethodSpec, with_task_sum: bool) -> tuple[float, float]:
+        """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁): the task sum is taken from the same loaded τ_i, before
+        trimming or dropping, with the same float32 adds as task_vector_sum_l1 (so equal bits)."""
         if spec.trims and job.thresholds is None:
             job.thresholds = tensor_thresholds(self.magnitude_histogram, job.base, job.models, spec.densities)
-        total = AbsSum()
+        task_sum, delta = AbsSum(), AbsSum()
         for s, e, bufs in self._chunks(job):
-            total.add(self._merged_delta(job, spec, s, e, bufs))
-        return total.value()
+            task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
+            delta.add(self._merged_delta(job, spec, s, e, bufs, task_sum=task_sum_chunk))
+            if with_task_sum:
+                task_sum.add(task_sum_chunk)
+        return task_sum.value(), delta.value()
 
     # -- merging --------------------------------------------------------------------------
     def _chunks(self, job: MergeJob):
@@ -140,14 +152,20 @@ class CpuBackend:
         for s, e in self._spans(numel):
             yield s, e, bufs
 
-    def _merged_delta(self, job: MergeJob, spec: MethodSpec, s: int, e: int, bufs: _Buffers) -> torch.Tensor:
-        """τ_m for elements s..e (λ = 1): trimmed/dropped, elected, merged. Leaves the base in bufs.base."""
+    def _merged_delta(self, job: MergeJob, spec: MethodSpec, s: int, e: int, bufs: _Buffers,
+                      task_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """τ_m for elements s..e (λ = 1): trimmed/dropped, elected, merged. Leaves the base in bufs.base.
+        task_sum: if given, receives Σ_i τ_i (untrimmed, in model order) for α auto."""
         n = e - s
         b = bufs.base[:n]
         b.copy_(job.base.reshape(-1)[s:e])
+        if task_sum is not None:
+            task_sum.zero_()
         taus = []
         for i, model in enumerate(job.models):
             tau = self._load_tau(bufs.tau[i][:n], model.reshape(-1)[s:e], b, job.name, i)
+            if task_sum is not None:
+                task_sum.add_(tau)
             if spec.trims:
                 self._trim(tau, job.thresholds[i], bufs.tmp[:n])
             if spec.drops:

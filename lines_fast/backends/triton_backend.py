@@ -461,6 +461,10 @@ class TritonBackend:
         thresholds = self._job_thresholds(job, spec, views=None)
         return self._l1(job.base, job.models, plan, name=job.name, thresholds=thresholds)
 
+    def delta_norms(self, job: MergeJob, spec: MethodSpec) -> tuple[float, float]:
+        # Two reads of device memory; on a GPU the pass is bound by reading the shards anyway.
+        return self.task_vector_sum_l1(job.base, job.models), self.merged_delta_l1(job, spec)
+
     def _job_thresholds(self, job: MergeJob, spec: MethodSpec, views: dict | None):
         """job.thresholds, or (tensor scope, trimming) the exact ones found here and stored on the job."""
         if not spec.trims or job.thresholds is not None:
