@@ -42,7 +42,7 @@ def _merge_variant(name, n, *, has_base=True, trim=False, drop=False, elect=Fals
     elem = "i16" if bf16 else "fp32"  # bf16 travels as int16 bit patterns
     return Variant(
         name, "merge",
-        dict(N=n, HAS_BASE=has_base, TRIM=trim, DROP=drop, ELECT=elect, NORMALIZE=normalize, L1=l1,
+        dict(N=n, HAS_BASE=has_base, TRIM=trim, DROP=drop, ELECT=elect, NORMALIZE=normalize, L1=l1, TASK_SUM=l1,
              CHECK_FINITE=not l1, BASE_BF16=bf16, MODELS_BF16=bf16, OUT_BF16=bf16, BLOCK=1024),
         dict(out_ptr="fp64" if l1 else elem, base_ptr=elem, models_ptr=elem),
         num_warps, max_registers)
@@ -89,7 +89,8 @@ def variants() -> list[Variant]:
 # Runtime argument types, as Triton's launcher would specialize them (ints: i64 where they
 # can pass 2^31 or are seeds; pointers 16-byte aligned, as every staging view is).
 _MERGE_ARGS = dict(out_ptr=None, base_ptr=None, models_ptr=None, table_ptr="*fp32", partial_ptr="*fp64",
-                   flags_ptr="*i32", n_elements="i64", model_stride="i64", elem_offset="i64", seed="i64",
+                   task_partial_ptr="*fp64", flags_ptr="*i32", n_elements="i64", model_stride="i64",
+                   elem_offset="i64", seed="i64",
                    stream_id="i64", scale="fp32", weight_sum="fp32")
 _HIST_ARGS = dict(hist_ptr="*i32", slot_of_bin_ptr="*i16", bin_of_slot_ptr="*i32", base_ptr=None, models_ptr=None,
                   model_stride="i64", n_elements="i64", block_stride="i64", bucket="i32")

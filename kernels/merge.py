@@ -116,10 +116,11 @@ def _bit_or(a, b):
 
 @triton.jit
 def _fused_merge_kernel(
-    out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, flags_ptr,
+    out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr,
     n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum,
     N: tl.constexpr, HAS_BASE: tl.constexpr, TRIM: tl.constexpr, DROP: tl.constexpr,
-    ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, CHECK_FINITE: tl.constexpr,
+    ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, TASK_SUM: tl.constexpr,
+    CHECK_FINITE: tl.constexpr,
     BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -144,6 +145,7 @@ def _fused_merge_kernel(
         c2 = (offs * 0 + stream_id).to(tl.uint32)  # stream id may be >= 2^31: widen, then wrap
 
     acc = zero
+    raw = zero  # TASK_SUM: sum_i tau_i before any trim or drop, for ||sum tau||_1
     pos_num = zero
     pos_den = zero
     neg_num = zero
@@ -159,6 +161,8 @@ def _fused_merge_kernel(
             tau = x - b
         else:
             tau = x
+        if TASK_SUM:
+            raw = raw + tau
         if TRIM:
             t = tl.load(table_ptr + N + i)
             tau = tl.where(tl.abs(tau) >= t, tau, 0.0)
@@ -194,6 +198,8 @@ def _fused_merge_kernel(
 
     if L1:
         tl.store(partial_ptr + pid, tl.sum(tl.abs(tau_m).to(tl.float64), axis=0))
+        if TASK_SUM:
+            tl.store(task_partial_ptr + pid, tl.sum(tl.abs(raw).to(tl.float64), axis=0))
     else:
         if HAS_BASE:
             res = b + scale * tau_m
@@ -315,13 +321,15 @@ class MergePlan:
 
 
 def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: float = 1.0,
-                 stream_id: int = 0, elem_offset: int = 0, partials=None, flags=None,
+                 stream_id: int = 0, elem_offset: int = 0, partials=None, task_partials=None, flags=None,
                  block: int | None = None) -> None:
     """Run the kernel over elements [0, n) of flat views already on the kernel's device.
 
     out: [>= n] of the output dtype (ignored when `partials` is given: the L1 variant).
     base: [>= n] or None (plain linear). models: [N, stride], rows of one dtype.
-    table: MergePlan.table(...). partials: float64 [cdiv(n, block)] for the L1 variant.
+    table: MergePlan.table(...). partials: float64 [cdiv(n, block)] for the L1 variant;
+    task_partials (same shape, L1 variant only): also the partials of |sum_i tau_i| (untrimmed,
+    the same float32 adds as MergePlan.task_vector_sum), from the same read.
     flags: int32 [1], OR-ed with a bit per input holding Inf/NaN (bit 0 base, i + 1 model i),
     or None to skip the check. elem_offset: global flat index of element 0 (DARE counter).
     """
@@ -329,6 +337,8 @@ def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: fl
         return
     block = block or default_block()
     l1 = partials is not None
+    if task_partials is not None and not (l1 and plan.has_base):
+        raise ValueError("task_partials needs the L1 variant (partials) and a base")
     if plan.has_base:
         base_k, base_bf16 = kernel_view(base)
     else:
@@ -344,11 +354,13 @@ def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: fl
         # its first program's partial lands right after the first span's last one.
         _fused_merge_kernel[(triton.cdiv(count, block),)](
             out_k[start:] if not l1 else out_k, base_k[start:] if plan.has_base else base_k, models_k[:, start:],
-            table, partials[start // block:] if l1 else table, flags if flags is not None else table,
+            table, partials[start // block:] if l1 else table,
+            task_partials[start // block:] if task_partials is not None else table,
+            flags if flags is not None else table,
             count, models.stride(0), int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
             plan.weight_sum,
             N=plan.n_models, HAS_BASE=plan.has_base, TRIM=plan.trim, DROP=plan.drop, ELECT=plan.elect,
-            NORMALIZE=plan.normalize, L1=l1, CHECK_FINITE=flags is not None,
+            NORMALIZE=plan.normalize, L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
             BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,
             num_warps=NUM_WARPS_DROP if plan.drop else NUM_WARPS,
             # The reference rounds every product and sum: no fused multiply-add (an FMA can flip

@@ -178,6 +178,21 @@ def test_l1_norms_for_auto_alpha():
         assert be.merged_delta_l1(job, spec) == pytest.approx(want_mtl, rel=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [None, 777])  # one part (thresholds from the same upload), or three
+def test_fused_norms_equal_the_separate_ones(chunk):
+    base, models = checkpoints(3, seed=9)
+    be = TritonBackend(DEVICE, chunk_elements=chunk)
+    name = "model.embed_tokens.weight"
+    b, ms = base[name], [m[name] for m in models]
+    for method in ("ties", "dare_ties", "task_arithmetic"):
+        spec = method_spec(method, 3, weights=[1.0, 0.5, 2.0], density=0.3)
+        fused = be.delta_norms(MergeJob(name, b, ms, None, 1.0, BF16), spec)
+        separate = (be.task_vector_sum_l1(b, ms), be.merged_delta_l1(MergeJob(name, b, ms, None, 1.0, BF16), spec))
+        assert fused == separate, method
+        task_sum = sum(m.float() - b.float() for m in ms).double().abs().sum().item()
+        assert fused[0] == pytest.approx(task_sum, rel=1e-12)
+
+
 def test_nonfinite_inputs_raise():
     base, models = checkpoints(2, seed=7)
     name = "model.layers.1.mlp.up_proj.weight"

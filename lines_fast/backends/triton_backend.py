@@ -426,44 +426,55 @@ class TritonBackend:
         self._check_histogram(hist, job.name, job.base, job.models)
         return thresholds
 
-    def _l1(self, base, models, plan, *, name: str, thresholds) -> float:
-        base = self._flat(base)
-        models = [self._flat(m) for m in models]
-        per_element = base.element_size() + len(models) * self._merge.staging_dtype(m.dtype for m in models).itemsize
-        block = self.block or self._merge.default_block()
+    def _norms(self, job: MergeJob, spec: MethodSpec | None, *, with_task_sum: bool) -> tuple[float, float]:
+        """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁) from ONE upload of each part; spec None: the plain
+        task-vector sum only (its ‖·‖₁ is the second number). A trimming job without thresholds
+        gets them here too, from the same upload when the tensor fits one slot."""
         from ..rng import tensor_stream_id
 
-        sums = []
-        with self._mover.computing():
-            table = plan.table(thresholds, self._mover.device)
-        for start, stop in self._part_ranges(base.numel(), per_element):
-            n = stop - start
-            programs = max(1, -(-n // block))
-            slot, views = self._upload(base, models, start, stop, {"partials": (torch.float64, (programs,))})
-            with self._mover.computing():
-                partials = views["partials"]
-                partials.zero_()
-                self._merge.launch_merge(None, views["base"], views["models"], table, plan, n=n,
-                                         stream_id=tensor_stream_id(name), elem_offset=start,
-                                         partials=partials, block=block)
-                sums.append(partials.sum())  # float64, fixed order: deterministic
-            self._release(slot)
-        with self._mover.computing():
-            return float(torch.stack(sums).sum()) if sums else 0.0
-
-    def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
-        return self._l1(base, models, self._merge.MergePlan.task_vector_sum(len(models)), name="", thresholds=None)
-
-    def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
-        plan = self._merge.MergePlan.from_spec(spec)
+        merge = self._merge
+        plan = merge.MergePlan.task_vector_sum(len(job.models)) if spec is None else merge.MergePlan.from_spec(spec)
         if not plan.has_base:
             raise ValueError("plain linear (no base) has no merged task vector")
-        thresholds = self._job_thresholds(job, spec, views=None)
-        return self._l1(job.base, job.models, plan, name=job.name, thresholds=thresholds)
+        base = self._flat(job.base)
+        models = [self._flat(m) for m in job.models]
+        per_element = base.element_size() + len(models) * merge.staging_dtype(m.dtype for m in models).itemsize
+        ranges = self._part_ranges(base.numel(), per_element)
+        if spec is not None and spec.trims and job.thresholds is None and len(ranges) > 1:
+            self._job_thresholds(job, spec, views=None)  # selection needs the whole tensor first
+        block = self.block or merge.default_block()
+        task_sums, deltas, table = [], [], None
+        for start, stop in ranges:
+            n = stop - start
+            programs = max(1, -(-n // block))
+            extra = {"partials": (torch.float64, (programs,)), "task_partials": (torch.float64, (programs,))}
+            slot, views = self._upload(base, models, start, stop, extra)
+            if table is None:
+                thresholds = None if spec is None else self._job_thresholds(job, spec, views)
+                with self._mover.computing():
+                    table = plan.table(thresholds, self._mover.device)
+            with self._mover.computing():
+                partials, task_partials = views["partials"], views["task_partials"]
+                partials.zero_()
+                task_partials.zero_()
+                merge.launch_merge(None, views["base"], views["models"], table, plan, n=n,
+                                   stream_id=tensor_stream_id(job.name), elem_offset=start, partials=partials,
+                                   task_partials=task_partials if with_task_sum else None, block=block)
+                deltas.append(partials.sum())  # float64, fixed order: deterministic
+                task_sums.append(task_partials.sum())
+            self._release(slot)
+        with self._mover.computing():
+            task_total = float(torch.stack(task_sums).sum()) if with_task_sum and task_sums else 0.0
+            return task_total, float(torch.stack(deltas).sum()) if deltas else 0.0
+
+    def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
+        return self._norms(MergeJob("", base, models, None, 1.0, torch.float32), None, with_task_sum=False)[1]
+
+    def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
+        return self._norms(job, spec, with_task_sum=False)[1]
 
     def delta_norms(self, job: MergeJob, spec: MethodSpec) -> tuple[float, float]:
-        # Two reads of device memory; on a GPU the pass is bound by reading the shards anyway.
-        return self.task_vector_sum_l1(job.base, job.models), self.merged_delta_l1(job, spec)
+        return self._norms(job, spec, with_task_sum=True)
 
     def _job_thresholds(self, job: MergeJob, spec: MethodSpec, views: dict | None):
         """job.thresholds, or (tensor scope, trimming) the exact ones found here and stored on the job."""
