@@ -114,9 +114,10 @@ class HotBins:
 
     @classmethod
     def of(cls, bins: torch.Tensor) -> "HotBins":
-        """Privatize exactly `bins` (a power-of-2 count of distinct bin numbers, on the device)."""
+        """Privatize exactly `bins` (distinct bin numbers on the device; a power-of-2 count >= 32)."""
         slots = bins.numel()
-        assert slots >= 2 and slots & (slots - 1) == 0, "tl.histogram needs a power-of-2 slot count"
+        # tl.histogram's GPU lowering gives each lane of a warp slots / 32 bins.
+        assert slots >= 32 and slots & (slots - 1) == 0, "tl.histogram needs a power of 2, at least 32"
         slot_of_bin = torch.full((BINS,), -1, dtype=torch.int16, device=bins.device)
         slot_of_bin[bins.long()] = torch.arange(slots, dtype=torch.int16, device=bins.device)
         return cls(slot_of_bin, bins.to(torch.int32))
