@@ -7,8 +7,9 @@ Cases, bf16, N fine-tuned models, >= 64M elements per tensor:
 - copy:         device-to-device copy of a large tensor (the bandwidth ceiling), bytes read + written
 - merge:        fused TIES merge with given thresholds
 - histogram:    selection's pass 1 alone: the packed histograms of all N models in one launch
-                (with its sampling launch); histogram_hot{32,64,128}: the same with 32/64/128
-                private slots for the sampled hot bins; histogram_zeros_only: only zeros private
+                (with its sampling launch); histogram_hot{32,64,128}_w{4,8}: the same with 32/64/128
+                private slots for the sampled hot bins and 4/8 warps; histogram_zeros_only: only
+                zeros private (the contention baseline)
 - select_merge: tensor-scope TIES from scratch: histograms (+ refine where pass 1 did not
                 settle a threshold), thresholds, merge
 - reference:    lines_fast.reference's TIES on the same GPU tensors (for the speedup)
@@ -33,10 +34,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import pytest  # noqa: E402
 
 NUMEL = 64 << 20
+REPS_CAP = 1 << 30  # the smoke test lowers it
 N_MODELS = 3
 DENSITY = 0.2
 NAME = "model.layers.7.mlp.down_proj.weight"
 HAS_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+# Without a GPU, run_all can still run end to end in Triton's interpreter on CPU tensors, at a
+# tiny size: tests/test_bench_kernels.py does, so this script cannot break unseen before a
+# (scarce) GPU session. Its numbers then mean nothing.
+DEVICE = "cuda" if HAS_GPU else "cpu"
 
 
 def _kernels():
@@ -47,12 +53,12 @@ def _kernels():
 
 def make_inputs(numel: int, n_models: int, dtype=torch.bfloat16, seed: int = 0):
     """A base and fine-tunes on the GPU: small deltas with some exact zeros (never all zeros)."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    base = torch.randn(numel, generator=g, device="cuda").to(dtype)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    base = torch.randn(numel, generator=g, device=DEVICE).to(dtype)
     models = []
     for _ in range(n_models):
-        delta = 0.01 * torch.randn(numel, generator=g, device="cuda")
-        delta[torch.rand(numel, generator=g, device="cuda") < 0.05] = 0
+        delta = 0.01 * torch.randn(numel, generator=g, device=DEVICE)
+        delta[torch.rand(numel, generator=g, device=DEVICE) < 0.05] = 0
         models.append((base.float() + delta).to(dtype))
     return base, models
 
@@ -73,18 +79,18 @@ class Case:
         self.numel, self.n_models = numel, n_models
         self.base, self.models = make_inputs(numel, n_models)
         self.staged = torch.stack(self.models)  # the backend's [N, n] staging layout
-        self.out = torch.empty(numel, dtype=torch.bfloat16, device="cuda")
+        self.out = torch.empty(numel, dtype=torch.bfloat16, device=DEVICE)
         self.spec = ties_spec(n_models)
         self.plan = kmerge.MergePlan.from_spec(self.spec)
         self.thresholds, _ = kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=numel)
-        self.table = self.plan.table(self.thresholds, "cuda")
+        self.table = self.plan.table(self.thresholds, DEVICE)
         # as many bytes as the merge moves: (N + 2) tensors of numel bf16 values
-        self.copy_src = torch.randn(numel * (n_models + 2), device="cuda").to(torch.bfloat16)
+        self.copy_src = torch.randn(numel * (n_models + 2), device=DEVICE).to(torch.bfloat16)
         self.copy_dst = torch.empty_like(self.copy_src)
         es = self.base.element_size()
         self.merge_bytes = (n_models + 1) * numel * es + numel * es
         self.copy_bytes = 2 * self.copy_src.numel() * self.copy_src.element_size()
-        self.hist32 = torch.zeros(n_models, kselect.BINS, dtype=torch.int32, device="cuda")
+        self.hist32 = torch.zeros(n_models, kselect.BINS, dtype=torch.int32, device=DEVICE)
         self.histogram_bytes = (n_models + 1) * numel * es
         # Models whose threshold pass 1 did not settle: each costs a refine pass (base + model).
         self.histogram()
@@ -105,9 +111,10 @@ class Case:
         self.kmerge.launch_merge(self.out, self.base, self.staged, table if table is not None else self.table,
                                  self.plan, n=self.numel, scale=1.0, stream_id=tensor_stream_id(NAME))
 
-    def histogram(self, hot=None):
+    def histogram(self, hot=None, num_warps=None):
         self.hist32.zero_()
-        self.kselect.launch_magnitude_histogram(self.hist32, self.base, self.staged, n=self.numel, hot=hot)
+        extra = {} if num_warps is None else {"num_warps": num_warps}
+        self.kselect.launch_magnitude_histogram(self.hist32, self.base, self.staged, n=self.numel, hot=hot, **extra)
 
     def hot_bins(self, slots: int):
         """The sampled hot bins with `slots` private slots (sampling kept out of the timing)."""
@@ -118,7 +125,7 @@ class Case:
 
     def select_merge(self):
         thresholds, _ = self.kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=self.numel)
-        self.merge(self.plan.table(thresholds, "cuda"))
+        self.merge(self.plan.table(thresholds, DEVICE))
 
     def reference(self):
         from lines_fast import reference as ref
@@ -128,8 +135,16 @@ class Case:
 
 def time_gpu(fn, reps: int = 20) -> float:
     """Median seconds of fn() with CUDA events, after warm-up (compilation stays out)."""
-    for _ in range(3):
+    reps = min(reps, REPS_CAP)
+    for _ in range(min(3, reps)):
         fn()
+    if not HAS_GPU:  # the interpreter smoke run: wall clock, nothing to synchronize
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -149,10 +164,11 @@ def time_backend(case: Case, reps: int = 3) -> tuple[float, int]:
     from lines_fast.backends.triton_backend import TritonBackend
 
     base, models = case.base.cpu(), [m.cpu() for m in case.models]
-    be = TritonBackend("cuda")
-    torch.cuda.reset_peak_memory_stats()
+    be = TritonBackend("cuda" if HAS_GPU else "interpret")
+    if HAS_GPU:
+        torch.cuda.reset_peak_memory_stats()
     times = []
-    for _ in range(reps):
+    for _ in range(min(reps, REPS_CAP)):
         jobs = [MergeJob(NAME, base, models, None, 1.0, torch.bfloat16)]
         t0 = time.perf_counter()
         for _job, _out in be.merge_many(jobs, case.spec):
@@ -169,7 +185,7 @@ def run_all(numel: int = NUMEL, n_models: int = N_MODELS, with_reference: bool =
     copy_s = time_gpu(case.copy)
     copy_gbs = case.copy_bytes / copy_s / 1e9
     result = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if HAS_GPU else "cpu (Triton interpreter: a smoke run, not a measurement)",
         "torch": torch.__version__,
         "triton": triton.__version__,
         "dtype": "bfloat16",
@@ -186,14 +202,16 @@ def run_all(numel: int = NUMEL, n_models: int = N_MODELS, with_reference: bool =
         nbytes = case.histogram_bytes if name == "histogram" else case.merge_bytes
         gbs = nbytes / seconds / 1e9
         result[name] = {"bytes": nbytes, "seconds": seconds, "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs}
-    # Tuning: private slots for the hot bins (compute) against global atomics (contention).
+    # Tuning: private slots for the hot bins (compute) against global atomics (contention),
+    # and 4 or 8 warps per program (the compiled kernel holds ~80-110 registers per thread).
     for slots in (32, 64, 128):
         hot = case.hot_bins(slots)
-        seconds = time_gpu(lambda hot=hot: case.histogram(hot))
-        gbs = case.histogram_bytes / seconds / 1e9
-        result[f"histogram_hot{slots}"] = {"bytes": case.histogram_bytes, "seconds": seconds, "GB/s": gbs,
-                                           "pct_of_copy": 100 * gbs / copy_gbs}
-    no_private = case.kselect.HotBins.lowest("cuda", 32)  # only exact zeros private: the contention baseline
+        for warps in (4, 8):
+            seconds = time_gpu(lambda hot=hot, warps=warps: case.histogram(hot, warps))
+            gbs = case.histogram_bytes / seconds / 1e9
+            result[f"histogram_hot{slots}_w{warps}"] = {"bytes": case.histogram_bytes, "seconds": seconds,
+                                                        "GB/s": gbs, "pct_of_copy": 100 * gbs / copy_gbs}
+    no_private = case.kselect.HotBins.lowest(DEVICE, 32)  # only exact zeros private: the contention baseline
     seconds = time_gpu(lambda: case.histogram(no_private), reps=5)
     result["histogram_zeros_only"] = {"bytes": case.histogram_bytes, "seconds": seconds,
                                       "GB/s": case.histogram_bytes / seconds / 1e9,
@@ -281,7 +299,7 @@ def main(argv=None) -> int:
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"{'case':<14}{'ms':>10}{'GB/s':>10}{'% copy':>8}")
-    for name in ("copy", "merge", "histogram", "histogram_hot32", "histogram_hot64", "histogram_hot128",
+    for name in ("copy", "merge", "histogram", *(f"histogram_hot{s}_w{w}" for s in (32, 64, 128) for w in (4, 8)),
                  "histogram_zeros_only", "select_merge", "reference", "backend"):
         if name in result:
             r = result[name]

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from lines_fast import rng
-from lines_fast.selection import BINS, KEEP_NOTHING, NONZERO_LOW, locate_kth
+from lines_fast.selection import BINS, NONZERO_LOW, threshold_from_histograms
 from lines_fast.spec import kept_count
 
 from .merge import (
@@ -54,14 +54,13 @@ ITERS = 8              # blocks per program on a GPU: one private flush per 8192
 SAMPLE_BLOCKS = 32     # blocks the sampling launch reads to find the hot bins (32K elements)
 SAMPLE_MIN_ELEMENTS = 1 << 22  # below this, sampling costs more than contention does
 # Kernels may read only constexpr globals.
-_BINS = tl.constexpr(BINS)
 _NONZERO_LOW = tl.constexpr(NONZERO_LOW)
 
 
 @triton.jit
 def _magnitude_hist_kernel(
     hist_ptr, slot_of_bin_ptr, bin_of_slot_ptr, base_ptr, models_ptr, model_stride, n_elements,
-    block_stride, bucket,
+    block_stride, hist_row_stride, bucket,
     N: tl.constexpr, NP: tl.constexpr, REFINE: tl.constexpr, BASE_BF16: tl.constexpr,
     MODELS_BF16: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, HOT: tl.constexpr,
 ):
@@ -91,13 +90,13 @@ def _magnitude_hist_kernel(
                 key = hi | tl.where(lo != 0, _NONZERO_LOW, 0)  # the packed bin
             slot = tl.load(slot_of_bin_ptr + key, mask=take, other=-1).to(tl.int32)  # 128 KB table: L1/L2
             hot = take & (slot >= 0)
-            tl.atomic_add(hist_ptr + i * _BINS + key, ones, mask=take & (slot < 0), sem="relaxed")
+            tl.atomic_add(hist_ptr + i * hist_row_stride + key, ones, mask=take & (slot < 0), sem="relaxed")
             counts = tl.histogram(tl.where(hot, slot, 0), HOT, mask=hot)
             private += tl.where(rows[:, None] == i, counts[None, :], 0)
     bins = tl.load(bin_of_slot_ptr + tl.arange(0, HOT))
     for i in tl.static_range(N):
         counts = tl.sum(tl.where(rows[:, None] == i, private, 0), axis=0)
-        tl.atomic_add(hist_ptr + i * _BINS + bins, counts, mask=counts != 0, sem="relaxed")
+        tl.atomic_add(hist_ptr + i * hist_row_stride + bins, counts, mask=counts != 0, sem="relaxed")
 
 
 @dataclass(frozen=True)
@@ -135,14 +134,15 @@ _LOWEST: dict = {}  # (device, slots) -> HotBins.lowest, built once
 
 
 def _launch(hist32, hot: HotBins, base_k, base_bf16, models_k, models_bf16, *, n: int, bucket, block: int,
-            iters: int, programs: int, block_stride: int) -> None:
+            iters: int, programs: int, block_stride: int, num_warps: int = NUM_WARPS) -> None:
+    """One launch; hist32 [N, 65536], or [1, 65536] to add every model's counts into one row."""
     count = models_k.shape[0]
     _magnitude_hist_kernel[(programs,)](
         hist32, hot.slot_of_bin, hot.bin_of_slot, base_k, models_k, models_k.stride(0), n, block_stride,
-        -1 if bucket is None else int(bucket),
+        BINS if hist32.shape[0] == count else 0, -1 if bucket is None else int(bucket),
         N=count, NP=triton.next_power_of_2(count), REFINE=bucket is not None, BASE_BF16=base_bf16,
         MODELS_BF16=models_bf16, BLOCK=block, ITERS=iters, HOT=hot.slots,
-        num_warps=NUM_WARPS, enable_fp_fusion=False,  # nothing to fuse; says so on every Triton
+        num_warps=num_warps, enable_fp_fusion=False,  # nothing to fuse; says so on every Triton
     )
 
 
@@ -154,24 +154,24 @@ def sample_hot_bins(base_k, base_bf16, models_k, models_bf16, *, n: int, block: 
     which elements are counted privately; the counts stay exact whatever it picks.
     """
     device = base_k.device
-    sample = torch.zeros(models_k.shape[0], BINS, dtype=torch.int32, device=device)
+    popularity = torch.zeros(1, BINS, dtype=torch.int32, device=device)  # all models in one row
     stride = max(block, (n // SAMPLE_BLOCKS) // block * block)
-    _launch(sample, HotBins.lowest(device), base_k, base_bf16, models_k, models_bf16, n=n, bucket=None,
+    _launch(popularity, HotBins.lowest(device), base_k, base_bf16, models_k, models_bf16, n=n, bucket=None,
             block=block, iters=1, programs=min(SAMPLE_BLOCKS, triton.cdiv(n, stride)), block_stride=stride)
-    popularity = sample.sum(0, dtype=torch.int64)
-    popularity[0] = popularity.max() + 1  # exact zeros: privatized whatever the sample says
-    return HotBins.of(torch.topk(popularity, slots).indices)
+    popularity[0, 0] = 2**31 - 1  # exact zeros: privatized whatever the sample says
+    return HotBins.of(torch.topk(popularity[0], slots).indices)
 
 
 def launch_magnitude_histogram(hist32, base, models, *, n: int, bucket: int | None = None,
                                block: int | None = None, iters: int | None = None,
-                               hot: HotBins | None = None) -> None:
+                               hot: HotBins | None = None, num_warps: int = NUM_WARPS) -> None:
     """Add the counts of elements [0, n) into int32 `hist32` [N, 65536], one row per model.
 
     base: flat; models: [N, stride] rows of one dtype (the staging layout). bucket None: the
     packed histogram of every model, in ONE launch (the base is read once). bucket b: the
     low 16 bits of the elements whose high bits are b (pass a single model row: N == 1).
     hot: the privatized bins; by default sampled for a big pass 1, else bins 0..HOT_SLOTS-1.
+    iters, num_warps: blocks per program and warps (tuning; bench/bench_kernels.py sweeps them).
     n must be < 2^31 (use magnitude_histogram for more: it splits).
     """
     if n == 0:
@@ -189,7 +189,8 @@ def launch_magnitude_histogram(hist32, base, models, *, n: int, bucket: int | No
             else HotBins.lowest(base.device)
     for start, count in vector_friendly_spans(n, block):
         _launch(hist32, hot, base_k[start:], base_bf16, models_k[:, start:], models_bf16, n=count, bucket=bucket,
-                block=block, iters=iters, programs=triton.cdiv(count, block * iters), block_stride=block * iters)
+                block=block, iters=iters, programs=triton.cdiv(count, block * iters), block_stride=block * iters,
+                num_warps=num_warps)
 
 
 def magnitude_histogram(base: torch.Tensor, model: torch.Tensor, bucket: int | None = None,
@@ -224,24 +225,6 @@ def task_vector_sum_l1(base: torch.Tensor, models: list[torch.Tensor], *, block:
     return float(partials.sum())
 
 
-def thresholds_from_histograms(numel: int, densities, hist, refine) -> tuple[float, ...]:
-    """Exact t_i = k_i-th largest |tau_i| (k_i = kept_count(density_i, numel)) for each model.
-
-    hist: [N, 65536] packed counts (CPU). refine({i: bucket}) returns {i: low-bits histogram};
-    it is called once, only for the models that pass 1 did not settle, and not at all when
-    it settled every one.
-    """
-    located = {}
-    for i, density in enumerate(densities):
-        k = kept_count(density, numel)
-        if k > 0:
-            located[i] = locate_kth(hist[i], k)
-    need = {i: found.bucket for i, found in located.items() if not found.settled}
-    low_hists = refine(need) if need else {}
-    return tuple(located[i].threshold(low_hists.get(i)) if i in located else KEEP_NOTHING
-                 for i in range(len(densities)))
-
-
 def resident_thresholds(base: torch.Tensor, models: torch.Tensor, densities, *, n: int,
                         block: int | None = None) -> tuple[tuple[float, ...], torch.Tensor]:
     """Tensor-scope TIES thresholds of tensors already on the device: (thresholds, hist CPU).
@@ -249,16 +232,15 @@ def resident_thresholds(base: torch.Tensor, models: torch.Tensor, densities, *, 
     base: flat [>= n]; models: [N, stride] staging rows. One pass-1 launch for all models,
     one copy of the counts to the host, then a refine launch only per unsettled model.
     """
-    count = models.shape[0]
-    hist32 = torch.zeros(count, BINS, dtype=torch.int32, device=base.device)
+    hist32 = torch.zeros(models.shape[0], BINS, dtype=torch.int32, device=base.device)
     launch_magnitude_histogram(hist32, base, models, n=n, block=block)
     hist = hist32.to(torch.int64).cpu()
 
-    def refine(need: dict) -> dict:
-        refined = torch.zeros(count, BINS, dtype=torch.int32, device=base.device)
-        for i, bucket in need.items():
-            launch_magnitude_histogram(refined[i:i + 1], base, models[i:i + 1], n=n, bucket=bucket, block=block)
-        refined = refined.to(torch.int64).cpu()
-        return {i: refined[i] for i in need}
+    def refine(i: int, bucket: int) -> torch.Tensor:
+        low = torch.zeros(1, BINS, dtype=torch.int32, device=base.device)
+        launch_magnitude_histogram(low, base, models[i:i + 1], n=n, bucket=bucket, block=block)
+        return low[0].to(torch.int64).cpu()
 
-    return thresholds_from_histograms(n, densities, hist, refine), hist
+    thresholds = tuple(threshold_from_histograms(hist[i], kept_count(density, n), lambda b, i=i: refine(i, b))
+                       for i, density in enumerate(densities))
+    return thresholds, hist

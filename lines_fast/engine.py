@@ -368,12 +368,12 @@ class Engine:
                 models = self._model_tensors(inputs, plan, name)
                 try:
                     if p.name == "magnitudes":
-                        for i, m in enumerate(models):
-                            hists[i] += self._histogram(backend, base, m, None, i)
+                        for i, hist in enumerate(backend.magnitude_histograms(base, models)):
+                            hists[i] += hist
                     elif p.name == "refine":
                         for i, m in enumerate(models):
                             if located[i] is not None and not located[i].settled:
-                                hists[i] += self._histogram(backend, base, m, located[i].bucket, i)
+                                hists[i] += self._low_bits_histogram(backend, base, m, located[i].bucket, i)
                     elif p.name == "norms":
                         # Tensor scope: the backend finds the thresholds (job.thresholds None) and
                         # leaves them on the job, kept for the merge pass.
@@ -421,7 +421,7 @@ class Engine:
         return thresholds
 
     @staticmethod
-    def _histogram(backend, base, model, bucket, i) -> torch.Tensor:
+    def _low_bits_histogram(backend, base, model, bucket, i) -> torch.Tensor:
         try:
             return backend.magnitude_histogram(base, model, bucket)
         except NonFiniteInput as err:

@@ -120,17 +120,14 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().view(torch.int32)
 
 
-def tensor_thresholds(histogram, base: torch.Tensor, models: list[torch.Tensor],
+def tensor_thresholds(backend, base: torch.Tensor, models: list[torch.Tensor],
                       densities: tuple[float, ...]) -> tuple[float, ...]:
-    """Tensor-scope trim thresholds t_i, one per model, from a backend's `magnitude_histogram`."""
+    """Tensor-scope trim thresholds t_i, one per model: one `magnitude_histograms` pass for all
+    models, then a `magnitude_histogram(..., bucket)` refine only where pass 1 did not settle."""
     from .spec import kept_count
 
-    thresholds = []
-    for model, density in zip(models, densities):
-        k = kept_count(density, base.numel())
-        if k == 0:
-            thresholds.append(KEEP_NOTHING)
-            continue
-        hist = histogram(base, model)
-        thresholds.append(threshold_from_histograms(hist, k, lambda b, m=model: histogram(base, m, b)))
-    return tuple(thresholds)
+    hists = backend.magnitude_histograms(base, models)
+    return tuple(
+        threshold_from_histograms(hists[i], kept_count(density, base.numel()),
+                                  lambda bucket, m=model: backend.magnitude_histogram(base, m, bucket))
+        for i, (model, density) in enumerate(zip(models, densities)))

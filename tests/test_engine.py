@@ -103,7 +103,8 @@ def test_engine_files_equal_reference(case, family, tmp_path):
     assert torch.equal(merged["model.position_ids"], loaded["base"]["model.position_ids"])
 
 
-@pytest.mark.parametrize("case", ["ties", "ties-global-lines-auto", "dare_ties", "linear", "task_arithmetic-lines-given"])
+@pytest.mark.parametrize("case", ["ties", "ties-lines-auto", "ties-global-lines-auto", "dare_ties", "linear",
+                                  "task_arithmetic-lines-given"])
 def test_engine_kernel_path_in_interpreter_equals_reference(case, family, tmp_path):
     """--device interpret: the engine drives the Triton kernels (in Triton's interpreter here)."""
     if os.environ.get("TRITON_INTERPRET") != "1":

@@ -31,6 +31,7 @@ pytestmark = [
 @pytest.mark.parametrize("method, params", [
     ("ties", dict(density=0.2)),
     ("ties", dict(density=0.1, trim_scope="global", lines=LinesSpec("auto", 1.0))),
+    ("ties", dict(density=0.3, lines=LinesSpec("auto", 0.5))),  # one upload for thresholds and both norms
     ("dare_ties", dict(density=0.4, seed=9)),
     ("task_arithmetic", dict(lam=0.7)),
     ("linear", dict()),

@@ -375,10 +375,10 @@ class VagueBackend(CpuBackend):
     """Reports NaN/Inf from the magnitude histograms without a tensor name or model index,
     as a backend working on bare tensors may."""
 
-    def magnitude_histogram(self, base, model, bucket=None):
-        if not (torch.isfinite(base).all() and torch.isfinite(model).all()):
+    def magnitude_histograms(self, base, models):
+        if not all(torch.isfinite(t).all() for t in [base, *models]):
             raise NonFiniteInput("", 0)
-        return super().magnitude_histogram(base, model, bucket)
+        return super().magnitude_histograms(base, models)
 
 
 @pytest.mark.parametrize("poisoned", ["model.embed_tokens.weight", Q1])

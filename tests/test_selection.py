@@ -86,9 +86,13 @@ def test_cpu_histograms(dtype, chunk):
     base = (torch.randn(3000, generator=g) * 0.02).to(dtype)
     model = (base.float() + torch.randn(3000, generator=g) * 2e-3).to(dtype)
     model[::5] = base[::5]  # exact zeros
+    other = (base.float() - torch.randn(3000, generator=g) * 1e-3).to(dtype)
     backend = CpuBackend(chunk=chunk)
     hist = backend.magnitude_histogram(base, model)
     assert torch.equal(hist, _cpu_histogram_reference(base, model))
+    both = backend.magnitude_histograms(base, [model, other])  # one read of the base for all models
+    assert both.shape == (2, BINS) and torch.equal(both[0], hist)
+    assert torch.equal(both[1], _cpu_histogram_reference(base, other))
     bucket = int(unpack(hist)[0][1:].argmax()) + 1
     assert torch.equal(backend.magnitude_histogram(base, model, bucket), _cpu_histogram_reference(base, model, bucket))
 
@@ -108,7 +112,7 @@ def test_thresholds_equal_the_reference_settled_or_not():
         k = kept_count(density, base.numel())
         if k:
             paths.add(locate_kth(backend.magnitude_histogram(base, model), k).settled)
-        (got,) = tensor_thresholds(backend.magnitude_histogram, base, [model], (density,))
+        (got,) = tensor_thresholds(backend, base, [model], (density,))
         want = ref.trim_thresholds({"w": model.float() - base.float()}, density, "tensor")["w"]
         assert got == want, (trial, dtype, density)
     assert paths == {True, False}

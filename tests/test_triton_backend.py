@@ -21,6 +21,7 @@ from lines_fast.backends.base import MergeJob  # noqa: E402
 from lines_fast.backends.triton_backend import TritonBackend, import_kernels  # noqa: E402
 from lines_fast.errors import NonFiniteInput  # noqa: E402
 from lines_fast.layers import lines_scales  # noqa: E402
+from lines_fast.backends.cpu import CpuBackend  # noqa: E402
 from lines_fast.selection import BINS, tensor_thresholds  # noqa: E402
 from lines_fast.spec import LinesSpec, MethodSpec  # noqa: E402
 
@@ -152,11 +153,14 @@ def test_histograms_and_thresholds():
     assert hist.dtype == torch.int64 and hist.device.type == "cpu" and hist.shape == (BINS,)
     nonzero_low = ((bits & 0xFFFF) != 0).to(torch.int32)
     assert torch.equal(hist, torch.bincount((bits >> 16) + 32768 * nonzero_low, minlength=BINS))  # packed
+    both = be.magnitude_histograms(b, [mm[name] for mm in models])  # all models in one launch per part
+    assert both.shape == (2, BINS) and torch.equal(both[0], hist)
+    assert torch.equal(both[1], CpuBackend().magnitude_histogram(b, models[1][name]))
     bucket = int(bits[0] >> 16)
     assert torch.equal(be.magnitude_histogram(b, m, bucket),
                        torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=BINS))
     for density in (0.01, 0.5, 1.0):
-        got = tensor_thresholds(be.magnitude_histogram, b, [mm[name] for mm in models], (density, density))
+        got = tensor_thresholds(be, b, [mm[name] for mm in models], (density, density))
         want = tuple(ref.trim_thresholds({name: mm[name].float() - b.float()}, density, "tensor")[name]
                      for mm in models)
         assert got == want
@@ -188,7 +192,9 @@ def test_fused_norms_equal_the_separate_ones(chunk):
         spec = method_spec(method, 3, weights=[1.0, 0.5, 2.0], density=0.3)
         fused = be.delta_norms(MergeJob(name, b, ms, None, 1.0, BF16), spec)
         separate = (be.task_vector_sum_l1(b, ms), be.merged_delta_l1(MergeJob(name, b, ms, None, 1.0, BF16), spec))
-        assert fused == separate, method
+        # Equal bits here; on a GPU a DARE launch uses 8 warps, which orders each block's
+        # float64 partial sum of |Σ τ| differently from the 4-warp task-sum launch.
+        assert fused[1] == separate[1] and fused[0] == pytest.approx(separate[0], rel=1e-14), method
         task_sum = sum(m.float() - b.float() for m in ms).double().abs().sum().item()
         assert fused[0] == pytest.approx(task_sum, rel=1e-12)
 

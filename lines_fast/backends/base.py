@@ -56,6 +56,10 @@ class MergeJob:
 class Backend(Protocol):
     name: str  # "cpu", "cuda" or "interpret"
 
+    def magnitude_histograms(self, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+        """int64 CPU tensor [N, HISTOGRAM_BINS]: the packed histogram of each model's |tau|, from
+        one read of the base (selection's pass 1 for all models at once)."""
+
     def magnitude_histogram(self, base: torch.Tensor, model: torch.Tensor,
                             bucket: int | None = None) -> torch.Tensor:
         """int64 CPU tensor of HISTOGRAM_BINS counts of |float32(model) - float32(base)| bit patterns

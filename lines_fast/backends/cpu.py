@@ -83,31 +83,40 @@ class CpuBackend:
         return out
 
     # -- statistics -----------------------------------------------------------------------
+    def magnitude_histograms(self, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+        return self._histograms(base, models, None)
+
     def magnitude_histogram(self, base: torch.Tensor, model: torch.Tensor,
                             bucket: int | None = None) -> torch.Tensor:
-        base_flat, model_flat = base.reshape(-1), model.reshape(-1)
-        bufs = self._bufs(1)
-        hist = torch.zeros(BINS, dtype=torch.int64)
+        return self._histograms(base, [model], bucket)[0]
+
+    def _histograms(self, base: torch.Tensor, models: list[torch.Tensor], bucket: int | None) -> torch.Tensor:
+        """[N, BINS] counts of |models[i] - base|: packed, or the bucket's low bits. Each chunk
+        of the base is widened once for all models."""
+        base_flat = base.reshape(-1)
+        bufs = self._bufs(len(models))
+        hist = torch.zeros(len(models), BINS, dtype=torch.int64)
         for s, e in self._spans(base_flat.numel()):
             n = e - s
             b = bufs.base[:n]
             b.copy_(base_flat[s:e])
-            tau = bufs.tau[0][:n]
-            tau.copy_(model_flat[s:e])
-            tau.sub_(b).abs_()  # NaN/Inf are caught by the merge pass, which always checks
-            bits = tau.view(torch.int32)
-            if bucket is None:
-                # Packed bin (selection.py): high bits | 0x8000 where the low bits are not 0.
-                # -(low) >> 31 is -1 exactly when low != 0 (bool tensors cost far more on CPU).
-                flag = torch.bitwise_and(bits, 0xFFFF, out=bufs.flag[:n]).neg_()
-                flag.bitwise_right_shift_(31).bitwise_and_(NONZERO_LOW)
-                key = torch.bitwise_right_shift(bits, 16, out=bufs.bits[:n]).bitwise_or_(flag)
-                hist += torch.bincount(key, minlength=BINS)
-            else:
-                # Low 16 bits of the elements in `bucket`: shift that bucket to 1..65536, clamp
-                # everything else into bins 0 and 65537, count, and keep the middle (no bool tensors).
-                key = torch.sub(bits, (bucket << 16) - 1, out=bufs.bits[:n]).clamp_(0, BINS + 1)
-                hist += torch.bincount(key, minlength=BINS + 2)[1:BINS + 1]
+            for i, model in enumerate(models):
+                tau = bufs.tau[i][:n]
+                tau.copy_(model.reshape(-1)[s:e])
+                tau.sub_(b).abs_()  # NaN/Inf are caught by the merge pass, which always checks
+                bits = tau.view(torch.int32)
+                if bucket is None:
+                    # Packed bin (selection.py): high bits | 0x8000 where the low bits are not 0.
+                    # -(low) >> 31 is -1 exactly when low != 0 (bool tensors cost far more on CPU).
+                    flag = torch.bitwise_and(bits, 0xFFFF, out=bufs.flag[:n]).neg_()
+                    flag.bitwise_right_shift_(31).bitwise_and_(NONZERO_LOW)
+                    key = torch.bitwise_right_shift(bits, 16, out=bufs.bits[:n]).bitwise_or_(flag)
+                    hist[i] += torch.bincount(key, minlength=BINS)
+                else:
+                    # Low 16 bits of the elements in `bucket`: shift that bucket to 1..65536, clamp
+                    # everything else into bins 0 and 65537, count, keep the middle (no bool tensors).
+                    key = torch.sub(bits, (bucket << 16) - 1, out=bufs.bits[:n]).clamp_(0, BINS + 1)
+                    hist[i] += torch.bincount(key, minlength=BINS + 2)[1:BINS + 1]
         return hist
 
     def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
@@ -136,7 +145,7 @@ class CpuBackend:
         """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁): the task sum is taken from the same loaded τ_i, before
         trimming or dropping, with the same float32 adds as task_vector_sum_l1 (so equal bits)."""
         if spec.trims and job.thresholds is None:
-            job.thresholds = tensor_thresholds(self.magnitude_histogram, job.base, job.models, spec.densities)
+            job.thresholds = tensor_thresholds(self, job.base, job.models, spec.densities)
         task_sum, delta = AbsSum(), AbsSum()
         for s, e, bufs in self._chunks(job):
             task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
@@ -227,7 +236,7 @@ class CpuBackend:
 
     def _merge_one(self, job: MergeJob, spec: MethodSpec) -> torch.Tensor:
         if spec.trims and job.thresholds is None:
-            job.thresholds = tensor_thresholds(self.magnitude_histogram, job.base, job.models, spec.densities)
+            job.thresholds = tensor_thresholds(self, job.base, job.models, spec.densities)
         if spec.uses_base and job.scale == 0.0:
             # A zero scale returns the base bitwise (b + 0 * tau would turn -0.0 into +0.0).
             return job.base.to(job.out_dtype, copy=True)

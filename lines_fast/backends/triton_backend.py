@@ -34,7 +34,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import NonFiniteInput
-from ..selection import BINS, nonfinite_count
+from ..selection import BINS, nonfinite_count, tensor_thresholds
 from ..spec import MethodSpec
 from .base import MergeJob
 
@@ -399,6 +399,11 @@ class TritonBackend:
                 raise NonFiniteInput(name, i)
         # Finite inputs whose difference overflowed: a legitimate (if odd) infinite |tau|.
 
+    def magnitude_histograms(self, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+        hist = self._histograms(base, models)
+        self._check_histogram(hist, "", base, models)
+        return hist
+
     def magnitude_histogram(self, base: torch.Tensor, model: torch.Tensor,
                             bucket: int | None = None) -> torch.Tensor:
         hist = self._histograms(base, [model], None if bucket is None else [bucket])
@@ -408,15 +413,10 @@ class TritonBackend:
 
     def _streamed_thresholds(self, job: MergeJob, spec: MethodSpec) -> tuple[float, ...]:
         """Tensor-scope thresholds of a job bigger than a slot: histogram passes over its parts."""
-        hist = self._histograms(job.base, job.models)
-        self._check_histogram(hist, job.name, job.base, job.models)
-
-        def refine(need: dict) -> dict:
-            order = sorted(need)
-            low = self._histograms(job.base, [job.models[i] for i in order], [need[i] for i in order])
-            return {i: low[j] for j, i in enumerate(order)}
-
-        return self._select.thresholds_from_histograms(job.base.numel(), spec.densities, hist, refine)
+        try:
+            return tensor_thresholds(self, job.base, job.models, spec.densities)
+        except NonFiniteInput as err:
+            raise NonFiniteInput(job.name, err.model_index) from None
 
     def _resident_thresholds(self, job: MergeJob, spec: MethodSpec, views: dict) -> tuple[float, ...]:
         """Tensor-scope thresholds of a job whose whole tensor sits in `views`: no second upload."""
@@ -447,21 +447,25 @@ class TritonBackend:
         for start, stop in ranges:
             n = stop - start
             programs = max(1, -(-n // block))
-            extra = {"partials": (torch.float64, (programs,)), "task_partials": (torch.float64, (programs,))}
+            extra = {"partials": (torch.float64, (programs,))}
+            if with_task_sum:
+                extra["task_partials"] = (torch.float64, (programs,))
             slot, views = self._upload(base, models, start, stop, extra)
             if table is None:
                 thresholds = None if spec is None else self._job_thresholds(job, spec, views)
                 with self._mover.computing():
                     table = plan.table(thresholds, self._mover.device)
             with self._mover.computing():
-                partials, task_partials = views["partials"], views["task_partials"]
+                partials, task_partials = views["partials"], views.get("task_partials")
                 partials.zero_()
-                task_partials.zero_()
+                if with_task_sum:
+                    task_partials.zero_()
                 merge.launch_merge(None, views["base"], views["models"], table, plan, n=n,
                                    stream_id=tensor_stream_id(job.name), elem_offset=start, partials=partials,
-                                   task_partials=task_partials if with_task_sum else None, block=block)
+                                   task_partials=task_partials, block=block)
                 deltas.append(partials.sum())  # float64, fixed order: deterministic
-                task_sums.append(task_partials.sum())
+                if with_task_sum:
+                    task_sums.append(task_partials.sum())
             self._release(slot)
         with self._mover.computing():
             task_total = float(torch.stack(task_sums).sum()) if with_task_sum and task_sums else 0.0
