@@ -153,5 +153,10 @@ def plan_command(args) -> int:
     total_s = sum(c.seconds for c in costs)
     print(f"  total: {len(costs)} pass(es), reads {_gb(sum(c.read_bytes for c in costs))}, writes "
           f"{_gb(sum(c.write_bytes for c in costs))}, predicted {total_s:,.0f} s ({total_s / 60:.1f} min)")
+    refine = [c for c in costs if c.step.name == "refine"]
+    if refine:
+        without = total_s - refine[0].seconds
+        print(f"  without the refine pass (skipped when the magnitudes pass settles every threshold, "
+              f"usual for bf16): {without:,.0f} s ({without / 60:.1f} min)")
     print(f"  peak host memory ~{_gb(host)}" + (f", peak GPU memory ~{_gb(gpu)}" if device == "cuda" else ""))
     return 0

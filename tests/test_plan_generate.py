@@ -34,9 +34,14 @@ def test_plan_llama3_70b_from_shapes_alone(capsys):
 def test_plan_global_trim_with_auto_alpha_takes_four_passes(capsys):
     assert main(["plan", "--recipe", "llama3-70b", "--method", "ties", "--trim-scope", "global",
                  "--lines-alpha", "auto"]) == 0
-    rows = _pass_rows(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    rows = _pass_rows(out)
     assert [r[0] for r in rows] == ["magnitudes", "refine", "norms", "merge"]
     assert all(r[3] == "0.0" for r in rows[:3]) and rows[3][3] != "0.0"   # only the merge writes
+    # The refine pass is conditional: the total is also given without it.
+    seconds = [float(r[5].rstrip("s").replace(",", "")) for r in rows]
+    without = re.search(r"without the refine pass .*: ([\d,]+) s", out)
+    assert without and abs(int(without.group(1).replace(",", "")) - (sum(seconds) - seconds[1])) <= 1
 
 
 def test_generate_writes_a_family_and_a_config_plan_reads(tmp_path, capsys):
