@@ -290,6 +290,15 @@ class Engine:
         return [inputs.base.tensor(name) if (i, name) in plan.substitutes else m.tensor(name)
                 for i, m in enumerate(inputs.models)]
 
+    def _prefetch(self, inputs: _Inputs, name: str | None) -> None:
+        """Ask the kernel to start reading a coming tensor's pages (MADV_WILLNEED) on every
+        input: it reads ahead with many I/Os in flight while the current tensor computes."""
+        if name is None:
+            return
+        for ckpt in inputs.all():
+            if name in ckpt.tensors:
+                ckpt.prefetch(name)
+
     def _release(self, inputs: _Inputs, name: str) -> None:
         for ckpt in inputs.all():
             if name in ckpt.tensors:
@@ -363,7 +372,8 @@ class Engine:
                            tensors=len(plan.merged))
             hists = [torch.zeros(BINS, dtype=torch.int64) for _ in range(n)]
             delta_l1 = 0.0
-            for name in plan.merged:
+            for k, name in enumerate(plan.merged):
+                self._prefetch(inputs, plan.merged[k + 1] if k + 1 < len(plan.merged) else None)
                 base = self._base_tensor(inputs, name)
                 models = self._model_tensors(inputs, plan, name)
                 try:
@@ -504,7 +514,9 @@ class Engine:
         source = inputs.base or inputs.models[0]
 
         def jobs() -> Iterator[MergeJob]:
-            for name in merged:
+            for k, name in enumerate(merged):
+                # Backends take one job ahead of the one they work on, so this reads two ahead.
+                self._prefetch(inputs, merged[k + 1] if k + 1 < len(merged) else None)
                 thresholds = stats.global_thresholds or stats.tensor_thresholds.get(name)
                 yield MergeJob(name, self._base_tensor(inputs, name) if spec.uses_base else None,
                                self._model_tensors(inputs, plan, name),
