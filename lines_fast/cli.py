@@ -76,7 +76,8 @@ def _add_merge_parser(sub) -> None:
                    help="merge tensors containing NaN/Inf instead of refusing")
     g.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists (only once the new one is complete)")
     g.add_argument("--resume", action="store_true",
-                   help="continue an interrupted merge from its verified shards (same inputs and options)")
+                   help="continue an interrupted merge from its verified shards (same inputs and options), "
+                        "reusing its α and global thresholds instead of repeating the statistics passes")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
 
