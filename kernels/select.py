@@ -21,13 +21,14 @@ How the 65536-bin histogram is built on a GPU, and why this way:
   serialized in L2, so global atomics alone would run tens of times below bandwidth.
 - Hence hot bins are privatized: a sampling launch (SAMPLE_BLOCKS spread blocks) finds the
   HOT_SLOTS most frequent bins (bin 0 always among them); a 65536-entry int16 table maps
-  each bin to its slot or -1. tl.histogram costs about log2(slots) + 8 * slots / 32 warp
-  instructions per 32 elements, so more slots trade compute for less contention: 64 is a
-  guess to be tuned on a GPU (bench/bench_kernels.py times 32, 64 and 128). In the full pass an element of a hot bin is counted in the
-  program's own tl.histogram over HOT_SLOTS slots, added to the global counts once per
-  program (ITERS blocks); only the other, cold elements use global atomics. Every element
-  is counted exactly once whichever path it takes, so the table only decides speed, never
-  the counts (tests give the kernel arbitrary tables).
+  each bin to its slot or -1. In the full pass an element of a hot bin is counted in the
+  program's own tl.histogram over the slots, added to the global counts once per program
+  (ITERS blocks); only the other, cold elements use global atomics. Every element is
+  counted exactly once whichever path it takes, so the table only decides speed, never the
+  counts (tests give the kernel arbitrary tables).
+- tl.histogram costs about log2(slots) + 8 * slots / 32 warp instructions per 32 elements,
+  so more slots trade compute for less contention: 64 slots, 8 blocks per program and 4
+  warps are guesses to be tuned on a GPU (bench/bench_kernels.py sweeps them).
 - Counts are int32 per launch; the launcher splits launches at 2^30 elements and adds them
   into an int64 total, so no bin can overflow.
 """
@@ -52,7 +53,7 @@ _MAX_LAUNCH = 1 << 30  # elements per launch: int32 counts can never overflow
 HOT_SLOTS = 64         # bins counted privately per program (tl.histogram's cost grows with it)
 ITERS = 8              # blocks per program on a GPU: one private flush per 8192 elements
 SAMPLE_BLOCKS = 32     # blocks the sampling launch reads to find the hot bins (32K elements)
-SAMPLE_MIN_ELEMENTS = 1 << 22  # below this, sampling costs more than contention does
+SAMPLE_MIN_ELEMENTS = 1 << 22  # below this, ~10 small device ops of sampling outweigh contention
 # Kernels may read only constexpr globals.
 _NONZERO_LOW = tl.constexpr(NONZERO_LOW)
 
@@ -65,7 +66,8 @@ def _magnitude_hist_kernel(
     MODELS_BF16: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, HOT: tl.constexpr,
 ):
     # Program p counts ITERS consecutive blocks from element p * block_stride (block_stride =
-    # ITERS * BLOCK for a full pass; larger for the sampling launch).
+    # ITERS * BLOCK for a full pass; larger for the sampling launch). Model i's counts go to
+    # row i (hist_row_stride = 65536), or all into one row (0: the sampling launch).
     pid = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK)
     rows = tl.arange(0, NP)  # one row of private hot-slot counts per model (NP = pow2 >= N)
