@@ -118,9 +118,7 @@ class Case:
 
     def hot_bins(self, slots: int):
         """The sampled hot bins with `slots` private slots (sampling kept out of the timing)."""
-        b_k, b_bf16 = self.kmerge.kernel_view(self.base)
-        m_k, m_bf16 = self.kmerge.kernel_view(self.staged)
-        return self.kselect.sample_hot_bins(b_k, b_bf16, m_k, m_bf16, n=self.numel, block=self.kmerge.BLOCK,
+        return self.kselect.sample_hot_bins(self.base, self.staged, n=self.numel, block=self.kmerge.BLOCK,
                                             slots=slots)
 
     def select_merge(self):

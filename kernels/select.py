@@ -148,14 +148,15 @@ def _launch(hist32, hot: HotBins, base_k, base_bf16, models_k, models_bf16, *, n
     )
 
 
-def sample_hot_bins(base_k, base_bf16, models_k, models_bf16, *, n: int, block: int,
-                    slots: int = HOT_SLOTS) -> HotBins:
+def sample_hot_bins(base, models, *, n: int, block: int, slots: int = HOT_SLOTS) -> HotBins:
     """The `slots` bins most frequent in SAMPLE_BLOCKS blocks spread over [0, n), bin 0 first.
 
     Choosing among 65536 bin counts (not among the data) with topk is cheap and only decides
     which elements are counted privately; the counts stay exact whatever it picks.
     """
-    device = base_k.device
+    base_k, base_bf16 = kernel_view(base)
+    models_k, models_bf16 = kernel_view(models)
+    device = base.device
     popularity = torch.zeros(1, BINS, dtype=torch.int32, device=device)  # all models in one row
     stride = max(block, (n // SAMPLE_BLOCKS) // block * block)
     _launch(popularity, HotBins.lowest(device), base_k, base_bf16, models_k, models_bf16, n=n, bucket=None,
@@ -183,12 +184,11 @@ def launch_magnitude_histogram(hist32, base, models, *, n: int, bucket: int | No
     interpreted = _interpreted(_magnitude_hist_kernel)
     block = block or default_block(_magnitude_hist_kernel)
     iters = iters or (1 if interpreted else ITERS)
-    base_k, base_bf16 = kernel_view(base)
-    models_k, models_bf16 = kernel_view(models)
     if hot is None:
         big = bucket is None and n >= SAMPLE_MIN_ELEMENTS
-        hot = sample_hot_bins(base_k, base_bf16, models_k, models_bf16, n=n, block=block) if big \
-            else HotBins.lowest(base.device)
+        hot = sample_hot_bins(base, models, n=n, block=block) if big else HotBins.lowest(base.device)
+    base_k, base_bf16 = kernel_view(base)
+    models_k, models_bf16 = kernel_view(models)
     for start, count in vector_friendly_spans(n, block):
         _launch(hist32, hot, base_k[start:], base_bf16, models_k[:, start:], models_bf16, n=count, bucket=bucket,
                 block=block, iters=iters, programs=triton.cdiv(count, block * iters), block_stride=block * iters,

@@ -128,10 +128,7 @@ def parse_lines(block: Any, source: str) -> LinesSpec:
     """A `lines:` block: {alpha: float|auto, beta, outside, layer_pattern} or {gamma} (single-model form)."""
     if not isinstance(block, dict):
         raise _fail(source, "lines: must be a mapping with alpha/beta (or gamma), outside, layer_pattern.")
-    unknown = set(block) - _LINES_KEYS
-    if unknown:
-        raise _fail(source, f"unknown key(s) in lines: {', '.join(sorted(unknown))}; "
-                            f"known: {', '.join(sorted(_LINES_KEYS))}.")
+    _refuse_unknown(block, _LINES_KEYS, "lines", source)
     if "gamma" in block:
         if "alpha" in block or "beta" in block:
             raise _fail(source, "lines: give either gamma (alpha = gamma, beta = 1 - gamma) or alpha/beta, not both.")
@@ -159,6 +156,14 @@ def parse_lines(block: Any, source: str) -> LinesSpec:
     return LinesSpec(alpha=alpha, beta=beta, outside=outside, layer_pattern=pattern)
 
 
+def _refuse_unknown(block: dict, known, where: str, source: str) -> None:
+    """Refuse keys lines_fast does not read, naming them and the ones it does."""
+    unknown = set(block) - set(known)
+    if unknown:
+        raise _fail(source, f"{where}: unknown key(s) {', '.join(sorted(unknown))}; lines_fast reads "
+                            f"{', '.join(sorted(known))}.")
+
+
 def _model_path(value: Any, source: str, where: str) -> Path:
     if not isinstance(value, (str, Path)):
         raise _fail(source, f"{where} must be a local path, got {value!r}.")
@@ -172,10 +177,7 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     for key, reason in _REFUSED_TOP_KEYS.items():
         if key in doc:
             raise _fail(source, f"'{key}': {reason}.")
-    unknown = set(doc) - _TOP_KEYS
-    if unknown:
-        raise _fail(source, f"unknown key(s) {', '.join(sorted(unknown))}; lines_fast reads "
-                            f"{', '.join(sorted(_TOP_KEYS))}.")
+    _refuse_unknown(doc, _TOP_KEYS, "the config", source)
     if "merge_method" not in doc:
         raise _fail(source, f"merge_method is missing; one of {', '.join(METHODS)}.")
 
@@ -185,10 +187,7 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise _fail(source, "parameters: must be a mapping.")
-    unknown = set(params) - _METHOD_PARAMS
-    if unknown:
-        raise _fail(source, f"unknown parameter(s) {', '.join(sorted(unknown))}; lines_fast knows "
-                            f"{', '.join(sorted(_METHOD_PARAMS))}.")
+    _refuse_unknown(params, _METHOD_PARAMS, "parameters", source)
     for key in ("weight", "density"):
         if key in params:  # checked even where every model overrides it: refused, never ignored
             _number(params[key], source, f"parameters.{key}")
@@ -205,16 +204,11 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
             entry = {"model": entry}
         if not isinstance(entry, dict) or "model" not in entry:
             raise _fail(source, f"{where} must be a mapping with a 'model' path.")
-        extra = set(entry) - {"model", "parameters"}
-        if extra:
-            raise _fail(source, f"{where} has unsupported key(s) {', '.join(sorted(extra))}.")
+        _refuse_unknown(entry, {"model", "parameters"}, where, source)
         mparams = entry.get("parameters") or {}
         if not isinstance(mparams, dict):
             raise _fail(source, f"{where}.parameters must be a mapping.")
-        bad = set(mparams) - _MODEL_PARAMS
-        if bad:
-            raise _fail(source, f"{where}.parameters has unsupported key(s) {', '.join(sorted(bad))}; "
-                                "per-model parameters are weight and density.")
+        _refuse_unknown(mparams, _MODEL_PARAMS, f"{where}.parameters", source)
         models.append(resolve(_model_path(entry["model"], source, f"{where}.model")))
         weights.append(_number(mparams.get("weight", params.get("weight", 1.0)), source, f"{where} weight"))
         densities.append(_number(mparams.get("density", params.get("density", 1.0)), source, f"{where} density"))

@@ -383,7 +383,7 @@ class Engine:
                     elif p.name == "refine":
                         for i, m in enumerate(models):
                             if located[i] is not None and not located[i].settled:
-                                hists[i] += self._low_bits_histogram(backend, base, m, located[i].bucket, i)
+                                hists[i] += backend.magnitude_histogram(base, m, located[i].bucket)
                     elif p.name == "norms":
                         # Tensor scope: the backend finds the thresholds (job.thresholds None) and
                         # leaves them on the job, kept for the merge pass.
@@ -429,13 +429,6 @@ class Engine:
                            for i, f in enumerate(located))
         self.log("global trim thresholds: " + ", ".join(f"model {i + 1}: {t:.6g}" for i, t in enumerate(thresholds)))
         return thresholds
-
-    @staticmethod
-    def _low_bits_histogram(backend, base, model, bucket, i) -> torch.Tensor:
-        try:
-            return backend.magnitude_histogram(base, model, bucket)
-        except NonFiniteInput as err:
-            raise NonFiniteInput(err.name, -1 if err.model_index < 0 else i) from None
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> MergeResult:

@@ -453,9 +453,8 @@ def test_histogram_is_exact_whichever_bins_are_private(table, iters):
         bins = torch.randperm(BINS, generator=torch.Generator().manual_seed(iters))[:32]  # 32 slots, not 64
         hot = kselect.HotBins.of(bins.to(DEVICE))
     else:
-        b_k, b_bf16 = kmerge.kernel_view(dev(base))
-        m_k, m_bf16 = kmerge.kernel_view(kmerge.stage_models([dev(m) for m in models]))
-        hot = kselect.sample_hot_bins(b_k, b_bf16, m_k, m_bf16, n=base.numel(), block=BLOCK)
+        staged = kmerge.stage_models([dev(m) for m in models])
+        hot = kselect.sample_hot_bins(dev(base), staged, n=base.numel(), block=BLOCK)
     hist = _staged_histograms(base, models, iters=iters, hot=hot)
     for i, m in enumerate(models):
         bits = (m.float() - base.float()).abs().view(torch.int32)
@@ -465,9 +464,8 @@ def test_histogram_is_exact_whichever_bins_are_private(table, iters):
 def test_sampling_privatizes_the_hot_bins(monkeypatch):
     base, models = _bench_like(kselect.SAMPLE_BLOCKS * BLOCK * 4, 2, seed=42)
     counts = sum(packed_counts((m.float() - base.float()).abs().view(torch.int32)) for m in models)
-    b_k, b_bf16 = kmerge.kernel_view(dev(base))
-    m_k, m_bf16 = kmerge.kernel_view(kmerge.stage_models([dev(m) for m in models]))
-    hot = kselect.sample_hot_bins(b_k, b_bf16, m_k, m_bf16, n=base.numel(), block=BLOCK)
+    staged = kmerge.stage_models([dev(m) for m in models])
+    hot = kselect.sample_hot_bins(dev(base), staged, n=base.numel(), block=BLOCK)
     private = set(hot.bin_of_slot.cpu().tolist())
     assert int(hot.bin_of_slot[0]) == 0 and len(private) == kselect.HOT_SLOTS
     top = counts.topk(6).indices.tolist()  # zeros and the few 1-ulp bins hold most elements

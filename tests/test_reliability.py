@@ -207,13 +207,18 @@ def test_resume_of_a_global_merge_reuses_its_thresholds_and_alpha(family, tmp_pa
     assert files_of(out) == files_of(ref)
 
 
+def poison(model_dir, name: str, index, value: float) -> None:
+    """Rewrite a model's single file with one element of one tensor set to `value`."""
+    tensors = load(model_dir)
+    tensors[name][index] = value
+    save_sharded(model_dir, [tensors])
+
+
 def test_failure_mid_merge_leaves_only_partial_output(own_family, tmp_path, capsys, monkeypatch):
     """Bad data found late (NaN in the last float tensor) stops the merge: no OUT_DIR."""
     fam = own_family
     ft2 = fam.finetunes[1]
-    tensors = load(ft2)
-    tensors[LAST_FLOAT][1, 2] = float("nan")
-    save_sharded(ft2, [tensors])
+    poison(ft2, LAST_FLOAT, (1, 2), float("nan"))
 
     out = tmp_path / "out"
     partial = Path(str(out) + PARTIAL_SUFFIX)
@@ -387,9 +392,7 @@ def test_nonfinite_is_traced_to_its_file(own_family, tmp_path, capsys, monkeypat
     monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False, log=None: VagueBackend())
     fam = own_family
     ft2 = fam.finetunes[1]
-    tensors = load(ft2)
-    tensors[poisoned][0, 3] = float("inf")
-    save_sharded(ft2, [tensors])
+    poison(ft2, poisoned, (0, 3), float("inf"))
     out = tmp_path / "out"
     rc, _, err = run(capsys, *args_for(fam, out, "ties", "--density", "0.3", "--trim-scope", scope))
     assert rc == 2
