@@ -1,19 +1,22 @@
-"""Fused merge: every method of shared/SEMANTICS.md in one pass over its inputs.
+"""Fused merge: the per-element plan (lines_fast/plan.py) in one pass over its inputs.
 
-One kernel family; the methods differ by tl.constexpr switches (HAS_BASE, TRIM, DROP,
-ELECT, NORMALIZE), so each combination compiles to straight-line code. Per element, all in
-float32 and in model order i = 0..N-1 exactly as lines_fast/reference.py writes it:
+One kernel family; the plan's steps are tl.constexpr switches (HAS_BASE, DELTAS, TRIM,
+DROP, INVERSE, SCALE_KEPT, ELECT, NORMALIZE), so each combination compiles to
+straight-line code. Per element, all in float32 and in model order i = 0..N-1 exactly as
+lines_fast/reference.py writes it:
 
-    tau_i  = f32(m_i) - f32(b)                 plain linear (no base): tau_i = f32(m_i)
-    TRIM:    tau_i = |tau_i| >= t_i ? tau_i : 0                  (t_i = inf keeps nothing)
-    DROP:    tau_i = u_i >= p_i ? tau_i / div_i : 0              (u_i: Philox, lines_fast/rng.py)
-    acc    = acc + w_i * tau_i                 from 0: the election sum, or the weighted sum
-    ELECT:   gamma = acc >= 0 ? +1 : -1; tau_m = sum_{agreeing} w_i tau_i [/ sum_{agreeing} w_i]
+    x_i    = f32(m_i) - f32(b)   (DELTAS)    or f32(m_i) (a soup)
+    TRIM:    x_i = |x_i| >= t_i ? x_i : 0                         (t_i = inf keeps nothing)
+    DROP:    x_i = u_i >= p_i ? x_i : 0                           (u_i: Philox, lines_fast/rng.py)
+    INVERSE: kept x_i / q_i;  SCALE_KEPT: x_i * f_i               (the rescale of kept values)
+    c_i    = w_i * x_i;  acc = acc + c_i     from 0: the election sum, or the weighted sum
+    ELECT:   gamma = acc >= 0 ? +1 : -1; tau_m = sum_{c_i agreeing} c_i [/ sum_{agreeing} w_i]
     else:    tau_m = acc [/ sum_i w_i]
+    HAS_BASE and not DELTAS (a soup with LiNeS): tau_m = tau_m - f32(b)
     out    = b + scale * tau_m                 (two roundings, never an FMA); b where scale == 0
 
 Election and disjoint merge in ONE loop over the models: the agreeing set is either the
-models with tau_i > 0 (gamma = +1) or those with tau_i < 0 (gamma = -1), so the kernel keeps
+models with c_i > 0 (gamma = +1) or those with c_i < 0 (gamma = -1), so the kernel keeps
 both candidate numerators and denominators, each summed in model order, and picks one per
 element once gamma is known. The picked sums are the reference's sums term for term (a
 non-agreeing model adds 0), so values are identical and every input is read exactly once.
@@ -21,7 +24,8 @@ non-agreeing model adds 0), so values are identical and every input is read exac
 Inputs: `base` (any of bf16/fp16/fp32, absent for plain linear) and the N models as ONE
 [N, model_stride] staging tensor of a single dtype (the models' common dtype, float32 when
 they differ: widening is exact, so tau is unchanged). Per-model numbers travel in a float32
-table [4, N]: weights, trim thresholds, DARE drop probabilities p_i, DARE divisors.
+table [5, N] (lines_fast.plan.TABLE_ROWS): weights, trim thresholds, drop probabilities p_i,
+inverse-rescale divisors q_i, L1 rescale factors f_i.
 
 Every division is tl.fdiv(..., ieee_rounding=True): Triton's plain `/` on float32 compiles
 to div.full.f32 on NVIDIA, an approximation (up to 2 ulp), while torch divides exactly.
@@ -37,16 +41,13 @@ host adds the partials in float64 in a fixed order (deterministic, no atomics).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from lines_fast import rng
-from lines_fast.errors import MergeInputError
-from lines_fast.spec import MethodSpec
+from lines_fast.methods import Consensus, Rescale, Sparsify
+from lines_fast.plan import ElementPlan, TensorStats, f32
 
 MAX_MODELS = 8
 # GPU launch shape: 1024 elements in 4 warps = 8 per thread, i.e. 16-byte loads of bf16
@@ -58,7 +59,6 @@ NUM_WARPS = 4
 NUM_WARPS_DROP = 8
 # The interpreter runs one program at a time in numpy: bigger blocks, fewer Python loops.
 INTERPRET_BLOCK = 4096
-_TABLE_ROWS = 4  # weights, thresholds, drop p, divisors
 
 
 def _interpreted(kernel) -> bool:
@@ -118,7 +118,8 @@ def _bit_or(a, b):
 def _fused_merge_kernel(
     out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr,
     n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum,
-    N: tl.constexpr, HAS_BASE: tl.constexpr, TRIM: tl.constexpr, DROP: tl.constexpr,
+    N: tl.constexpr, HAS_BASE: tl.constexpr, DELTAS: tl.constexpr, TRIM: tl.constexpr, DROP: tl.constexpr,
+    INVERSE: tl.constexpr, SCALE_KEPT: tl.constexpr,
     ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, TASK_SUM: tl.constexpr,
     CHECK_FINITE: tl.constexpr,
     BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
@@ -157,28 +158,35 @@ def _fused_merge_kernel(
         m_ptrs += model_stride
         if CHECK_FINITE:
             bad = bad | (nonfinite(x).to(tl.int32) << (i + 1))
-        if HAS_BASE:
+        if DELTAS:
             tau = x - b
         else:
             tau = x
         if TASK_SUM:
-            raw = raw + tau
+            if DELTAS:
+                raw = raw + tau
+            else:
+                raw = raw + (x - b)
         if TRIM:
             t = tl.load(table_ptr + N + i)
             tau = tl.where(tl.abs(tau) >= t, tau, 0.0)
         if DROP:
             p = tl.load(table_ptr + 2 * N + i)
-            divisor = tl.load(table_ptr + 3 * N + i)
             c3 = (offs * 0 + i).to(tl.uint32)
             r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c3)
             u = uniform_from_bits(r0)
-            tau = tl.where(u >= p, tl.fdiv(tau, divisor, ieee_rounding=True), 0.0)
+            tau = tl.where(u >= p, tau, 0.0)
+        if INVERSE:
+            tau = tl.fdiv(tau, tl.load(table_ptr + 3 * N + i), ieee_rounding=True)
+        if SCALE_KEPT:
+            tau = tau * tl.load(table_ptr + 4 * N + i)
         w = tl.load(table_ptr + i)
         wt = w * tau
         acc = acc + wt
         if ELECT:
-            pos = tau > 0
-            neg = tau < 0
+            # The agreeing set follows the weighted contribution's sign (as mergekit).
+            pos = wt > 0
+            neg = wt < 0
             pos_num = pos_num + tl.where(pos, wt, 0.0)
             pos_den = pos_den + tl.where(pos, w, 0.0)
             neg_num = neg_num + tl.where(neg, wt, 0.0)
@@ -195,6 +203,8 @@ def _fused_merge_kernel(
         tau_m = acc
         if NORMALIZE:
             tau_m = tl.fdiv(tau_m, weight_sum, ieee_rounding=True)
+    if HAS_BASE and not DELTAS:
+        tau_m = tau_m - b  # a soup with LiNeS: tau_MTL = soup - theta_0
 
     if L1:
         tl.store(partial_ptr + pid, tl.sum(tl.abs(tau_m).to(tl.float64), axis=0))
@@ -218,11 +228,6 @@ def _fused_merge_kernel(
 # ---------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------
-
-def f32(x: float) -> float:
-    """x rounded to float32 (nearest even), as a Python float: what the reference's _f32 holds."""
-    return float(np.float32(x))
-
 
 def kernel_view(t: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """(tensor the kernel reads, is_bf16): bf16 travels as int16 bit patterns."""
@@ -258,78 +263,49 @@ def vector_friendly_spans(n: int, block: int) -> list[tuple[int, int]]:
     return [(0, main), (main, n - main)]
 
 
-@dataclass(frozen=True)
-class MergePlan:
-    """The constexpr switches and per-model numbers of one method, from a MethodSpec.
-
-    weights are the effective ones (wise_ft ignores the spec's weights: tau_m = tau_1).
-    weight_sum is float32(sum(w)), the divisor of normalized linear merges.
-    """
-
-    n_models: int
-    has_base: bool
-    trim: bool
-    drop: bool
-    elect: bool
-    normalize: bool
-    weights: tuple[float, ...]
-    drop_p: tuple[float, ...]
-    divisors: tuple[float, ...]
-    seed: int = 0
-    weight_sum: float = 1.0
-
-    @classmethod
-    def from_spec(cls, spec: MethodSpec) -> "MergePlan":
-        n = spec.n_models
-        if not 1 <= n <= MAX_MODELS:
-            raise MergeInputError(f"The Triton kernels merge 1 to {MAX_MODELS} models, got {n}; use --device cpu.")
-        weights = (1.0,) * n if spec.method == "wise_ft" else tuple(spec.weights or (1.0,) * n)
-        drop = spec.drops
-        consts = [rng.dare_constants(d) for d in spec.densities] if drop else [(0.0, 1.0)] * n
-        linear_mean = spec.method == "linear" and spec.normalize
-        weight_sum = 1.0
-        if linear_mean:
-            total = sum(weights)  # a Python (double) sum, then float32, as the reference does
-            if total == 0:
-                raise MergeInputError(
-                    f"The weights {list(weights)} sum to 0, and this merge divides by their sum. "
-                    "Change the weights or set normalize: false.")
-            weight_sum = f32(total)
-        return cls(
-            n_models=n, has_base=spec.uses_base, trim=spec.trims, drop=drop, elect=spec.elects_sign,
-            normalize=linear_mean or (spec.elects_sign and spec.normalize),
-            weights=tuple(f32(w) for w in weights), drop_p=tuple(p for p, _ in consts),
-            divisors=tuple(dv for _, dv in consts), seed=int(spec.seed), weight_sum=weight_sum,
-        )
-
-    @classmethod
-    def task_vector_sum(cls, n_models: int) -> "MergePlan":
-        """sum_i tau_i, untrimmed and unweighted (w = 1 multiplies exactly): for ||sum tau||_1."""
-        return cls(n_models=n_models, has_base=True, trim=False, drop=False, elect=False, normalize=False,
-                   weights=(1.0,) * n_models, drop_p=(0.0,) * n_models, divisors=(1.0,) * n_models)
-
-    def table(self, thresholds, device) -> torch.Tensor:
-        """The float32 [4, N] table of per-model numbers, on the kernel's device."""
-        if self.trim:
-            if thresholds is None or len(thresholds) != self.n_models:
-                raise ValueError(f"a trimming merge needs {self.n_models} thresholds, got {thresholds!r}")
-            thresholds = tuple(float(t) for t in thresholds)
-        else:
-            thresholds = (0.0,) * self.n_models
-        rows = [self.weights, thresholds, self.drop_p, self.divisors]
-        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+# The plan's steps this kernel has a switch for; a plan with any other step is refused.
+SUPPORTED = {
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM},
+    "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
+    "consensus": {Consensus.NONE, Consensus.SIGN},
+}
 
 
-def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: float = 1.0,
+def unsupported(plan: ElementPlan) -> str | None:
+    """Why the kernels cannot execute `plan`, or None when they can."""
+    for step, known in SUPPORTED.items():
+        value = getattr(plan, step)
+        if value not in known:
+            return f"the Triton kernels have no {step} step {getattr(value, 'value', value)!r}"
+    if not 1 <= plan.n_models <= MAX_MODELS:
+        return f"the Triton kernels merge 1 to {MAX_MODELS} models, not {plan.n_models}"
+    return None
+
+
+def check_supported(plan: ElementPlan) -> None:
+    reason = unsupported(plan)
+    if reason is not None:
+        raise ValueError(reason)
+
+
+def plan_switches(plan: ElementPlan) -> dict[str, bool]:
+    """The kernel's constexpr switches for a plan."""
+    return dict(
+        N=plan.n_models, HAS_BASE=plan.uses_base, DELTAS=plan.deltas, TRIM=plan.sparsify is Sparsify.MAGNITUDE,
+        DROP=plan.sparsify is Sparsify.RANDOM, INVERSE=plan.rescale is Rescale.INVERSE,
+        SCALE_KEPT=plan.rescale is Rescale.L1, ELECT=plan.consensus is Consensus.SIGN, NORMALIZE=plan.normalize)
+
+
+def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: float = 1.0,
                  stream_id: int = 0, elem_offset: int = 0, partials=None, task_partials=None, flags=None,
                  block: int | None = None) -> None:
     """Run the kernel over elements [0, n) of flat views already on the kernel's device.
 
     out: [>= n] of the output dtype (ignored when `partials` is given: the L1 variant).
     base: [>= n] or None (plain linear). models: [N, stride], rows of one dtype.
-    table: MergePlan.table(...). partials: float64 [cdiv(n, block)] for the L1 variant;
+    table: ElementPlan.table(...). partials: float64 [cdiv(n, block)] for the L1 variant;
     task_partials (same shape, L1 variant only): also the partials of |sum_i tau_i| (untrimmed,
-    the same float32 adds as MergePlan.task_vector_sum), from the same read.
+    the same float32 adds as ElementPlan.task_vector_sum), from the same read.
     flags: int32 [1], OR-ed with a bit per input holding Inf/NaN (bit 0 base, i + 1 model i),
     or None to skip the check. elem_offset: global flat index of element 0 (DARE counter).
     """
@@ -337,9 +313,9 @@ def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: fl
         return
     block = block or default_block()
     l1 = partials is not None
-    if task_partials is not None and not (l1 and plan.has_base):
+    if task_partials is not None and not (l1 and plan.uses_base):
         raise ValueError("task_partials needs the L1 variant (partials) and a base")
-    if plan.has_base:
+    if plan.uses_base:
         base_k, base_bf16 = kernel_view(base)
     else:
         base_k, base_bf16 = models, False  # never read
@@ -353,16 +329,15 @@ def launch_merge(out, base, models, table, plan: MergePlan, *, n: int, scale: fl
         # A second span starts at a multiple of `block`: its views keep their alignment, and
         # its first program's partial lands right after the first span's last one.
         _fused_merge_kernel[(triton.cdiv(count, block),)](
-            out_k[start:] if not l1 else out_k, base_k[start:] if plan.has_base else base_k, models_k[:, start:],
+            out_k[start:] if not l1 else out_k, base_k[start:] if plan.uses_base else base_k, models_k[:, start:],
             table, partials[start // block:] if l1 else table,
             task_partials[start // block:] if task_partials is not None else table,
             flags if flags is not None else table,
             count, models.stride(0), int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
             plan.weight_sum,
-            N=plan.n_models, HAS_BASE=plan.has_base, TRIM=plan.trim, DROP=plan.drop, ELECT=plan.elect,
-            NORMALIZE=plan.normalize, L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
+            **plan_switches(plan), L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
             BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,
-            num_warps=NUM_WARPS_DROP if plan.drop else NUM_WARPS,
+            num_warps=NUM_WARPS_DROP if plan.drops else NUM_WARPS,
             # The reference rounds every product and sum: no fused multiply-add (an FMA can flip
             # the sign of a cancelling election sum such as 0.3 * x + 0.3 * -x).
             enable_fp_fusion=False,
@@ -376,36 +351,35 @@ def stage_models(models, device=None) -> torch.Tensor:
     return torch.stack([m.reshape(-1).to(device=device, dtype=dtype) for m in models])
 
 
-def fused_merge(base, models, spec: MethodSpec, *, name: str, thresholds=None, scale: float = 1.0,
-                out_dtype: torch.dtype | None = None, elem_offset: int = 0, block: int | None = None,
-                flags=None) -> torch.Tensor:
+def fused_merge(base, models, plan: ElementPlan, *, name: str, stats: TensorStats | None = None,
+                scale: float = 1.0, out_dtype: torch.dtype | None = None, elem_offset: int = 0,
+                block: int | None = None, flags=None) -> torch.Tensor:
     """One-call merge of whole tensors already on the kernel's device; returns the flat output.
 
     For tests and simple callers; the backend streams chunks through launch_merge instead.
     elem_offset: global index of element 0 when `base`/`models` are one chunk of a larger tensor.
     """
-    plan = MergePlan.from_spec(spec)
+    check_supported(plan)
     staged = stage_models(models)
     ref = base if base is not None else models[0]
     n = ref.numel()
     out = torch.empty(n, dtype=out_dtype or ref.dtype, device=ref.device)
-    table = plan.table(thresholds, ref.device)
+    table = plan.table(stats, ref.device)
     launch_merge(out, None if base is None else base.reshape(-1), staged, table, plan, n=n, scale=scale,
                  stream_id=rng.tensor_stream_id(name), elem_offset=elem_offset, flags=flags, block=block)
     return out
 
 
-def fused_delta_l1(base, models, spec_or_plan, *, name: str = "", thresholds=None,
+def fused_delta_l1(base, models, plan: ElementPlan, *, name: str = "", stats: TensorStats | None = None,
                    block: int | None = None) -> float:
     """sum_j |tau_MTL[j]| (lambda = 1) of whole tensors on the kernel's device, in float64."""
-    plan = spec_or_plan if isinstance(spec_or_plan, MergePlan) else MergePlan.from_spec(spec_or_plan)
-    if not plan.has_base:
+    if not plan.uses_base:
         raise ValueError("plain linear has no task vector (no base): its delta L1 is undefined")
     block = block or default_block()
     staged = stage_models(models)
     n = base.numel()
     partials = torch.empty(max(1, triton.cdiv(n, block)), dtype=torch.float64, device=base.device)
     partials.zero_()
-    launch_merge(None, base.reshape(-1), staged, plan.table(thresholds, base.device), plan, n=n,
+    launch_merge(None, base.reshape(-1), staged, plan.table(stats, base.device), plan, n=n,
                  stream_id=rng.tensor_stream_id(name), partials=partials, block=block)
     return float(partials.sum())

@@ -44,8 +44,10 @@ from lines_fast import rng
 from lines_fast.selection import BINS, NONZERO_LOW, threshold_from_histograms
 from lines_fast.spec import kept_count
 
+from lines_fast.plan import ElementPlan, TensorStats
+
 from .merge import (
-    NUM_WARPS, MergePlan, _interpreted, default_block, kernel_view, launch_merge, load_f32, stage_models,
+    NUM_WARPS, _interpreted, default_block, kernel_view, launch_merge, load_f32, stage_models,
     vector_friendly_spans,
 )
 
@@ -220,9 +222,9 @@ def task_vector_sum_l1(base: torch.Tensor, models: list[torch.Tensor], *, block:
     block = block or default_block()
     base = base.reshape(-1)
     n = base.numel()
-    plan = MergePlan.task_vector_sum(len(models))
+    plan = ElementPlan.task_vector_sum(len(models))
     partials = torch.zeros(max(1, triton.cdiv(n, block)), dtype=torch.float64, device=base.device)
-    launch_merge(None, base, stage_models(models), plan.table(None, base.device), plan, n=n,
+    launch_merge(None, base, stage_models(models), plan.table(TensorStats(), base.device), plan, n=n,
                  stream_id=rng.tensor_stream_id(""), partials=partials, block=block)
     return float(partials.sum())
 

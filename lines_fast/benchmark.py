@@ -21,7 +21,7 @@ What it does, and why each step is there:
    (lines_fast, mergekit, reference, lines_fast, ...), starting one tool later each repeat,
    so a machine that drifts (thermal, noisy neighbours) favours none of them.
 4. Verification. Every lines_fast output is compared tensor by tensor with the reference's
-   output under SEMANTICS.md's tolerances (lines_fast.tolerance.compare); mergekit's output is
+   output under docs/methods.md's tolerances (lines_fast.tolerance.compare); mergekit's output is
    compared too, for information only (its TIES breaks ties and zero signs differently).
 5. Report. A table on stdout, JSON (machine, versions, workload, every run's raw numbers,
    medians) and, when matplotlib is importable, a PNG bar chart, all under --out.
@@ -55,10 +55,16 @@ WORKLOAD_DTYPE = "bfloat16"
 WORKLOAD_SEED = 0
 DEVICES = ("cpu", "cuda", "interpret")
 COMPARE = ("reference", "mergekit")
-# wise_ft merges exactly one model; the workload has three fine-tunes.
-BENCH_METHODS = ("task_arithmetic", "ties", "dare_ties", "dare_linear", "linear")
-# Methods for which mergekit's defaults (and ours) normalize by the agreeing weights.
-_NORMALIZED = ("ties", "dare_ties", "linear")
+
+
+def bench_methods() -> tuple[str, ...]:
+    """The registered methods that merge the workload's three fine-tunes (not wise_ft's one)."""
+    from . import methods
+
+    return tuple(m.name for m in methods.REGISTRY.values()
+                 if m.min_models <= N_FINETUNES and (m.max_models is None or m.max_models >= N_FINETUNES))
+
+
 MERGEKIT_ENV = "LINES_FAST_MERGEKIT"
 # mergekit's --out-shard-size counts bytes (tensor numel * element_size) despite its help text
 # saying parameters, so 5B is exactly lines_fast's default --max-shard-size 5GB: equal sharding.
@@ -290,17 +296,13 @@ def reference_main(config_path: str, out_dir: str) -> int:
     from safetensors.torch import save_file
 
     from .config import load_yaml
-    from .reference import merge_state_dicts
+    from .reference import merge_with_spec
 
     config = load_yaml(Path(config_path))
-    spec = config.method_spec()
     base = _load_state_dict(config.base) if config.base is not None else None
-    models = [_load_state_dict(p) for p in config.models]
-    merged = merge_state_dicts(
-        base, models, config.method, weights=config.weights,
-        density=list(config.densities) if (spec.trims or spec.drops) else None,
-        lam=config.lam, normalize=config.normalize, trim_scope=config.trim_scope, seed=config.seed,
-        lines=config.lines, exclude=config.exclude, out_dtype=config.out_dtype)
+    models = [_load_state_dict(p) for p in config.merge_inputs]
+    merged = merge_with_spec(base, models, config.method_spec(), exclude=config.exclude,
+                             out_dtype=config.out_dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -382,14 +384,14 @@ def write_configs(workload: Workload, methods: list[str], where: Path) -> dict[s
 
     family = FamilyPaths(workload.base, workload.finetunes)
     return {m: write_yaml_config(where / f"{m}.yaml", family, method=m, density=DENSITY, lam=1.0,
-                                 normalize=m in _NORMALIZED, dtype="float32", out_dtype="bfloat16")
+                                 dtype="float32", out_dtype="bfloat16")
             for m in methods}
 
 
 # --------------------------------------------------------------------------- verification
 
 def verify(candidate: Path, reference: Path) -> dict:
-    """Every tensor of `reference` against `candidate` under SEMANTICS.md's tolerances.
+    """Every tensor of `reference` against `candidate` under docs/methods.md's tolerances.
 
     Both are opened as memory maps and compared tensor by tensor, so this needs a few times
     the largest tensor in memory, not the model."""
@@ -624,7 +626,7 @@ def run_benchmark(workload: str = "llama-336m", methods: str = "ties,task_arithm
                   compare: str = "", repeats: int = 1, workdir: str | None = None, out: str = "bench/results",
                   mergekit: str | None = None, command: str | None = None) -> tuple[dict, Path]:
     """The whole benchmark; returns the result dict and the JSON path (bench_command prints)."""
-    method_list = _split(methods, BENCH_METHODS, "methods")
+    method_list = _split(methods, bench_methods(), "methods")
     device_list = _split(devices, DEVICES, "devices")
     compare_list = _split(compare, COMPARE, "compare")
     if not method_list or not device_list:
@@ -806,7 +808,7 @@ def bench_command(args) -> int:
            for k, v in result["verification"].items() if not v["ok"] and not v["informational"]]
     lf_verified = [k for k, v in result["verification"].items() if not v["informational"]]
     if lf_verified and not bad:
-        print("every lines_fast output matches the reference within SEMANTICS.md's tolerances")
+        print("every lines_fast output matches the reference within docs/methods.md's tolerances")
     for line in bad:
         print(f"VERIFICATION FAILED: {line}", file=sys.stderr)
     if result["source"]["changed_during_runs"]:

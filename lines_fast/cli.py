@@ -18,24 +18,31 @@ examples:
       --density 0.2 --lines-beta 1.0 -o merged/       # TIES + LiNeS (alpha auto)
   lines-fast merge --method wise_ft --base base/ --model ft/ --lambda 0.5 -o wise/
 
-methods: linear (soups), wise_ft, task_arithmetic, ties, dare_linear, dare_ties.
-Options given with a CONFIG override its values. Output: HF layout (shards + index.json,
+{methods}
+
+A parameter the method does not take is an error. Options given with a CONFIG override its values. Output: HF layout (shards + index.json,
 config and tokenizer files from the base), written under OUT_DIR.lines-fast-partial and
 renamed only when complete; --resume continues an interrupted merge.
 """
 
 
 def _add_merge_parser(sub) -> None:
+    from . import methods
+
     p = sub.add_parser(
-        "merge", help="merge checkpoints (main job)", epilog=_MERGE_EPILOG,
+        "merge", help="merge checkpoints (main job)", epilog=_MERGE_EPILOG.format(methods=methods.help_text()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Merge a base and N fine-tuned checkpoints (HF directories or .safetensors files).")
     p.add_argument("paths", nargs="*", metavar="CONFIG.yml OUT_DIR",
                    help="a mergekit-format YAML config and the output directory")
     p.add_argument("-o", "--out", metavar="OUT_DIR", help="output directory (instead of the positional)")
     g = p.add_argument_group("what to merge (without a CONFIG)")
-    g.add_argument("--method", help="linear | wise_ft | task_arithmetic | ties | dare_linear | dare_ties")
+    g.add_argument("--method", choices=methods.names(), metavar="METHOD",
+                   help=" | ".join(methods.names()) + " (see the list below)")
     g.add_argument("--base", metavar="DIR", help="the pre-trained model θ0")
+    g.add_argument("--base-weight", type=float, metavar="W",
+                   help="linear only: average the base in as a model with weight W (as a mergekit YAML with "
+                        "base_model and a top-level weight does); without it --base is only LiNeS's θ0")
     g.add_argument("--model", metavar="DIR", action="append", default=[],
                    help="a fine-tuned model; repeat, in order")
     g = p.add_argument_group("method parameters")
@@ -49,8 +56,13 @@ def _add_merge_parser(sub) -> None:
     g.add_argument("--trim-scope", choices=["tensor", "global"],
                    help="ties: trim per tensor (mergekit) or over the whole model (the TIES paper); default tensor")
     g.add_argument("--normalize", dest="normalize", action="store_true", default=None,
-                   help="divide by the sum of (agreeing) weights (default for linear and ties)")
+                   help="divide by the sum of the (agreeing) weights; defaults as mergekit: on for linear "
+                        "and ties, off for task_arithmetic and dare_*")
     g.add_argument("--no-normalize", dest="normalize", action="store_false")
+    g.add_argument("--rescale", choices=["true", "false", "inverse"],
+                   help="kept values of a sparsified task vector: true matches each tensor's L1 norm (mergekit; "
+                        "default for dare_*), inverse divides by the keep probability (the DARE paper), false "
+                        "leaves them (default for ties)")
     g.add_argument("--seed", type=int, help="DARE's seed (default 0): masks are a pure function of (seed, model, tensor, element), "
                         "the same on CPU and GPU")
     g.add_argument("--exclude", action="append", metavar="REGEX",
@@ -106,6 +118,11 @@ def _lines_from_args(args, base_lines):
     return parse_lines(block, "command line")
 
 
+def _rescale(text: str | None):
+    """--rescale's text as the config value: true, false or "inverse"."""
+    return None if text is None else {"true": True, "false": False}.get(text, text)
+
+
 def _float(text: str, flag: str) -> float:
     try:
         return float(text)
@@ -142,22 +159,29 @@ def _config_from_args(args):
                                   "give them either in the YAML or on the command line, not both.")
         config = load_yaml(Path(config_path))
         lines = _lines_from_args(args, config.lines)
+        if args.base_weight is not None:
+            raise MergeInputError(f"{config_path}: --base-weight comes from the config (a top-level weight with "
+                                  "base_model averages the base into a linear merge).")
         config = with_overrides(
             config, lam=args.lam, trim_scope=args.trim_scope, seed=args.seed, normalize=args.normalize,
-            lines=lines, out_dtype=out_dtype, missing=args.missing, allow_nonfinite=args.allow_nonfinite,
+            rescale=_rescale(args.rescale), lines=lines, out_dtype=out_dtype, missing=args.missing,
+            allow_nonfinite=args.allow_nonfinite,
             exclude=(config.exclude + args.exclude) if args.exclude else None,
-            densities=list(args.density) * len(config.models) if args.density else None,
+            densities=list(args.density) if args.density else None,
             tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None)
         return config, Path(out)
     if not args.method:
         raise MergeInputError("no CONFIG.yml and no --method: give a config file, or --method, --base and "
                               "--model (repeatable). See `lines-fast merge --help`.")
+    params = {name: value for name, value in (
+        ("lambda", args.lam), ("trim_scope", args.trim_scope), ("seed", args.seed), ("normalize", args.normalize),
+        ("rescale", _rescale(args.rescale))) if value is not None}
+    model_params = {name: list(values) for name, values in (("weight", args.weight), ("density", args.density))
+                    if values}
     config = MergeConfig(
         method=args.method, models=[Path(m) for m in args.model],
-        base=Path(args.base) if args.base else None,
-        weights=list(args.weight or []), densities=list(args.density or []), lam=args.lam,
-        normalize=args.normalize, trim_scope=args.trim_scope or "tensor",
-        seed=0 if args.seed is None else args.seed, lines=_lines_from_args(args, None),
+        base=Path(args.base) if args.base else None, params=params, model_params=model_params,
+        base_weight=args.base_weight, lines=_lines_from_args(args, None),
         out_dtype=out_dtype, exclude=list(args.exclude or []),
         tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None,
         missing=args.missing or "error", allow_nonfinite=bool(args.allow_nonfinite))
@@ -233,6 +257,8 @@ def _cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import methods
+
     parser = argparse.ArgumentParser(
         prog="lines-fast",
         description="Fast, reference-exact model merging for sharded safetensors checkpoints: task "
@@ -268,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`lines-fast plan --recipe llama3-70b --method ties --models 3`.")
     p.add_argument("config", nargs="?", metavar="CONFIG.yml")
     p.add_argument("--recipe", help="tiny, llama-336m, llama-1b, llama3-70b")
-    p.add_argument("--method", default="ties")
+    p.add_argument("--method", default="ties", choices=methods.names(), metavar="METHOD",
+                   help=" | ".join(methods.names()) + " (default ties; with --recipe)")
     p.add_argument("--models", type=int, default=3, help="number of fine-tuned models (with --recipe)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--trim-scope", choices=["tensor", "global"], default="tensor")

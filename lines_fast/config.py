@@ -1,10 +1,13 @@
 """Merge configuration: mergekit-compatible YAML and CLI options, validated into one MergeConfig.
 
 What both tools share reads exactly as mergekit reads it: merge_method, base_model,
-models[].model, models[].parameters.weight/density, parameters.lambda/normalize, dtype,
-out_dtype, tokenizer_source. Our additions have keys of their own: parameters.trim_scope,
-seed, exclude, and a `lines:` block. Anything mergekit allows that we do not implement is
-refused by name, never ignored.
+models[].model, models[].parameters (per-model parameters), parameters (the method's own,
+and defaults for the per-model ones), dtype, out_dtype, tokenizer_source. Which parameters
+a method takes, their defaults and ranges come from the method registry
+(lines_fast/methods.py) through spec.make_spec, the one validator; a key the method does
+not take is refused by name, never ignored. Our additions have keys of their own:
+parameters.trim_scope, seed, exclude, and a `lines:` block. Anything mergekit allows that
+we do not implement is refused with the reason.
 """
 from __future__ import annotations
 
@@ -16,9 +19,10 @@ from typing import Any
 
 import torch
 
+from . import methods
 from .errors import MergeInputError
-from .spec import LINES_OUTSIDE, METHODS, TRIM_SCOPES, LinesSpec, MethodSpec, default_lambda
-from .rng import MAX_SEED
+from .methods import Inputs
+from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, make_spec
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -31,29 +35,32 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out
              "tokenizer_source", "seed", "exclude", "lines", "name"}
 # mergekit keys we know and deliberately do not implement: refused with this reason.
 _REFUSED_TOP_KEYS = {
-    "slices": "layer slicing (slices) is not supported; merge whole models",
+    "slices": "layer slicing (slices) is not supported yet; merge whole models",
     "modules": "per-module configs (modules) are not supported",
     "tokenizer": "the tokenizer: block (vocabulary union / embedding surgery) is not supported; use tokenizer_source: base or a model path",
     "chat_template": "chat_template is not supported; edit the copied tokenizer_config.json",
 }
-_METHOD_PARAMS = {"lambda", "normalize", "trim_scope", "int8_mask", "rescale", "weight", "density"}
-_MODEL_PARAMS = {"weight", "density"}
 _LINES_KEYS = {"alpha", "beta", "gamma", "outside", "layer_pattern"}
 
 
 @dataclass
 class MergeConfig:
-    """A validated merge: which checkpoints, which method, which parameters."""
+    """A merge: which checkpoints, which method, which parameters (validate() checks it and
+    resolves `spec`).
+
+    params: the method's parameters as given, by their config names (shared ones, and
+    per-model ones meant for every model). model_params: per-model parameters given per
+    model, name -> one value per model (None where that model gives none). base_weight:
+    linear only, the base averaged in as the first model (mergekit's meaning of base_model
+    in a linear YAML that gives a weight for it).
+    """
 
     method: str
     models: list[Path]
     base: Path | None = None
-    weights: list[float] = field(default_factory=list)
-    densities: list[float] = field(default_factory=list)
-    lam: float | None = None
-    normalize: bool = True
-    trim_scope: str = "tensor"
-    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    model_params: dict[str, list] = field(default_factory=dict)
+    base_weight: float | None = None
     lines: LinesSpec | None = None
     out_dtype: torch.dtype | None = None
     exclude: list[str] = field(default_factory=list)
@@ -61,26 +68,24 @@ class MergeConfig:
     missing: str = "error"          # or "copy-base": a tensor a model lacks takes the base's value
     allow_nonfinite: bool = False
     source: str = "command line"    # where this config came from, for messages
+    spec: MethodSpec | None = None  # set by validate()
 
     def method_spec(self) -> MethodSpec:
-        return MethodSpec(
-            method=self.method, n_models=len(self.models), weights=tuple(self.weights),
-            densities=tuple(self.densities), lam=self.effective_lambda, normalize=self.normalize,
-            trim_scope=self.trim_scope, seed=self.seed, lines=self.lines)
+        return self.spec if self.spec is not None else validate(self).spec
 
     @property
-    def effective_lambda(self) -> float:
-        return default_lambda(self.method) if self.lam is None else self.lam
+    def merge_inputs(self) -> list[Path]:
+        """The checkpoints the method combines, in order: the base first where it is averaged in."""
+        return ([self.base] if self.base_weight is not None else []) + list(self.models)
 
     def recipe(self) -> dict[str, Any]:
         """A JSON-able description of the merge, recorded in the output's metadata."""
         out = {
             "merge_method": self.method,
             "base_model": str(self.base) if self.base else None,
-            "models": [{"model": str(m), "weight": w, "density": d}
-                       for m, w, d in zip(self.models, self.weights, self.densities)],
-            "lambda": self.effective_lambda, "normalize": self.normalize,
-            "trim_scope": self.trim_scope, "seed": self.seed,
+            "models": [str(m) for m in self.models],
+            "base_weight": self.base_weight,
+            "parameters": self.method_spec().as_dict(),
             "out_dtype": DTYPE_NAMES.get(self.out_dtype) if self.out_dtype else None,
             "exclude": self.exclude,
         }
@@ -116,12 +121,6 @@ def _number(value: Any, source: str, what: str) -> float:
     if not math.isfinite(number):
         raise _fail(source, f"{what} must be finite, got {value!r}.")
     return number
-
-
-def _bool(value: Any, source: str, what: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise _fail(source, f"{what} must be true or false, got {value!r}.")
 
 
 def parse_lines(block: Any, source: str) -> LinesSpec:
@@ -179,7 +178,8 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
             raise _fail(source, f"'{key}': {reason}.")
     _refuse_unknown(doc, _TOP_KEYS, "the config", source)
     if "merge_method" not in doc:
-        raise _fail(source, f"merge_method is missing; one of {', '.join(METHODS)}.")
+        raise _fail(source, f"merge_method is missing; one of {', '.join(methods.names())}.")
+    method = methods.get(doc["merge_method"], source)
 
     def resolve(p: Path) -> Path:
         return p if p.is_absolute() or base_dir is None else (base_dir / p)
@@ -187,17 +187,13 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise _fail(source, "parameters: must be a mapping.")
-    _refuse_unknown(params, _METHOD_PARAMS, "parameters", source)
-    for key in ("weight", "density"):
-        if key in params:  # checked even where every model overrides it: refused, never ignored
-            _number(params[key], source, f"parameters.{key}")
-    if params.get("rescale", True) is not True:
-        raise _fail(source, "parameters.rescale: false is not supported; DARE always rescales kept "
-                            "values by 1/(1-p) (see README, differences from mergekit).")
+    params = dict(params)
+    if "seed" in doc:
+        params["seed"] = doc["seed"]
     models_doc = doc.get("models")
     if not isinstance(models_doc, list) or not models_doc:
         raise _fail(source, "models: must be a non-empty list of {model: PATH, parameters: {...}}.")
-    models, weights, densities = [], [], []
+    models, model_params = [], {}
     for i, entry in enumerate(models_doc):
         where = f"models[{i}]"
         if isinstance(entry, str):
@@ -208,11 +204,20 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
         mparams = entry.get("parameters") or {}
         if not isinstance(mparams, dict):
             raise _fail(source, f"{where}.parameters must be a mapping.")
-        _refuse_unknown(mparams, _MODEL_PARAMS, f"{where}.parameters", source)
+        for name, value in mparams.items():
+            model_params.setdefault(name, [None] * len(models_doc))[i] = value
         models.append(resolve(_model_path(entry["model"], source, f"{where}.model")))
-        weights.append(_number(mparams.get("weight", params.get("weight", 1.0)), source, f"{where} weight"))
-        densities.append(_number(mparams.get("density", params.get("density", 1.0)), source, f"{where} density"))
     base = doc.get("base_model")
+    base_weight = None
+    if base is not None and method.inputs is Inputs.MODELS:
+        # mergekit 0.1.5 averages a linear merge's base_model in, with the weight that the
+        # top-level parameters give it; without one it stops ("Missing required parameter").
+        if "weight" not in params:
+            raise _fail(source, f"{method.name} with a base_model averages the base in (as mergekit does), so it "
+                                "needs a weight for it, and none resolves: add `parameters: {weight: W}` (the "
+                                "default weight of every model, the base included), or remove base_model for "
+                                "a soup of the listed models only.")
+        base_weight = params["weight"]
     out_dtype = doc.get("out_dtype") or doc.get("dtype")  # mergekit: the output takes dtype without out_dtype
     tokenizer_source = doc.get("tokenizer_source")
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
@@ -223,15 +228,12 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     if isinstance(exclude, str):
         exclude = [exclude]
     config = MergeConfig(
-        method=str(doc["merge_method"]),
+        method=method.name,
         models=models,
         base=resolve(_model_path(base, source, "base_model")) if base is not None else None,
-        weights=weights,
-        densities=densities,
-        lam=_number(params["lambda"], source, "parameters.lambda") if "lambda" in params else None,
-        normalize=_bool(params["normalize"], source, "parameters.normalize") if "normalize" in params else None,
-        trim_scope=params.get("trim_scope", "tensor"),
-        seed=doc.get("seed", 0),
+        params=params,
+        model_params=model_params,
+        base_weight=base_weight,
         lines=parse_lines(doc["lines"], source) if doc.get("lines") is not None else None,
         out_dtype=parse_dtype(out_dtype, source, "out_dtype") if out_dtype else None,
         exclude=list(exclude),
@@ -262,64 +264,38 @@ def load_yaml(path: Path) -> MergeConfig:
 
 
 def validate(config: MergeConfig) -> MergeConfig:
-    """Check a config and fill defaults; raise MergeInputError naming the problem."""
+    """Check a config and resolve its MethodSpec; raise MergeInputError naming the problem."""
     src = config.source
-    if config.method not in METHODS:
-        raise _fail(src, f"unknown merge method '{config.method}'; lines_fast has {', '.join(METHODS)} "
-                         "(mergekit's other methods are not implemented).")
-    n = len(config.models)
-    if n == 0:
+    method = methods.get(config.method, src)
+    if not config.models:
         raise _fail(src, "no fine-tuned models given.")
-    if not config.weights:
-        config.weights = [1.0] * n
-    if not config.densities:
-        config.densities = [1.0] * n
-    if len(config.weights) == 1 and n > 1:
-        config.weights = config.weights * n
-    if len(config.densities) == 1 and n > 1:
-        config.densities = config.densities * n
-    if len(config.weights) != n:
-        raise _fail(src, f"{len(config.weights)} weights for {n} models; give one weight per model, in order.")
-    if len(config.densities) != n:
-        raise _fail(src, f"{len(config.densities)} densities for {n} models; give one density, or one per model.")
-    for path, density in zip(config.models, config.densities):
-        if not 0.0 < density <= 1.0:
-            raise _fail(src, f"density {density} for model {path} is outside (0, 1]; it is the fraction of "
-                             "each task vector kept (0.2 keeps the largest 20%).")
-    if config.normalize is None:
-        # mergekit's defaults: linear and ties normalize; task arithmetic does not.
-        config.normalize = config.method in ("linear", "ties", "dare_ties")
-    if config.method in ("task_arithmetic", "dare_linear", "wise_ft") and config.normalize:
-        raise _fail(src, f"normalize: true is not defined for {config.method} (θ = θ0 + λ·Σ w_i τ_i); "
-                         "set weights that sum to what you want, or use linear.")
-    divides_by_weight_sum = (config.method == "linear" and config.normalize)
-    if divides_by_weight_sum and abs(sum(config.weights)) == 0.0:
-        raise _fail(src, f"the weights {config.weights} sum to zero, and {config.method} divides by their sum. "
-                         "Give weights with a non-zero sum, or set normalize: false (--no-normalize) "
-                         "for θ = Σ w_i θ_i.")
-    if config.method in ("ties", "dare_ties") and config.normalize and min(config.weights) <= 0.0:
-        # The disjoint mean divides by the weights of the agreeing models: with a zero or
-        # negative weight that sum can be 0 where models do agree, and the mean is undefined.
-        raise _fail(src, f"{config.method} with normalize divides by the sum of the agreeing models' weights, "
-                         f"so weights must be positive (got {config.weights}). Drop a model instead of giving "
-                         "it weight 0, or set normalize: false (--no-normalize) for a weighted sum.")
-    if config.method != "linear" and config.base is None:
-        raise _fail(src, f"{config.method} needs a base model (base_model / --base): task vectors are "
+    if method.base_required and config.base is None:
+        raise _fail(src, f"{method.name} needs a base model (base_model / --base): task vectors are "
                          "differences from it.")
-    if config.method == "linear" and config.lines is not None and config.base is None:
-        raise _fail(src, "LiNeS on a linear merge needs a base model: it scales the update from the base.")
-    if config.method == "wise_ft":
-        if n != 1:
-            raise _fail(src, f"wise_ft mixes one fine-tuned model with its base; {n} models were given.")
-        a = config.effective_lambda
-        if not 0.0 <= a <= 1.0:
-            raise _fail(src, f"wise_ft's mixing coefficient (lambda) must be in [0, 1], got {a}.")
-    if config.trim_scope not in TRIM_SCOPES:
-        raise _fail(src, f"trim_scope '{config.trim_scope}' is not 'tensor' or 'global'.")
-    if config.trim_scope == "global" and config.method != "ties":
-        raise _fail(src, f"trim_scope: global applies to ties only ({config.method} does not trim by magnitude).")
-    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed <= MAX_SEED:
-        raise _fail(src, f"seed must be an integer in [0, 2^63), got {config.seed!r}.")
+    if config.lines is not None and config.base is None:
+        raise _fail(src, f"LiNeS on a {method.name} merge needs a base model: it scales the update from the base.")
+    if config.base_weight is not None:
+        if method.inputs is not Inputs.MODELS:
+            raise _fail(src, f"a base weight averages the base in; {method.name} takes task vectors from it instead.")
+        if config.base is None:
+            raise _fail(src, "a base weight needs a base model.")
+    n = len(config.merge_inputs)
+    model_values = {}
+    for name, values in config.model_params.items():
+        values = list(values)
+        if len(values) == 1 and len(config.models) > 1:
+            values = values * len(config.models)
+        if len(values) != len(config.models):
+            raise _fail(src, f"{len(values)} {name} values for {len(config.models)} models; give one, or one "
+                             "per model, in order.")
+        if config.base_weight is not None:
+            values = [config.base_weight if name == "weight" else None] + values
+        model_values[name] = values
+    values = dict(config.params)
+    if config.base_weight is not None and "weight" not in model_values:
+        model_values["weight"] = [config.base_weight] + [values.get("weight")] * len(config.models)
+    config.spec = make_spec(method.name, n, model_values=model_values, values=values, lines=config.lines,
+                            where=src)
     if config.missing not in ("error", "copy-base"):
         raise _fail(src, f"missing must be 'error' or 'copy-base', got {config.missing!r}.")
     for pattern in config.exclude:
@@ -330,7 +306,26 @@ def validate(config: MergeConfig) -> MergeConfig:
     return config
 
 
+# Overrides that set a method parameter (CLI flags, merge(..., lam=...)), by override name.
+_PARAM_OVERRIDES = {"lam": "lambda", "lambda": "lambda", "seed": "seed", "trim_scope": "trim_scope",
+                    "normalize": "normalize", "rescale": "rescale"}
+_MODEL_PARAM_OVERRIDES = {"weights": "weight", "densities": "density"}
+
+
 def with_overrides(config: MergeConfig, **overrides: Any) -> MergeConfig:
-    """Apply CLI/API overrides (None means: not given) and validate again."""
+    """Apply CLI/API overrides (None means: not given) and validate again.
+
+    Method parameters (lam, seed, trim_scope, normalize, rescale; weights and densities, one
+    value or one per model) replace the config's; any other MergeConfig field is replaced.
+    """
     given = {k: v for k, v in overrides.items() if v is not None}
-    return validate(replace(config, **given))
+    params, model_params = dict(config.params), dict(config.model_params)
+    fields = {}
+    for key, value in given.items():
+        if key in _PARAM_OVERRIDES:
+            params[_PARAM_OVERRIDES[key]] = value
+        elif key in _MODEL_PARAM_OVERRIDES:
+            model_params[_MODEL_PARAM_OVERRIDES[key]] = list(value) if isinstance(value, (list, tuple)) else [value]
+        else:
+            fields[key] = value
+    return validate(replace(config, params=params, model_params=model_params, spec=None, **fields))

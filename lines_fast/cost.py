@@ -15,8 +15,9 @@ import torch
 
 from .config import DTYPES, MergeConfig, load_yaml
 from .errors import MergeInputError
+from .plan import ElementPlan
 from .planning import Pass, plan_passes
-from .spec import LinesSpec, MethodSpec
+from .spec import LinesSpec, MethodSpec, make_spec
 
 # Defaults: a local NVMe Gen4 drive, PCIe Gen5 x16 with copy engines, H100 HBM3 (FACTS.md),
 # and the CPU backend's measured throughput on 2 cores (README, bench/results).
@@ -52,17 +53,21 @@ def _estimate(spec: MethodSpec, tensors: list[TensorCost], device: str, read_gbp
     passes = plan_passes(spec)
     total_in = sum(t.in_bytes for t in tensors)
     total_out = sum(t.out_bytes for t in tensors)
+    # A per-tensor statistic the merge pass finds first (L1 rescale factors) reads each tensor
+    # once more, from the page cache: compute, not storage.
+    in_pass_reads = 1 + int(ElementPlan.from_spec(spec).missing(None)[1])
     costs = []
     for p in passes:
         write = total_out if p.writes else 0
+        compute_reads = in_pass_reads if p.writes else 1
         # Reads and writes share the drive, so the storage stage carries both.
         stages = {"storage": (total_in + write) / (read_gbps * 1e9)}
         if device == "cuda":
             stages["PCIe host-to-device"] = total_in / (pcie_gbps * 1e9)
             stages["PCIe device-to-host"] = write / (pcie_gbps * 1e9)
-            stages["HBM"] = (total_in + write) / (hbm_gbps * 1e9)
+            stages["HBM"] = (total_in * compute_reads + write) / (hbm_gbps * 1e9)
         else:
-            stages["CPU compute"] = total_in / (cpu_gbps * 1e9)
+            stages["CPU compute"] = total_in * compute_reads / (cpu_gbps * 1e9)
         bottleneck = max(stages, key=stages.get)
         costs.append(PassCost(p, total_in, write, stages[bottleneck], bottleneck))
     n_inputs = spec.n_models + (1 if spec.uses_base else 0)
@@ -119,15 +124,18 @@ def plan_command(args) -> int:
         tensors = _tensors_from_config(config)
         what = f"{args.config}: {config.method}, {len(config.models)} fine-tuned model(s)"
     elif args.recipe:
-        from .spec import METHODS
+        from . import methods
 
-        if args.method not in METHODS:
-            raise MergeInputError(f"--method {args.method!r} is not one of {', '.join(METHODS)}.")
+        method = methods.get(args.method, "--method")
         lines = None
         if lines_alpha is not None:
             lines = LinesSpec(alpha="auto" if lines_alpha == "auto" else float(lines_alpha), beta=1.0)
-        spec = MethodSpec(method=args.method, n_models=args.models, weights=(1.0,) * args.models,
-                          densities=(0.2,) * args.models, trim_scope=args.trim_scope, lines=lines)
+        values = {"density": 0.2} if method.takes("density") else {}
+        if method.takes("trim_scope"):
+            values["trim_scope"] = args.trim_scope
+        elif args.trim_scope != "tensor":
+            raise MergeInputError(f"--trim-scope: {method.name} does not trim by magnitude.")
+        spec = make_spec(method.name, args.models, values=values, lines=lines, where="plan")
         tensors = _tensors_from_recipe(args.recipe, args.models, DTYPES[args.dtype], spec.uses_base)
         what = f"recipe {args.recipe}: {args.method}, {args.models} fine-tuned models, {args.dtype}"
     else:

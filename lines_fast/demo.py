@@ -3,7 +3,7 @@
 Builds a small Llama-shaped base and three realistic fine-tunes (bf16, depth-dependent
 deltas, ~30% exact zeros) in a temporary directory, merges them with TIES (density 0.2) +
 LiNeS (alpha auto, beta 1.0) on the best backend here, then recomputes the merge with the
-pure-PyTorch reference and compares every tensor within SEMANTICS.md's tolerances.
+pure-PyTorch reference and compares every tensor within the tolerances of docs/methods.md.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def run_demo(recipe: str = "tiny", device: str = "auto", keep: str | None = None
                                          int_tensor=True)
         print(f"  built in {time.perf_counter() - t0:.1f} s")
         config = validate(MergeConfig(method="ties", base=family.base, models=list(family.finetunes),
-                                      densities=[DENSITY] * 3, lines=LINES, source="demo"))
+                                      params={"density": DENSITY}, lines=LINES, source="demo"))
         out = work / "merged"
         print(f"merging: ties, density {DENSITY}, tensor scope, LiNeS alpha auto, beta {LINES.beta} ...")
         result = Engine(config, out, device=device, force=True).run()
@@ -66,7 +66,7 @@ def run_demo(recipe: str = "tiny", device: str = "auto", keep: str | None = None
         if failures:
             print("  OUTSIDE TOLERANCE:\n    " + "\n    ".join(failures))
             return 1
-        print("  within SEMANTICS.md tolerances: OK")
+        print("  within the tolerances of docs/methods.md: OK")
         if keep:
             print(f"kept the example and the merge in {work}")
         return 0

@@ -29,10 +29,10 @@ from .checkpoint import Checkpoint, TensorInfo
 from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
 from .errors import MergeInputError, NonFiniteInput
 from .layers import lines_scales
-from .planning import Pass, auto_alpha, describe, plan_passes
+from .plan import ElementPlan
+from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
 from .progress import Progress
-from .selection import BINS, KEEP_NOTHING, Located, locate_kth
-from .spec import MethodSpec, kept_count
+from .spec import MethodSpec
 from .writer import PARTIAL_SUFFIX, ShardedWriter, check_output_dir, different_merge_error, parse_size
 
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
@@ -238,36 +238,6 @@ def _shape_message(name: str, reference: Checkpoint, info: TensorInfo, model: Ch
     return text
 
 
-# -- statistics passes --------------------------------------------------------------------
-class _Stats:
-    """What the statistics passes leave for the merge pass: thresholds and α.
-
-    The global thresholds and α are journaled with the output (as exact hex floats), so a
-    --resume of the same merge skips the statistics passes; tensor-scope thresholds are
-    found again per tensor by the merge pass.
-    """
-
-    def __init__(self) -> None:
-        self.global_thresholds: tuple[float, ...] | None = None
-        self.tensor_thresholds: dict[str, tuple[float, ...]] = {}
-        self.alpha: float | None = None
-        self.passes_run = 0
-
-    def to_json(self) -> dict:
-        return {"alpha": None if self.alpha is None else self.alpha.hex(),
-                "global_thresholds": None if self.global_thresholds is None
-                else [t.hex() for t in self.global_thresholds]}
-
-    @classmethod
-    def from_json(cls, doc: dict) -> "_Stats":
-        stats = cls()
-        if doc.get("alpha") is not None:
-            stats.alpha = float.fromhex(doc["alpha"])
-        if doc.get("global_thresholds") is not None:
-            stats.global_thresholds = tuple(float.fromhex(t) for t in doc["global_thresholds"])
-        return stats
-
-
 class Engine:
     def __init__(self, config: MergeConfig, out_dir: Path, *, device: str = "auto",
                  max_shard_size: int | str = "5GB", force: bool = False, resume: bool = False,
@@ -281,14 +251,21 @@ class Engine:
         self.progress = progress
         self.log = log or _log_to_stderr
         self.spec: MethodSpec = config.method_spec()
+        self.plan = ElementPlan.from_spec(self.spec)
+
+    @property
+    def _reads_base(self) -> bool:
+        return self.spec.uses_base or self.config.base_weight is not None
 
     # The inputs of tensor `name` for the backend: zero-copy views of the memory maps.
     def _base_tensor(self, inputs: _Inputs, name: str) -> torch.Tensor | None:
         return inputs.base.tensor(name) if inputs.base is not None else None
 
     def _model_tensors(self, inputs: _Inputs, plan: _Plan, name: str) -> list[torch.Tensor]:
-        return [inputs.base.tensor(name) if (i, name) in plan.substitutes else m.tensor(name)
-                for i, m in enumerate(inputs.models)]
+        """The plan's inputs for tensor `name`: the models, after the base where it is averaged in."""
+        averaged = [inputs.base.tensor(name)] if self.config.base_weight is not None else []
+        return averaged + [inputs.base.tensor(name) if (i, name) in plan.substitutes else m.tensor(name)
+                           for i, m in enumerate(inputs.models)]
 
     def _prefetch(self, inputs: _Inputs, name: str | None) -> None:
         """Ask the kernel to start reading a coming tensor's pages (MADV_WILLNEED) on every
@@ -307,7 +284,7 @@ class Engine:
     def _input_bytes(self, inputs: _Inputs, names: list[str]) -> int:
         total = 0
         for name in names:
-            for ckpt in ([inputs.base] if inputs.base is not None and self.spec.uses_base else []) + inputs.models:
+            for ckpt in ([inputs.base] if inputs.base is not None and self._reads_base else []) + inputs.models:
                 info = ckpt.tensors.get(name)
                 total += info.nbytes if info else 0
         return total
@@ -315,7 +292,7 @@ class Engine:
     def _nonfinite(self, err: NonFiniteInput, inputs: _Inputs, plan: _Plan, name: str) -> MergeInputError:
         # A backend may not know which input it was reading (a histogram has no model index):
         # name the input that really holds NaN/Inf, trying the reported one first.
-        candidates = ([(-1, inputs.base)] if inputs.base is not None and self.spec.uses_base else []) + [
+        candidates = ([(-1, inputs.base)] if inputs.base is not None and self._reads_base else []) + [
             (-1, inputs.base) if (i, name) in plan.substitutes else (i, m) for i, m in enumerate(inputs.models)]
         candidates.sort(key=lambda c: c[0] != err.model_index)
         found = [c for c in candidates if not bool(torch.isfinite(c[1].tensor(name)).all())]
@@ -326,7 +303,7 @@ class Engine:
             "spread them; check that checkpoint (a diverged fine-tune?), exclude the tensor with --exclude, "
             "or pass --allow-nonfinite to merge anyway.")
 
-    def _resumed_stats(self, merge_key: str, passes: list[Pass]) -> _Stats | None:
+    def _resumed_stats(self, merge_key: str, passes: list[Pass]) -> RunStats | None:
         """--resume: the interrupted run's statistics when it was this very merge; refuses another
         merge at once; None where there is nothing to resume from (or an older journal)."""
         notes = ShardedWriter.read_notes(self.out_dir)
@@ -335,12 +312,12 @@ class Engine:
         if notes["merge"] != merge_key:
             raise different_merge_error(self.out_dir.with_name(self.out_dir.name + PARTIAL_SUFFIX))
         try:
-            stats = _Stats.from_json(notes.get("stats") or {})
+            stats = RunStats.from_json(notes.get("stats") or {})
         except (TypeError, ValueError, AttributeError):
             return None
         spec = self.spec
         if ((auto_alpha(spec) and stats.alpha is None)
-                or (spec.trims and spec.trim_scope == "global" and stats.global_thresholds is None)):
+                or (self.plan.global_thresholds and stats.global_thresholds is None)):
             return None  # not journaled (an older run): compute them again
         skipped = [p.name for p in passes if p.name != "merge"]
         if skipped:
@@ -350,85 +327,41 @@ class Engine:
                      f"{', '.join(skipped)} skipped")
         return stats
 
-    def _stats_passes(self, passes: list[Pass], inputs: _Inputs, plan: _Plan, backend) -> _Stats:
-        stats = _Stats()
-        spec = self.spec
-        n = spec.n_models
-        sum_l1 = 0.0
-        need_sum_l1 = auto_alpha(spec)
+    def _stats_passes(self, passes: list[Pass], inputs: _Inputs, plan: _Plan, backend) -> RunStats:
+        """Run every pass before the merge pass: each reads every merged tensor once and leaves
+        what it produces in the RunStats."""
+        stats = RunStats()
         total_elements = sum(int(torch.Size(plan.shapes[name]).numel()) for name in plan.merged)
-        located: list[Located | None] = [None] * n  # where each global k-th largest lies
-        for p in passes:
-            if p.name == "merge":
+        for index, p in enumerate(passes):
+            if p.writes:
                 break
-            if p.name == "refine" and all(f is None or f.settled for f in located):
-                self.log(f"pass {passes.index(p) + 1}/{len(passes)} (refine) not needed: the magnitudes "
-                         "pass settled every threshold")
-                stats.global_thresholds = self._global_thresholds(located, None)
+            label = f"pass {index + 1}/{len(passes)}"
+            reason = p.skip_reason(stats)
+            if reason is not None:
+                self.log(f"{label} ({p.name}) not needed: {reason}")
                 continue
             t0 = time.perf_counter()
-            bar = Progress(f"pass {passes.index(p) + 1}/{len(passes)} {p.name}",
-                           self._input_bytes(inputs, plan.merged), enabled=self.progress,
+            bar = Progress(f"{label} {p.name}", self._input_bytes(inputs, plan.merged), enabled=self.progress,
                            tensors=len(plan.merged))
-            hists = [torch.zeros(BINS, dtype=torch.int64) for _ in range(n)]
-            delta_l1 = 0.0
+            p.start(stats, self.plan)
             for k, name in enumerate(plan.merged):
                 self._prefetch(inputs, plan.merged[k + 1] if k + 1 < len(plan.merged) else None)
-                base = self._base_tensor(inputs, name)
-                models = self._model_tensors(inputs, plan, name)
+                job = MergeJob(name, self._base_tensor(inputs, name), self._model_tensors(inputs, plan, name),
+                               stats.for_tensor(name), 1.0, torch.float32)
                 try:
-                    if p.name == "magnitudes":
-                        for i, hist in enumerate(backend.magnitude_histograms(base, models)):
-                            hists[i] += hist
-                    elif p.name == "refine":
-                        for i, m in enumerate(models):
-                            if located[i] is not None and not located[i].settled:
-                                hists[i] += backend.magnitude_histogram(base, m, located[i].bucket)
-                    elif p.name == "norms":
-                        # Tensor scope: the backend finds the thresholds (job.thresholds None) and
-                        # leaves them on the job, kept for the merge pass.
-                        job = MergeJob(name, base, models, stats.global_thresholds if spec.trims else None,
-                                       1.0, torch.float32)
-                        if need_sum_l1 and p is passes[0]:  # both norms from one read of the tensor
-                            task_sum, delta = backend.delta_norms(job, spec)
-                            sum_l1 += task_sum
-                            delta_l1 += delta
-                        else:
-                            delta_l1 += backend.merged_delta_l1(job, spec)
-                        if spec.trims and stats.global_thresholds is None:
-                            stats.tensor_thresholds[name] = job.thresholds
-                    if need_sum_l1 and p is passes[0] and p.name != "norms":  # rides on the first pass
-                        sum_l1 += backend.task_vector_sum_l1(base, models)
+                    p.tensor(backend, self.plan, job, stats)
                 except NonFiniteInput as err:
                     raise self._nonfinite(err, inputs, plan, name) from None
                 self._release(inputs, name)
                 bar.advance(self._input_bytes(inputs, [name]))
             bar.close()
-            if p.name == "magnitudes":
-                for i in range(n):
-                    k = kept_count(spec.densities[i], total_elements)
-                    located[i] = locate_kth(hists[i], k) if k > 0 else None
-            elif p.name == "refine":
-                stats.global_thresholds = self._global_thresholds(located, hists)
-            elif p.name == "norms":
-                if delta_l1 == 0.0:
-                    raise MergeInputError(
-                        f"LiNeS alpha auto is undefined: the merged task vector ‖τ_MTL‖₁ is 0 over all "
-                        f"{len(plan.merged)} merged tensors (the models equal the base, or nothing survives "
-                        "trimming). Give alpha explicitly.")
-                stats.alpha = (sum_l1 / delta_l1) / n
-                self.log(f"LiNeS alpha auto = (‖Σ τ_i‖₁ / ‖τ_MTL‖₁) / N = ({sum_l1:.6g} / {delta_l1:.6g}) / {n} "
-                         f"= {stats.alpha:.6g}")
+            p.finish(stats, self.plan, total_elements, self.log)
             stats.passes_run += 1
-            self.log(f"pass {passes.index(p) + 1}/{len(passes)} ({p.name}) took {time.perf_counter() - t0:.2f} s")
+            self.log(f"{label} ({p.name}) took {time.perf_counter() - t0:.2f} s")
+        if stats.global_thresholds is not None:
+            self.log("global trim thresholds: " + ", ".join(
+                f"model {i + 1}: {t:.6g}" for i, t in enumerate(stats.global_thresholds)))
         return stats
-
-    def _global_thresholds(self, located: list, low_hists) -> tuple[float, ...]:
-        """The global t_i from pass 1's locations and (for unsettled ones) the refine pass's counts."""
-        thresholds = tuple(KEEP_NOTHING if f is None else f.threshold(None if f.settled else low_hists[i])
-                           for i, f in enumerate(located))
-        self.log("global trim thresholds: " + ", ".join(f"model {i + 1}: {t:.6g}" for i, t in enumerate(thresholds)))
-        return thresholds
 
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> MergeResult:
@@ -442,6 +375,10 @@ class Engine:
             tok_files = self._tokenizer_files()
             plan = _plan_tensors(config, inputs, self.log)
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log)
+            reason = backend.supports(self.plan)
+            if reason is not None:
+                raise MergeInputError(f"--device {self.device}: the {backend.name} backend cannot run {config.method} "
+                                      f"({reason}); use --device cpu.")
             passes = plan_passes(spec)
             self.log(describe(passes))
             entries = [(n, plan.out_dtypes[n], plan.shapes[n]) for n in plan.order]
@@ -488,7 +425,7 @@ class Engine:
         finally:
             inputs.close()
 
-    def _scales(self, plan: _Plan, stats: _Stats) -> dict[str, float]:
+    def _scales(self, plan: _Plan, stats: RunStats) -> dict[str, float]:
         """The factor on each tensor's merged task vector: λ, or LiNeS's λ(ℓ) that replaces it."""
         lines = self.spec.lines
         if lines is None:
@@ -510,10 +447,9 @@ class Engine:
             for k, name in enumerate(merged):
                 # Backends take one job ahead of the one they work on, so this reads two ahead.
                 self._prefetch(inputs, merged[k + 1] if k + 1 < len(merged) else None)
-                thresholds = stats.global_thresholds or stats.tensor_thresholds.get(name)
                 yield MergeJob(name, self._base_tensor(inputs, name) if spec.uses_base else None,
-                               self._model_tensors(inputs, plan, name),
-                               thresholds if spec.trims else None, scales[name], plan.out_dtypes[name])
+                               self._model_tensors(inputs, plan, name), stats.for_tensor(name), scales[name],
+                               plan.out_dtypes[name])
 
         copies = [n for n in plan.order if n in plan.copied and n in pending_set]
         position = {n: i for i, n in enumerate(plan.order)}
@@ -526,7 +462,7 @@ class Engine:
 
         current = None
         try:
-            for job, output in backend.merge_many(jobs(), spec):
+            for job, output, _stats in backend.merge_many(jobs(), self.plan):
                 current = job.name
                 write_copies_before(position[job.name])
                 writer.write(job.name, output)

@@ -18,13 +18,15 @@ class AbsSum:
         self.bins = torch.zeros(_EXPONENTS, dtype=torch.int64)
 
     def add(self, x: torch.Tensor) -> None:
-        """Add sum |x| for a float32 tensor without NaN/Inf."""
+        """Add sum |x| for a float32 tensor without NaN/Inf, on any device. (On a GPU the
+        float64 bin sums are atomics in any order, still exact: every partial sum is an
+        integer below 2^53.)"""
         bits = x.abs().view(torch.int32)
         exponent = bits >> 23
         significand = (bits & 0x7FFFFF) | (exponent.clamp(max=1) << 23)
         # Each bin's float64 sum is exact: fewer than 2^29 significands of < 2^24 per call.
         self.bins += torch.bincount(exponent.reshape(-1), weights=significand.reshape(-1).double(),
-                                    minlength=_EXPONENTS).to(torch.int64)
+                                    minlength=_EXPONENTS).to(torch.int64).cpu()
 
     def value(self) -> float:
         total = sum(int(count) << max(e, 1) - 1 for e, count in enumerate(self.bins.tolist()) if count)

@@ -5,7 +5,7 @@ block list followed by the index, e.g. `model.layers.7.mlp.up_proj.weight` is bl
 stack `model.layers`. The stack is the name prefix before the index, so T5's encoder and
 decoder, or CLIP's text and vision towers, are separate stacks, each with its own depth L
 (max index + 1). Everything else (embeddings, positional/class embeddings, pre-/final
-norms, heads) is outside every block. SEMANTICS.md, "LiNeS", is the contract:
+norms, heads) is outside every block. docs/methods.md, "LiNeS", is the contract:
 
     lambda(l) = alpha + beta * l / (L - 1)   inside block l of a stack of L blocks (L = 1: alpha)
     lambda    = alpha                        outside (option outside="last": alpha + beta)

@@ -1,29 +1,171 @@
-"""How many passes over the inputs a merge needs, and why.
+"""The passes over the inputs a merge makes, derived from its per-element plan.
 
-Per-tensor work (tensor-scope TIES, task arithmetic, linear, wise_ft, DARE, LiNeS with a
-given α) reads each input byte once: one `merge` pass. Whole-model statistics need passes
-before it, and keep only a few numbers per model between passes (2 x 65536 histogram
-counts, L1 norms), never tensors:
-- `global` trim scope: `magnitudes` (packed high-bit histograms of |τ_i| over all merged
-  tensors) then `refine` (low-bit histograms inside the bucket holding each k-th value),
-  which the engine skips when the first pass settled every threshold (usual for bf16).
-- α `auto`: ‖Σ τ_i‖₁ rides on the first statistics pass; ‖τ_MTL‖₁ needs the final
-  thresholds, so it takes a `norms` pass of its own (which also finds tensor-scope
-  thresholds, kept for the merge pass).
-The engine logs this plan, and `lines-fast plan` prices it.
+Per-tensor work (everything the plan needs for one tensor: tensor-scope thresholds, L1
+rescale factors, DARE masks, LiNeS with a given α) happens inside the `merge` pass, which
+reads each input byte once more only where a per-tensor statistic must see the whole tensor
+first. Whole-model statistics need passes before it, each an object that says what it reads
+and what it produces, and keeps only a few numbers per model between tensors (65536
+histogram counts, exact L1 sums), never tensors:
+- global magnitude thresholds: `magnitudes` (packed high-bit histograms of |τ_i| over all
+  merged tensors) then `refine` (low-bit histograms inside the bucket holding each k-th
+  value), skipped when the first pass settled every threshold (usual for bf16).
+- LiNeS α auto: ‖Σ τ_i‖₁ rides on the first statistics pass; ‖τ_MTL‖₁ needs the final
+  thresholds, so it takes a `norms` pass of its own (which also returns each tensor's
+  statistics, kept for the merge pass).
+The engine runs the passes in order and logs this plan; `lines-fast plan` prices it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
-from .spec import MethodSpec
+import torch
+
+from .backends.base import MergeJob
+from .errors import MergeInputError
+from .plan import ElementPlan, TensorStats
+from .selection import BINS, KEEP_NOTHING, Located, locate_kth
+from .spec import MethodSpec, kept_count
 
 
-@dataclass(frozen=True)
+@dataclass
+class RunStats:
+    """What the statistics passes leave for the merge pass.
+
+    The global thresholds and α are journaled with the output (as exact hex floats), so a
+    --resume of the same merge skips the statistics passes; per-tensor statistics are found
+    again by the merge pass.
+    """
+
+    global_thresholds: tuple[float, ...] | None = None
+    tensor_stats: dict[str, TensorStats] = field(default_factory=dict)
+    alpha: float | None = None
+    task_sum_l1: object = None   # a _TaskSum while a pass adds to it
+    located: list[Located | None] = field(default_factory=list)
+    passes_run: int = 0
+
+    def for_tensor(self, name: str) -> TensorStats | None:
+        if self.global_thresholds is not None:
+            return TensorStats(thresholds=self.global_thresholds)
+        return self.tensor_stats.get(name)
+
+    def to_json(self) -> dict:
+        return {"alpha": None if self.alpha is None else self.alpha.hex(),
+                "global_thresholds": None if self.global_thresholds is None
+                else [t.hex() for t in self.global_thresholds]}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "RunStats":
+        stats = cls()
+        if doc.get("alpha") is not None:
+            stats.alpha = float.fromhex(doc["alpha"])
+        if doc.get("global_thresholds") is not None:
+            stats.global_thresholds = tuple(float.fromhex(t) for t in doc["global_thresholds"])
+        return stats
+
+
+@dataclass
 class Pass:
-    name: str   # magnitudes | refine | norms | merge
+    """One pass over every merged tensor. `reads`/`produces` describe it for the log and the
+    cost model; a statistics pass implements tensor() and finish()."""
+
+    name: str
     why: str
+    produces: str = ""
     writes: bool = False
+    with_task_sum: bool = False   # ‖Σ τ_i‖₁ for α auto rides on this pass
+
+    def skip_reason(self, stats: RunStats) -> str | None:
+        return None
+
+    def start(self, stats: RunStats, plan: ElementPlan) -> None:
+        pass
+
+    def tensor(self, backend, plan: ElementPlan, job: MergeJob, stats: RunStats) -> None:
+        pass
+
+    def finish(self, stats: RunStats, plan: ElementPlan, total_elements: int, log: Callable[[str], None]) -> None:
+        pass
+
+
+class _TaskSum:
+    """Sum of per-tensor L1 norms (Python floats), correctly rounded (math.fsum): the total does
+    not depend on the order or the grouping of the tensors."""
+
+    def __init__(self) -> None:
+        self.parts: list[float] = []
+
+    def add(self, value: float) -> None:
+        self.parts.append(value)
+
+    def value(self) -> float:
+        import math
+        return math.fsum(self.parts)
+
+
+class MagnitudesPass(Pass):
+    def start(self, stats, plan):
+        self.hists = torch.zeros(plan.n_models, BINS, dtype=torch.int64)
+        stats.task_sum_l1 = _TaskSum()
+
+    def tensor(self, backend, plan, job, stats):
+        self.hists += backend.magnitude_histograms(job.base, job.models)
+        if self.with_task_sum:
+            stats.task_sum_l1.add(backend.task_vector_sum_l1(job.base, job.models))
+
+    def finish(self, stats, plan, total_elements, log):
+        stats.located = [locate_kth(self.hists[i], kept_count(d, total_elements)) if total_elements else None
+                         for i, d in enumerate(plan.densities)]
+
+
+class RefinePass(Pass):
+    def skip_reason(self, stats):
+        if all(f is None or f.settled for f in stats.located):
+            stats.global_thresholds = _thresholds(stats.located, None)
+            return "the magnitudes pass settled every threshold"
+        return None
+
+    def start(self, stats, plan):
+        self.hists = torch.zeros(plan.n_models, BINS, dtype=torch.int64)
+
+    def tensor(self, backend, plan, job, stats):
+        for i, (model, found) in enumerate(zip(job.models, stats.located)):
+            if found is not None and not found.settled:
+                self.hists[i] += backend.magnitude_histogram(job.base, model, found.bucket)
+
+    def finish(self, stats, plan, total_elements, log):
+        stats.global_thresholds = _thresholds(stats.located, self.hists)
+
+
+class NormsPass(Pass):
+    def start(self, stats, plan):
+        self.delta = _TaskSum()
+        if self.with_task_sum:
+            stats.task_sum_l1 = _TaskSum()
+
+    def tensor(self, backend, plan, job, stats):
+        task_sum, delta, tensor_stats = backend.delta_norms(job, plan, with_task_sum=self.with_task_sum)
+        if self.with_task_sum:
+            stats.task_sum_l1.add(task_sum)
+        self.delta.add(delta)
+        if stats.global_thresholds is None:
+            stats.tensor_stats[job.name] = tensor_stats
+
+    def finish(self, stats, plan, total_elements, log):
+        sum_l1, delta_l1, n = stats.task_sum_l1.value(), self.delta.value(), plan.n_models
+        if delta_l1 == 0.0:
+            raise MergeInputError(
+                "LiNeS alpha auto is undefined: the merged task vector ‖τ_MTL‖₁ is 0 over all merged "
+                "tensors (the models equal the base, or nothing survives trimming). Give alpha explicitly.")
+        stats.alpha = (sum_l1 / delta_l1) / n
+        log(f"LiNeS alpha auto = (‖Σ τ_i‖₁ / ‖τ_MTL‖₁) / N = ({sum_l1:.6g} / {delta_l1:.6g}) / {n} "
+            f"= {stats.alpha:.6g}")
+
+
+def _thresholds(located: list, low_hists) -> tuple[float, ...]:
+    """The global t_i from pass 1's locations and (for unsettled ones) the refine pass's counts."""
+    return tuple(KEEP_NOTHING if f is None else f.threshold(None if f.settled else low_hists[i])
+                 for i, f in enumerate(located))
 
 
 def auto_alpha(spec: MethodSpec) -> bool:
@@ -31,25 +173,30 @@ def auto_alpha(spec: MethodSpec) -> bool:
 
 
 def plan_passes(spec: MethodSpec) -> list[Pass]:
-    passes = []
-    global_trim = spec.trims and spec.trim_scope == "global"
-    if global_trim:
+    """The passes of a merge, from its element plan and LiNeS options."""
+    plan = ElementPlan.from_spec(spec)
+    alpha = auto_alpha(spec)
+    passes: list[Pass] = []
+    if plan.global_thresholds:
         why = "histogram |τ_i| over all merged tensors for the global trim thresholds"
-        if auto_alpha(spec):
+        if alpha:
             why += ", and ‖Σ τ_i‖₁ for LiNeS α auto"
-        passes.append(Pass("magnitudes", why))
-        passes.append(Pass("refine", "resolve each global threshold exactly inside its histogram bucket "
-                                    "(skipped when the magnitudes pass settles them)"))
-    if auto_alpha(spec):
+        passes.append(MagnitudesPass("magnitudes", why, produces="where each global threshold lies",
+                                     with_task_sum=alpha))
+        passes.append(RefinePass("refine", "resolve each global threshold exactly inside its histogram bucket "
+                                 "(skipped when the magnitudes pass settles them)", produces="global thresholds"))
+    if alpha:
         why = "‖τ_MTL‖₁ for LiNeS α auto (needs the final thresholds)"
-        if not global_trim:
+        first = not passes
+        if first:
             why = "‖Σ τ_i‖₁ and " + why
-            if spec.trims:
-                why += "; per-tensor thresholds are kept for the merge pass"
-        passes.append(Pass("norms", why))
-    what = "merge and write" + (" (per-tensor thresholds found in-pass)" if spec.trims and not global_trim
-                                and not auto_alpha(spec) else "")
-    passes.append(Pass("merge", what, writes=True))
+            if any(plan.missing(None)):
+                why += "; per-tensor statistics are kept for the merge pass"
+        passes.append(NormsPass("norms", why, produces="LiNeS α", with_task_sum=first))
+    in_pass = [what for what, needed in zip(("thresholds", "rescale factors"), plan.missing(None))
+               if needed and not (what == "thresholds" and plan.global_thresholds)]
+    what = "merge and write" + (f" (per-tensor {' and '.join(in_pass)} found in-pass)" if in_pass and not alpha else "")
+    passes.append(Pass("merge", what, produces="the output shards", writes=True))
     return passes
 
 

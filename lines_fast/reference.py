@@ -1,20 +1,20 @@
-"""The pure-PyTorch reference of every merge method in shared/SEMANTICS.md.
+"""The pure-PyTorch reference of every merge method (docs/methods.md states the math).
 
 Written to be read and trusted, not to be fast: whole state dicts in memory, every step a
-separate float32 tensor operation in the order SEMANTICS.md writes it. Every backend is
-tested against this module, and its building blocks (thresholds, signs, DARE masks) are the
-exact values a fast path must reproduce.
+separate float32 tensor operation in the order docs/methods.md writes it. Every backend is
+tested against this module, and its building blocks (thresholds, signs, DARE masks, rescale
+factors) are the exact values a fast path must reproduce.
 
 Summation order is part of the contract, because float32 addition is not associative:
-every sum over models runs i = 0..N-1 as `acc = acc + w_i * x_i`, starting from zeros, with
-w_i a float32 scalar. The final step is theta = theta0 + scale * tau_m as two float32
-operations (multiply, then add), then one cast to the output dtype (round-to-nearest-even).
+every sum over models runs i = 0..N-1 as `acc = acc + c_i`, starting from zeros, with
+c_i = w_i * x_i a float32 product. The final step is theta = theta0 + scale * tau_m as two
+float32 operations (multiply, then add), then one cast to the output dtype
+(round-to-nearest-even).
 
-Layout: building blocks (task vectors, trim, election, disjoint merge, DARE drop), then
-`merged_task_vector` (tau_MTL, the method's merged task vector with lambda = 1), then one
-public function per method, then LiNeS, then `merge_state_dicts`, the dispatcher used by
-the engine and the tests. The per-method functions return float32 tensors for the merged
-tensors only; `merge_state_dicts` adds the copied tensors and casts.
+Dispatch comes from the method registry (lines_fast/methods.py): `merged_task_vector`
+composes the method's steps -- its inputs (task vectors or the models), its sparsifier
+(SPARSIFIERS), the rescale of the kept values, and its consensus step (CONSENSUS) -- so
+this module holds one function per step, never one per method name.
 """
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ import torch
 
 from . import rng
 from .errors import MergeInputError
+from .exactsum import AbsSum
 from .layers import lines_scales
-from .spec import METHODS, TRIM_SCOPES, LinesSpec, default_lambda, kept_count
+from .methods import Consensus, Inputs, Rescale, Sparsify
+from .plan import rescale_factor
+from .spec import LinesSpec, MethodSpec, kept_count, make_spec
 
 StateDict = dict[str, torch.Tensor]
 F32 = torch.float32
-# Methods whose merged task vector is built from per-model densities.
-_DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
 
 
 def _f32(x: float) -> torch.Tensor:
@@ -75,43 +76,6 @@ def _check_tensors(reference: StateDict, models: Sequence[StateDict], names: Seq
                 )
 
 
-def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
-    if weights is None:
-        return [1.0] * n
-    weights = [float(w) for w in weights]
-    if len(weights) != n:
-        raise MergeInputError(f"Got {len(weights)} weights for {n} models; give one per model.")
-    return weights
-
-
-def _weight_total(weights: Sequence[float]) -> torch.Tensor:
-    """sum(w) as a Python (double) sum, then float32: the divisor of normalized linear merges."""
-    total = sum(weights)
-    if total == 0:
-        raise MergeInputError(
-            f"The weights {list(weights)} sum to 0, and this merge divides by their sum. "
-            "Change the weights or set normalize: false."
-        )
-    return _f32(total)
-
-
-def _densities(density: float | Sequence[float] | None, n: int, method: str) -> list[float]:
-    if density is None:
-        raise MergeInputError(f"Method {method} needs a density in (0, 1] (a number or one per model).")
-    densities = [float(d) for d in density] if isinstance(density, (list, tuple)) else [float(density)] * n
-    if len(densities) != n:
-        raise MergeInputError(f"Got {len(densities)} densities for {n} models; give one, or one per model.")
-    for d in densities:
-        if not 0.0 < d <= 1.0:  # also rejects NaN
-            raise MergeInputError(f"density {d} is outside (0, 1]: it is the fraction of each task vector kept.")
-    return densities
-
-
-def _check_seed(seed: int) -> None:
-    if not isinstance(seed, int) or not 0 <= seed <= rng.MAX_SEED:
-        raise MergeInputError(f"seed must be an integer in [0, 2^63), got {seed!r}.")
-
-
 # ---------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------
@@ -140,7 +104,7 @@ def trim_thresholds(
 
     scope "tensor": one threshold per tensor, d = its numel. scope "global": one threshold
     over all `names` together (d = their total numel), repeated for each name. Values are
-    float32 numbers held as Python floats; float('inf') means k = 0.
+    float32 numbers held as Python floats; float('inf') means k = 0 (an empty scope).
     """
     names = list(task_vectors_of_model) if names is None else list(names)
     if scope == "tensor":
@@ -150,7 +114,7 @@ def trim_thresholds(
             return {}
         everything = torch.cat([task_vectors_of_model[name].flatten() for name in names])
         return dict.fromkeys(names, _kth_largest_abs(everything, density))
-    raise MergeInputError(f"trim_scope {scope!r} is not one of {', '.join(TRIM_SCOPES)}.")
+    raise MergeInputError(f"trim_scope {scope!r} is not 'tensor' or 'global'.")
 
 
 def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -180,15 +144,18 @@ def disjoint_merge(
 ) -> torch.Tensor:
     """TIES step 3: the weighted mean over the agreeing models A (0 where A is empty).
 
-    A = {i : tau_hat_i != 0 and sign(tau_hat_i) == gamma}. Without normalize, the weighted
-    sum over A. Numerator and denominator are summed in model order like every other sum.
+    A = {i : w_i tau_hat_i != 0 and sign(w_i tau_hat_i) == gamma}: the weighted
+    contribution's sign, as mergekit (the same as sign(tau_hat_i) for positive weights).
+    Without normalize, the weighted sum over A. Numerator and denominator are summed in
+    model order like every other sum.
     """
     numerator = torch.zeros_like(gamma)
     denominator = torch.zeros_like(gamma)
     any_agree = torch.zeros_like(gamma, dtype=torch.bool)
     for tau_hat, w in zip(trimmed, weights):
-        agree = (tau_hat != 0) & (torch.sign(tau_hat) == gamma)
-        numerator = numerator + torch.where(agree, _f32(w) * tau_hat, _f32(0.0))
+        contribution = _f32(w) * tau_hat
+        agree = (contribution != 0) & (torch.sign(contribution) == gamma)
+        numerator = numerator + torch.where(agree, contribution, _f32(0.0))
         denominator = denominator + torch.where(agree, _f32(w), _f32(0.0))
         any_agree = any_agree | agree
     if not normalize:
@@ -203,28 +170,38 @@ def disjoint_merge(
     return torch.where(any_agree, numerator / denominator, _f32(0.0))
 
 
-def _sign_elected_merge(trimmed: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """TIES steps 2-3 on already trimmed (or DARE-dropped) task vectors."""
-    return disjoint_merge(trimmed, weights, elect_sign(trimmed, weights), normalize)
+def dare_keep(numel: int, density: float, seed: int, model_index: int, name: str) -> torch.Tensor:
+    """DARE's keep mask over a tensor's flat (row-major) indices: u(seed, i, name, j) >= p."""
+    p, _ = rng.dare_constants(density)
+    return rng.dare_uniform(seed, model_index, name, numel) >= p
 
 
 def dare_drop(tau: torch.Tensor, density: float, seed: int, model_index: int, name: str) -> torch.Tensor:
-    """DARE: keep tau[j] / divisor where u(seed, model_index, name, j) >= p, else 0.
+    """DARE with the paper's rescale (`rescale: inverse`): kept tau[j] / q, else 0.
 
-    p and divisor = float32(1 - p) come from rng.dare_constants; u from rng.dare_uniform
-    over the tensor's flat (row-major) indices, so the mask depends on nothing else.
+    p and q = float32(1 - p) come from rng.dare_constants; u from rng.dare_uniform over the
+    tensor's flat (row-major) indices, so the mask depends on nothing else.
     """
-    p, divisor = rng.dare_constants(density)
-    u = rng.dare_uniform(seed, model_index, name, tau.numel()).view(tau.shape)
-    return torch.where(u >= p, tau / _f32(divisor), _f32(0.0))
+    _, divisor = rng.dare_constants(density)
+    keep = dare_keep(tau.numel(), density, seed, model_index, name).view(tau.shape)
+    return torch.where(keep, tau / _f32(divisor), _f32(0.0))
+
+
+def l1_rescale_factor(tau: torch.Tensor, keep: torch.Tensor) -> float:
+    """mergekit's rescale: float32(||tau||_1 / ||kept tau||_1) over the tensor, exact sums
+    (lines_fast/exactsum.py); 1 where either norm is below 1e-7."""
+    total, kept = AbsSum(), AbsSum()
+    total.add(tau)
+    kept.add(torch.where(keep, tau, _f32(0.0)))
+    return rescale_factor(total.value(), kept.value())
 
 
 def apply_task_vector(base: StateDict, tau_m: StateDict, scale: float | dict[str, float]) -> StateDict:
     """theta = float32(base) + scale * tau_m per tensor (multiply, then add, in float32).
 
     `scale` is lambda, or a per-name dict (LiNeS). A zero scale returns float32(base)
-    exactly: base + 0 * tau would turn a -0.0 of the base into +0.0, and SEMANTICS.md
-    promises that wise_ft with a = 0 returns the base bitwise.
+    exactly: base + 0 * tau would turn a -0.0 of the base into +0.0, and wise_ft with
+    a = 0 must return the base bitwise.
     """
     out = {}
     for name, tau in tau_m.items():
@@ -235,164 +212,75 @@ def apply_task_vector(base: StateDict, tau_m: StateDict, scale: float | dict[str
 
 
 # ---------------------------------------------------------------------------------------
-# The merged task vector of each method (lambda = 1)
+# The steps a method is composed of (methods.py names them per method)
 # ---------------------------------------------------------------------------------------
 
-def merged_task_vector(
-    base: StateDict,
-    models: Sequence[StateDict],
-    method: str,
-    *,
-    weights: Sequence[float] | None = None,
-    density: float | Sequence[float] | None = None,
-    normalize: bool = True,
-    trim_scope: str = "tensor",
-    seed: int = 0,
-    names: Sequence[str] | None = None,
-) -> StateDict:
-    """tau_MTL: the merged task vector of `method` with lambda = 1, float32, for `names`.
+def _magnitude_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> list[StateDict]:
+    """TIES trim: keep |x_i| >= the k_i-th largest over the trim scope."""
+    keeps = []
+    for x, density in zip(xs, spec.densities):
+        thresholds = trim_thresholds(x, density, spec.trim_scope, names)
+        keeps.append({name: x[name].abs() >= thresholds[name] for name in names})
+    return keeps
 
-    This is what lambda (or the LiNeS scale) multiplies. linear: sum w_i tau_i / sum w_i
-    (just the weighted sum without normalize); wise_ft: tau_1; task_arithmetic:
-    sum w_i tau_i; ties: trim, elect, disjoint merge; dare_linear: sum w_i tau~_i;
-    dare_ties: elect and disjoint merge of tau~. `names` defaults to every float tensor of
-    the base; global trim statistics run over exactly these names.
+
+def _random_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> list[StateDict]:
+    """DARE drop: keep where the Philox draw u >= p_i = float32(1 - density_i)."""
+    return [{name: dare_keep(x[name].numel(), d, spec.seed, i, name).view(x[name].shape) for name in names}
+            for i, (x, d) in enumerate(zip(xs, spec.densities))]
+
+
+SPARSIFIERS = {Sparsify.MAGNITUDE: _magnitude_keep, Sparsify.RANDOM: _random_keep}
+
+
+def _sum_consensus(kept: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
+    total = _weighted_sum(kept, spec.weights)
+    return total / _f32(sum(spec.weights)) if spec.normalize else total
+
+
+def _sign_consensus(kept: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
+    return disjoint_merge(kept, spec.weights, elect_sign(kept, spec.weights), spec.normalize)
+
+
+CONSENSUS = {Consensus.NONE: _sum_consensus, Consensus.SIGN: _sign_consensus}
+
+
+def _rescaled(x: torch.Tensor, keep: torch.Tensor, rescale: Rescale, density: float) -> torch.Tensor:
+    if rescale is Rescale.INVERSE:
+        return torch.where(keep, x / _f32(rng.dare_constants(density)[1]), _f32(0.0))
+    kept = torch.where(keep, x, _f32(0.0))
+    return kept * _f32(l1_rescale_factor(x, keep)) if rescale is Rescale.L1 else kept
+
+
+def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec: MethodSpec,
+                       names: Sequence[str] | None = None) -> StateDict:
+    """tau_MTL = theta_method - theta_0: the method's merged task vector with lambda = 1.
+
+    Composed from the registry entry: x_i are the task vectors (or, for a soup, the models
+    themselves), sparsified and rescaled per model, combined by the consensus step; a soup
+    with a base then subtracts theta_0. Without a base (a plain soup) this is the soup
+    itself. `names` defaults to every float tensor of the base; global trim statistics run
+    over exactly these names.
     """
-    if method not in METHODS:
-        raise MergeInputError(f"Unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
-    names = _float_names(base) if names is None else list(names)
-    _check_tensors(base, models, names)
-    n = len(models)
-    if method == "wise_ft" and n != 1:
-        raise MergeInputError(f"wise_ft mixes the base with exactly one fine-tuned model, got {n}.")
-    w = _weights(weights, n)
-    densities = _densities(density, n, method) if method in _DENSITY_METHODS else None
-    taus = [task_vectors(base, model, names) for model in models]
-
-    if method == "linear":
-        divisor = _weight_total(w) if normalize else None
-        merged = {name: _weighted_sum([tau[name] for tau in taus], w) for name in names}
-        return merged if divisor is None else {name: t / divisor for name, t in merged.items()}
-    if method == "wise_ft":
-        return taus[0]
-    if method == "task_arithmetic":
-        return {name: _weighted_sum([tau[name] for tau in taus], w) for name in names}
-    if method == "ties":
-        if trim_scope not in TRIM_SCOPES:
-            raise MergeInputError(f"trim_scope {trim_scope!r} is not one of {', '.join(TRIM_SCOPES)}.")
-        trimmed = []
-        for tau, d in zip(taus, densities):
-            thresholds = trim_thresholds(tau, d, trim_scope, names)
-            trimmed.append({name: trim(tau[name], thresholds[name]) for name in names})
-        return {name: _sign_elected_merge([t[name] for t in trimmed], w, normalize) for name in names}
-
-    # dare_linear / dare_ties
-    _check_seed(seed)
-    dropped = [
-        {name: dare_drop(tau[name], d, seed, i, name) for name in names}
-        for i, (tau, d) in enumerate(zip(taus, densities))
-    ]
-    if method == "dare_linear":
-        return {name: _weighted_sum([t[name] for t in dropped], w) for name in names}
-    return {name: _sign_elected_merge([t[name] for t in dropped], w, normalize) for name in names}
-
-
-# ---------------------------------------------------------------------------------------
-# One function per method: float32 results for the merged tensors
-# ---------------------------------------------------------------------------------------
-
-def linear(
-    models: Sequence[StateDict],
-    weights: Sequence[float] | None = None,
-    normalize: bool = True,
-    *,
-    names: Sequence[str] | None = None,
-) -> StateDict:
-    """Model soup: sum_i w_i theta_i / sum w_i (no division without normalize); no base.
-
-    `names` defaults to every float tensor of the first model.
-    """
-    if not models:
-        raise MergeInputError("No models given: a merge needs at least one.")
-    names = _float_names(models[0]) if names is None else list(names)
-    _check_tensors(models[0], models, names)
-    w = _weights(weights, len(models))
-    divisor = _weight_total(w) if normalize else None
-    out = {}
-    for name in names:
-        total = _weighted_sum([model[name].to(F32) for model in models], w)
-        out[name] = total if divisor is None else total / divisor
-    return out
-
-
-def wise_ft(base: StateDict, model: StateDict, a: float, *, names: Sequence[str] | None = None) -> StateDict:
-    """WiSE-FT: theta0 + a * tau_1 (a = 0 gives the base bitwise)."""
-    return apply_task_vector(base, merged_task_vector(base, [model], "wise_ft", names=names), a)
-
-
-def task_arithmetic(
-    base: StateDict,
-    models: Sequence[StateDict],
-    weights: Sequence[float] | None = None,
-    lam: float = 1.0,
-    *,
-    names: Sequence[str] | None = None,
-) -> StateDict:
-    """theta0 + lam * sum_i w_i tau_i."""
-    tau_m = merged_task_vector(base, models, "task_arithmetic", weights=weights, names=names)
-    return apply_task_vector(base, tau_m, lam)
-
-
-def ties(
-    base: StateDict,
-    models: Sequence[StateDict],
-    weights: Sequence[float] | None = None,
-    *,
-    density: float | Sequence[float],
-    lam: float = 1.0,
-    normalize: bool = True,
-    trim_scope: str = "tensor",
-    names: Sequence[str] | None = None,
-) -> StateDict:
-    """TIES: trim each tau_i to its top density by magnitude, elect signs, disjoint mean."""
-    tau_m = merged_task_vector(
-        base, models, "ties", weights=weights, density=density, normalize=normalize,
-        trim_scope=trim_scope, names=names,
-    )
-    return apply_task_vector(base, tau_m, lam)
-
-
-def dare_linear(
-    base: StateDict,
-    models: Sequence[StateDict],
-    weights: Sequence[float] | None = None,
-    *,
-    density: float | Sequence[float],
-    lam: float = 1.0,
-    seed: int = 0,
-    names: Sequence[str] | None = None,
-) -> StateDict:
-    """DARE then task arithmetic: theta0 + lam * sum_i w_i tau~_i."""
-    tau_m = merged_task_vector(base, models, "dare_linear", weights=weights, density=density, seed=seed, names=names)
-    return apply_task_vector(base, tau_m, lam)
-
-
-def dare_ties(
-    base: StateDict,
-    models: Sequence[StateDict],
-    weights: Sequence[float] | None = None,
-    *,
-    density: float | Sequence[float],
-    lam: float = 1.0,
-    normalize: bool = True,
-    seed: int = 0,
-    names: Sequence[str] | None = None,
-) -> StateDict:
-    """DARE then TIES steps 2-4 (no magnitude trim)."""
-    tau_m = merged_task_vector(
-        base, models, "dare_ties", weights=weights, density=density, normalize=normalize, seed=seed, names=names,
-    )
-    return apply_task_vector(base, tau_m, lam)
+    method = spec.definition
+    reference = base if base is not None else models[0]
+    names = _float_names(reference) if names is None else list(names)
+    _check_tensors(reference, models, names)
+    if method.inputs is Inputs.DELTAS:
+        xs = [task_vectors(base, model, names) for model in models]
+    else:
+        xs = [{name: model[name].to(F32) for name in names} for model in models]
+    if method.sparsify is Sparsify.NONE:
+        contributions = xs
+    else:
+        keeps = SPARSIFIERS[method.sparsify](xs, spec, names)
+        contributions = [{name: _rescaled(x[name], keep[name], spec.rescale, d) for name in names}
+                         for x, keep, d in zip(xs, keeps, spec.densities)]
+    combine = CONSENSUS[method.consensus]
+    merged = {name: combine([c[name] for c in contributions], spec) for name in names}
+    if method.inputs is Inputs.MODELS and base is not None:
+        merged = {name: merged[name] - base[name].to(F32) for name in names}
+    return merged
 
 
 # ---------------------------------------------------------------------------------------
@@ -447,59 +335,72 @@ def lines_edit(
 # The dispatcher
 # ---------------------------------------------------------------------------------------
 
+_ALIASES = {"weights": "weight", "lam": "lambda", "densities": "density"}
+
+
+def spec_from_params(method: str, n_models: int, lines: LinesSpec | None = None, **params) -> MethodSpec:
+    """make_spec with Python-friendly aliases: weights= for weight, lam= for lambda."""
+    values = {}
+    for key, value in params.items():
+        name = _ALIASES.get(key, key)
+        if name in values:
+            raise TypeError(f"{key} given twice (as {name} and an alias)")
+        if value is not None:
+            values[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return make_spec(method, n_models, values=values, lines=lines)
+
+
 def merge_state_dicts(
     base: StateDict | None,
     models: list[StateDict],
     method: str,
     *,
-    weights: Sequence[float] | None = None,
-    density: float | Sequence[float] | None = None,
-    lam: float | None = None,
-    normalize: bool = True,
-    trim_scope: str = "tensor",
-    seed: int = 0,
     lines: LinesSpec | None = None,
     exclude: list[str] | None = None,
     out_dtype: torch.dtype | None = None,
-    **aliases: float,
+    base_weight: float | None = None,
+    **params,
 ) -> StateDict:
     """Merge whole state dicts; returns every tensor of the base (first model for baseless linear).
 
-    Merged tensors are cast to out_dtype, default their own dtype in the base. Non-float and
-    excluded tensors are copied unchanged. `lam` None means spec.default_lambda(method)
-    (wise_ft's a); `lambda=` is accepted as an alias. With `lines`, the LiNeS scale
-    replaces lam and a base is required, for linear too.
+    params: the method's parameters by their config names (weight, density, lambda,
+    normalize, rescale, trim_scope, seed), with weights= and lam= as aliases; a parameter the
+    method does not take is an error. Merged tensors are cast to out_dtype, default their own
+    dtype in the base. Non-float and excluded tensors are copied unchanged. With `lines`, the
+    LiNeS scale replaces lambda and a base is required, for linear too. base_weight (linear
+    only): the base is averaged in as the first model with this weight, as mergekit does.
     """
-    if set(aliases) - {"lambda"}:
-        raise TypeError(f"merge_state_dicts() got unexpected keyword arguments {sorted(set(aliases) - {'lambda'})}")
-    if "lambda" in aliases:
-        if lam is not None:
-            raise TypeError("give lam or lambda, not both")
-        lam = aliases["lambda"]
-    if method not in METHODS:
-        raise MergeInputError(f"Unknown merge method {method!r}; choose one of {', '.join(METHODS)}.")
     if not models:
         raise MergeInputError("No fine-tuned models given: a merge needs at least one.")
-    soup = method == "linear" and lines is None
-    if base is None and not soup:
-        needs = "LiNeS" if method == "linear" else f"method {method}"
-        raise MergeInputError(f"{needs} needs a base model (theta0); none was given.")
+    if base_weight is not None:
+        if base is None:
+            raise MergeInputError("base_weight needs a base model.")
+        weights = params.pop("weights", params.pop("weight", None))
+        weights = [1.0] * len(models) if weights is None else (
+            list(weights) if isinstance(weights, (list, tuple)) else [weights] * len(models))
+        models = [base, *models]
+        params["weight"] = [base_weight, *weights]
+    spec = spec_from_params(method, len(models), lines=lines, **params)
+    if base_weight is not None and spec.definition.inputs is not Inputs.MODELS:
+        raise MergeInputError(f"base_weight averages the base in; {method} works on task vectors from it.")
+    return merge_with_spec(base, models, spec, exclude=exclude, out_dtype=out_dtype)
 
+
+def merge_with_spec(base: StateDict | None, models: list[StateDict], spec: MethodSpec, *,
+                    exclude: list[str] | None = None, out_dtype: torch.dtype | None = None) -> StateDict:
+    """merge_state_dicts for an already validated MethodSpec (models: the spec's inputs, in order)."""
+    if base is None and spec.uses_base:
+        needs = "LiNeS" if spec.definition.inputs is Inputs.MODELS else f"method {spec.method}"
+        raise MergeInputError(f"{needs} needs a base model (theta0); none was given.")
     reference = models[0] if base is None else base
     names = _merged_names(reference, exclude)
-    if soup:
-        merged = linear(models, weights, normalize, names=names)
+    tau_mtl = merged_task_vector(base if spec.uses_base else None, models, spec, names)
+    if not spec.uses_base:
+        merged = tau_mtl  # a plain soup is its own result
     else:
-        tau_mtl = merged_task_vector(
-            base, models, method, weights=weights, density=density, normalize=normalize,
-            trim_scope=trim_scope, seed=seed, names=names,
-        )
-        if lines is not None:
-            scale = _lines_scale_map(lines, base, models, tau_mtl)
-        else:
-            scale = default_lambda(method) if lam is None else lam
+        lines = spec.lines
+        scale = _lines_scale_map(lines, base, models, tau_mtl) if lines is not None else spec.lam
         merged = apply_task_vector(base, tau_mtl, scale)
-
     return {
         name: merged[name].to(out_dtype or tensor.dtype) if name in merged else tensor.clone()
         for name, tensor in reference.items()

@@ -7,8 +7,8 @@ Derivation (the kernels in kernels/merge.py use exactly this):
 - draw  = the first 32-bit output word r0 of Philox4x32-10(counter, key).
 - u     = Triton's uint_to_uniform_float: x = r0 read as int32, x = ~x where x < 0,
   u = float32(x) * float32(4.6566127342e-10), so 0 <= u < 1.
-- keep element j of model i iff u >= p_i, with p_i = float32(1 - density_i); kept values are
-  divided by float32(1 - p_i) (see dare_constants).
+- keep element j of model i iff u >= p_i, with p_i = float32(1 - density_i); with
+  `rescale: inverse` kept values are divided by q_i = float32(1 - p_i) (see dare_constants).
 Because u is a pure function of (seed, i, name, j), masks are the same on CPU and GPU, for
 any chunking, tensor order or number of processes.
 """
@@ -35,7 +35,8 @@ def tensor_stream_id(name: str) -> int:
 
 
 def dare_constants(density: float) -> tuple[float, float]:
-    """(p, divisor) as float32 values: drop when u < p; kept values are divided by divisor = float32(1 - p)."""
+    """(p, q) as float32 values: drop when u < p; q = float32(1 - p) is the keep probability the
+    mask really has (the divisor of `rescale: inverse`)."""
     p = np.float32(1.0 - density)
     divisor = np.float32(1.0 - float(p))
     return float(p), float(divisor)
@@ -71,11 +72,12 @@ def uniform_from_bits(r0: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).mul_(torch.tensor(_UNIFORM_SCALE))
 
 
-def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int = 0) -> torch.Tensor:
-    """u for flat indices start .. start+numel-1 of tensor `name`, model `model_index` (float32, CPU)."""
+def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int = 0,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """u for flat indices start .. start+numel-1 of tensor `name`, model `model_index` (float32)."""
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
-    j = torch.arange(start, start + numel, dtype=torch.int64)
+    j = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     c0 = j & _MASK32
     c1 = j >> 32
     c2 = torch.full_like(j, tensor_stream_id(name))

@@ -1,31 +1,31 @@
 """Resolved, validated merge parameters shared by the reference, the engine and the backends.
 
-`MethodSpec` is what every backend receives: plain numbers, one entry per fine-tuned model
-in config order. `LinesSpec` holds the LiNeS options. Both are immutable so a plan can be
-hashed and recorded in the output's metadata.
+`make_spec` is the one validator of a method's parameters: it checks every given value
+against the method's registry entry (lines_fast/methods.py), refuses a parameter the method
+does not take, fills the defaults, and returns a `MethodSpec` holding one value per
+parameter (per-model parameters as one value per model, in config order). `LinesSpec`
+holds the LiNeS options. Both are immutable.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Mapping
 
-METHODS = ("linear", "wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties")
-# Methods that trim by magnitude (step 1 of TIES) and so need thresholds.
-TRIMMING_METHODS = ("ties",)
-# Methods that elect a sign and take the disjoint mean (steps 2-4 of TIES).
-SIGN_ELECTING_METHODS = ("ties", "dare_ties")
-DROPPING_METHODS = ("dare_linear", "dare_ties")
-TRIM_SCOPES = ("tensor", "global")
+from . import methods
+from .errors import MergeInputError
+from .methods import Consensus, Inputs, Rescale
+
 LINES_OUTSIDE = ("alpha", "last")
 
 
 def kept_count(density: float, d: int) -> int:
-    """k = floor(density * d), computed in double precision exactly as SEMANTICS.md writes it.
+    """k = max(1, floor(density * d)) for d >= 1 (0 for an empty scope), the product in double.
 
-    Every place that turns a density into a count of kept elements calls this, so the
-    reference, the CPU backend and the kernels can never disagree on k.
+    mergekit keeps at least one element. Every place that turns a density into a count of
+    kept elements calls this, so the reference, the backends and the kernels agree on k.
     """
-    return int(math.floor(density * d))
+    return max(1, int(math.floor(density * d))) if d >= 1 else 0
 
 
 @dataclass(frozen=True)
@@ -45,44 +45,129 @@ class LinesSpec:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A merge method with its parameters resolved to one value per model.
+    """A merge method with every parameter resolved (build it with make_spec).
 
-    weights/densities have one entry per fine-tuned model (densities are 1.0 for methods
-    that do not use them). lam is lambda (wise_ft's mixing coefficient a is lam too).
+    values: (name, value) for each of the method's parameters; a per-model parameter's
+    value is a tuple with one entry per model.
     """
 
     method: str
     n_models: int
-    weights: tuple[float, ...] = ()
-    densities: tuple[float, ...] = ()
-    lam: float = 1.0
-    normalize: bool = True
-    trim_scope: str = "tensor"
-    seed: int = 0
+    values: tuple[tuple[str, Any], ...]
     lines: LinesSpec | None = None
 
     @property
-    def trims(self) -> bool:
-        return self.method in TRIMMING_METHODS
+    def definition(self) -> methods.Method:
+        return methods.get(self.method)
+
+    def value(self, name: str, default: Any = None) -> Any:
+        for key, value in self.values:
+            if key == name:
+                return value
+        return default
 
     @property
-    def elects_sign(self) -> bool:
-        return self.method in SIGN_ELECTING_METHODS
+    def weights(self) -> tuple[float, ...]:
+        return self.value("weight", (1.0,) * self.n_models)
 
     @property
-    def drops(self) -> bool:
-        return self.method in DROPPING_METHODS
+    def densities(self) -> tuple[float, ...]:
+        return self.value("density", (1.0,) * self.n_models)
+
+    @property
+    def lam(self) -> float:
+        return self.value("lambda", 1.0)
+
+    @property
+    def normalize(self) -> bool:
+        return self.value("normalize", False)
+
+    @property
+    def trim_scope(self) -> str:
+        return self.value("trim_scope", "tensor")
+
+    @property
+    def seed(self) -> int:
+        return self.value("seed", 0)
+
+    @property
+    def rescale(self) -> Rescale:
+        value = self.value("rescale", False)
+        return {True: Rescale.L1, False: Rescale.NONE, "inverse": Rescale.INVERSE}[value]
 
     @property
     def uses_base(self) -> bool:
-        """linear without LiNeS averages the models themselves; every other form needs θ0."""
-        return not (self.method == "linear" and self.lines is None)
+        """Whether θ0 is read: task-vector methods always; a soup only as LiNeS's θ0."""
+        return self.definition.inputs is Inputs.DELTAS or self.lines is not None
 
-    def drop_probabilities(self) -> tuple[float, ...]:
-        """DARE's p_i = 1 - density_i."""
-        return tuple(1.0 - d for d in self.densities)
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-able parameters (for the output's recorded recipe)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.values}
 
 
-def default_lambda(method: str) -> float:
-    """λ when the user gives none: 1.0, except wise_ft whose mixing coefficient defaults to 0.5."""
-    return 0.5 if method == "wise_ft" else 1.0
+def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | None = None,
+              values: Mapping[str, Any] | None = None, lines: LinesSpec | None = None,
+              where: str = "") -> MethodSpec:
+    """Validate a method's parameters and fill its defaults.
+
+    values: shared parameters, and per-model ones given once for every model (mergekit's
+    top-level `parameters`). model_values: per-model parameters, each a list with one value
+    per model (or one value for all). A key the method does not take is an error naming it.
+    """
+    definition = methods.get(method, where)
+    prefix = f"{where}: " if where else ""
+    if n_models < definition.min_models or (definition.max_models is not None and n_models > definition.max_models):
+        raise MergeInputError(f"{prefix}{method} merges {definition.models_text()} fine-tuned model(s); "
+                              f"{n_models} were given.")
+    values = dict(values or {})
+    model_values = dict(model_values or {})
+    for name in list(values) + list(model_values):
+        if not definition.takes(name):
+            taken = ", ".join(p.name for p in definition.params) or "none"
+            raise MergeInputError(f"{prefix}{name} is not a parameter of {method}, so it would be ignored; remove "
+                                  f"it (the parameters of {method} are: {taken}).")
+    for name in model_values:
+        if not definition.param(name).per_model:
+            raise MergeInputError(f"{prefix}{name} is one value for the whole {method} merge, not a per-model "
+                                  "parameter; give it under the top-level parameters.")
+    resolved: list[tuple[str, Any]] = []
+    for p in definition.params:
+        if p.per_model:
+            fallback = values.get(p.name, p.default)
+            per = list(fallback) if isinstance(fallback, (list, tuple)) else [fallback] * n_models
+            if p.name in model_values:  # None: that model gives no value (the default applies)
+                given = model_values[p.name]
+                given = list(given) if isinstance(given, (list, tuple)) else [given] * n_models
+                if len(given) == len(per):
+                    per = [f if v is None else v for v, f in zip(given, per)]
+                else:
+                    per = given
+            if len(per) != n_models:
+                raise MergeInputError(f"{prefix}{len(per)} {p.name} values for {n_models} models; give one, or "
+                                      "one per model in order.")
+            checked = tuple(p.check(v, f"{where or method} (model {i + 1})") for i, v in enumerate(per))
+            resolved.append((p.name, checked))
+        else:
+            resolved.append((p.name, p.check(values.get(p.name, p.default), where or method)))
+    spec = MethodSpec(method, n_models, tuple(resolved), lines)
+    _check_divisors(spec, prefix)
+    return spec
+
+
+def _check_divisors(spec: MethodSpec, prefix: str) -> None:
+    """The normalized means must never divide by zero."""
+    definition = spec.definition
+    if not spec.normalize:
+        return
+    weights = list(spec.weights)
+    if definition.consensus is Consensus.NONE and sum(weights) == 0:
+        raise MergeInputError(
+            f"{prefix}the weights {weights} sum to 0, and {spec.method} with normalize divides by their sum. "
+            "Give weights with a non-zero sum, or set normalize: false (--no-normalize).")
+    if definition.consensus is Consensus.SIGN and min(weights) <= 0:
+        # The disjoint mean divides by the weights of the agreeing models: with a zero or
+        # negative weight that sum can be 0 where models do agree, and the mean is undefined.
+        raise MergeInputError(
+            f"{prefix}{spec.method} with normalize divides by the sum of the agreeing models' weights, so weights "
+            f"must be positive (got {weights}). Drop a model instead of giving it weight 0, or set "
+            "normalize: false (--no-normalize) for a weighted sum.")

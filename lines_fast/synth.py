@@ -454,10 +454,6 @@ def write_checkpoint_family(
 
 # --------------------------------------------------------------------------- merge configs
 
-# Methods whose models take a density (they trim or drop elements of the task vectors).
-_DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
-
-
 def _per_model(value: float | Sequence[float], n: int, what: str) -> list[float]:
     if isinstance(value, (int, float)):
         return [float(value)] * n
@@ -474,33 +470,38 @@ def write_yaml_config(
     density: float | Sequence[float] = 0.2,
     weight: float | Sequence[float] = 1.0,
     lam: float = 1.0,
-    normalize: bool = True,
+    normalize: bool | None = None,
     dtype: str = "float32",
     out_dtype: str = "bfloat16",
     extra: dict | None = None,
 ) -> Path:
     """Write a mergekit-format YAML merging the family's fine-tunes into its base.
 
-    density goes to each model only for methods that use it (ties, dare_*). Paths are absolute,
-    so the YAML works from any directory. `extra` adds or overrides top-level keys.
+    Each value goes only where the method takes it (the registry says which): a density to
+    each model of a sparsifying method, lambda where there is one, normalize only when given
+    (None: the method's default). Paths are absolute, so the YAML works from any directory.
+    `extra` adds or overrides top-level keys.
     """
+    from . import methods
+
+    definition = methods.get(method)
     n = len(family.finetunes)
-    weights = _per_model(weight, n, "weight")
-    densities = _per_model(density, n, "density")
+    given = {"weight": _per_model(weight, n, "weight"), "density": _per_model(density, n, "density")}
     models = []
-    for ft, w, d in zip(family.finetunes, weights, densities):
-        mp: dict = {"weight": w}
-        if method in _DENSITY_METHODS:
-            mp["density"] = d
+    for i, ft in enumerate(family.finetunes):
+        mp = {p.name: given[p.name][i] for p in definition.model_params() if p.name in given}
         models.append({"model": str(ft.resolve()), "parameters": mp})
+    parameters = {"lambda": float(lam), "normalize": normalize}
     config: dict = {
         "merge_method": method,
         "base_model": str(family.base.resolve()),
         "models": models,
-        "parameters": {"lambda": float(lam), "normalize": bool(normalize)},
+        "parameters": {k: v for k, v in parameters.items() if v is not None and definition.takes(k)},
         "dtype": dtype,
         "out_dtype": out_dtype,
     }
+    if definition.inputs is methods.Inputs.MODELS:
+        del config["base_model"]  # a soup of the fine-tunes (mergekit would average a base_model in)
     config.update(extra or {})
 
     import yaml  # imported here so the rest of the module works without pyyaml

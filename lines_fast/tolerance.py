@@ -1,4 +1,4 @@
-"""SEMANTICS.md's tolerances, fast path vs reference, in one place (tests and the demo use it).
+"""docs/methods.md's tolerances, fast path vs reference, in one place (tests and the demo use it).
 
 - float32 output: |fast - ref| <= 4 ulp of the reference value, or <= 1e-7 * max|ref| in the
   tensor for values near 0.

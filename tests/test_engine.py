@@ -2,7 +2,7 @@
 
 Inputs are synthetic Llama-shaped families (lines_fast.synth) with several shards, tensors
 of mixed sizes, a non-float tensor, in fp32 and bf16. Outputs are read back from disk and
-compared with lines_fast.reference.merge_state_dicts within SEMANTICS.md's tolerances.
+compared with lines_fast.reference.merge_state_dicts within docs/methods.md's tolerances.
 """
 from __future__ import annotations
 
@@ -38,47 +38,65 @@ def family(request, tmp_path_factory):
     return paths, loaded
 
 
+# case -> the method's parameters by their config names, plus models (count), lines, and
+# base_weight (linear: the YAML's top-level weight averages base_model in, as in mergekit).
 CASES = {
-    "linear": dict(weights=[1.0, 2.0, 0.5]),
-    "linear-unnormalized": dict(method="linear", weights=[0.2, 0.3, 0.5], normalize=False),
-    "wise_ft": dict(models=1, lam=0.3),
-    "task_arithmetic": dict(weights=[1.0, 0.5, 0.25], lam=0.8),
-    "ties": dict(density=[0.2, 0.3, 0.5], lam=1.5),
-    "ties-weighted-unnormalized": dict(method="ties", density=0.2, weights=[1.0, 2.0, 0.5], normalize=False),
+    "linear": dict(weight=[1.0, 2.0, 0.5]),
+    "linear-unnormalized": dict(method="linear", weight=[0.2, 0.3, 0.5], normalize=False),
+    "linear-with-base": dict(method="linear", base_weight=1.0),
+    "wise_ft": dict(models=1, **{"lambda": 0.3}),
+    "task_arithmetic": dict(weight=[1.0, 0.5, 0.25], **{"lambda": 0.8}),
+    "task_arithmetic-normalized": dict(method="task_arithmetic", weight=[1.0, 0.5, 0.25], normalize=True),
+    "ties": dict(density=[0.2, 0.3, 0.5], **{"lambda": 1.5}),
+    "ties-weighted-unnormalized": dict(method="ties", density=0.2, weight=[1.0, 2.0, 0.5], normalize=False),
     "ties-global": dict(method="ties", density=0.1, trim_scope="global"),
+    "ties-rescale": dict(method="ties", density=0.3, rescale=True),
     "dare_linear": dict(density=0.3, seed=7),
-    "dare_ties": dict(density=[0.5, 0.4, 0.3], seed=11, weights=[1.0, 0.7, 1.3]),
+    "dare_linear-inverse": dict(method="dare_linear", density=0.3, seed=7, rescale="inverse"),
+    "dare_ties": dict(density=[0.5, 0.4, 0.3], seed=11, weight=[1.0, 0.7, 1.3]),
     "ties-lines-auto": dict(method="ties", density=0.2, lines=LinesSpec("auto", 1.0)),
     "ties-global-lines-auto": dict(method="ties", density=0.2, trim_scope="global",
                                    lines=LinesSpec("auto", 0.7, "last")),
     "task_arithmetic-lines-given": dict(method="task_arithmetic", lines=LinesSpec(0.4, 1.1)),
-    "linear-lines": dict(method="linear", lines=LinesSpec(0.5, 0.5)),
+    "linear-lines": dict(method="linear", normalize=False, weight=[0.5, 0.25, 0.5], base_weight=0.25,
+                         lines=LinesSpec(0.5, 0.5)),
     "dare_ties-lines-auto": dict(method="dare_ties", density=0.5, seed=3, lines=LinesSpec("auto", 1.0)),
     "wise_ft-lines-gamma": dict(method="wise_ft", models=1, lines=LinesSpec(0.25, 0.75)),
 }
+_NOT_PARAMS = ("models", "lines", "base_weight")
 
 
 def _config(paths, method, params) -> dict:
+    """A mergekit-format YAML document: per-model parameters under models[], the rest under
+    parameters (the seed at the top, as lines_fast reads it)."""
     n = params.get("models", 3)
-    weights = params.get("weights", [1.0] * n)
-    density = params.get("density", 1.0)
-    densities = density if isinstance(density, list) else [density] * n
+    per_model = {k: (v if isinstance(v, list) else [v] * n) for k, v in params.items()
+                 if k in ("weight", "density")}
+    shared = {k: v for k, v in params.items() if k not in per_model and k not in _NOT_PARAMS and k != "seed"}
     doc = {
         "merge_method": method,
-        "base_model": str(paths.base),
-        "models": [{"model": str(p), "parameters": {"weight": w, "density": d}}
-                   for p, w, d in zip(paths.finetunes[:n], weights, densities)],
-        "parameters": {"trim_scope": params.get("trim_scope", "tensor")},
-        "seed": params.get("seed", 0),
+        "models": [{"model": str(p), "parameters": {k: v[i] for k, v in per_model.items()}}
+                   for i, p in enumerate(paths.finetunes[:n])],
+        "parameters": shared,
     }
-    if "lam" in params:
-        doc["parameters"]["lambda"] = params["lam"]
-    if "normalize" in params:
-        doc["parameters"]["normalize"] = params["normalize"]
+    if method != "linear" or "base_weight" in params:
+        doc["base_model"] = str(paths.base)
+    if "base_weight" in params:
+        doc["parameters"]["weight"] = params["base_weight"]
+    if "seed" in params:
+        doc["seed"] = params["seed"]
     lines = params.get("lines")
     if lines is not None:
         doc["lines"] = {"alpha": lines.alpha, "beta": lines.beta, "outside": lines.outside}
     return doc
+
+
+def _expected(loaded, method, params, **extra):
+    """The reference's merge of the same case."""
+    n = params.get("models", 3)
+    values = {k: v for k, v in params.items() if k not in _NOT_PARAMS}
+    return merge_state_dicts(loaded["base"], loaded["models"][:n], method, lines=params.get("lines"),
+                             base_weight=params.get("base_weight"), **values, **extra)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -89,12 +107,7 @@ def test_engine_files_equal_reference(case, family, tmp_path):
     doc = _config(paths, method, params)
     result = lines_fast.merge(doc, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
     merged = load(result.out_dir)
-
-    n = params.get("models", 3)
-    expected = merge_state_dicts(
-        loaded["base"], loaded["models"][:n], method, weights=params.get("weights"),
-        density=params.get("density", 1.0), lam=params.get("lam"), normalize=params.get("normalize", method != "task_arithmetic" and method != "dare_linear" and method != "wise_ft"),
-        trim_scope=params.get("trim_scope", "tensor"), seed=params.get("seed", 0), lines=params.get("lines"))
+    expected = _expected(loaded, method, params)
     assert set(merged) == set(expected)
     for name, ref in expected.items():
         verdict = compare(merged[name], ref)
@@ -104,7 +117,7 @@ def test_engine_files_equal_reference(case, family, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["ties", "ties-lines-auto", "ties-global-lines-auto", "dare_ties", "linear",
-                                  "task_arithmetic-lines-given"])
+                                  "task_arithmetic-lines-given", "ties-rescale"])
 def test_engine_kernel_path_in_interpreter_equals_reference(case, family, tmp_path):
     """--device interpret: the engine drives the Triton kernels (in Triton's interpreter here)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -116,10 +129,7 @@ def test_engine_kernel_path_in_interpreter_equals_reference(case, family, tmp_pa
                               progress=False, log=lambda m: None)
     assert result.backend == "interpret"
     merged = load(result.out_dir)
-    expected = merge_state_dicts(
-        loaded["base"], loaded["models"], method, weights=params.get("weights"),
-        density=params.get("density", 1.0), lam=params.get("lam"), normalize=method in ("linear", "ties", "dare_ties"),
-        trim_scope=params.get("trim_scope", "tensor"), seed=params.get("seed", 0), lines=params.get("lines"))
+    expected = _expected(loaded, method, params)
     for name, ref in expected.items():
         verdict = compare(merged[name], ref)
         assert verdict.ok, f"{case} {name}: {verdict.why}"
@@ -175,8 +185,7 @@ def test_mergekit_yaml_runs_unchanged(family, tmp_path):
         assert main(["merge", str(config), str(out), "--no-progress", "-q"]) == 0
         merged = load(out)
         kw = {"density": 0.2, "weights": [1.0, 1.0]} if method == "ties" else {"weights": [0.5, 0.5]}
-        expected = merge_state_dicts(loaded["base"], loaded["models"][:2], method, out_dtype=torch.bfloat16,
-                                     normalize=(method == "ties"), **kw)
+        expected = merge_state_dicts(loaded["base"], loaded["models"][:2], method, out_dtype=torch.bfloat16, **kw)
         for name, ref in expected.items():
             assert compare(merged[name], ref).ok, name
 
@@ -254,14 +263,14 @@ def test_global_refine_pass_runs_only_when_a_threshold_needs_it(family, tmp_path
 
 def test_journaled_statistics_round_trip_exactly():
     """α and global thresholds survive a resume bit for bit (hex floats), inf included."""
-    from lines_fast.engine import _Stats
+    from lines_fast.planning import RunStats
 
-    stats = _Stats()
+    stats = RunStats()
     stats.alpha = 0.1 + 0.2
     stats.global_thresholds = (float("inf"), 1.401298464324817e-45, 0.0009765625)
-    back = _Stats.from_json(json.loads(json.dumps(stats.to_json())))
+    back = RunStats.from_json(json.loads(json.dumps(stats.to_json())))
     assert back.alpha == stats.alpha and back.global_thresholds == stats.global_thresholds
-    assert _Stats.from_json(_Stats().to_json()).alpha is None
+    assert RunStats.from_json(RunStats().to_json()).alpha is None
 
 
 def test_each_pass_asks_the_kernel_to_read_the_next_tensor_ahead(family, tmp_path, monkeypatch):

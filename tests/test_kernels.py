@@ -19,7 +19,9 @@ from lines_fast import rng  # noqa: E402
 from lines_fast.backends.triton_backend import import_kernels  # noqa: E402
 from lines_fast.layers import lines_scales  # noqa: E402
 from lines_fast.selection import BINS, threshold_from_histograms  # noqa: E402
-from lines_fast.spec import LinesSpec, MethodSpec, kept_count  # noqa: E402
+from lines_fast.methods import REGISTRY, Rescale, Sparsify  # noqa: E402
+from lines_fast.plan import ElementPlan, TensorStats  # noqa: E402
+from lines_fast.spec import LinesSpec, MethodSpec, kept_count, make_spec  # noqa: E402
 
 kmerge, kselect = import_kernels()
 INTERPRET = kmerge._interpreted(kmerge._fused_merge_kernel)
@@ -36,11 +38,11 @@ if not INTERPRET:
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 NAME = "model.layers.3.mlp.up_proj.weight"
-METHODS = ("linear", "wise_ft", "task_arithmetic", "ties", "dare_linear", "dare_ties")
+METHODS = tuple(REGISTRY)
 
 
 # ---------------------------------------------------------------------------------------
-# Tolerances: shared/SEMANTICS.md, "Tolerances"
+# Tolerances: docs/methods.md, "Tolerances"
 # ---------------------------------------------------------------------------------------
 
 def _ordered(x: torch.Tensor) -> torch.Tensor:
@@ -86,23 +88,26 @@ def make_inputs(n: int, n_models: int, base_dtype, model_dtypes, seed: int, zero
     return base, models
 
 
-def spec_for(method: str, n_models: int, *, weights=None, density=0.3, normalize=True, seed=0, lam=1.0):
-    weights = tuple(weights or [1.0] * n_models)
-    drops_or_trims = method in ("ties", "dare_linear", "dare_ties")
-    densities = tuple([density] * n_models if isinstance(density, float) else density) if drops_or_trims \
-        else (1.0,) * n_models
-    return MethodSpec(method=method, n_models=n_models, weights=weights, densities=densities, lam=lam,
-                      normalize=normalize, seed=seed)
+def spec_for(method: str, n_models: int, *, weights=None, density=0.3, normalize=None, seed=0, lam=None,
+             rescale=None) -> MethodSpec:
+    """The method's spec with these values where it takes them (the registry says which)."""
+    given = {"weight": list(weights) if weights else None, "density": density, "normalize": normalize,
+             "seed": seed, "lambda": lam, "rescale": rescale}
+    definition = REGISTRY[method]
+    values = {k: v for k, v in given.items() if v is not None and definition.takes(k)}
+    return make_spec(method, n_models, values=values)
+
+
+def trims(spec: MethodSpec) -> bool:
+    return spec.definition.sparsify is Sparsify.MAGNITUDE
 
 
 def reference_merge(base, models, spec: MethodSpec, scale: float, out_dtype, thresholds=None):
     """The reference's float32 merged tensor for one tensor called NAME, cast to out_dtype."""
-    if spec.method == "linear" and base is None:
-        merged = ref.linear([{NAME: m} for m in models], list(spec.weights), spec.normalize)[NAME]
-        return merged.to(out_dtype)
-    tau_m = ref.merged_task_vector(
-        {NAME: base}, [{NAME: m} for m in models], spec.method, weights=list(spec.weights),
-        density=list(spec.densities), normalize=spec.normalize, seed=spec.seed)[NAME]
+    base_dict = None if base is None else {NAME: base}
+    tau_m = ref.merged_task_vector(base_dict, [{NAME: m} for m in models], spec)[NAME]
+    if base is None:
+        return tau_m.to(out_dtype)
     return ref.apply_task_vector({NAME: base}, {NAME: tau_m}, scale)[NAME].to(out_dtype)
 
 
@@ -111,13 +116,31 @@ def ref_thresholds(base, models, densities):
                  for m, d in zip(models, densities))
 
 
+def ref_stats(base, models, spec: MethodSpec, thresholds=None, name=NAME) -> TensorStats:
+    """The per-tensor statistics the plan needs, from the reference's building blocks."""
+    plan = ElementPlan.from_spec(spec)
+    if plan.trims and thresholds is None:
+        thresholds = ref_thresholds(base, models, spec.densities)
+    factors = None
+    if plan.rescale is Rescale.L1:
+        factors = []
+        for i, m in enumerate(models):
+            tau = m.float() - base.float()
+            keep = plan.keep_masks(tau.reshape(-1), i, thresholds, name, 0).view(tau.shape)
+            factors.append(ref.l1_rescale_factor(tau, keep))
+        factors = tuple(factors)
+    return TensorStats(thresholds if plan.trims else None, factors)
+
+
 def dev(t):
     return None if t is None else t.to(DEVICE)
 
 
 def run_merge(base, models, spec, *, scale, out_dtype, thresholds=None, name=NAME, elem_offset=0, flags=None):
-    out = kmerge.fused_merge(dev(base), [dev(m) for m in models], spec, name=name, thresholds=thresholds,
-                             scale=scale, out_dtype=out_dtype, elem_offset=elem_offset, block=BLOCK, flags=flags)
+    stats = ref_stats(base, models, spec, thresholds, name) if base is not None else None
+    out = kmerge.fused_merge(dev(base), [dev(m) for m in models], ElementPlan.from_spec(spec), name=name,
+                             stats=stats, scale=scale, out_dtype=out_dtype, elem_offset=elem_offset, block=BLOCK,
+                             flags=flags)
     return out.cpu()
 
 
@@ -143,7 +166,7 @@ def test_methods_match_reference(method, dtypes):
     base, models = make_inputs(1999, n_models, base_dtype, model_dtypes, seed=hash(method) % 1000)
     weights = [1.0] if n_models == 1 else [1.0, 0.3, 2.5]
     spec = spec_for(method, n_models, weights=weights, density=0.35, seed=1234)
-    thresholds = ref_thresholds(base, models, spec.densities) if spec.trims else None
+    thresholds = ref_thresholds(base, models, spec.densities) if trims(spec) else None
     scale = 0.7
     use_base = method != "linear"
     got = run_merge(base if use_base else None, models, spec, scale=scale, out_dtype=out_dtype, thresholds=thresholds)
@@ -157,7 +180,7 @@ def test_model_counts(method, n_models):
     base, models = make_inputs(1000, n_models, BF16, [BF16] * 4, seed=n_models)
     spec = spec_for(method, n_models, weights=[1.0 + 0.25 * i for i in range(n_models)],
                     density=[0.2 + 0.2 * i for i in range(n_models)], seed=7)
-    thresholds = ref_thresholds(base, models, spec.densities) if spec.trims else None
+    thresholds = ref_thresholds(base, models, spec.densities) if trims(spec) else None
     got = run_merge(base, models, spec, scale=1.0, out_dtype=BF16, thresholds=thresholds)
     assert_within_tolerance(got, reference_merge(base, models, spec, 1.0, BF16))
 
@@ -167,7 +190,7 @@ def test_model_counts(method, n_models):
 def test_densities(method, density):
     base, models = make_inputs(777, 2, F32, [F32, F32], seed=int(density * 100))
     spec = spec_for(method, 2, density=density, seed=99)
-    thresholds = ref_thresholds(base, models, spec.densities) if spec.trims else None
+    thresholds = ref_thresholds(base, models, spec.densities) if trims(spec) else None
     got = run_merge(base, models, spec, scale=1.0, out_dtype=F32, thresholds=thresholds)
     assert_within_tolerance(got, reference_merge(base, models, spec, 1.0, F32))
 
@@ -176,7 +199,7 @@ def test_densities(method, density):
 def test_without_normalize(method):
     base, models = make_inputs(900, 3, BF16, [BF16] * 3, seed=5)
     spec = spec_for(method, 3, weights=[0.5, 1.0, 1.5], normalize=False, seed=3)
-    thresholds = ref_thresholds(base, models, spec.densities) if spec.trims else None
+    thresholds = ref_thresholds(base, models, spec.densities) if trims(spec) else None
     got = run_merge(base, models, spec, scale=1.3, out_dtype=F32, thresholds=thresholds)
     assert_within_tolerance(got, reference_merge(base, models, spec, 1.3, F32))
 
@@ -186,9 +209,8 @@ def test_linear_soup_without_normalize_and_with_base():
     soup = spec_for("linear", 3, weights=[0.2, 0.3, 0.5], normalize=False)
     got = run_merge(None, models, soup, scale=1.0, out_dtype=BF16)
     assert_within_tolerance(got, reference_merge(None, models, soup, 1.0, BF16))
-    # linear with a base (the LiNeS form): theta0 + scale * sum w tau / sum w
-    lines = MethodSpec(method="linear", n_models=3, weights=(0.2, 0.3, 0.5), densities=(1.0,) * 3,
-                       lines=LinesSpec(alpha=0.5, beta=0.5))
+    # linear with a base (the LiNeS form): theta0 + scale * (soup - theta0)
+    lines = make_spec("linear", 3, values={"weight": [0.2, 0.3, 0.5]}, lines=LinesSpec(alpha=0.5, beta=0.5))
     got = run_merge(base, models, lines, scale=0.75, out_dtype=F32)
     assert_within_tolerance(got, reference_merge(base, models, lines, 0.75, F32))
 
@@ -212,7 +234,7 @@ def test_all_zero_task_vectors(method):
     n_models = 1 if method == "wise_ft" else 2
     models = [base.clone() for _ in range(n_models)]
     spec = spec_for(method, n_models)
-    thresholds = ref_thresholds(base, models, spec.densities) if spec.trims else None
+    thresholds = ref_thresholds(base, models, spec.densities) if trims(spec) else None
     use_base = method != "linear"
     got = run_merge(base if use_base else None, models, spec, scale=1.0, out_dtype=BF16, thresholds=thresholds)
     want = reference_merge(base if use_base else None, models, spec, 1.0, BF16)
@@ -222,12 +244,15 @@ def test_all_zero_task_vectors(method):
 def test_keep_nothing_threshold_and_zero_scale():
     base, models = make_inputs(500, 2, BF16, [BF16] * 2, seed=2)
     base[:5] = -0.0
-    spec = spec_for("ties", 2, density=0.001)  # k = floor(0.5) = 0: thresholds inf, nothing kept
+    spec = spec_for("ties", 2, density=0.001)  # floor(0.5) = 0, but at least one is kept: k = 1
     thresholds = ref_thresholds(base, models, spec.densities)
-    assert thresholds == (math.inf, math.inf)
+    assert thresholds == tuple(float((m.float() - base.float()).abs().max()) for m in models)
     got = run_merge(base, models, spec, scale=1.0, out_dtype=BF16, thresholds=thresholds)
     want = reference_merge(base, models, spec, 1.0, BF16)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    # An infinite threshold (an empty scope) keeps nothing: theta0 + 0 (so -0.0 becomes +0.0).
+    got = run_merge(base, models, spec, scale=1.0, out_dtype=BF16, thresholds=(math.inf, math.inf))
+    assert torch.equal(got.view(torch.int16), (base.float() + 0.0).to(BF16).view(torch.int16))
     wise = spec_for("wise_ft", 1)
     got = run_merge(base, models[:1], wise, scale=0.0, out_dtype=BF16)  # a = 0: the base bitwise, -0.0 too
     assert torch.equal(got.view(torch.int16), base.view(torch.int16))
@@ -247,8 +272,9 @@ def test_lines_scales_per_tensor():
     for name in names:
         thresholds = tuple(ref.trim_thresholds({name: m[name].float() - base[name].float()}, 0.5, "tensor")[name]
                            for m in models)
-        got = kmerge.fused_merge(dev(base[name]), [dev(m[name]) for m in models], spec, name=name,
-                                 thresholds=thresholds, scale=scales[name], out_dtype=BF16, block=BLOCK).cpu()
+        got = kmerge.fused_merge(dev(base[name]), [dev(m[name]) for m in models], ElementPlan.from_spec(spec),
+                                 name=name, stats=TensorStats(thresholds), scale=scales[name], out_dtype=BF16,
+                                 block=BLOCK).cpu()
         assert_within_tolerance(got, want[name])
 
 
@@ -259,7 +285,7 @@ def test_cancelling_election_sum_keeps_plus_sign():
     x = torch.rand(1024, generator=g) + 0.1
     base = torch.zeros(1024)
     models = [x, -x, 0.5 * x]
-    spec = spec_for("ties", 3, weights=[0.3, 0.3, 0.0], density=1.0)
+    spec = spec_for("ties", 3, weights=[0.3, 0.3, 0.0], density=1.0, normalize=False)
     thresholds = ref_thresholds(base, models, spec.densities)
     got = run_merge(base, models, spec, scale=1.0, out_dtype=F32, thresholds=thresholds)
     want = reference_merge(base, models, spec, 1.0, F32)
@@ -288,7 +314,7 @@ def test_dare_masks_equal_the_reference(seed):
     n, density, n_models = 1500, 0.37, 3
     name = _name_with_large_stream_id()
     p, divisor = rng.dare_constants(density)
-    spec = spec_for("dare_linear", n_models, density=density, seed=seed)
+    spec = spec_for("dare_linear", n_models, density=density, seed=seed, rescale="inverse")
     base = torch.zeros(n)
     for i in range(n_models):
         models = [torch.full((n,), 1.0 if j == i else 0.0) for j in range(n_models)]
@@ -303,7 +329,7 @@ def test_dare_chunked_launch_uses_the_global_index(offset):
     """A launch over a chunk starting at element `offset` draws the whole tensor's masks there."""
     n, density = 700, 0.5
     p, _ = rng.dare_constants(density)
-    spec = spec_for("dare_ties", 2, density=density, seed=42)
+    spec = spec_for("dare_ties", 2, density=density, seed=42, rescale="inverse")
     base = torch.zeros(n)
     models = [torch.ones(n), torch.zeros(n)]
     got = run_merge(base, models, spec, scale=1.0, out_dtype=F32, elem_offset=offset)
@@ -325,9 +351,9 @@ def test_ragged_sizes_split_into_a_vectorizable_launch_and_a_tail():
     assert kmerge.vector_friendly_spans(0, 1024) == []
     # Both launches write their own L1 partials: program 16 of 17 is the tail's only one.
     base, models = make_inputs(4100, 2, BF16, [BF16] * 2, seed=9)
-    plan = kmerge.MergePlan.task_vector_sum(2)
+    plan = ElementPlan.task_vector_sum(2)
     partials = torch.full((17,), -1.0, dtype=torch.float64, device=DEVICE)
-    kmerge.launch_merge(None, dev(base), kmerge.stage_models([dev(m) for m in models]), plan.table(None, DEVICE),
+    kmerge.launch_merge(None, dev(base), kmerge.stage_models([dev(m) for m in models]), plan.table(TensorStats(), DEVICE),
                         plan, n=4100, partials=partials, block=256)
     tau_sum = sum(m.float() - base.float() for m in models).abs().double()
     want = torch.stack([tau_sum[i * 256:(i + 1) * 256].sum() for i in range(17)])
@@ -544,13 +570,10 @@ def test_merged_delta_l1(method):
     base, models = make_inputs(1700, 3, BF16, [BF16] * 3, seed=13)
     spec = spec_for(method, 3, weights=[1.0, 0.5, 0.25], density=0.3, seed=8)
     if method == "linear":
-        spec = MethodSpec(method="linear", n_models=3, weights=(1.0, 0.5, 0.25), densities=(1.0,) * 3,
-                          lines=LinesSpec(alpha="auto", beta=0.5))
-    thresholds = ref_thresholds(base, models, spec.densities) if spec.trims else None
-    tau_m = ref.merged_task_vector({NAME: base}, [{NAME: m} for m in models], method, weights=list(spec.weights),
-                                   density=list(spec.densities), seed=8)[NAME]
-    got = kmerge.fused_delta_l1(dev(base), [dev(m) for m in models], spec, name=NAME, thresholds=thresholds,
-                                block=BLOCK)
+        spec = make_spec("linear", 3, values={"weight": [1.0, 0.5, 0.25]}, lines=LinesSpec(alpha="auto", beta=0.5))
+    tau_m = ref.merged_task_vector({NAME: base}, [{NAME: m} for m in models], spec)[NAME]
+    got = kmerge.fused_delta_l1(dev(base), [dev(m) for m in models], ElementPlan.from_spec(spec), name=NAME,
+                                stats=ref_stats(base, models, spec), block=BLOCK)
     assert got == pytest.approx(tau_m.double().abs().sum().item(), rel=1e-12)
 
 
@@ -579,8 +602,8 @@ def test_tensor_above_2_pow_31_elements():
     for a in range(0, n, 1 << 28):
         b = min(n, a + (1 << 28))
         base[a:b], model[a:b] = fill(a, b)
-    spec = spec_for("dare_linear", 1, density=0.5, seed=3)
-    out = kmerge.fused_merge(base, [model], spec, name=NAME, scale=1.0, out_dtype=BF16)
+    spec = spec_for("dare_linear", 1, density=0.5, seed=3, rescale="inverse")
+    out = kmerge.fused_merge(base, [model], ElementPlan.from_spec(spec), name=NAME, scale=1.0, out_dtype=BF16)
     p, divisor = rng.dare_constants(0.5)
     for start in (0, (1 << 31) - 2000, n - 3000):
         sl = slice(start, start + 3000)

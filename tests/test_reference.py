@@ -1,4 +1,4 @@
-"""Tests of lines_fast.reference against numbers worked out by hand from SEMANTICS.md.
+"""Tests of lines_fast.reference against numbers worked out by hand from docs/methods.md.
 
 Expected values are literals with the arithmetic in comments; inputs are small dyadic
 numbers so float32 computes them exactly and the checks can be exact (torch.equal).

@@ -66,7 +66,7 @@ def checkpoints(n_models: int, dtype=BF16, seed: int = 0):
 
 
 def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor) -> None:
-    """SEMANTICS.md tolerances; on these sizes they amount to bitwise equality except float32 ulps."""
+    """docs/methods.md tolerances; on these sizes they amount to bitwise equality except float32 ulps."""
     assert got.dtype == want.dtype and got.shape == want.shape
     if got.dtype == F32:
         assert torch.allclose(got, want, rtol=4 * 2**-23, atol=1e-7 * float(want.abs().max()))

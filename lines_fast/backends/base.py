@@ -1,11 +1,13 @@
 """The contract between the engine (planning, I/O) and a backend (per-element math).
 
-The engine hands a backend whole tensors as read-only CPU tensors (usually zero-copy views
-of memory-mapped shards, in their stored dtype: bf16, fp16 or fp32). The backend forms
-task vectors in float32 (tau_i = float32(model_i) - float32(base)), chunks as it likes and
-returns CPU results. All semantics are those of ../shared/SEMANTICS.md and
-lines_fast/reference.py; a backend must match the reference within its tolerances, and
-thresholds, signs and DARE masks exactly.
+The engine hands a backend an ElementPlan (lines_fast/plan.py: what to compute for every
+element, derived from the method registry) and whole tensors as read-only CPU tensors
+(usually zero-copy views of memory-mapped shards, in their stored dtype: bf16, fp16 or
+fp32). The backend executes the plan -- it never reads a method's name -- chunks as it
+likes and returns CPU results. A backend must match lines_fast/reference.py within the
+tolerances of docs/methods.md, and thresholds, signs and DARE masks exactly. A plan with a
+step the backend does not implement is refused by `supports()` before any work, never
+approximated.
 
 Magnitude histograms: |tau| of a float32 is non-negative, so its 32-bit pattern read as an
 integer sorts exactly as the value does. `magnitude_histogram(..., bucket=None)` counts
@@ -22,7 +24,7 @@ from typing import Iterable, Iterator, Protocol
 
 import torch
 
-from ..spec import MethodSpec
+from ..plan import ElementPlan, TensorStats
 
 HISTOGRAM_BINS = 1 << 16
 
@@ -32,29 +34,30 @@ class MergeJob:
     """One output tensor to compute.
 
     name: the tensor's name (DARE's masks depend on it through rng.tensor_stream_id).
-    base: θ0, or None only for plain `linear` (MethodSpec.uses_base is False).
-    models: θ_1..θ_N in config order, same shape as base.
-    thresholds: for trimming methods, t_i per model as a float32-representable float
-        (keep |tau_i| >= t_i); float('inf') keeps nothing (k = 0). For a trimming method
-        with `tensor` scope it may be None: the backend then finds the per-tensor
-        thresholds itself (k_i = spec.kept_count(density_i, numel), exact, via
-        selection.tensor_thresholds or its own fused equivalent), so a GPU can select and
-        merge from one host-to-device copy. None for methods that do not trim.
+    base: θ0, or None only for a plain soup (ElementPlan.uses_base is False).
+    models: the plan's inputs in config order, same shape as base.
+    stats: the per-tensor numbers already known (global thresholds from the engine's
+        statistics passes, or what an earlier pass returned for this tensor), or None. What
+        the plan needs and `stats` lacks (tensor-scope thresholds, L1 rescale factors) the
+        backend finds itself, exactly, and returns.
     scale: the factor on the merged task vector: λ, or the LiNeS λ(ℓ) that replaces it.
-        Ignored by plain `linear`.
+        Ignored by a plain soup.
     out_dtype: dtype of the result.
     """
 
     name: str
     base: torch.Tensor | None
     models: list[torch.Tensor]
-    thresholds: tuple[float, ...] | None
+    stats: TensorStats | None
     scale: float
     out_dtype: torch.dtype
 
 
 class Backend(Protocol):
     name: str  # "cpu", "cuda" or "interpret"
+
+    def supports(self, plan: ElementPlan) -> str | None:
+        """None when this backend can execute `plan`; else why not (one clause, for the error)."""
 
     def magnitude_histograms(self, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
         """int64 CPU tensor [N, HISTOGRAM_BINS]: the packed histogram of each model's |tau|, from
@@ -66,17 +69,19 @@ class Backend(Protocol):
         (packed layout without a bucket; the bucket's low 16 bits with one)."""
 
     def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
-        """sum_j |sum_i tau_i[j]| for this tensor (unweighted, untrimmed), accumulated in float64."""
+        """sum_j |sum_i tau_i[j]| for this tensor (unweighted, unsparsified)."""
 
-    def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
-        """sum_j |tau_MTL[j]| for this tensor: the merged task vector with λ = 1, no LiNeS scale."""
+    def tensor_stats(self, job: MergeJob, plan: ElementPlan) -> TensorStats:
+        """job.stats completed with everything the plan needs for this tensor."""
 
-    def delta_norms(self, job: MergeJob, spec: MethodSpec) -> tuple[float, float]:
-        """(task_vector_sum_l1, merged_delta_l1) of this tensor, equal to the two calls', from one
-        read where the backend can: α auto's norms pass needs both."""
+    def delta_norms(self, job: MergeJob, plan: ElementPlan,
+                    with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
+        """(task_vector_sum_l1 or 0.0, sum_j |tau_MTL[j]| with λ = 1, the tensor's stats), from one
+        read where the backend can: α auto's norms pass needs both norms."""
 
-    def merge_many(self, jobs: Iterable[MergeJob], spec: MethodSpec) -> Iterator[tuple[MergeJob, torch.Tensor]]:
-        """Yield (job, output) in job order, output a CPU tensor of job.out_dtype.
+    def merge_many(self, jobs: Iterable[MergeJob],
+                   plan: ElementPlan) -> Iterator[tuple[MergeJob, torch.Tensor, TensorStats]]:
+        """Yield (job, output, stats) in job order, output a CPU tensor of job.out_dtype.
 
         A backend may work ahead (read or compute job t+1 while the caller writes job t),
         but must hold at most a small constant number of jobs at once.

@@ -1,11 +1,12 @@
 """The CPU backend: the default where there is no GPU.
 
-It computes what lines_fast/reference.py computes, with the same float32 operations in the
-same order (so election signs and DARE masks are identical, and values agree bitwise in
-practice), but chunk by chunk: each tensor is walked in slices of `chunk` elements that
-stay in the CPU caches, into buffers allocated once, so nothing the size of a tensor is
-ever materialised in float32. Both cores are kept busy by torch's intra-op threads, and a
-read-ahead thread faults in the next tensor's pages while the current one computes.
+It executes the per-element plan (lines_fast/plan.py) with the same float32 operations in
+the same order as lines_fast/reference.py (so election signs and DARE masks are identical,
+and values agree bitwise in practice), but chunk by chunk: each tensor is walked in slices
+of `chunk` elements that stay in the CPU caches, into buffers allocated once, so nothing
+the size of a tensor is ever materialised in float32. Both cores are kept busy by torch's
+intra-op threads, and a read-ahead thread faults in the next tensor's pages while the
+current one computes.
 """
 from __future__ import annotations
 
@@ -16,13 +17,20 @@ import torch
 
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum
-from ..rng import dare_constants, dare_uniform
+from ..methods import Consensus, Rescale, Sparsify
+from ..plan import ElementPlan, TensorStats, add_kept_l1, factors_from_sums
+from ..rng import dare_uniform
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
-from ..spec import MethodSpec
 from .base import MergeJob
 
 DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resident
 _PAGE = 4096
+# The plan steps this backend executes; any other is refused by supports().
+SUPPORTED = {
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM},
+    "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
+    "consensus": {Consensus.NONE, Consensus.SIGN},
+}
 
 
 class _Buffers:
@@ -50,6 +58,15 @@ def _touch_pages(tensors: list[torch.Tensor]) -> None:
             raw[::_PAGE].sum()
 
 
+def unsupported_steps(plan: ElementPlan, supported: dict) -> str | None:
+    """Why a backend with these `supported` steps cannot execute `plan`, or None."""
+    for step, known in supported.items():
+        value = getattr(plan, step)
+        if value not in known:
+            return f"it has no {step} step {getattr(value, 'value', value)!r}"
+    return None
+
+
 class CpuBackend:
     name = "cpu"
 
@@ -58,6 +75,9 @@ class CpuBackend:
         self.check_finite = check_finite
         self.read_ahead = read_ahead
         self._buffers: dict[int, _Buffers] = {}
+
+    def supports(self, plan: ElementPlan) -> str | None:
+        return unsupported_steps(plan, SUPPORTED)
 
     def _bufs(self, n_models: int) -> _Buffers:
         if n_models not in self._buffers:
@@ -68,15 +88,16 @@ class CpuBackend:
         for start in range(0, numel, self.chunk):
             yield start, min(start + self.chunk, numel)
 
-    # -- task vectors ---------------------------------------------------------------------
-    def _load_tau(self, out: torch.Tensor, model: torch.Tensor, base_f32: torch.Tensor,
-                  name: str, model_index: int) -> torch.Tensor:
-        """out = float32(model) - base_f32, checking for NaN/Inf cheaply (one reduction)."""
+    # -- loading --------------------------------------------------------------------------
+    def _load(self, out: torch.Tensor, model: torch.Tensor, base_f32: torch.Tensor | None,
+              name: str, model_index: int) -> torch.Tensor:
+        """out = float32(model) [- base_f32], checking for NaN/Inf cheaply (one reduction)."""
         out.copy_(model)
-        out.sub_(base_f32)
+        if base_f32 is not None:
+            out.sub_(base_f32)
         if self.check_finite and not torch.isfinite(out.sum()):
             # The sum is non-finite if any term is (or, in theory, on overflow): look closer.
-            if not torch.isfinite(base_f32).all():
+            if base_f32 is not None and not torch.isfinite(base_f32).all():
                 raise NonFiniteInput(name, -1)
             if not torch.isfinite(model).all():
                 raise NonFiniteInput(name, model_index)
@@ -131,28 +152,39 @@ class CpuBackend:
             acc = bufs.acc[:n]
             acc.zero_()
             for i, m in enumerate(flats):
-                acc.add_(self._load_tau(bufs.tau[i][:n], m[s:e], b, "", i))
+                acc.add_(self._load(bufs.tau[i][:n], m[s:e], b, "", i))
             total.add(acc)
         return total.value()
 
-    def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
-        return self._norms(job, spec, with_task_sum=False)[1]
+    def tensor_stats(self, job: MergeJob, plan: ElementPlan) -> TensorStats:
+        """job.stats completed with what the plan needs and the engine did not give: tensor-scope
+        thresholds (exact histograms) and the L1 rescale factors (exact sums, one more read)."""
+        stats = job.stats or TensorStats()
+        need_thresholds, need_factors = plan.missing(stats)
+        thresholds, factors = stats.thresholds, stats.factors
+        if need_thresholds:
+            thresholds = tensor_thresholds(self, job.base, job.models, plan.densities)
+        if need_factors:
+            totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]
+            base = job.base.reshape(-1)
+            models = [m.reshape(-1) for m in job.models]
+            for s, e in self._spans(base.numel()):
+                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], thresholds, job.name, s, totals, kepts)
+            factors = factors_from_sums(totals, kepts)
+        return TensorStats(thresholds, factors)
 
-    def delta_norms(self, job: MergeJob, spec: MethodSpec) -> tuple[float, float]:
-        return self._norms(job, spec, with_task_sum=True)
-
-    def _norms(self, job: MergeJob, spec: MethodSpec, with_task_sum: bool) -> tuple[float, float]:
-        """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁): the task sum is taken from the same loaded τ_i, before
-        trimming or dropping, with the same float32 adds as task_vector_sum_l1 (so equal bits)."""
-        if spec.trims and job.thresholds is None:
-            job.thresholds = tensor_thresholds(self, job.base, job.models, spec.densities)
+    def delta_norms(self, job: MergeJob, plan: ElementPlan,
+                    with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
+        """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁, the tensor's stats): the task sum is taken from the same
+        loaded τ_i, before sparsifying, with the same float32 adds as task_vector_sum_l1."""
+        stats = self.tensor_stats(job, plan)
         task_sum, delta = AbsSum(), AbsSum()
         for s, e, bufs in self._chunks(job):
             task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
-            delta.add(self._merged_delta(job, spec, s, e, bufs, task_sum=task_sum_chunk))
+            delta.add(self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk))
             if with_task_sum:
                 task_sum.add(task_sum_chunk)
-        return task_sum.value(), delta.value()
+        return task_sum.value(), delta.value(), stats
 
     # -- merging --------------------------------------------------------------------------
     def _chunks(self, job: MergeJob):
@@ -161,114 +193,102 @@ class CpuBackend:
         for s, e in self._spans(numel):
             yield s, e, bufs
 
-    def _merged_delta(self, job: MergeJob, spec: MethodSpec, s: int, e: int, bufs: _Buffers,
-                      task_sum: torch.Tensor | None = None) -> torch.Tensor:
-        """τ_m for elements s..e (λ = 1): trimmed/dropped, elected, merged. Leaves the base in bufs.base.
-        task_sum: if given, receives Σ_i τ_i (untrimmed, in model order) for α auto."""
+    def _merged_delta(self, job: MergeJob, plan: ElementPlan, stats: TensorStats, s: int, e: int,
+                      bufs: _Buffers, task_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """τ_m for elements s..e (λ = 1), the plan's steps in order. Leaves the base in bufs.base.
+        task_sum: if given, receives Σ_i τ_i (unsparsified, in model order) for α auto."""
         n = e - s
-        b = bufs.base[:n]
-        b.copy_(job.base.reshape(-1)[s:e])
+        b = bufs.base[:n] if plan.uses_base else None
+        if b is not None:
+            b.copy_(job.base.reshape(-1)[s:e])
         if task_sum is not None:
             task_sum.zero_()
-        taus = []
+        contributions = []
         for i, model in enumerate(job.models):
-            tau = self._load_tau(bufs.tau[i][:n], model.reshape(-1)[s:e], b, job.name, i)
+            x = self._load(bufs.tau[i][:n], model.reshape(-1)[s:e], b if plan.deltas else None, job.name, i)
             if task_sum is not None:
-                task_sum.add_(tau)
-            if spec.trims:
-                self._trim(tau, job.thresholds[i], bufs.tmp[:n])
-            if spec.drops:
-                p, divisor = dare_constants(spec.densities[i])
-                u = dare_uniform(spec.seed, i, job.name, n, start=s)
-                tau.div_(divisor)
-                # Drop where u < p: the trim's bit trick (u, p >= 0 order as their bit patterns).
-                drop = u.view(torch.int32).sub_(float_to_bits(p)).bitwise_right_shift_(31).bitwise_not_()
-                tau.view(torch.int32).bitwise_and_(drop)
-            taus.append(tau)
-        weights = spec.weights
-        if spec.elects_sign:
-            return self._disjoint_merge(taus, weights, spec.normalize, n, bufs)
-        acc = bufs.acc[:n]
-        acc.zero_()
-        for w, tau in zip(weights, taus):
-            acc.add_(tau if w == 1.0 else tau.mul_(w))
-        if spec.method == "linear":  # linear with LiNeS: the weighted mean of the task vectors
-            acc.div_(sum(weights))
-        return acc
+                task_sum.add_(x if plan.deltas else torch.sub(x, b, out=bufs.tmp[:n]))
+            if plan.sparsify is Sparsify.MAGNITUDE:
+                self._zero_below(x, x, stats.thresholds[i], bufs.tmp[:n])
+            elif plan.sparsify is Sparsify.RANDOM:
+                # Drop where u < p: u, p >= 0 order as their bit patterns.
+                u = dare_uniform(plan.seed, i, job.name, n, start=s)
+                self._zero_below(x, u, plan.drop_p[i], None)
+            if plan.rescale is Rescale.INVERSE:
+                x.div_(plan.divisors[i])
+            elif plan.rescale is Rescale.L1:
+                x.mul_(stats.factors[i])
+            w = plan.weights[i]
+            contributions.append(x if w == 1.0 else x.mul_(w))   # c_i = w_i * x_i
+        if plan.consensus is Consensus.SIGN:
+            merged = self._disjoint_merge(contributions, plan.weights, plan.normalize, n, bufs)
+        else:
+            merged = bufs.acc[:n]
+            merged.zero_()
+            for c in contributions:
+                merged.add_(c)
+            if plan.normalize:
+                merged.div_(plan.weight_sum)
+        if b is not None and not plan.deltas:
+            merged.sub_(b)   # a soup with LiNeS: τ_MTL = soup - θ0
+        return merged
 
     @staticmethod
-    def _trim(tau: torch.Tensor, threshold: float, scratch: torch.Tensor) -> None:
-        """Keep |tau| >= threshold (ties at the threshold kept), set the rest to +0; inf keeps nothing.
+    def _zero_below(x: torch.Tensor, key: torch.Tensor, threshold: float, scratch: torch.Tensor | None) -> None:
+        """Set x to +0 where |key| < threshold (keep |key| >= threshold: ties kept; inf keeps nothing).
 
-        Done on the bit patterns, which order as the magnitudes: (|tau|bits - t bits) >> 31 is
-        all ones where |tau| < t, and ANDing tau with its complement zeroes exactly those. No
+        Done on the bit patterns, which order as the magnitudes: (|key|bits - t bits) >> 31 is
+        all ones where |key| < t, and ANDing x with its complement zeroes exactly those. No
         bool tensors: comparisons and masked_fill cost 4-7x a float op per chunk on CPU.
+        `key` is x itself (TIES trim, |x| into scratch) or DARE's u >= 0 (modified in place).
         """
-        drop = torch.abs(tau, out=scratch).view(torch.int32)
+        magnitude = key if scratch is None else torch.abs(key, out=scratch)
+        drop = magnitude.view(torch.int32)
         drop.sub_(float_to_bits(threshold)).bitwise_right_shift_(31).bitwise_not_()
-        tau.view(torch.int32).bitwise_and_(drop)
+        x.view(torch.int32).bitwise_and_(drop)
 
     @staticmethod
-    def _disjoint_merge(taus, weights, normalize: bool, n: int, bufs: _Buffers) -> torch.Tensor:
-        # Elect: gamma = +1 where sum_i w_i tau_i >= 0, summed in model order as the reference does.
+    def _disjoint_merge(contributions, weights, normalize: bool, n: int, bufs: _Buffers) -> torch.Tensor:
+        # Elect: gamma = +1 where sum_i c_i >= 0, summed in model order as the reference does.
         acc, gamma, agree = bufs.acc[:n], bufs.tmp[:n], bufs.indicator[:n]
         acc.zero_()
-        for w, tau in zip(weights, taus):
-            acc.add_(tau if w == 1.0 else torch.mul(tau, w, out=gamma))
+        for c in contributions:
+            acc.add_(c)
         # sign(sign(acc) + 0.5) maps -1, 0, +1 to -1, +1, +1 (acc is never -0: it starts at +0).
         torch.sign(acc, out=gamma).add_(0.5).sign_()
-        # Disjoint merge over A = {i : tau_i != 0 and sign(tau_i) = gamma} = {i : tau_i * gamma > 0}.
-        # clamp(tau_i * gamma, 0) * gamma is tau_i on A and 0 elsewhere, exactly (gamma is +-1), and
-        # clamp(sign(tau_i * gamma), 0) is A's indicator.
+        # Disjoint merge over A = {i : c_i != 0 and sign(c_i) = gamma} = {i : c_i * gamma > 0}.
+        # clamp(c_i * gamma, 0) * gamma is c_i on A and 0 elsewhere, exactly (gamma is +-1), and
+        # clamp(sign(c_i * gamma), 0) is A's indicator.
         num, den = bufs.num[:n], bufs.den[:n]
         num.zero_()
         den.zero_()
-        for w, tau in zip(weights, taus):
-            aligned = tau.mul_(gamma)
+        for w, c in zip(weights, contributions):
+            aligned = c.mul_(gamma)
             den.add_(torch.sign(aligned, out=agree).clamp_(min=0.0), alpha=w)   # w_i on A: exact
-            kept = aligned.clamp_(min=0.0).mul_(gamma)
-            num.add_(kept if w == 1.0 else kept.mul_(w))
+            num.add_(aligned.clamp_(min=0.0).mul_(gamma))
         if not normalize:
             return num
         # tau_m = num / den, and 0 where A is empty (there num is 0 too): divide by den + [den == 0].
         empty = torch.abs(den, out=agree).sign_().neg_().add_(1.0)
         return num.div_(den.add_(empty))
 
-    def _merge_one(self, job: MergeJob, spec: MethodSpec) -> torch.Tensor:
-        if spec.trims and job.thresholds is None:
-            job.thresholds = tensor_thresholds(self, job.base, job.models, spec.densities)
-        if spec.uses_base and job.scale == 0.0:
+    def _merge_one(self, job: MergeJob, plan: ElementPlan) -> tuple[torch.Tensor, TensorStats]:
+        stats = self.tensor_stats(job, plan)
+        if plan.uses_base and job.scale == 0.0:
             # A zero scale returns the base bitwise (b + 0 * tau would turn -0.0 into +0.0).
-            return job.base.to(job.out_dtype, copy=True)
+            return job.base.to(job.out_dtype, copy=True), stats
         out = torch.empty(job.models[0].shape, dtype=job.out_dtype)
         out_flat = out.reshape(-1)
         for s, e, bufs in self._chunks(job):
-            n = e - s
-            if not spec.uses_base:
-                result = self._linear_chunk(job, spec, s, e, bufs)
-            else:
-                result = self._merged_delta(job, spec, s, e, bufs)
+            result = self._merged_delta(job, plan, stats, s, e, bufs)
+            if plan.uses_base:
                 result.mul_(job.scale)
-                result.add_(bufs.base[:n])
+                result.add_(bufs.base[:e - s])
             out_flat[s:e].copy_(result)
-        return out
+        return out, stats
 
-    def _linear_chunk(self, job: MergeJob, spec: MethodSpec, s: int, e: int, bufs: _Buffers) -> torch.Tensor:
-        """Plain linear (model soup): sum_i w_i θ_i, divided by sum_i w_i when normalizing."""
-        n = e - s
-        acc = bufs.acc[:n]
-        acc.zero_()
-        for i, (w, model) in enumerate(zip(spec.weights, job.models)):
-            theta = bufs.tau[i][:n]
-            theta.copy_(model.reshape(-1)[s:e])
-            if self.check_finite and not torch.isfinite(theta.sum()):
-                raise NonFiniteInput(job.name, i)
-            acc.add_(theta if w == 1.0 else theta.mul_(w))
-        if spec.normalize:
-            acc.div_(sum(spec.weights))
-        return acc
-
-    def merge_many(self, jobs: Iterable[MergeJob], spec: MethodSpec) -> Iterator[tuple[MergeJob, torch.Tensor]]:
+    def merge_many(self, jobs: Iterable[MergeJob],
+                   plan: ElementPlan) -> Iterator[tuple[MergeJob, torch.Tensor, TensorStats]]:
         jobs = iter(jobs)
         current = next(jobs, None)
         while current is not None:
@@ -279,7 +299,8 @@ class CpuBackend:
                 reader = threading.Thread(target=_touch_pages, args=(inputs,), daemon=True)
                 reader.start()
             try:
-                yield current, self._merge_one(current, spec)
+                out, stats = self._merge_one(current, plan)
+                yield current, out, stats
             finally:
                 if reader is not None:
                     reader.join()

@@ -34,8 +34,9 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import NonFiniteInput
+from ..exactsum import AbsSum
+from ..plan import ElementPlan, TensorStats, add_kept_l1, factors_from_sums
 from ..selection import BINS, nonfinite_count, tensor_thresholds
-from ..spec import MethodSpec
 from .base import MergeJob
 
 _ALIGN = 256            # byte alignment of every view carved from a slot (16-byte vector loads)
@@ -235,6 +236,7 @@ class _Part:
     start: int
     stop: int
     last: bool
+    stats: TensorStats | None = None  # the job's complete stats, once found
     slot: _Slot | None = None
     views: dict | None = None
 
@@ -411,37 +413,71 @@ class TritonBackend:
             self._check_histogram(hist, "", base, [model])
         return hist[0]
 
-    def _streamed_thresholds(self, job: MergeJob, spec: MethodSpec) -> tuple[float, ...]:
+    def supports(self, plan: ElementPlan) -> str | None:
+        return self._merge.unsupported(plan)
+
+    def _streamed_thresholds(self, job: MergeJob, plan: ElementPlan) -> tuple[float, ...]:
         """Tensor-scope thresholds of a job bigger than a slot: histogram passes over its parts."""
         try:
-            return tensor_thresholds(self, job.base, job.models, spec.densities)
+            return tensor_thresholds(self, job.base, job.models, plan.densities)
         except NonFiniteInput as err:
             raise NonFiniteInput(job.name, err.model_index) from None
 
-    def _resident_thresholds(self, job: MergeJob, spec: MethodSpec, views: dict) -> tuple[float, ...]:
+    def _resident_thresholds(self, job: MergeJob, plan: ElementPlan, views: dict) -> tuple[float, ...]:
         """Tensor-scope thresholds of a job whose whole tensor sits in `views`: no second upload."""
         with self._mover.computing():
             thresholds, hist = self._select.resident_thresholds(
-                views["base"], views["models"], spec.densities, n=job.base.numel(), block=self.block)
+                views["base"], views["models"], plan.densities, n=job.base.numel(), block=self.block)
         self._check_histogram(hist, job.name, job.base, job.models)
         return thresholds
 
-    def _norms(self, job: MergeJob, spec: MethodSpec | None, *, with_task_sum: bool) -> tuple[float, float]:
-        """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁) from ONE upload of each part; spec None: the plain
-        task-vector sum only (its ‖·‖₁ is the second number). A trimming job without thresholds
+    def _rescale_factors(self, job: MergeJob, plan: ElementPlan, thresholds, views: dict | None) -> tuple:
+        """L1 rescale factors from exact sums on the device: over `views` when the whole tensor
+        is resident, else over freshly uploaded parts."""
+        totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]
+        if views is not None:
+            with self._mover.computing():
+                add_kept_l1(plan, views["base"], list(views["models"]), thresholds, job.name, 0, totals, kepts)
+            return factors_from_sums(totals, kepts)
+        base, models = self._flat(job.base), [self._flat(m) for m in job.models]
+        per_element = base.element_size() + len(models) * self._merge.staging_dtype(m.dtype for m in models).itemsize
+        for start, stop in self._part_ranges(base.numel(), per_element):
+            slot, part = self._upload(base, models, start, stop, {})
+            with self._mover.computing():
+                add_kept_l1(plan, part["base"], list(part["models"]), thresholds, job.name, start, totals, kepts)
+            self._release(slot)
+        return factors_from_sums(totals, kepts)
+
+    def tensor_stats(self, job: MergeJob, plan: ElementPlan, views: dict | None = None) -> TensorStats:
+        """job.stats completed with what the plan needs: tensor-scope thresholds and L1 rescale
+        factors, from `views` (the whole tensor already on the device) when given."""
+        stats = job.stats or TensorStats()
+        need_thresholds, need_factors = plan.missing(stats)
+        thresholds, factors = stats.thresholds, stats.factors
+        if need_thresholds:
+            if plan.threshold_scope != "tensor":
+                raise ValueError(f"{job.name}: global-scope trimming needs thresholds from the engine")
+            thresholds = (self._resident_thresholds(job, plan, views) if views is not None
+                          else self._streamed_thresholds(job, plan))
+        if need_factors:
+            factors = self._rescale_factors(job, plan, thresholds, views)
+        return TensorStats(thresholds, factors)
+
+    def _norms(self, job: MergeJob, plan: ElementPlan, *, with_task_sum: bool) -> tuple[float, float, TensorStats]:
+        """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁, stats) from ONE upload of each part. A job missing stats
         gets them here too, from the same upload when the tensor fits one slot."""
         from ..rng import tensor_stream_id
 
         merge = self._merge
-        plan = merge.MergePlan.task_vector_sum(len(job.models)) if spec is None else merge.MergePlan.from_spec(spec)
-        if not plan.has_base:
+        if not plan.uses_base:
             raise ValueError("plain linear (no base) has no merged task vector")
         base = self._flat(job.base)
         models = [self._flat(m) for m in job.models]
         per_element = base.element_size() + len(models) * merge.staging_dtype(m.dtype for m in models).itemsize
         ranges = self._part_ranges(base.numel(), per_element)
-        if spec is not None and spec.trims and job.thresholds is None and len(ranges) > 1:
-            self._job_thresholds(job, spec, views=None)  # selection needs the whole tensor first
+        stats = job.stats
+        if any(plan.missing(stats)) and len(ranges) > 1:
+            stats = self.tensor_stats(job, plan)  # the statistics need the whole tensor first
         block = self.block or merge.default_block()
         task_sums, deltas, table = [], [], None
         for start, stop in ranges:
@@ -452,9 +488,10 @@ class TritonBackend:
                 extra["task_partials"] = (torch.float64, (programs,))
             slot, views = self._upload(base, models, start, stop, extra)
             if table is None:
-                thresholds = None if spec is None else self._job_thresholds(job, spec, views)
+                if any(plan.missing(stats)):
+                    stats = self.tensor_stats(job, plan, views)
                 with self._mover.computing():
-                    table = plan.table(thresholds, self._mover.device)
+                    table = plan.table(stats, self._mover.device)
             with self._mover.computing():
                 partials, task_partials = views["partials"], views.get("task_partials")
                 partials.zero_()
@@ -469,52 +506,40 @@ class TritonBackend:
             self._release(slot)
         with self._mover.computing():
             task_total = float(torch.stack(task_sums).sum()) if with_task_sum and task_sums else 0.0
-            return task_total, float(torch.stack(deltas).sum()) if deltas else 0.0
+            return task_total, float(torch.stack(deltas).sum()) if deltas else 0.0, stats or TensorStats()
 
     def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
-        return self._norms(MergeJob("", base, models, None, 1.0, torch.float32), None, with_task_sum=False)[1]
+        plan = ElementPlan.task_vector_sum(len(models))
+        return self._norms(MergeJob("", base, models, None, 1.0, torch.float32), plan, with_task_sum=False)[1]
 
-    def merged_delta_l1(self, job: MergeJob, spec: MethodSpec) -> float:
-        return self._norms(job, spec, with_task_sum=False)[1]
-
-    def delta_norms(self, job: MergeJob, spec: MethodSpec) -> tuple[float, float]:
-        return self._norms(job, spec, with_task_sum=True)
-
-    def _job_thresholds(self, job: MergeJob, spec: MethodSpec, views: dict | None):
-        """job.thresholds, or (tensor scope, trimming) the exact ones found here and stored on the job."""
-        if not spec.trims or job.thresholds is not None:
-            return job.thresholds
-        if spec.trim_scope != "tensor":
-            raise ValueError(f"{job.name}: global-scope trimming needs thresholds from the engine")
-        if views is not None:
-            job.thresholds = self._resident_thresholds(job, spec, views)
-        else:
-            job.thresholds = self._streamed_thresholds(job, spec)
-        return job.thresholds
+    def delta_norms(self, job: MergeJob, plan: ElementPlan,
+                    with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
+        return self._norms(job, plan, with_task_sum=with_task_sum)
 
     # -- merging --------------------------------------------------------------------------
     def _bytes_per_element(self, job: MergeJob, plan) -> int:
         size = len(job.models) * self._merge.staging_dtype(m.dtype for m in job.models).itemsize
-        if plan.has_base:
+        if plan.uses_base:
             size += job.base.element_size()
         return size + job.out_dtype.itemsize
 
-    def merge_many(self, jobs: Iterable[MergeJob], spec: MethodSpec) -> Iterator[tuple[MergeJob, torch.Tensor]]:
-        plan = self._merge.MergePlan.from_spec(spec)
+    def merge_many(self, jobs: Iterable[MergeJob],
+                   plan: ElementPlan) -> Iterator[tuple[MergeJob, torch.Tensor, TensorStats]]:
         inflight: _Part | None = None
         for job in _read_ahead(jobs, self.read_ahead):
             reference = job.base if job.base is not None else job.models[0]
             out = torch.empty(reference.shape, dtype=job.out_dtype)
             ranges = self._part_ranges(reference.numel(), self._bytes_per_element(job, plan))
-            if spec.trims and job.thresholds is None and len(ranges) > 1:
-                # Selection needs the whole tensor before any merge: finish what is in flight,
-                # then histogram passes over the parts (the only case that reads inputs twice).
+            stats = job.stats
+            if any(plan.missing(stats)) and len(ranges) > 1:
+                # Statistics need the whole tensor before any merge: finish what is in flight,
+                # then statistics passes over the parts (the only case that reads inputs twice).
                 if inflight is not None:
                     done = self._finish(inflight)
                     inflight = None
                     if done is not None:
                         yield done
-                self._job_thresholds(job, spec, views=None)
+                stats = self.tensor_stats(job, plan)
             table = None
             for k, (start, stop) in enumerate(ranges):
                 part = _Part(job, out, start, stop, last=k == len(ranges) - 1)
@@ -525,7 +550,11 @@ class TritonBackend:
                     if done is not None:
                         yield done
                 if table is None:
-                    table = self._table(part, spec, plan)
+                    if any(plan.missing(stats)):
+                        stats = self.tensor_stats(job, plan, part.views)
+                    with self._mover.computing():
+                        table = plan.table(stats, self._mover.device)
+                part.stats = stats or TensorStats()
                 self._compute(part, plan, table)
                 inflight = part
         if inflight is not None:
@@ -538,14 +567,8 @@ class TritonBackend:
         job = part.job
         n = part.stop - part.start
         extra = {"out": (job.out_dtype, (n,)), "flags": (torch.int32, (1,))}
-        base = self._flat(job.base) if plan.has_base else None  # a soup never reads the base
+        base = self._flat(job.base) if plan.uses_base else None  # a soup never reads the base
         part.slot, part.views = self._upload(base, [self._flat(m) for m in job.models], part.start, part.stop, extra)
-
-    def _table(self, part: _Part, spec: MethodSpec, plan):
-        """The job's per-model table; finds its thresholds first when the merge must select them."""
-        thresholds = self._job_thresholds(part.job, spec, part.views)
-        with self._mover.computing():
-            return plan.table(thresholds, self._mover.device)
 
     def _compute(self, part: _Part, plan, table) -> None:
         """Compute stage: one kernel launch on the compute stream (asynchronous on a GPU)."""
@@ -570,5 +593,5 @@ class TritonBackend:
                 index = (bad & -bad).bit_length() - 1  # lowest bit first: the base, then model 0, ...
                 raise NonFiniteInput(part.job.name, index - 1)
         if part.last:
-            return part.job, part.out
+            return part.job, part.out, part.stats
         return None

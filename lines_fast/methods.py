@@ -1,0 +1,261 @@
+"""The merge methods, each defined once, as data.
+
+A method is a name, the inputs it takes, its parameters, and its composition: what it does
+to each model's task vector (the sparsifier), how it combines them (the consensus step), and
+whether it works on task vectors or on the models themselves. Everything else is derived
+from these entries: config validation and mergekit's defaults (config.py), the CLI's
+choices and --help (cli.py), the reference's dispatch (reference.py), the per-element plan
+both backends execute (plan.py), the statistics passes and their cost (planning.py,
+cost.py), the synthetic configs and benchmarks, the docs table and the test matrix.
+
+Adding a method: one `Method(...)` entry below, and a reference function only if it needs a
+step no entry has yet (a new Sparsify or Consensus value, then a kernel switch for it). See
+docs/methods.md, "Adding a method".
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import MergeInputError
+
+
+class Inputs(enum.Enum):
+    DELTAS = "task vectors"     # tau_i = theta_i - theta_0; needs a base
+    MODELS = "models"           # the models themselves (a soup); a base is optional
+
+
+class Sparsify(enum.Enum):
+    NONE = "none"
+    MAGNITUDE = "magnitude"     # TIES trim: keep |tau_i| >= the k_i-th largest (k_i from density_i)
+    RANDOM = "random"           # DARE drop: keep where the Philox draw u >= p_i = 1 - density_i
+
+
+class Consensus(enum.Enum):
+    NONE = "none"               # weighted sum (or mean with normalize)
+    SIGN = "sign"               # TIES election: sign of the weighted sum, disjoint (weighted) mean
+
+
+class Rescale(enum.Enum):
+    """What happens to the kept values of a sparsified task vector (the `rescale` key)."""
+
+    NONE = "false"              # kept values unchanged
+    L1 = "true"                 # mergekit: times ||tau_i||_1 / ||kept tau_i||_1 over the tensor
+    INVERSE = "inverse"         # the DARE paper: divided by q_i = float32(1 - p_i)
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method.
+
+    per_model: given per model (`models[].parameters`, with `parameters` as the default for
+    all models, as in mergekit) or once for the merge (`parameters`). kind: "number",
+    "bool", "choice" or "integer". low/high bound a number (low_open/high_open exclude the
+    bound). affects_result False marks a key accepted only for mergekit compatibility.
+    """
+
+    name: str
+    help: str
+    per_model: bool = False
+    kind: str = "number"
+    default: Any = None
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
+    affects_result: bool = True
+
+    def with_default(self, default: Any, help: str | None = None, **changes: Any) -> "Param":
+        from dataclasses import replace
+        return replace(self, default=default, help=help or self.help, **changes)
+
+    def range_text(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return " | ".join(_show(c) for c in self.choices)
+        if self.kind == "integer":
+            return f"an integer in [{_show(self.low)}, {_show(self.high)}]"
+        if math.isinf(self.low) and math.isinf(self.high):
+            return "any finite number"
+        left = "(" if self.low_open else "["
+        right = ")" if self.high_open else "]"
+        return f"{left}{_show(self.low)}, {_show(self.high)}{right}"
+
+    def check(self, value: Any, where: str) -> Any:
+        """The value, validated and normalized (floats as float, rescale as a Rescale)."""
+        if self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+            raise MergeInputError(f"{where}: {self.name} must be true or false, got {value!r}.")
+        if self.kind == "choice":
+            for choice in self.choices:
+                if value == choice and type(value) is type(choice):
+                    return choice
+            raise MergeInputError(f"{where}: {self.name} must be one of {self.range_text()}, got {value!r}.")
+        if self.kind == "integer":
+            if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value <= self.high:
+                raise MergeInputError(f"{where}: {self.name} must be {self.range_text()}, got {value!r}.")
+            return value
+        if isinstance(value, (list, dict)):
+            raise MergeInputError(
+                f"{where}: {self.name} is a {type(value).__name__}; mergekit's per-layer gradients and "
+                "filtered parameters are not supported yet, give one number.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MergeInputError(f"{where}: {self.name} must be a number, got {value!r}.")
+        number = float(value)
+        inside = (math.isfinite(number)
+                  and (number > self.low if self.low_open else number >= self.low)
+                  and (number < self.high if self.high_open else number <= self.high))
+        if not inside:
+            raise MergeInputError(f"{where}: {self.name} {value!r} is outside {self.range_text()}: {self.help}.")
+        return number
+
+
+def _show(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value)) if abs(value) < 1e15 else f"2^{int(math.log2(value + 1))}"
+    if isinstance(value, int) and value > 1e15:
+        return f"2^{int(math.log2(value + 1))}"
+    return str(value)
+
+
+WEIGHT = Param("weight", "the model's weight in the sum", per_model=True, default=1.0)
+DENSITY = Param("density", "the fraction of each task vector kept", per_model=True, default=1.0,
+                low=0.0, high=1.0, low_open=True)
+LAMBDA = Param("lambda", "the scale of the merged task vector", default=1.0)
+NORMALIZE = Param("normalize", "divide by the sum of the weights", kind="bool")
+INT8_MASK = Param("int8_mask", "mergekit's memory option for its masks; no effect on the result here",
+                  kind="bool", default=False, affects_result=False)
+RESCALE = Param("rescale", "what happens to the kept values: true (mergekit) matches each tensor's L1 "
+                "norm, inverse divides by the keep probability (the DARE paper), false leaves them",
+                kind="choice", choices=(True, False, "inverse"))
+TRIM_SCOPE = Param("trim_scope", "over what the top-k magnitudes are counted: each tensor (mergekit) or "
+                   "the whole model (the TIES paper)", kind="choice", choices=("tensor", "global"),
+                   default="tensor")
+SEED = Param("seed", "the random seed of the drop masks", kind="integer", default=0, low=0, high=(1 << 63) - 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Methods
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method as data (see the module docstring)."""
+
+    name: str
+    summary: str                        # one line, for --help and the docs table
+    formula: str                        # the math, plain text, lambda = 1 part in tau_MTL
+    params: tuple[Param, ...]
+    inputs: Inputs = Inputs.DELTAS
+    sparsify: Sparsify = Sparsify.NONE
+    consensus: Consensus = Consensus.NONE
+    min_models: int = 1
+    max_models: int | None = None
+    paper: str = ""
+    mergekit: bool = True               # mergekit has a method of this name and meaning
+    param_map: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "param_map", {p.name: p for p in self.params})
+
+    @property
+    def base_required(self) -> bool:
+        return self.inputs is Inputs.DELTAS
+
+    def param(self, name: str) -> Param | None:
+        return self.param_map.get(name)
+
+    def model_params(self) -> list[Param]:
+        return [p for p in self.params if p.per_model]
+
+    def shared_params(self) -> list[Param]:
+        return [p for p in self.params if not p.per_model]
+
+    def takes(self, name: str) -> bool:
+        return name in self.param_map
+
+    def models_text(self) -> str:
+        if self.max_models == self.min_models:
+            return f"exactly {self.min_models}"
+        return f"{self.min_models} or more" if self.max_models is None else f"{self.min_models} to {self.max_models}"
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    REGISTRY[method.name] = method
+    return method
+
+
+register(Method(
+    "linear", "model soup: weighted average of the models (no task vectors)",
+    "theta = sum_i w_i theta_i / sum_i w_i  (without normalize: sum_i w_i theta_i)",
+    params=(WEIGHT, NORMALIZE.with_default(True)),
+    inputs=Inputs.MODELS, paper="https://arxiv.org/abs/2203.05482"))
+register(Method(
+    "wise_ft", "WiSE-FT: mix one fine-tune back toward its base",
+    "theta = theta_0 + a * tau_1, a = lambda in [0, 1]",
+    params=(LAMBDA.with_default(0.5, "the mixing coefficient a (0: the base, 1: the fine-tune)",
+                                low=0.0, high=1.0),),
+    min_models=1, max_models=1, paper="https://arxiv.org/abs/2109.01903", mergekit=False))
+register(Method(
+    "task_arithmetic", "task arithmetic: add the weighted task vectors",
+    "tau_MTL = sum_i w_i tau_i  (with normalize: / sum_i w_i)",
+    params=(WEIGHT, LAMBDA, NORMALIZE.with_default(False), INT8_MASK),
+    paper="https://arxiv.org/abs/2212.04089"))
+register(Method(
+    "ties", "TIES: trim each task vector to its top magnitudes, elect signs, disjoint mean",
+    "tau_MTL = sum_{i in A} w_i trim(tau_i) / sum_{i in A} w_i, A agrees with sign(sum_i w_i trim(tau_i))",
+    params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(True),
+            RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, INT8_MASK),
+    sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN, paper="https://arxiv.org/abs/2306.01708"))
+register(Method(
+    "dare_linear", "DARE: drop random task-vector elements, rescale, add",
+    "tau_MTL = sum_i w_i rescale(drop(tau_i))  (with normalize: / sum_i w_i)",
+    params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(False), RESCALE.with_default(True), SEED, INT8_MASK),
+    sparsify=Sparsify.RANDOM, paper="https://arxiv.org/abs/2311.03099"))
+register(Method(
+    "dare_ties", "DARE then TIES's sign election and disjoint merge (no magnitude trim)",
+    "tau_MTL = TIES steps 2-3 on rescale(drop(tau_i))",
+    params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(False), RESCALE.with_default(True), SEED, INT8_MASK),
+    sparsify=Sparsify.RANDOM, consensus=Consensus.SIGN, paper="https://arxiv.org/abs/2311.03099"))
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+def get(name: Any, where: str = "") -> Method:
+    """The registered method called `name`, or a MergeInputError listing them."""
+    method = REGISTRY.get(name) if isinstance(name, str) else None
+    if method is None:
+        prefix = f"{where}: " if where else ""
+        raise MergeInputError(f"{prefix}unknown merge method {name!r}; lines_fast has {', '.join(REGISTRY)} "
+                              "(mergekit's other methods are not implemented yet).")
+    return method
+
+
+def help_text() -> str:
+    """The methods and their parameters, for `lines-fast merge --help` (generated from the registry)."""
+    lines = ["methods (parameters; defaults):"]
+    for m in REGISTRY.values():
+        params = ", ".join(f"{p.name}={_show(p.default)}" for p in m.params if p.affects_result)
+        lines.append(f"  {m.name:<16} {m.summary}")
+        lines.append(f"  {'':<16}   {params}")
+    return "\n".join(lines)

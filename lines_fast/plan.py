@@ -1,0 +1,161 @@
+"""The per-element plan: what both backends (CPU and Triton) execute for every element.
+
+`ElementPlan.from_spec` turns a method's composition (lines_fast/methods.py) and its
+resolved parameters into switches and per-model numbers; a backend executes the plan and
+never reads a method's name. Per element, all float32, models in config order:
+
+    x_i    = f32(theta_i) - f32(theta_0)    deltas (task-vector methods)
+           = f32(theta_i)                   a soup (Inputs.MODELS)
+    sparsify: MAGNITUDE keeps |x_i| >= t_i; RANDOM keeps u_i >= p_i (Philox, lines_fast/rng.py)
+    rescale:  INVERSE divides the kept values by q_i; L1 multiplies them by f_i (per tensor)
+    c_i    = w_i * x_i
+    consensus NONE: tau_m = sum_i c_i            [/ W with normalize, W = f32(sum_i w_i)]
+    consensus SIGN: gamma = sign(sum_i c_i) (+1 at 0); A = {i : c_i != 0, sign(c_i) = gamma}
+                    tau_m = sum_{i in A} c_i     [/ sum_{i in A} w_i with normalize; 0 if A empty]
+    a soup with a base (LiNeS): tau_m = tau_m - f32(theta_0)
+    out    = theta_0 + s * tau_m  (s: lambda or the LiNeS scale; theta_0 bitwise where s == 0)
+           = tau_m                a soup without a base
+
+Per-tensor statistics (`TensorStats`) are numbers a backend finds before merging a tensor,
+or that the engine found in a statistics pass (global thresholds): the trim thresholds t_i
+and the L1 rescale factors f_i. They are returned to the caller, never stored on a job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import rng
+from .methods import Consensus, Inputs, Rescale, Sparsify
+from .spec import MethodSpec
+
+# mergekit's floor below which an L1 norm is treated as zero (no rescale then).
+RESCALE_EPS = 1e-7
+TABLE_ROWS = ("weights", "thresholds", "drop_p", "divisors", "factors")
+
+
+def f32(x: float) -> float:
+    """x rounded to float32 (nearest even), as a Python float."""
+    return float(np.float32(x))
+
+
+def rescale_factor(total_l1: float, kept_l1: float) -> float:
+    """f = float32(||tau||_1 / ||kept tau||_1), or 1 where either norm is below RESCALE_EPS."""
+    if total_l1 < RESCALE_EPS or kept_l1 < RESCALE_EPS:
+        return 1.0
+    return f32(total_l1 / kept_l1)
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """Per-tensor numbers the merge of one tensor needs, one per model: trim thresholds
+    (keep |x_i| >= t_i; inf keeps nothing) and L1 rescale factors. None where not needed or
+    not yet found."""
+
+    thresholds: tuple[float, ...] | None = None
+    factors: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ElementPlan:
+    n_models: int
+    uses_base: bool           # theta_0 is read
+    deltas: bool              # x_i = theta_i - theta_0 (else the models themselves)
+    sparsify: Sparsify
+    rescale: Rescale
+    consensus: Consensus
+    normalize: bool
+    threshold_scope: str      # "tensor" or "global" (MAGNITUDE only)
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+    drop_p: tuple[float, ...]
+    divisors: tuple[float, ...]
+    seed: int = 0
+    weight_sum: float = 1.0   # f32(sum_i w_i), the divisor of a normalized sum
+
+    @classmethod
+    def from_spec(cls, spec: MethodSpec) -> "ElementPlan":
+        method = spec.definition
+        n = spec.n_models
+        weights = spec.weights
+        rescale = spec.rescale if method.sparsify is not Sparsify.NONE else Rescale.NONE
+        random = method.sparsify is Sparsify.RANDOM
+        consts = [rng.dare_constants(d) for d in spec.densities] if random else [(0.0, 1.0)] * n
+        sum_normalize = spec.normalize and method.consensus is Consensus.NONE
+        return cls(
+            n_models=n, uses_base=spec.uses_base, deltas=method.inputs is Inputs.DELTAS,
+            sparsify=method.sparsify, rescale=rescale, consensus=method.consensus, normalize=spec.normalize,
+            threshold_scope=spec.trim_scope if method.sparsify is Sparsify.MAGNITUDE else "tensor",
+            weights=tuple(f32(w) for w in weights), densities=tuple(spec.densities),
+            drop_p=tuple(p for p, _ in consts),
+            divisors=tuple(dv for _, dv in consts) if rescale is Rescale.INVERSE else (1.0,) * n,
+            seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0)
+
+    @classmethod
+    def task_vector_sum(cls, n_models: int) -> "ElementPlan":
+        """sum_i tau_i, unsparsified and unweighted (w = 1 multiplies exactly): for ||sum tau||_1."""
+        ones = (1.0,) * n_models
+        return cls(n_models=n_models, uses_base=True, deltas=True, sparsify=Sparsify.NONE, rescale=Rescale.NONE,
+                   consensus=Consensus.NONE, normalize=False, threshold_scope="tensor", weights=ones,
+                   densities=ones, drop_p=(0.0,) * n_models, divisors=ones)
+
+    # -- the statistics a tensor's merge needs ---------------------------------------------
+    @property
+    def trims(self) -> bool:
+        return self.sparsify is Sparsify.MAGNITUDE
+
+    @property
+    def drops(self) -> bool:
+        return self.sparsify is Sparsify.RANDOM
+
+    @property
+    def global_thresholds(self) -> bool:
+        return self.trims and self.threshold_scope == "global"
+
+    def missing(self, stats: TensorStats | None) -> tuple[bool, bool]:
+        """(needs thresholds, needs factors) that `stats` does not have yet."""
+        stats = stats or TensorStats()
+        return (self.trims and stats.thresholds is None,
+                self.rescale is Rescale.L1 and stats.factors is None)
+
+    def keep_masks(self, x: torch.Tensor, i: int, thresholds, name: str, start: int) -> torch.Tensor:
+        """The bool keep mask of model i's values x (flat, elements start.. of tensor `name`):
+        the sparsifier's rule, in plain torch (for the statistics; backends fuse it)."""
+        if self.sparsify is Sparsify.MAGNITUDE:
+            return x.abs() >= thresholds[i]
+        if self.sparsify is Sparsify.RANDOM:
+            u = rng.dare_uniform(self.seed, i, name, x.numel(), start=start, device=x.device)
+            return u >= self.drop_p[i]
+        return torch.ones_like(x, dtype=torch.bool)
+
+    def table(self, stats: TensorStats | None, device) -> torch.Tensor:
+        """The float32 [5, N] table of per-model numbers (TABLE_ROWS), on the kernel's device."""
+        stats = stats or TensorStats()
+        n = self.n_models
+        need_thresholds, need_factors = self.missing(stats)
+        if need_thresholds or need_factors:
+            raise ValueError(f"the plan needs thresholds/factors this tensor's stats lack: {stats}")
+        thresholds = tuple(float(t) for t in stats.thresholds) if self.trims else (0.0,) * n
+        factors = tuple(float(f) for f in stats.factors) if self.rescale is Rescale.L1 else (1.0,) * n
+        rows = [self.weights, thresholds, self.drop_p, self.divisors, factors]
+        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], thresholds,
+                name: str, start: int, totals: list, kepts: list) -> None:
+    """Add ||x_i||_1 and ||kept x_i||_1 of one flat chunk (elements start.. of tensor `name`,
+    on any device) into the exact accumulators totals[i] and kepts[i] (exactsum.AbsSum)."""
+    b = base.to(torch.float32) if plan.deltas else None
+    for i, model in enumerate(models):
+        x = model.to(torch.float32)
+        if b is not None:
+            x = x - b
+        keep = plan.keep_masks(x, i, thresholds, name, start)
+        totals[i].add(x)
+        kepts[i].add(torch.where(keep, x, torch.zeros((), dtype=torch.float32, device=x.device)))
+
+
+def factors_from_sums(totals: list, kepts: list) -> tuple[float, ...]:
+    return tuple(rescale_factor(t.value(), k.value()) for t, k in zip(totals, kepts))
