@@ -6,18 +6,15 @@ import torch
 
 from lines_fast.backends.base import MergeJob
 from lines_fast.backends.cpu import CpuBackend
-from lines_fast.reference import merge_state_dicts
-from lines_fast.spec import MethodSpec
+from lines_fast.plan import ElementPlan
+from lines_fast.reference import merge_state_dicts, spec_from_params
 from lines_fast.tolerance import compare
 
 
-def _run(method, base, models, chunk=7, **kw):
-    n = len(models)
-    spec = MethodSpec(method, n, weights=tuple(kw.get("weights", [1.0] * n)),
-                      densities=tuple([kw.get("density", 1.0)] * n), lam=kw.get("lam", 1.0),
-                      normalize=kw.get("normalize", True), seed=kw.get("seed", 0))
+def _run(method, base, models, chunk=7, **params):
+    spec = spec_from_params(method, len(models), **params)
     job = MergeJob("w", base, models, None, spec.lam, base.dtype)
-    [(_, out)] = list(CpuBackend(chunk=chunk).merge_many([job], spec))
+    [(_, out, _stats)] = list(CpuBackend(chunk=chunk).merge_many([job], ElementPlan.from_spec(spec)))
     return out
 
 
@@ -45,17 +42,17 @@ def test_election_cancelling_sum_elects_plus_and_disjoint_mean():
     assert _run("ties", base, [a, b]).tolist() == [2.0, -3.0, 2.0, 0.0]
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
+@pytest.mark.parametrize("method, kw", [
+    ("ties", dict(density=0.3)), ("ties", dict(density=0.3, rescale=True)), ("dare_ties", dict(density=0.3, seed=5)),
+    ("dare_linear", dict(density=0.3, seed=5, rescale="inverse")), ("task_arithmetic", {})])
 @pytest.mark.parametrize("chunk", [5, 64, 1 << 18])
-def test_matches_reference_for_any_chunking(method, chunk):
+def test_matches_reference_for_any_chunking(method, kw, chunk):
     g = torch.Generator().manual_seed(3)
     base = (torch.randn(1000, generator=g) * 0.02).bfloat16()
     models = [(base.float() + torch.randn(1000, generator=g) * 2e-3).bfloat16() for _ in range(3)]
-    kw = dict(density=0.3, weights=[1.0, 0.5, 2.0], seed=5)
+    kw = dict(kw, weights=[1.0, 0.5, 2.0])
     out = _run(method, base, models, chunk=chunk, **kw)
-    ref = merge_state_dicts({"w": base}, [{"w": m} for m in models], method, density=0.3,
-                            weights=[1.0, 0.5, 2.0], seed=5,
-                            normalize=method in ("ties", "dare_ties"))["w"]
+    ref = merge_state_dicts({"w": base}, [{"w": m} for m in models], method, **kw)["w"]
     verdict = compare(out, ref)
     assert verdict.ok, verdict.why
     assert verdict.n_different == 0   # same operations in the same order: bitwise equal
@@ -68,11 +65,16 @@ def test_fused_norms_equal_the_separate_ones_bitwise(method):
     g = torch.Generator().manual_seed(8)
     base = (torch.randn(3000, generator=g) * 0.02).bfloat16()
     models = [(base.float() + torch.randn(3000, generator=g) * 2e-3).bfloat16() for _ in range(3)]
-    spec = MethodSpec(method, 3, weights=(1.0, 0.5, 2.0), densities=(0.3,) * 3, seed=4)
+    params = dict(weights=(1.0, 0.5, 2.0)) if method == "task_arithmetic" else dict(weights=(1.0, 0.5, 2.0),
+                                                                                     density=0.3)
+    if method == "dare_ties":
+        params["seed"] = 4
+    plan = ElementPlan.from_spec(spec_from_params(method, 3, **params))
     backend = CpuBackend(chunk=1000)
-    fused = backend.delta_norms(MergeJob("w", base, models, None, 1.0, torch.float32), spec)
+    fused = backend.delta_norms(MergeJob("w", base, models, None, 1.0, torch.float32), plan)[:2]
     separate = (backend.task_vector_sum_l1(base, models),
-                backend.merged_delta_l1(MergeJob("w", base, models, None, 1.0, torch.float32), spec))
+                backend.delta_norms(MergeJob("w", base, models, None, 1.0, torch.float32), plan,
+                                    with_task_sum=False)[1])
     assert fused == separate
     task_sum = sum(m.float() - base.float() for m in models).double().abs().sum().item()
     assert fused[0] == pytest.approx(task_sum, rel=1e-12) and 0 < fused[1] < 3 * task_sum

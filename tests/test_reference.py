@@ -52,14 +52,26 @@ TIES_TRIMMED = [t(3.0, -2.0, 0.0, -1.0, 0.0), t(-1.0, -4.0, 1.0, 2.0, 0.0), t(2.
 def test_linear_weighted_mean():
     models = [{"w": t(1.0, 2.0, -4.0)}, {"w": t(3.0, 0.0, 4.0)}]
     # weights 1, 3: sum w theta = [1 + 9, 2 + 0, -4 + 12] = [10, 2, 8]; / 4
-    assert_exact(ref.linear(models, [1.0, 3.0])["w"], t(2.5, 0.5, 2.0))
+    assert_exact(ref.merge_state_dicts(None, models, "linear", weights=[1.0, 3.0])["w"], t(2.5, 0.5, 2.0))
     # uniform soup: (A + B) / 2
-    assert_exact(ref.linear(models)["w"], t(2.0, 1.0, 0.0))
+    assert_exact(ref.merge_state_dicts(None, models, "linear")["w"], t(2.0, 1.0, 0.0))
 
 
 def test_linear_without_normalize_is_the_weighted_sum():
     models = [{"w": t(1.0, 2.0, -4.0)}, {"w": t(3.0, 0.0, 4.0)}]
-    assert_exact(ref.linear(models, [1.0, 3.0], normalize=False)["w"], t(10.0, 2.0, 8.0))
+    assert_exact(ref.merge_state_dicts(None, models, "linear", weights=[1.0, 3.0], normalize=False)["w"],
+                 t(10.0, 2.0, 8.0))
+
+
+def test_linear_base_weight_averages_the_base_in_first():
+    """mergekit's linear with a base_model and a weight for it: the base is one of the inputs."""
+    base = {"w": t(4.0, -2.0)}
+    models = [{"w": t(1.0, 2.0)}, {"w": t(3.0, 6.0)}]
+    # weights 2 (base), 1, 1: (8 + 1 + 3) / 4, (-4 + 2 + 6) / 4
+    out = ref.merge_state_dicts(base, models, "linear", base_weight=2.0)
+    assert_exact(out["w"], t(3.0, 1.0))
+    with pytest.raises(MergeInputError, match="task vectors"):
+        ref.merge_state_dicts(base, models, "task_arithmetic", base_weight=1.0)
 
 
 def test_linear_one_model_returns_it():
@@ -96,7 +108,7 @@ def test_wise_ft_hand_example():
     base = {"w": t(1.0, 2.0, -1.0)}
     model = {"w": t(3.0, 2.0, 1.0)}
     # tau = [2, 0, 2]; a = 0.25: [1 + 0.5, 2 + 0, -1 + 0.5]
-    assert_exact(ref.wise_ft(base, model, 0.25)["w"], t(1.5, 2.0, -0.5))
+    assert_exact(ref.merge_state_dicts(base, [model], "wise_ft", lam=0.25)["w"], t(1.5, 2.0, -0.5))
     # the dispatcher's default a is 0.5: [1 + 1, 2, -1 + 1]
     assert_exact(ref.merge_state_dicts(base, [model], "wise_ft")["w"], t(2.0, 2.0, 0.0))
 
@@ -115,7 +127,7 @@ def test_wise_ft_endpoints_bf16():
 
 def test_wise_ft_needs_exactly_one_model():
     base = {"w": t(0.0)}
-    with pytest.raises(MergeInputError, match="exactly one"):
+    with pytest.raises(MergeInputError, match="exactly 1"):
         ref.merge_state_dicts(base, [{"w": t(1.0)}, {"w": t(2.0)}], "wise_ft")
 
 
@@ -127,8 +139,6 @@ def test_task_arithmetic_hand_example():
     # tau1 = [0.5, 0, -1], tau2 = [-0.5, 1, 0.5]
     # weights 1, 2: sum = [0.5 - 1, 0 + 2, -1 + 1] = [-0.5, 2, 0]
     # lam 0.5: [-0.25, 1, 0]; theta = [0.25, 0, 2]
-    out = ref.task_arithmetic(base, models, [1.0, 2.0], lam=0.5)
-    assert_exact(out["w"], t(0.25, 0.0, 2.0))
     out = ref.merge_state_dicts(base, models, "task_arithmetic", weights=[1.0, 2.0], **{"lambda": 0.5})
     assert_exact(out["w"], t(0.25, 0.0, 2.0))
     # default lam 1, unit weights: sum = [0, 1, -0.5]; theta = [0.5, 0, 1.5]
@@ -166,8 +176,11 @@ def test_trim_density_one_and_k_zero():
     # density 1: k = 5, t = the smallest |tau| = 0: everything kept, the zero stays zero
     assert ref.trim_thresholds(tau, 1.0, "tensor") == {"w": 0.0}
     assert_exact(ref.trim(tau["w"], 0.0), tau["w"])
-    # density 0.1 on 5 elements: k = floor(0.5) = 0: t = inf, nothing kept
-    assert ref.trim_thresholds(tau, 0.1, "tensor") == {"w": float("inf")}
+    # density 0.1 on 5 elements: floor(0.5) = 0, but at least one is kept (mergekit): k = 1, t = 3
+    assert ref.trim_thresholds(tau, 0.1, "tensor") == {"w": 3.0}
+    assert_exact(ref.trim(tau["w"], 3.0), t(0.0, -3.0, 0.0, 0.0, 0.0))
+    # an empty scope keeps nothing: t = inf
+    assert ref.trim_thresholds({"e": torch.zeros(0)}, 0.5, "tensor") == {"e": float("inf")}
     assert_exact(ref.trim(tau["w"], float("inf")), torch.zeros(5))
 
 
@@ -233,7 +246,7 @@ def test_ties_hand_example():
     out = ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties", density=0.6)
     assert_exact(out["w"], t(3.5, -2.0, -2.0, 3.0, 0.0))
     # lam 0.5: 1 + 0.5 * tau_m
-    out = ref.ties(TIES_BASE, TIES_MODELS, density=0.6, lam=0.5)
+    out = ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties", density=0.6, lam=0.5)
     assert_exact(out["w"], t(2.25, -0.5, -0.5, 2.0, 0.5))
     # normalize false: 1 + [5, -6, -3, 2, -1]
     out = ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties", density=0.6, normalize=False)
@@ -257,9 +270,11 @@ def test_ties_per_model_density():
     assert_exact(out["w"], t(4.0, -2.0, -2.0, 0.0, 1.0))
 
 
-def test_ties_k_zero_keeps_nothing():
+def test_ties_keeps_at_least_one_element_per_model():
+    # density 0.1 on 5 elements: k = max(1, floor(0.5)) = 1: each model keeps its largest |tau|
+    # tau1^ = [3, 0, 0, 0, 0], tau2^ = [0, -4, 0, 0, 0], tau3^ = [0, 0, -3, 0, 0]; lam 3
     out = ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties", density=0.1, lam=3.0)
-    assert_exact(out["w"], TIES_BASE["w"])
+    assert_exact(out["w"], t(10.0, -11.0, -8.0, 1.0, 1.0))
 
 
 def test_ties_density_one_single_model_is_task_arithmetic():
@@ -279,9 +294,18 @@ def test_ties_rejects_bad_scope():
 
 def test_ties_agreeing_weights_cancelling_is_an_error():
     base = {"w": t(0.0)}
-    # both positive, both agree with gamma = sign(1 - 1) = +1; weights sum to 0 over A
-    with pytest.raises(MergeInputError, match="sum to 0"):
+    # the disjoint mean divides by the agreeing weights: a negative weight could make that 0
+    with pytest.raises(MergeInputError, match="must be positive"):
         ref.merge_state_dicts(base, [{"w": t(1.0)}, {"w": t(1.0)}], "ties", density=1.0, weights=[1.0, -1.0])
+    # without normalize it is a weighted sum over A, and A follows the sign of w_i * tau_i:
+    # contributions +1 and -1 sum to 0 -> gamma = +1 -> A = {model 0} -> 1
+    out = ref.merge_state_dicts(base, [{"w": t(1.0)}, {"w": t(1.0)}], "ties", density=1.0, weights=[1.0, -1.0],
+                                normalize=False)
+    assert_exact(out["w"], t(1.0))
+    # contributions -2 (w = -2, tau = +1) and +1: gamma = -1 -> A = {model 0} -> -2
+    out = ref.merge_state_dicts(base, [{"w": t(1.0)}, {"w": t(1.0)}], "ties", density=1.0, weights=[-2.0, 1.0],
+                                normalize=False)
+    assert_exact(out["w"], t(-2.0))
 
 
 # --------------------------------------------------------------------------- DARE
@@ -329,7 +353,8 @@ def test_dare_linear_matches_its_formula():
     keep1 = rng.dare_uniform(11, 0, "w", 64) >= 0.5
     keep2 = rng.dare_uniform(11, 1, "w", 64) >= 0.5
     expected = 0.5 + 0.5 * (2.0 * keep1.float() - 1.0 * keep2.float())
-    out = ref.merge_state_dicts(base, models, "dare_linear", density=0.5, lam=0.5, weights=[1.0, 2.0], seed=11)
+    out = ref.merge_state_dicts(base, models, "dare_linear", density=0.5, lam=0.5, weights=[1.0, 2.0], seed=11,
+                                rescale="inverse")
     assert_exact(out["w"], expected)
 
 
@@ -341,8 +366,36 @@ def test_dare_ties_matches_its_formula():
     keep1 = rng.dare_uniform(5, 0, "w", 64) >= 0.5
     keep2 = rng.dare_uniform(5, 1, "w", 64) >= 0.5
     expected = torch.where(keep1 & keep2, 4.0, torch.where(keep1, 2.0, torch.where(keep2, 6.0, 0.0)))
-    out = ref.merge_state_dicts(base, models, "dare_ties", density=0.5, seed=5)
+    out = ref.merge_state_dicts(base, models, "dare_ties", density=0.5, seed=5, rescale="inverse", normalize=True)
     assert_exact(out["w"], expected)
+
+
+def test_dare_rescale_true_matches_each_tensors_l1_norm():
+    """mergekit's rescale (the default): kept values times ||tau||_1 / ||kept tau||_1 per tensor."""
+    base = {"w": torch.zeros(64)}
+    models = [{"w": torch.full((64,), 1.0)}, {"w": torch.full((64,), 3.0)}]
+    keep1 = rng.dare_uniform(5, 0, "w", 64) >= 0.5
+    keep2 = rng.dare_uniform(5, 1, "w", 64) >= 0.5
+    # tau_i is constant, so the factor is 64 / (number kept) and the kept values sum back to 64 * tau
+    f1, f2 = 64 / int(keep1.sum()), 64 / int(keep2.sum())
+    expected = torch.where(keep1, torch.tensor(f1, dtype=F32), 0.0) + torch.where(keep2, torch.tensor(f2, dtype=F32)
+                                                                                 * 3.0, 0.0)
+    out = ref.merge_state_dicts(base, models, "dare_linear", density=0.5, seed=5)
+    assert_exact(out["w"], expected)
+    assert float(out["w"].sum()) == pytest.approx(64 * 4.0, rel=1e-6)
+    # false: kept values unchanged
+    out = ref.merge_state_dicts(base, models, "dare_linear", density=0.5, seed=5, rescale=False)
+    assert_exact(out["w"], torch.where(keep1, 1.0, 0.0) + torch.where(keep2, 3.0, 0.0))
+
+
+def test_ties_rescale_true_l1_matches_the_trimmed_vector():
+    # TIES_MODELS, density 0.6: |tau1| sums to 6.5, its trimmed part to 6 -> factor 6.5 / 6
+    tau = ref.task_vectors(TIES_BASE, TIES_MODELS[0])["w"]
+    keep = tau.abs() >= 1.0
+    assert ref.l1_rescale_factor(tau, keep) == float(torch.tensor(6.5 / 6, dtype=F32))
+    plain = ref.merge_state_dicts(TIES_BASE, TIES_MODELS[:1], "ties", density=0.6)["w"]
+    rescaled = ref.merge_state_dicts(TIES_BASE, TIES_MODELS[:1], "ties", density=0.6, rescale=True)["w"]
+    assert_exact(rescaled - 1.0, (plain - 1.0) * torch.tensor(6.5 / 6, dtype=F32))
 
 
 def test_dare_density_one_is_task_arithmetic_and_ties():
@@ -352,7 +405,7 @@ def test_dare_density_one_is_task_arithmetic_and_ties():
     assert_exact(ref.merge_state_dicts(base, models, "dare_linear", density=1.0, lam=0.7)["w"],
                  ref.merge_state_dicts(base, models, "task_arithmetic", lam=0.7)["w"])
     assert_exact(ref.merge_state_dicts(base, models, "dare_ties", density=1.0, seed=9)["w"],
-                 ref.merge_state_dicts(base, models, "ties", density=1.0)["w"])
+                 ref.merge_state_dicts(base, models, "ties", density=1.0, normalize=False)["w"])
 
 
 # --------------------------------------------------------------------------- LiNeS
@@ -422,7 +475,7 @@ def test_lines_auto_alpha_task_arithmetic_is_one_over_n():
     g = torch.Generator().manual_seed(5)
     base = {"layers.0.w": torch.randn(16, generator=g), "layers.1.w": torch.randn(16, generator=g)}
     models = [{n: v + torch.randn(16, generator=g) for n, v in base.items()} for _ in range(4)]
-    tau_mtl = ref.merged_task_vector(base, models, "task_arithmetic")
+    tau_mtl = ref.merged_task_vector(base, models, ref.spec_from_params("task_arithmetic", 4))
     assert ref.lines_auto_alpha(base, models, tau_mtl) == 0.25
     # beta 0: theta = base + 0.25 * sum tau = plain task arithmetic with lam 0.25
     out = ref.merge_state_dicts(base, models, "task_arithmetic", lines=LinesSpec(alpha="auto", beta=0.0))
@@ -434,7 +487,7 @@ def test_lines_auto_alpha_task_arithmetic_is_one_over_n():
 def test_lines_auto_alpha_ties_hand_example():
     # sum tau (untrimmed) = [4, -5, -1.5, 1.25, -0.5] -> L1 12.25
     # tau_MTL = [2.5, -3, -3, 2, -1] -> L1 11.5; alpha = 12.25 / 11.5 / 3
-    tau_mtl = ref.merged_task_vector(TIES_BASE, TIES_MODELS, "ties", density=0.6)
+    tau_mtl = ref.merged_task_vector(TIES_BASE, TIES_MODELS, ref.spec_from_params("ties", 3, density=0.6))
     assert ref.lines_auto_alpha(TIES_BASE, TIES_MODELS, tau_mtl) == 12.25 / 11.5 / 3
 
 
@@ -470,25 +523,29 @@ def test_bf16_inputs_round_to_nearest_even():
     assert_exact(out["w"], t(1.01171875, 1.01171875))
 
 
-def test_dispatcher_matches_the_per_method_functions():
+def test_dispatch_composes_the_building_blocks():
+    """merge_state_dicts follows the registry's composition: the same steps done by hand."""
     g = torch.Generator().manual_seed(6)
     base = {"w": torch.randn(32, generator=g)}
     models = [{"w": base["w"] + torch.randn(32, generator=g)} for _ in range(3)]
     w = [0.5, 1.0, 2.0]
-    pairs = [
-        (ref.linear(models, w)["w"], ref.merge_state_dicts(None, models, "linear", weights=w)["w"]),
-        (ref.wise_ft(base, models[0], 0.3)["w"], ref.merge_state_dicts(base, models[:1], "wise_ft", lam=0.3)["w"]),
-        (ref.task_arithmetic(base, models, w, lam=0.8)["w"],
-         ref.merge_state_dicts(base, models, "task_arithmetic", weights=w, lam=0.8)["w"]),
-        (ref.ties(base, models, w, density=0.4, lam=1.2, trim_scope="global")["w"],
-         ref.merge_state_dicts(base, models, "ties", weights=w, density=0.4, lam=1.2, trim_scope="global")["w"]),
-        (ref.dare_linear(base, models, w, density=0.4, seed=3)["w"],
-         ref.merge_state_dicts(base, models, "dare_linear", weights=w, density=0.4, seed=3)["w"]),
-        (ref.dare_ties(base, models, w, density=[0.2, 0.4, 0.6], seed=3)["w"],
-         ref.merge_state_dicts(base, models, "dare_ties", weights=w, density=[0.2, 0.4, 0.6], seed=3)["w"]),
-    ]
-    for a, b in pairs:
-        assert_exact(a, b)
+    taus = [ref.task_vectors(base, m)["w"] for m in models]
+    # ties: trim per tensor, elect with the weights, disjoint mean, then theta0 + lam * tau_m
+    trimmed = [ref.trim(tau, ref.trim_thresholds({"w": tau}, 0.4, "tensor")["w"]) for tau in taus]
+    tau_m = ref.disjoint_merge(trimmed, w, ref.elect_sign(trimmed, w))
+    by_hand = base["w"] + torch.tensor(1.2) * tau_m
+    assert_exact(ref.merge_state_dicts(base, models, "ties", weights=w, density=0.4, lam=1.2)["w"], by_hand)
+    # dare_ties, rescale inverse: drop, elect, weighted sum over the agreeing ones (normalize false)
+    dropped = [ref.dare_drop(tau, d, 3, i, "w") for i, (tau, d) in enumerate(zip(taus, [0.2, 0.4, 0.6]))]
+    tau_m = ref.disjoint_merge(dropped, w, ref.elect_sign(dropped, w), normalize=False)
+    assert_exact(ref.merge_state_dicts(base, models, "dare_ties", weights=w, density=[0.2, 0.4, 0.6], seed=3,
+                                       rescale="inverse")["w"], base["w"] + tau_m)
+    # task_arithmetic with normalize: sum_i w_i tau_i / sum_i w_i
+    total = torch.zeros(32)
+    for wi, tau in zip(w, taus):
+        total = total + torch.tensor(wi) * tau
+    assert_exact(ref.merge_state_dicts(base, models, "task_arithmetic", weights=w, normalize=True)["w"],
+                 base["w"] + torch.tensor(1.0) * (total / torch.tensor(3.5)))
 
 
 # --------------------------------------------------------------------------- validation
@@ -499,11 +556,17 @@ def test_density_outside_unit_interval(density):
         ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties", density=density)
 
 
-def test_density_required_and_one_per_model():
-    with pytest.raises(MergeInputError, match="density"):
-        ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "dare_ties")
-    with pytest.raises(MergeInputError, match="densities"):
+def test_density_one_per_model_and_refused_where_unused():
+    with pytest.raises(MergeInputError, match="2 density values for 3 models"):
         ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties", density=[0.5, 0.5])
+    # a parameter the method does not take is an error that names it, never ignored
+    with pytest.raises(MergeInputError, match="density is not a parameter of task_arithmetic"):
+        ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "task_arithmetic", density=0.5)
+    with pytest.raises(MergeInputError, match="weight is not a parameter of wise_ft"):
+        ref.merge_state_dicts(TIES_BASE, TIES_MODELS[:1], "wise_ft", weights=[2.0])
+    # mergekit's default density is 1: keep everything
+    assert_exact(ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties")["w"],
+                 ref.merge_state_dicts(TIES_BASE, TIES_MODELS, "ties", density=1.0)["w"])
 
 
 def test_shape_mismatch_is_an_error_never_broadcast():
@@ -518,7 +581,7 @@ def test_missing_tensor_unknown_method_and_missing_base():
     base = {"w": t(0.0), "v": t(0.0)}
     with pytest.raises(MergeInputError, match="missing"):
         ref.merge_state_dicts(base, [{"w": t(1.0)}], "task_arithmetic")
-    with pytest.raises(MergeInputError, match="Unknown"):
+    with pytest.raises(MergeInputError, match="unknown merge method"):
         ref.merge_state_dicts(base, [dict(base)], "slerp")
     with pytest.raises(MergeInputError, match="base"):
         ref.merge_state_dicts(None, [dict(base)], "ties", density=0.5)

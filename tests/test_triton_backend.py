@@ -23,7 +23,9 @@ from lines_fast.errors import NonFiniteInput  # noqa: E402
 from lines_fast.layers import lines_scales  # noqa: E402
 from lines_fast.backends.cpu import CpuBackend  # noqa: E402
 from lines_fast.selection import BINS, tensor_thresholds  # noqa: E402
-from lines_fast.spec import LinesSpec, MethodSpec  # noqa: E402
+from lines_fast.methods import REGISTRY  # noqa: E402
+from lines_fast.plan import ElementPlan, TensorStats  # noqa: E402
+from lines_fast.spec import LinesSpec, MethodSpec, make_spec  # noqa: E402
 
 kmerge, _ = import_kernels()
 INTERPRET = kmerge._interpreted(kmerge._fused_merge_kernel)
@@ -74,39 +76,40 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor) -> None:
         assert torch.equal(got.view(torch.int16), want.view(torch.int16))
 
 
-def method_spec(method: str, n_models: int, *, weights, density=0.3, seed=0, normalize=True, lines=None,
-                trim_scope="tensor") -> MethodSpec:
-    uses_density = method in ("ties", "dare_linear", "dare_ties")
-    return MethodSpec(method=method, n_models=n_models, weights=tuple(weights),
-                      densities=(density,) * n_models if uses_density else (1.0,) * n_models,
-                      normalize=normalize, seed=seed, lines=lines, trim_scope=trim_scope)
+def method_spec(method: str, n_models: int, *, weights=None, density=0.3, seed=0, normalize=None, lines=None,
+                trim_scope=None, rescale=None) -> MethodSpec:
+    """The method's spec with these values where it takes them (the registry says which)."""
+    given = {"weight": list(weights) if weights else None, "density": density, "seed": seed,
+             "normalize": normalize, "trim_scope": trim_scope, "rescale": rescale}
+    values = {k: v for k, v in given.items() if v is not None and REGISTRY[method].takes(k)}
+    return make_spec(method, n_models, values=values, lines=lines)
 
 
 def run_merge(be, base, models, spec, scales, out_dtype=None, thresholds=None):
     jobs = [MergeJob(name, None if base is None else base[name], [m[name] for m in models],
-                     None if thresholds is None else thresholds[name], scales[name],
+                     None if thresholds is None else TensorStats(thresholds[name]), scales[name],
                      out_dtype or (base or models[0])[name].dtype) for name in NAMES]
-    results = list(be.merge_many(jobs, spec))
-    assert [job.name for job, _ in results] == NAMES  # in job order
-    return jobs, {job.name: out for job, out in results}
+    results = list(be.merge_many(jobs, ElementPlan.from_spec(spec)))
+    assert [job.name for job, _, _ in results] == NAMES  # in job order
+    return {job.name: stats for job, _, stats in results}, {job.name: out for job, out, _ in results}
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "wise_ft"])
 def test_merge_many_matches_reference(method):
     n_models = 1 if method == "wise_ft" else 3
     base, models = checkpoints(n_models, seed=1)
-    weights = [1.0] if n_models == 1 else [1.0, 0.6, 1.4]
-    lam = 0.8
+    weights = None if n_models == 1 else [1.0, 0.6, 1.4]
     spec = method_spec(method, n_models, weights=weights, density=0.3, seed=77)
-    want = ref.merge_state_dicts(base, models, method, weights=weights, density=0.3, lam=lam, seed=77)
-    # ties with thresholds None: the backend selects (resident tensors, and the multi-part one)
-    jobs, got = run_merge(backend(), base, models, spec, dict.fromkeys(NAMES, lam))
+    want = ref.merge_with_spec(base, models, spec)
+    # ties with thresholds None: the backend selects (resident tensors, and the multi-part one);
+    # dare_* finds its L1 rescale factors the same way
+    stats, got = run_merge(backend(), base, models, spec, dict.fromkeys(NAMES, spec.lam))
     for name in NAMES:
         assert_close_to_reference(got[name], want[name])
     if method == "ties":
-        for job in jobs:
-            taus = [{job.name: m[job.name].float() - base[job.name].float()} for m in models]
-            assert job.thresholds == tuple(ref.trim_thresholds(t, 0.3, "tensor")[job.name] for t in taus)
+        for name in NAMES:
+            taus = [{name: m[name].float() - base[name].float()} for m in models]
+            assert stats[name].thresholds == tuple(ref.trim_thresholds(t, 0.3, "tensor")[name] for t in taus)
 
 
 def test_global_scope_ties_with_given_thresholds_and_lines():
@@ -170,7 +173,7 @@ def test_l1_norms_for_auto_alpha():
     base, models = checkpoints(3, seed=6)
     be = backend()
     spec = method_spec("ties", 3, weights=[1.0, 1.0, 1.0], density=0.4)
-    tau_mtl = ref.merged_task_vector(base, models, "ties", density=0.4)
+    tau_mtl = ref.merged_task_vector(base, models, spec)
     for name in NAMES:
         total = torch.zeros(SHAPES[name])
         for m in models:
@@ -179,7 +182,8 @@ def test_l1_norms_for_auto_alpha():
         assert be.task_vector_sum_l1(base[name], [m[name] for m in models]) == pytest.approx(want_sum, rel=1e-12)
         job = MergeJob(name, base[name], [m[name] for m in models], None, 1.0, BF16)
         want_mtl = tau_mtl[name].double().abs().sum().item()
-        assert be.merged_delta_l1(job, spec) == pytest.approx(want_mtl, rel=1e-12)
+        assert be.delta_norms(job, ElementPlan.from_spec(spec), with_task_sum=False)[1] == pytest.approx(
+            want_mtl, rel=1e-12)
 
 
 @pytest.mark.parametrize("chunk", [None, 777])  # one part (thresholds from the same upload), or three
@@ -189,9 +193,10 @@ def test_fused_norms_equal_the_separate_ones(chunk):
     name = "model.embed_tokens.weight"
     b, ms = base[name], [m[name] for m in models]
     for method in ("ties", "dare_ties", "task_arithmetic"):
-        spec = method_spec(method, 3, weights=[1.0, 0.5, 2.0], density=0.3)
-        fused = be.delta_norms(MergeJob(name, b, ms, None, 1.0, BF16), spec)
-        separate = (be.task_vector_sum_l1(b, ms), be.merged_delta_l1(MergeJob(name, b, ms, None, 1.0, BF16), spec))
+        plan = ElementPlan.from_spec(method_spec(method, 3, weights=[1.0, 0.5, 2.0], density=0.3))
+        fused = be.delta_norms(MergeJob(name, b, ms, None, 1.0, BF16), plan)
+        separate = (be.task_vector_sum_l1(b, ms),
+                    be.delta_norms(MergeJob(name, b, ms, None, 1.0, BF16), plan, with_task_sum=False)[1])
         # Equal bits here; on a GPU a DARE launch uses 8 warps, which orders each block's
         # float64 partial sum of |Σ τ| differently from the 4-warp task-sum launch.
         assert fused[1] == separate[1] and fused[0] == pytest.approx(separate[0], rel=1e-14), method
@@ -215,7 +220,7 @@ def test_empty_tensor():
     be = backend()
     spec = method_spec("ties", 1, weights=[1.0], density=0.5)
     job = MergeJob("empty", torch.zeros(0, 4, dtype=BF16), [torch.zeros(0, 4, dtype=BF16)], None, 1.0, BF16)
-    ((_, out),) = list(be.merge_many([job], spec))
+    ((_, out, _),) = list(be.merge_many([job], ElementPlan.from_spec(spec)))
     assert out.shape == (0, 4) and out.dtype == BF16
 
 
