@@ -11,7 +11,8 @@ import torch
 
 from lines_fast.backends.base import MergeJob
 from lines_fast.backends.cpu import CpuBackend
-from lines_fast.spec import MethodSpec
+from lines_fast.plan import ElementPlan
+from lines_fast.spec import make_spec
 
 N = 3
 SHAPE = (4096, 4096)
@@ -46,16 +47,13 @@ def _record(benchmark, nbytes: int) -> None:
 @pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties"])
 def test_merge_many(benchmark, tensors, method):
     base, models = tensors
-    spec = MethodSpec(method=method, n_models=N, weights=(1.0,) * N,
-                      densities=(DENSITY if method != "task_arithmetic" else 1.0,) * N,
-                      normalize=method != "task_arithmetic", seed=0)
+    plan = ElementPlan.from_spec(make_spec(method, N, values={} if method == "task_arithmetic"
+                                           else {"density": DENSITY}))
     backend = CpuBackend()
 
     def merge():
-        # A fresh job each round: the backend stores the tensor-scope thresholds it finds on the
-        # job, and a reused job would skip the selection that is part of what is measured.
         job = MergeJob(NAME, base, models, None, 1.0, torch.bfloat16)
-        for _, out in backend.merge_many([job], spec):
+        for _, out, _stats in backend.merge_many([job], plan):
             return out
 
     out = benchmark.pedantic(merge, rounds=5, iterations=1, warmup_rounds=1)

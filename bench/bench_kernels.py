@@ -64,10 +64,9 @@ def make_inputs(numel: int, n_models: int, dtype=torch.bfloat16, seed: int = 0):
 
 
 def ties_spec(n_models: int):
-    from lines_fast.spec import MethodSpec
+    from lines_fast.spec import make_spec
 
-    return MethodSpec(method="ties", n_models=n_models, weights=(1.0,) * n_models,
-                      densities=(DENSITY,) * n_models)
+    return make_spec("ties", n_models, values={"density": DENSITY})
 
 
 class Case:
@@ -81,9 +80,12 @@ class Case:
         self.staged = torch.stack(self.models)  # the backend's [N, n] staging layout
         self.out = torch.empty(numel, dtype=torch.bfloat16, device=DEVICE)
         self.spec = ties_spec(n_models)
-        self.plan = kmerge.MergePlan.from_spec(self.spec)
+        from lines_fast.plan import ElementPlan, TensorStats
+
+        self.plan = ElementPlan.from_spec(self.spec)
+        self.stats_of = TensorStats
         self.thresholds, _ = kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=numel)
-        self.table = self.plan.table(self.thresholds, DEVICE)
+        self.table = self.plan.table(TensorStats(self.thresholds), DEVICE)
         # as many bytes as the merge moves: (N + 2) tensors of numel bf16 values
         self.copy_src = torch.randn(numel * (n_models + 2), device=DEVICE).to(torch.bfloat16)
         self.copy_dst = torch.empty_like(self.copy_src)
@@ -123,7 +125,7 @@ class Case:
 
     def select_merge(self):
         thresholds, _ = self.kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=self.numel)
-        self.merge(self.plan.table(thresholds, DEVICE))
+        self.merge(self.plan.table(self.stats_of(thresholds), DEVICE))
 
     def reference(self):
         from lines_fast import reference as ref
@@ -169,7 +171,7 @@ def time_backend(case: Case, reps: int = 3) -> tuple[float, int]:
     for _ in range(min(reps, REPS_CAP)):
         jobs = [MergeJob(NAME, base, models, None, 1.0, torch.bfloat16)]
         t0 = time.perf_counter()
-        for _job, _out in be.merge_many(jobs, case.spec):
+        for _job, _out, _stats in be.merge_many(jobs, case.plan):
             pass
         times.append(time.perf_counter() - t0)
     times.sort()

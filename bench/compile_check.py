@@ -42,37 +42,54 @@ class Variant:
         return self.constexprs["N"] + (1 if self.constexprs.get("HAS_BASE", True) else 0)
 
 
-def _merge_variant(name, n, *, has_base=True, trim=False, drop=False, elect=False, normalize=False,
-                   l1=False, bf16=True, num_warps=4, max_registers=128) -> Variant:
+def _merge_variant(name, spec, *, l1=False, bf16=True, max_registers=128) -> Variant:
+    """The fused kernel as the backend launches it for `spec` (a MethodSpec): the plan's switches."""
+    from lines_fast.backends.triton_backend import import_kernels
+    from lines_fast.plan import ElementPlan
+
+    kmerge, _ = import_kernels()
+    plan = ElementPlan.from_spec(spec)
     elem = "i16" if bf16 else "fp32"  # bf16 travels as int16 bit patterns
     return Variant(
         name, "merge",
-        dict(N=n, HAS_BASE=has_base, TRIM=trim, DROP=drop, ELECT=elect, NORMALIZE=normalize, L1=l1, TASK_SUM=l1,
-             CHECK_FINITE=not l1, BASE_BF16=bf16, MODELS_BF16=bf16, OUT_BF16=bf16, BLOCK=1024),
+        dict(**kmerge.plan_switches(plan), L1=l1, TASK_SUM=l1 and plan.uses_base, CHECK_FINITE=not l1,
+             BASE_BF16=bf16, MODELS_BF16=bf16, OUT_BF16=bf16, BLOCK=1024),
         dict(out_ptr="fp64" if l1 else elem, base_ptr=elem, models_ptr=elem),
-        num_warps, max_registers)
+        kmerge.NUM_WARPS_DROP if plan.drops else kmerge.NUM_WARPS, max_registers)
 
 
 def variants() -> list[Variant]:
+    """Every registered method at N = 3 (each parameter at its default, density 0.2), plus the
+    extremes: N = 8, fp32, the L1 (alpha auto) variant and each rescale mode."""
+    from lines_fast import methods
     from lines_fast.backends.triton_backend import import_kernels
+    from lines_fast.spec import LinesSpec, make_spec
 
-    kmerge, kselect = import_kernels()
-    NUM_WARPS, NUM_WARPS_DROP = kmerge.NUM_WARPS, kmerge.NUM_WARPS_DROP
+    _, kselect = import_kernels()
+    NUM_WARPS = import_kernels()[0].NUM_WARPS
     HOT_SLOTS, ITERS = kselect.HOT_SLOTS, kselect.ITERS
 
-    ties = dict(trim=True, elect=True, normalize=True)
-    return [
-        _merge_variant("ties bf16 N=3", 3, **ties, num_warps=NUM_WARPS),
+    def spec(method, n=3, lines=None, **values):
+        if methods.get(method).takes("density"):
+            values.setdefault("density", 0.2)
+        return make_spec(method, n, values=values, lines=lines)
+
+    # DARE keeps Philox state per element: more registers are expected (8 warps).
+    budget = {"dare_ties": 168, "dare_linear": 168}
+    sizes = {m.name: min(3, m.max_models or 3) for m in methods.REGISTRY.values()}
+    merges = [_merge_variant(f"{name} bf16 N={n}", spec(name, n), max_registers=budget.get(name, 128))
+              for name, n in sizes.items()]
+    merges += [
+        _merge_variant("linear (no base) bf16 N=3", spec("linear")),
         # N = 8 holds 9 loads of 16 bytes per thread in flight: plenty at 3 blocks per SM.
-        _merge_variant("ties bf16 N=8", 8, **ties, num_warps=NUM_WARPS, max_registers=168),
-        _merge_variant("ties fp32 N=3", 3, **ties, bf16=False, num_warps=NUM_WARPS),
-        _merge_variant("task_arithmetic bf16 N=3", 3, num_warps=NUM_WARPS),
-        _merge_variant("linear (no base) bf16 N=3", 3, has_base=False, normalize=True, num_warps=NUM_WARPS),
-        # DARE keeps Philox state per element: 8 warps, and more registers are expected.
-        _merge_variant("dare_ties bf16 N=3", 3, drop=True, elect=True, normalize=True, num_warps=NUM_WARPS_DROP,
-                       max_registers=168),
-        _merge_variant("dare_linear bf16 N=8", 8, drop=True, num_warps=NUM_WARPS_DROP, max_registers=255),
-        _merge_variant("ties L1 (alpha auto) bf16 N=3", 3, **ties, l1=True, num_warps=NUM_WARPS),
+        _merge_variant("ties bf16 N=8", spec("ties", 8), max_registers=168),
+        _merge_variant("ties fp32 N=3", spec("ties"), bf16=False),
+        _merge_variant("ties rescale bf16 N=3", spec("ties", rescale=True)),
+        _merge_variant("dare_linear inverse bf16 N=8", spec("dare_linear", 8, rescale="inverse"), max_registers=255),
+        _merge_variant("ties L1 (alpha auto) bf16 N=3", spec("ties"), l1=True),
+        _merge_variant("linear + LiNeS L1 bf16 N=3", spec("linear", lines=LinesSpec("auto", 1.0)), l1=True),
+    ]
+    return merges + [
         Variant("histogram bf16 N=3", "histogram",
                 dict(N=3, NP=4, REFINE=False, BASE_BF16=True, MODELS_BF16=True, BLOCK=1024, ITERS=ITERS,
                      HOT=HOT_SLOTS),

@@ -379,12 +379,19 @@ def prepare_workload(recipe_name: str, workdir: Path) -> Workload:
 
 
 def write_configs(workload: Workload, methods: list[str], where: Path) -> dict[str, Path]:
-    """One mergekit-format YAML per method; mergekit and lines_fast read the same file."""
+    """One mergekit-format YAML per method; mergekit and lines_fast read the same file. Defaults
+    are written out (normalize), so neither tool's defaults decide the comparison."""
+    from . import methods as registry
     from .synth import FamilyPaths, write_yaml_config
 
     family = FamilyPaths(workload.base, workload.finetunes)
+
+    def normalize(method: str):
+        param = registry.get(method).param("normalize")
+        return None if param is None else param.default
+
     return {m: write_yaml_config(where / f"{m}.yaml", family, method=m, density=DENSITY, lam=1.0,
-                                 dtype="float32", out_dtype="bfloat16")
+                                 normalize=normalize(m), dtype="float32", out_dtype="bfloat16")
             for m in methods}
 
 

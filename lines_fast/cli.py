@@ -37,8 +37,7 @@ def _add_merge_parser(sub) -> None:
                    help="a mergekit-format YAML config and the output directory")
     p.add_argument("-o", "--out", metavar="OUT_DIR", help="output directory (instead of the positional)")
     g = p.add_argument_group("what to merge (without a CONFIG)")
-    g.add_argument("--method", choices=methods.names(), metavar="METHOD",
-                   help=" | ".join(methods.names()) + " (see the list below)")
+    g.add_argument("--method", metavar="METHOD", help=" | ".join(methods.names()) + " (see the list below)")
     g.add_argument("--base", metavar="DIR", help="the pre-trained model θ0")
     g.add_argument("--base-weight", type=float, metavar="W",
                    help="linear only: average the base in as a model with weight W (as a mergekit YAML with "
@@ -294,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`lines-fast plan --recipe llama3-70b --method ties --models 3`.")
     p.add_argument("config", nargs="?", metavar="CONFIG.yml")
     p.add_argument("--recipe", help="tiny, llama-336m, llama-1b, llama3-70b")
-    p.add_argument("--method", default="ties", choices=methods.names(), metavar="METHOD",
+    p.add_argument("--method", default="ties", metavar="METHOD",
                    help=" | ".join(methods.names()) + " (default ties; with --recipe)")
     p.add_argument("--models", type=int, default=3, help="number of fine-tuned models (with --recipe)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

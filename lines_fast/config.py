@@ -294,8 +294,10 @@ def validate(config: MergeConfig) -> MergeConfig:
     values = dict(config.params)
     if config.base_weight is not None and "weight" not in model_values:
         model_values["weight"] = [config.base_weight] + [values.get("weight")] * len(config.models)
+    labels = ([f"base_model ({config.base})"] if config.base_weight is not None else []) + [
+        f"{'--model' if src == 'command line' else f'models[{i}]'} ({path})" for i, path in enumerate(config.models)]
     config.spec = make_spec(method.name, n, model_values=model_values, values=values, lines=config.lines,
-                            where=src)
+                            where=src, model_labels=labels)
     if config.missing not in ("error", "copy-base"):
         raise _fail(src, f"missing must be 'error' or 'copy-base', got {config.missing!r}.")
     for pattern in config.exclude:

@@ -99,7 +99,8 @@ class Param:
             for choice in self.choices:
                 if value == choice and type(value) is type(choice):
                     return choice
-            raise MergeInputError(f"{where}: {self.name} must be one of {self.range_text()}, got {value!r}.")
+            raise MergeInputError(f"{where}: {self.name} {value!r} is not supported; it is one of "
+                                  f"{self.range_text()} ({self.help}).")
         if self.kind == "integer":
             if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value <= self.high:
                 raise MergeInputError(f"{where}: {self.name} must be {self.range_text()}, got {value!r}.")
@@ -115,7 +116,7 @@ class Param:
                   and (number > self.low if self.low_open else number >= self.low)
                   and (number < self.high if self.high_open else number <= self.high))
         if not inside:
-            raise MergeInputError(f"{where}: {self.name} {value!r} is outside {self.range_text()}: {self.help}.")
+            raise MergeInputError(f"{where}: {self.name} {value!r} is outside {self.range_text()} ({self.help}).")
         return number
 
 

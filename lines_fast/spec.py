@@ -107,7 +107,7 @@ class MethodSpec:
 
 def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | None = None,
               values: Mapping[str, Any] | None = None, lines: LinesSpec | None = None,
-              where: str = "") -> MethodSpec:
+              where: str = "", model_labels: list[str] | None = None) -> MethodSpec:
     """Validate a method's parameters and fill its defaults.
 
     values: shared parameters, and per-model ones given once for every model (mergekit's
@@ -121,18 +121,32 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
                               f"{n_models} were given.")
     values = dict(values or {})
     model_values = dict(model_values or {})
+    labels = model_labels or [f"model {i + 1}" for i in range(n_models)]
+
+    def given_by(name: str) -> str:
+        """Who gave a per-model key: the first model that has a value for it."""
+        per = model_values.get(name)
+        if isinstance(per, (list, tuple)):
+            first = next((i for i, v in enumerate(per) if v is not None), 0)
+            return f"{labels[first]}: "
+        return ""
+
     for name in list(values) + list(model_values):
         if not definition.takes(name):
             taken = ", ".join(p.name for p in definition.params) or "none"
-            raise MergeInputError(f"{prefix}{name} is not a parameter of {method}, so it would be ignored; remove "
-                                  f"it (the parameters of {method} are: {taken}).")
+            source = given_by(name) if name in model_values else ""
+            raise MergeInputError(f"{prefix}{source}{name} is not a parameter of {method}, so it would be ignored; "
+                                  f"remove it (the parameters of {method} are: {taken}).")
     for name in model_values:
         if not definition.param(name).per_model:
-            raise MergeInputError(f"{prefix}{name} is one value for the whole {method} merge, not a per-model "
-                                  "parameter; give it under the top-level parameters.")
+            raise MergeInputError(f"{prefix}{given_by(name)}{name} is one value for the whole {method} merge, not "
+                                  "a per-model parameter; give it under the top-level parameters.")
     resolved: list[tuple[str, Any]] = []
     for p in definition.params:
         if p.per_model:
+            if p.name in values:  # checked even where every model overrides it: refused, never ignored
+                for v in (values[p.name] if isinstance(values[p.name], (list, tuple)) else [values[p.name]]):
+                    p.check(v, f"{where or method}: parameters")
             fallback = values.get(p.name, p.default)
             per = list(fallback) if isinstance(fallback, (list, tuple)) else [fallback] * n_models
             if p.name in model_values:  # None: that model gives no value (the default applies)
@@ -145,7 +159,7 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
             if len(per) != n_models:
                 raise MergeInputError(f"{prefix}{len(per)} {p.name} values for {n_models} models; give one, or "
                                       "one per model in order.")
-            checked = tuple(p.check(v, f"{where or method} (model {i + 1})") for i, v in enumerate(per))
+            checked = tuple(p.check(v, f"{where or method}: {labels[i]}") for i, v in enumerate(per))
             resolved.append((p.name, checked))
         else:
             resolved.append((p.name, p.check(values.get(p.name, p.default), where or method)))

@@ -393,7 +393,7 @@ def test_density_outside_unit_interval_in_yaml(fam, capsys):
 
 def test_weights_summing_to_zero(fam, capsys):
     msg = refused(capsys, fam.out, *fam.args("linear"), "--weight", "1", "--weight", "-1")
-    assert "sum to zero" in msg and "linear" in msg and "--no-normalize" in msg
+    assert "sum to 0" in msg and "linear" in msg and "--no-normalize" in msg
     # Without normalize nothing divides: allowed.
     rc, _, err = run(capsys, *fam.args("linear"), "--weight", "1", "--weight", "-1", "--no-normalize")
     assert rc == 0, err
@@ -433,14 +433,14 @@ def test_unknown_yaml_keys(fam, capsys, edit, words):
 
 @pytest.mark.parametrize("edit,words", [
     (lambda d: d.update(slices=[{"sources": [{"model": "x", "layer_range": [0, 2]}]}]), ["slices"]),
-    (lambda d: d["models"][0]["parameters"].update(weight=[0.0, 0.5, 1.0]), ["gradients", "models[0] weight"]),
+    (lambda d: d["models"][0]["parameters"].update(weight=[0.0, 0.5, 1.0]), ["gradients", "models[0]", "weight"]),
     (lambda d: d["models"][1]["parameters"].update(density=[{"filter": "mlp", "value": 0.3}, {"value": 0.5}]),
-     ["gradients", "models[1] density"]),
+     ["gradients", "models[1]", "density"]),
     (lambda d: d.update(parameters={"weight": {"filter": "self_attn", "value": 0.5}}), ["weight", "filtered"]),
     (lambda d: d.update(tokenizer_source="union"), ["union"]),
     (lambda d: d.update(tokenizer={"source": "union"}), ["tokenizer", "union"]),
     (lambda d: d.update(chat_template="chatml"), ["chat_template"]),
-    (lambda d: d["parameters"].update(rescale=False), ["rescale"]),
+    (lambda d: d["parameters"].update(rescale="l2"), ["rescale", "true | false"]),
 ])
 def test_unsupported_mergekit_features_refused_by_name(fam, capsys, edit, words):
     doc = yaml_doc(fam, parameters={"lambda": 1.0})

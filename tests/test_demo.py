@@ -6,5 +6,5 @@ def test_demo_runs_and_matches_the_reference(tmp_path, capsys):
     assert main(["demo", "--keep", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "ties, density 0.2" in out and "LiNeS alpha" in out
-    assert "within docs/methods.md tolerances: OK" in out
+    assert "within the tolerances of docs/methods.md: OK" in out
     assert (tmp_path / "merged" / "model.safetensors").exists()

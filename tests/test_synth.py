@@ -351,7 +351,12 @@ def test_yaml_config(tmp_path, tiny_family):
     assert cfg["base_model"] == str(tiny_family.base.resolve())
     assert [m["model"] for m in cfg["models"]] == [str(p.resolve()) for p in tiny_family.finetunes]
     assert all(m["parameters"] == {"weight": 1.0, "density": 0.2} for m in cfg["models"])
-    assert cfg["parameters"] == {"lambda": 1.0, "normalize": True}
+    assert cfg["parameters"] == {"lambda": 1.0}   # normalize only when given: the method's default
+    soup = yaml.safe_load(synth.write_yaml_config(tmp_path / "l.yaml", tiny_family, method="linear",
+                                                  normalize=False).read_text())
+    # only what linear takes, and no base_model (mergekit would average it in)
+    assert soup["parameters"] == {"normalize": False} and "base_model" not in soup
+    assert all(m["parameters"] == {"weight": 1.0} for m in soup["models"])
     assert (cfg["dtype"], cfg["out_dtype"]) == ("float32", "bfloat16")
 
     ta = yaml.safe_load(
