@@ -22,6 +22,9 @@ from typing import Any
 from .errors import MergeInputError
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class Inputs(enum.Enum):
     DELTAS = "task vectors"     # tau_i = theta_i - theta_0; needs a base
     MODELS = "models"           # the models themselves (a soup); a base is optional
@@ -112,7 +115,8 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MergeInputError(f"{where}: {self.name} must be a number, got {value!r}.")
         number = float(value)
-        inside = (math.isfinite(number)
+        inside = (math.isfinite(number) and abs(number) <= FLOAT32_MAX  # all math is float32
+                  and
                   and (number > self.low if self.low_open else number >= self.low)
                   and (number < self.high if self.high_open else number <= self.high))
         if not inside:

@@ -1,0 +1,274 @@
+"""Every registered method x its options x backend, against the reference -- derived from the
+registry, so a new method (or a new parameter) is covered without writing new cases.
+
+For each method the cases vary one parameter at a time away from its default (values
+derived from the parameter's kind and range), then add LiNeS (given, auto, and the α = 1,
+β = 0 identity), an fp32 output, weights of mixed sign, and everything non-default at once.
+Inputs are small bf16 tensors with exact zeros, equal magnitudes (ties) and tensors split
+into several chunks/parts. The backends (CPU, and the Triton kernels in the interpreter)
+must match lines_fast.reference within docs/methods.md's tolerances.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from lines_fast import methods, reference as ref
+from lines_fast.backends.base import MergeJob
+from lines_fast.backends.cpu import CpuBackend
+from lines_fast.errors import MergeInputError
+from lines_fast.layers import lines_scales
+from lines_fast.methods import Inputs, Param
+from lines_fast.plan import ElementPlan, TensorStats
+from lines_fast.spec import LinesSpec, MethodSpec, make_spec
+from lines_fast.tolerance import compare
+
+SHAPES = {
+    "model.embed_tokens.weight": (40, 30),       # several chunks / parts
+    "model.layers.0.mlp.up_proj.weight": (20, 25),
+    "model.layers.1.mlp.up_proj.weight": (13, 23),
+    "model.norm.weight": (23,),
+}
+NAMES = list(SHAPES)
+
+
+def family(n_models: int, seed: int = 0):
+    """bf16 base and fine-tunes: deltas on a coarse grid (many equal magnitudes), ~20% exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in SHAPES.items()}
+    models = []
+    for i in range(n_models):
+        model = {}
+        for n, t in base.items():
+            delta = torch.randint(-4, 5, t.shape, generator=g).float() * 0.01 * (i + 1)
+            delta[torch.rand(t.shape, generator=g) < 0.2] = 0.0
+            model[n] = (t.float() + delta).to(torch.bfloat16)
+        models.append(model)
+    return base, models
+
+
+# ---------------------------------------------------------------------------------------
+# Cases from the registry
+# ---------------------------------------------------------------------------------------
+
+def _n_models(method: methods.Method) -> int:
+    return min(3, method.max_models or 3)
+
+
+def other_values(param: Param, n: int) -> list:
+    """Values of `param` other than its default that a test should try."""
+    if param.name == "weight":
+        return [[1.0, 0.5, 2.0][:n]]
+    if param.name == "density":
+        return [0.3, [0.2, 0.5, 1.0][:n]]
+    if param.kind == "bool":
+        return [not param.default]
+    if param.kind == "choice":
+        return [c for c in param.choices if c != param.default]
+    if param.kind == "integer":
+        return [12345]
+    if math.isfinite(param.low) and math.isfinite(param.high):
+        return [v for v in (param.low, 0.3, param.high) if v != param.default]
+    return [0.7]
+
+
+def cases():
+    for method in methods.REGISTRY.values():
+        n = _n_models(method)
+        yield method.name, {}, None
+        combined = {}
+        for param in method.params:
+            if not param.affects_result:
+                continue
+            for value in other_values(param, n):
+                yield method.name, {param.name: value}, None
+            combined[param.name] = other_values(param, n)[0]
+        if len(combined) > 1:
+            if combined.get("normalize") and method.takes("weight"):
+                combined["weight"] = [1.0, 0.5, 2.0][:n]
+            yield method.name, combined, None
+        if method.takes("weight") and method.takes("normalize") and n > 1:
+            yield method.name, {"weight": [1.0, -0.5, 2.0][:n], "normalize": False}, None  # mixed signs
+        yield method.name, {}, LinesSpec(alpha=0.5, beta=1.0, outside="last")
+        yield method.name, {}, LinesSpec(alpha="auto", beta=0.8)
+
+
+CASES = list(cases())
+
+
+def _kernel_key(case):
+    """What decides the kernel's code path: the plan's steps, LiNeS's kind and the trim scope."""
+    method, values, lines = case
+    plan = ElementPlan.from_spec(make_spec(method, _n_models(methods.get(method)), values=values, lines=lines))
+    return (plan.uses_base, plan.deltas, plan.sparsify, plan.rescale, plan.consensus, plan.normalize,
+            plan.global_thresholds, None if lines is None else lines.alpha == "auto", min(plan.weights) < 0)
+
+
+# The interpreter runs one case per distinct code path (it costs seconds a case); the CPU all.
+KERNEL_CASES = list({_kernel_key(c): c for c in reversed(CASES)}.values())
+
+
+def _id(case) -> str:
+    method, values, lines = case
+    text = ",".join(f"{k}={v}" for k, v in values.items()) or "defaults"
+    return f"{method}[{text}]" + ("" if lines is None else f"+lines({lines.alpha},{lines.beta})")
+
+
+def test_every_method_and_parameter_has_cases():
+    """The matrix follows the registry: each method appears, and each of its parameters is varied."""
+    for method in methods.REGISTRY.values():
+        varied = {k for m, values, _ in CASES if m == method.name for k in values}
+        assert varied == {p.name for p in method.params if p.affects_result}, method.name
+        assert any(m == method.name and lines is not None for m, _, lines in CASES)
+
+
+# ---------------------------------------------------------------------------------------
+# Driving a backend as the engine does
+# ---------------------------------------------------------------------------------------
+
+def backend_merge(backend, base, models, spec: MethodSpec, out_dtype):
+    """The merged state of NAMES through `backend` (global thresholds and α auto as the engine
+    finds them: thresholds from the reference here, α from the backend's own norms)."""
+    plan = ElementPlan.from_spec(spec)
+    given = {}
+    if plan.global_thresholds:
+        taus = [ref.task_vectors(base, m, NAMES) for m in models]
+        per_model = [ref.trim_thresholds(t, d, "global", NAMES) for t, d in zip(taus, spec.densities)]
+        given = {n: TensorStats(thresholds=tuple(p[n] for p in per_model)) for n in NAMES}
+
+    def job(name, scale=1.0, dtype=torch.float32):
+        return MergeJob(name, base[name] if plan.uses_base else None, [m[name] for m in models],
+                        given.get(name), scale, dtype)
+
+    alpha = None
+    if spec.lines is None:
+        scales = dict.fromkeys(NAMES, spec.lam if plan.uses_base else 1.0)
+    else:
+        alpha = spec.lines.alpha
+        if alpha == "auto":
+            norms = [backend.delta_norms(job(name), plan) for name in NAMES]
+            alpha = math.fsum(t for t, _, _ in norms) / math.fsum(d for _, d, _ in norms) / spec.n_models
+        scales = lines_scales(NAMES, alpha, spec.lines.beta, spec.lines.outside)
+    out = {j.name: o for j, o, _ in backend.merge_many([job(n, scales[n], out_dtype) for n in NAMES], plan)}
+    return out, alpha
+
+
+def make_backend(kind: str):
+    if kind == "cpu":
+        return CpuBackend(chunk=256)
+    pytest.importorskip("triton")
+    from lines_fast.backends.triton_backend import TritonBackend, import_kernels
+
+    kmerge, _ = import_kernels()
+    if not kmerge._interpreted(kmerge._fused_merge_kernel) and not torch.cuda.is_available():
+        pytest.skip("compiled Triton kernels need a GPU")
+    device = "interpret" if kmerge._interpreted(kmerge._fused_merge_kernel) else "cuda"
+    return TritonBackend(device)  # one part per tensor: test_triton_backend.py covers the multi-part paths
+
+
+def check_equal_to_reference(backend_kind, method, values, lines, out_dtype=torch.bfloat16):
+    n = _n_models(methods.get(method))
+    base, models = family(n, seed=len(method) + 7 * len(values))
+    spec = make_spec(method, n, values=values, lines=lines)
+    want = ref.merge_with_spec(base, models, spec, out_dtype=out_dtype)
+    got, _ = backend_merge(make_backend(backend_kind), base, models, spec, out_dtype)
+    for name in NAMES:
+        verdict = compare(got[name], want[name])
+        assert verdict.ok, f"{name}: {verdict.why} (max diff {verdict.max_abs_diff})"
+    return got
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_cpu_backend_equals_reference(case):
+    check_equal_to_reference("cpu", *case)
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=_id)
+def test_kernels_equal_reference(case):
+    check_equal_to_reference("interpret", *case)
+
+
+@pytest.mark.parametrize("method", methods.names())
+@pytest.mark.parametrize("backend_kind", ["cpu", "interpret"])
+def test_fp32_output(backend_kind, method):
+    check_equal_to_reference(backend_kind, method, {}, None, out_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("method", methods.names())
+@pytest.mark.parametrize("backend_kind", ["cpu", "interpret"])
+def test_lines_alpha_one_beta_zero_is_the_plain_method(backend_kind, method):
+    """τ_MTL = θ_method − θ0 for every method, so LiNeS(α = 1, β = 0) is the plain method:
+    bitwise for task-vector methods; for a soup θ0 + (soup − θ0) rounds once more in float32."""
+    definition = methods.get(method)
+    n = _n_models(definition)
+    base, models = family(n, seed=3)
+    values = {"lambda": 1.0} if definition.takes("lambda") else {}
+    if method == "wise_ft":
+        values = {"lambda": 1.0}
+    plain = ref.merge_with_spec(base, models, make_spec(method, n, values=values))
+    identity = make_spec(method, n, values={k: v for k, v in values.items() if k != "lambda"},
+                         lines=LinesSpec(alpha=1.0, beta=0.0))
+    got, _ = backend_merge(make_backend(backend_kind), base, models, identity, torch.bfloat16)
+    for name in NAMES:
+        if definition.inputs is Inputs.DELTAS:
+            assert torch.equal(got[name].view(torch.int16), plain[name].view(torch.int16)), name
+        else:
+            assert compare(got[name], plain[name]).ok, name
+
+
+# ---------------------------------------------------------------------------------------
+# Regressions and refusals
+# ---------------------------------------------------------------------------------------
+
+def test_regression_wise_ft_weight_is_refused_not_applied():
+    """Was: the CPU backend multiplied wise_ft by a model weight the reference ignored (0.0215
+    max diff). wise_ft takes no weight: giving one is an error, and the plan's weight is 1."""
+    with pytest.raises(MergeInputError, match="weight is not a parameter of wise_ft"):
+        make_spec("wise_ft", 1, model_values={"weight": [2.0]})
+    assert ElementPlan.from_spec(make_spec("wise_ft", 1)).weights == (1.0,)
+    for kind in ("cpu", "interpret"):
+        check_equal_to_reference(kind, "wise_ft", {"lambda": 0.5}, None)
+
+
+@pytest.mark.parametrize("backend_kind", ["cpu", "interpret"])
+def test_regression_linear_lines_without_normalize_does_not_divide(backend_kind):
+    """Was: linear + LiNeS with normalize: false divided by the weight sum on the CPU (0.0273)."""
+    got = check_equal_to_reference(backend_kind, "linear", {"normalize": False, "weight": [0.5, 0.25, 0.5]},
+                                   LinesSpec(alpha=1.0, beta=0.5))
+    base, models = family(3, seed=len("linear") + 14)
+    name = "model.layers.1.mlp.up_proj.weight"
+    # θ = θ0 + λ(ℓ) (Σ w_i θ_i − θ0): block 1 of 2, so λ = 1.5
+    soup = sum(torch.tensor(w) * m[name].float() for w, m in zip([0.5, 0.25, 0.5], models))
+    expected = (base[name].float() + torch.tensor(1.5) * (soup - base[name].float())).bfloat16()
+    assert compare(got[name], expected).ok
+
+
+def test_a_plan_step_no_backend_implements_is_refused():
+    """A method registered with a step the backends do not know is refused before any work."""
+    plan = ElementPlan.from_spec(make_spec("ties", 2, values={"density": 0.5}))
+    unknown = dataclasses.replace(plan, sparsify="magnitude_outliers")
+    assert CpuBackend().supports(plan) is None
+    assert "sparsify" in CpuBackend().supports(unknown)
+    pytest.importorskip("triton")
+    from lines_fast.backends.triton_backend import import_kernels
+
+    kmerge, _ = import_kernels()
+    assert kmerge.unsupported(plan) is None and "sparsify" in kmerge.unsupported(unknown)
+
+
+def test_engine_refuses_a_method_its_backend_cannot_run(tmp_path, monkeypatch):
+    from lines_fast import engine
+    from lines_fast.synth import recipe, write_checkpoint_family
+
+    fam = write_checkpoint_family(tmp_path / "fam", recipe("tiny"), n_finetunes=2, dtype=torch.bfloat16)
+    fake = dataclasses.replace(methods.get("ties"), name="ties_next")
+    monkeypatch.setitem(methods.REGISTRY, "ties_next", fake)
+    monkeypatch.setattr(CpuBackend, "supports", lambda self, plan: "it has no sparsify step 'next'")
+    doc = {"merge_method": "ties_next", "base_model": str(fam.base),
+           "models": [{"model": str(p), "parameters": {"density": 0.5}} for p in fam.finetunes]}
+    with pytest.raises(MergeInputError, match="cpu backend cannot run ties_next"):
+        engine.merge(doc, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
