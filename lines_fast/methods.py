@@ -87,7 +87,7 @@ class Param:
         if self.kind == "integer":
             return f"an integer in [{_show(self.low)}, {_show(self.high)}]"
         if math.isinf(self.low) and math.isinf(self.high):
-            return "any finite number"
+            return "any finite float32 number"
         left = "(" if self.low_open else "["
         right = ")" if self.high_open else "]"
         return f"{left}{_show(self.low)}, {_show(self.high)}{right}"
@@ -116,7 +116,6 @@ class Param:
             raise MergeInputError(f"{where}: {self.name} must be a number, got {value!r}.")
         number = float(value)
         inside = (math.isfinite(number) and abs(number) <= FLOAT32_MAX  # all math is float32
-                  and
                   and (number > self.low if self.low_open else number >= self.low)
                   and (number < self.high if self.high_open else number <= self.high))
         if not inside:
