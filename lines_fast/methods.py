@@ -87,7 +87,7 @@ class Param:
         if self.kind == "integer":
             return f"an integer in [{_show(self.low)}, {_show(self.high)}]"
         if math.isinf(self.low) and math.isinf(self.high):
-            return "any finite float32 number"
+            return "any finite number"
         left = "(" if self.low_open else "["
         right = ")" if self.high_open else "]"
         return f"{left}{_show(self.low)}, {_show(self.high)}{right}"
@@ -119,6 +119,9 @@ class Param:
                   and (number > self.low if self.low_open else number >= self.low)
                   and (number < self.high if self.high_open else number <= self.high))
         if not inside:
+            if math.isinf(self.low) and math.isinf(self.high):
+                raise MergeInputError(f"{where}: {self.name} must be a finite number within float32's range "
+                                      f"(the math is float32), got {value!r}.")
             raise MergeInputError(f"{where}: {self.name} {value!r} is outside {self.range_text()} ({self.help}).")
         return number
 
@@ -193,7 +196,7 @@ class Method:
 
     def models_text(self) -> str:
         if self.max_models == self.min_models:
-            return f"exactly {self.min_models}"
+            return f"{self.min_models}"
         return f"{self.min_models} or more" if self.max_models is None else f"{self.min_models} to {self.max_models}"
 
 
@@ -263,3 +266,14 @@ def help_text() -> str:
         lines.append(f"  {m.name:<16} {m.summary}")
         lines.append(f"  {'':<16}   {params}")
     return "\n".join(lines)
+
+
+def markdown_table() -> str:
+    """The README's method table (tests/test_methods_docs.py checks the README holds exactly this)."""
+    rows = ["| method | what it computes | parameters (default) | inputs |", "|---|---|---|---|"]
+    for m in REGISTRY.values():
+        params = ", ".join(f"`{p.name}`" + ("ᵢ" if p.per_model else "") + f" ({_show(p.default)})"
+                           for p in m.params if p.affects_result)
+        inputs = f"base {'required' if m.base_required else 'optional'}; {m.models_text()} fine-tuned"
+        rows.append(f"| `{m.name}` | {m.summary}: `{m.formula}` | {params} | {inputs} |")
+    return "\n".join(rows)

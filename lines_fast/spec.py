@@ -117,7 +117,8 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
     definition = methods.get(method, where)
     prefix = f"{where}: " if where else ""
     if n_models < definition.min_models or (definition.max_models is not None and n_models > definition.max_models):
-        raise MergeInputError(f"{prefix}{method} merges {definition.models_text()} fine-tuned model(s); "
+        exactly = "exactly " if definition.min_models == definition.max_models else ""
+        raise MergeInputError(f"{prefix}{method} merges {exactly}{definition.models_text()} fine-tuned model(s); "
                               f"{n_models} were given.")
     values = dict(values or {})
     model_values = dict(model_values or {})

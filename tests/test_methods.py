@@ -272,3 +272,39 @@ def test_engine_refuses_a_method_its_backend_cannot_run(tmp_path, monkeypatch):
     with pytest.raises(MergeInputError, match="cpu backend cannot run ties_next"):
         engine.merge(doc, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# What users read comes from the registry too
+# ---------------------------------------------------------------------------------------
+
+def test_readme_method_table_is_the_registry():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert methods.markdown_table() in readme, "README's method table is stale: paste methods.markdown_table()"
+
+
+def test_merge_help_lists_every_method_with_its_parameters(capsys):
+    from lines_fast import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--help"])
+    text = capsys.readouterr().out
+    for method in methods.REGISTRY.values():
+        assert method.name in text and method.summary in text
+        for param in method.params:
+            if param.affects_result:
+                assert f"{param.name}=" in text
+
+
+def test_docs_state_every_method_and_never_point_outside_the_repo():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    doc = (root / "docs" / "methods.md").read_text()
+    for method in methods.REGISTRY.values():
+        assert f"`{method.name}`" in doc, method.name
+    for path in [root / "README.md", *root.glob("docs/*.md"), *root.glob("lines_fast/**/*.py"),
+                 *root.glob("kernels/*.py")]:
+        assert "../shared" not in path.read_text() and "SEMANTICS.md" not in path.read_text(), path
