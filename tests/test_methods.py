@@ -308,3 +308,32 @@ def test_docs_state_every_method_and_never_point_outside_the_repo():
     for path in [root / "README.md", *root.glob("docs/*.md"), *root.glob("lines_fast/**/*.py"),
                  *root.glob("kernels/*.py")]:
         assert "../shared" not in path.read_text() and "SEMANTICS.md" not in path.read_text(), path
+
+
+def test_regressions_through_the_cli(tmp_path, capsys):
+    """The two bugs as users met them: `lines-fast generate tiny`, then merge from the CLI."""
+    from lines_fast import cli
+    from helpers import load
+
+    assert cli.main(["generate", "tiny", str(tmp_path / "fam"), "--models", "3"]) == 0
+    fam = tmp_path / "fam"
+    # wise_ft with a weight: refused by name, exit 2, nothing written
+    code = cli.main(["merge", "--method", "wise_ft", "--base", str(fam / "base"), "--model", str(fam / "ft1"),
+                     "--weight", "2.0", "-o", str(tmp_path / "wise"), "-q", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "weight is not a parameter of wise_ft" in err and "Traceback" not in err
+    assert not (tmp_path / "wise").exists()
+    # linear + LiNeS without normalize: the CPU backend's file equals the reference
+    code = cli.main(["merge", "--method", "linear", "--base", str(fam / "base"),
+                     *[a for i in (1, 2, 3) for a in ("--model", str(fam / f"ft{i}"))],
+                     "--weight", "0.5", "--weight", "0.25", "--weight", "0.5", "--no-normalize",
+                     "--lines-alpha", "1.0", "--lines-beta", "0.5", "--device", "cpu",
+                     "-o", str(tmp_path / "soup"), "-q", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    base, models = load(fam / "base"), [load(fam / f"ft{i}") for i in (1, 2, 3)]
+    want = ref.merge_state_dicts(base, models, "linear", weights=[0.5, 0.25, 0.5], normalize=False,
+                                 lines=LinesSpec(alpha=1.0, beta=0.5))
+    got = load(tmp_path / "soup")
+    for name, tensor in want.items():
+        verdict = compare(got[name], tensor)
+        assert verdict.ok and verdict.n_different == 0, (name, verdict.why)
