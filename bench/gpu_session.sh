@@ -28,7 +28,7 @@ if [[ $stage == tests || $stage == all ]]; then
     # tests over 8 processes where pytest-xdist is installed (it is on the lent machines).
     parallel=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
     python3 -m pytest -q -p no:cacheprovider $parallel tests/test_kernels.py tests/test_triton_backend.py \
-        tests/test_rng.py tests/test_selection.py tests/test_gpu_engine.py 2>&1 | tee -a "$log"
+        tests/test_rng.py tests/test_selection.py tests/test_methods.py tests/test_gpu_engine.py 2>&1 | tee -a "$log"
 fi
 
 if [[ $stage == bench || $stage == all ]]; then

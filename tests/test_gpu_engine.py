@@ -12,8 +12,6 @@ import pytest
 import torch
 
 import lines_fast
-from lines_fast.reference import merge_state_dicts
-from lines_fast.spec import LinesSpec
 from lines_fast.synth import recipe, write_checkpoint_family
 from lines_fast.tolerance import compare
 
@@ -28,34 +26,23 @@ pytestmark = [
 
 
 
-@pytest.mark.parametrize("method, params", [
-    ("ties", dict(density=0.2)),
-    ("ties", dict(density=0.1, trim_scope="global", lines=LinesSpec("auto", 1.0))),
-    ("ties", dict(density=0.3, lines=LinesSpec("auto", 0.5))),  # one upload for thresholds and both norms
-    ("dare_ties", dict(density=0.4, seed=9)),
-    ("task_arithmetic", dict(lam=0.7)),
-    ("linear", dict()),
-])
-def test_cuda_engine_equals_reference(method, params, tmp_path):
+@pytest.mark.parametrize("case", ["ties", "ties-global-lines-auto", "ties-lines-auto", "ties-rescale", "dare_ties",
+                                  "dare_linear-inverse", "task_arithmetic", "task_arithmetic-normalized", "linear",
+                                  "linear-lines"])
+def test_cuda_engine_equals_reference(case, tmp_path):
+    """The engine's --device cuda path on test_engine.py's cases (same configs, same reference)."""
+    from test_engine import CASES, _config, _expected
+
     family = write_checkpoint_family(tmp_path / "in", recipe("tiny"), n_finetunes=3, dtype=torch.bfloat16,
                                      max_shard_size=60_000, int_tensor=True)
-    doc = {"merge_method": method, "base_model": str(family.base),
-           "models": [{"model": str(p), "parameters": {"density": params.get("density", 1.0)}}
-                      for p in family.finetunes],
-           "parameters": {"trim_scope": params.get("trim_scope", "tensor")}, "seed": params.get("seed", 0)}
-    if "lam" in params:
-        doc["parameters"]["lambda"] = params["lam"]
-    if "lines" in params:
-        doc["lines"] = {"alpha": params["lines"].alpha, "beta": params["lines"].beta}
-    result = lines_fast.merge(doc, tmp_path / "out", device="cuda", progress=False, log=lambda m: None)
+    params = dict(CASES[case])
+    method = params.pop("method", case)
+    result = lines_fast.merge(_config(family, method, params), tmp_path / "out", device="cuda", progress=False,
+                              log=lambda m: None)
     assert result.backend == "cuda"
     merged = load(result.out_dir)
-    expected = merge_state_dicts(load(family.base), [load(p) for p in family.finetunes], method,
-                                 density=params.get("density", 1.0), lam=params.get("lam"),
-                                 trim_scope=params.get("trim_scope", "tensor"), seed=params.get("seed", 0),
-                                 lines=params.get("lines"),
-                                 normalize=method in ("ties", "dare_ties", "linear"))
-    for name, ref in expected.items():
+    loaded = {"base": load(family.base), "models": [load(p) for p in family.finetunes]}
+    for name, ref in _expected(loaded, method, params).items():
         verdict = compare(merged[name], ref)
         assert verdict.ok, f"{name}: {verdict.why}"
 
