@@ -45,9 +45,11 @@ class RunStats:
     passes_run: int = 0
 
     def for_tensor(self, name: str) -> TensorStats | None:
+        """What is known of tensor `name`: the global thresholds, and what a pass returned for it."""
+        found = self.tensor_stats.get(name)
         if self.global_thresholds is not None:
-            return TensorStats(thresholds=self.global_thresholds)
-        return self.tensor_stats.get(name)
+            return TensorStats(self.global_thresholds, found.factors if found else None)
+        return found
 
     def to_json(self) -> dict:
         return {"alpha": None if self.alpha is None else self.alpha.hex(),
@@ -148,8 +150,7 @@ class NormsPass(Pass):
         if self.with_task_sum:
             stats.task_sum_l1.add(task_sum)
         self.delta.add(delta)
-        if stats.global_thresholds is None:
-            stats.tensor_stats[job.name] = tensor_stats
+        stats.tensor_stats[job.name] = tensor_stats
 
     def finish(self, stats, plan, total_elements, log):
         sum_l1, delta_l1, n = stats.task_sum_l1.value(), self.delta.value(), plan.n_models

@@ -142,6 +142,10 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
         if not definition.param(name).per_model:
             raise MergeInputError(f"{prefix}{given_by(name)}{name} is one value for the whole {method} merge, not "
                                   "a per-model parameter; give it under the top-level parameters.")
+    if lines is not None and values.get("lambda") is not None:
+        raise MergeInputError(f"{prefix}lambda {values['lambda']!r} is given with LiNeS, which replaces it (the update "
+                              "of each block is scaled by alpha + beta * l / (L - 1) instead); remove lambda, or "
+                              "fold it into alpha and beta.")
     resolved: list[tuple[str, Any]] = []
     for p in definition.params:
         if p.per_model:

@@ -337,3 +337,10 @@ def test_regressions_through_the_cli(tmp_path, capsys):
     for name, tensor in want.items():
         verdict = compare(got[name], tensor)
         assert verdict.ok and verdict.n_different == 0, (name, verdict.why)
+
+
+def test_lambda_with_lines_is_refused_not_ignored():
+    """LiNeS replaces λ: a λ given with it would be silently ignored, so it is an error."""
+    with pytest.raises(MergeInputError, match="LiNeS, which replaces it"):
+        make_spec("ties", 2, values={"lambda": 0.5, "density": 0.5}, lines=LinesSpec(1.0, 0.5))
+    assert make_spec("ties", 2, values={"density": 0.5}, lines=LinesSpec(1.0, 0.5)).lam == 1.0
