@@ -188,7 +188,14 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     if not isinstance(params, dict):
         raise _fail(source, "parameters: must be a mapping.")
     params = dict(params)
+    for name, value in params.items():
+        if isinstance(value, (list, dict)):
+            raise _fail(source, f"parameters.{name} is a {type(value).__name__}: mergekit's per-layer gradients and "
+                                "filtered parameters are not supported yet; give one number (per model under "
+                                "models[].parameters).")
     if "seed" in doc:
+        if "seed" in params:
+            raise _fail(source, "seed is given twice (top-level seed and parameters.seed); give it once.")
         params["seed"] = doc["seed"]
     models_doc = doc.get("models")
     if not isinstance(models_doc, list) or not models_doc:
@@ -323,7 +330,18 @@ def with_overrides(config: MergeConfig, **overrides: Any) -> MergeConfig:
     given = {k: v for k, v in overrides.items() if v is not None}
     params, model_params = dict(config.params), dict(config.model_params)
     fields = {}
+    method = methods.get(config.method, config.source)
     for key, value in given.items():
+        name = _PARAM_OVERRIDES.get(key) or _MODEL_PARAM_OVERRIDES.get(key)
+        if name is not None:   # blame the option, not the config's first model
+            flag = "--" + name.replace("_", "-")
+            param = method.param(name)
+            if param is None:
+                raise MergeInputError(f"{flag}: {name} is not a parameter of {method.name}, so it would be ignored; "
+                                      f"remove it (the parameters of {method.name} are: "
+                                      f"{', '.join(p.name for p in method.params)}).")
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                param.check(v, flag)
         if key in _PARAM_OVERRIDES:
             params[_PARAM_OVERRIDES[key]] = value
         elif key in _MODEL_PARAM_OVERRIDES:

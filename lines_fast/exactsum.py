@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 _EXPONENTS = 256
+_MAX_ADD = 1 << 28  # elements per bincount: each float64 bin sum stays below 2^52, exact
 
 
 class AbsSum:
@@ -21,7 +22,12 @@ class AbsSum:
         """Add sum |x| for a float32 tensor without NaN/Inf, on any device. (On a GPU the
         float64 bin sums are atomics in any order, still exact: every partial sum is an
         integer below 2^53.)"""
-        bits = x.abs().view(torch.int32)
+        flat = x.reshape(-1)
+        if flat.numel() > _MAX_ADD:
+            for start in range(0, flat.numel(), _MAX_ADD):
+                self.add(flat[start:start + _MAX_ADD])
+            return
+        bits = flat.abs().view(torch.int32)
         exponent = bits >> 23
         significand = (bits & 0x7FFFFF) | (exponent.clamp(max=1) << 23)
         # Each bin's float64 sum is exact: fewer than 2^29 significands of < 2^24 per call.

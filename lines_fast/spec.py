@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from . import methods
 from .errors import MergeInputError
 from .methods import Consensus, Inputs, Rescale
@@ -179,7 +181,7 @@ def _check_divisors(spec: MethodSpec, prefix: str) -> None:
     if not spec.normalize:
         return
     weights = list(spec.weights)
-    if definition.consensus is Consensus.NONE and sum(weights) == 0:
+    if definition.consensus is Consensus.NONE and float(np.float32(sum(weights))) == 0:  # the divisor is float32
         raise MergeInputError(
             f"{prefix}the weights {weights} sum to 0, and {spec.method} with normalize divides by their sum. "
             "Give weights with a non-zero sum, or set normalize: false (--no-normalize).")

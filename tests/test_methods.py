@@ -344,3 +344,41 @@ def test_lambda_with_lines_is_refused_not_ignored():
     with pytest.raises(MergeInputError, match="LiNeS, which replaces it"):
         make_spec("ties", 2, values={"lambda": 0.5, "density": 0.5}, lines=LinesSpec(1.0, 0.5))
     assert make_spec("ties", 2, values={"density": 0.5}, lines=LinesSpec(1.0, 0.5)).lam == 1.0
+
+
+def test_review_findings_are_refused_or_caught(tmp_path):
+    """Inputs a review found slipping through: each is now refused or caught."""
+    from lines_fast.config import from_yaml_dict
+    from lines_fast.errors import NonFiniteInput
+
+    # a NaN in a soup's LiNeS base is caught on the CPU too (the kernels flag it)
+    base = {"layers.0.w": torch.tensor([1.0, float("nan")])}
+    models = [{"layers.0.w": torch.tensor([1.0, 1.0])}, {"layers.0.w": torch.tensor([2.0, 2.0])}]
+    spec = make_spec("linear", 2, lines=LinesSpec(0.5, 0.5))
+    job = MergeJob("layers.0.w", base["layers.0.w"], [m["layers.0.w"] for m in models], None, 0.5, torch.float32)
+    with pytest.raises(NonFiniteInput):
+        list(CpuBackend().merge_many([job], ElementPlan.from_spec(spec)))
+    # a top-level list is a mergekit gradient, not per-model values
+    doc = {"merge_method": "ties", "base_model": "b", "models": ["x", "y"], "parameters": {"weight": [1, 2]}}
+    with pytest.raises(MergeInputError, match="gradients"):
+        from_yaml_dict(doc, "c.yml")
+    # a seed given twice
+    doc = {"merge_method": "dare_ties", "base_model": "b", "models": ["x"], "seed": 1, "parameters": {"seed": 2}}
+    with pytest.raises(MergeInputError, match="seed is given twice"):
+        from_yaml_dict(doc, "c.yml")
+    # weights whose float32 sum is 0 under normalize
+    with pytest.raises(MergeInputError, match="sum to 0"):
+        make_spec("task_arithmetic", 2, values={"weight": [1e-46, 1e-46], "normalize": True})
+
+
+def test_cli_overrides_are_blamed_on_the_option():
+    from lines_fast.config import from_yaml_dict, with_overrides
+
+    doc = {"merge_method": "ties", "base_model": "b", "models": ["x", "y", "z"]}
+    config = from_yaml_dict(doc, "c.yml")
+    with pytest.raises(MergeInputError, match="^--density: density 1.5 is outside"):
+        with_overrides(config, densities=[1.5])
+    assert with_overrides(config, densities=[0.5]).spec.densities == (0.5, 0.5, 0.5)
+    soup = from_yaml_dict({"merge_method": "linear", "models": ["x", "y"]}, "c.yml")
+    with pytest.raises(MergeInputError, match="^--density: density is not a parameter of linear"):
+        with_overrides(soup, densities=[0.5])

@@ -201,6 +201,8 @@ class CpuBackend:
         b = bufs.base[:n] if plan.uses_base else None
         if b is not None:
             b.copy_(job.base.reshape(-1)[s:e])
+            if not plan.deltas and self.check_finite and not torch.isfinite(b.sum()):
+                raise NonFiniteInput(job.name, -1)  # a soup's θ0 (LiNeS) is not checked by _load
         if task_sum is not None:
             task_sum.zero_()
         contributions = []

@@ -43,6 +43,7 @@ _ALIGN = 256            # byte alignment of every view carved from a slot (16-by
 _MAX_PART = 1 << 30     # elements per part: keeps every per-launch int32 count safe
 _PAGE = 4096
 _PART_MULTIPLE = 1024   # see kernels.merge.vector_friendly_spans
+_STATS_CHUNK = 1 << 24  # elements per torch step of the L1 rescale statistic (~1 GB of temporaries)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,16 +436,25 @@ class TritonBackend:
         """L1 rescale factors from exact sums on the device: over `views` when the whole tensor
         is resident, else over freshly uploaded parts."""
         totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]
-        if views is not None:
+
+        def add(part: dict, offset: int) -> None:
+            rows, n = list(part["models"]), part["base"].numel()
             with self._mover.computing():
-                add_kept_l1(plan, views["base"], list(views["models"]), thresholds, job.name, 0, totals, kepts)
+                # In sub-chunks: the torch steps widen and draw per element (~60 bytes each), and
+                # device memory must stay bounded by the slots.
+                for a in range(0, n, _STATS_CHUNK):
+                    b = min(n, a + _STATS_CHUNK)
+                    add_kept_l1(plan, part["base"][a:b], [r[a:b] for r in rows], thresholds, job.name, offset + a,
+                                totals, kepts)
+
+        if views is not None:
+            add(views, 0)
             return factors_from_sums(totals, kepts)
         base, models = self._flat(job.base), [self._flat(m) for m in job.models]
         per_element = base.element_size() + len(models) * self._merge.staging_dtype(m.dtype for m in models).itemsize
         for start, stop in self._part_ranges(base.numel(), per_element):
             slot, part = self._upload(base, models, start, stop, {})
-            with self._mover.computing():
-                add_kept_l1(plan, part["base"], list(part["models"]), thresholds, job.name, start, totals, kepts)
+            add(part, start)
             self._release(slot)
         return factors_from_sums(totals, kepts)
 
