@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .errors import MergeInputError
@@ -76,7 +76,6 @@ class Param:
     affects_result: bool = True
 
     def with_default(self, default: Any, help: str | None = None, **changes: Any) -> "Param":
-        from dataclasses import replace
         return replace(self, default=default, help=help or self.help, **changes)
 
     def range_text(self) -> str:

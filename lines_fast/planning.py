@@ -16,6 +16,7 @@ The engine runs the passes in order and logs this plan; `lines-fast plan` prices
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -101,7 +102,6 @@ class _TaskSum:
         self.parts.append(value)
 
     def value(self) -> float:
-        import math
         return math.fsum(self.parts)
 
 
