@@ -47,7 +47,7 @@ import triton.language as tl
 
 from lines_fast import rng
 from lines_fast.methods import Consensus, Rescale, Sparsify
-from lines_fast.plan import ElementPlan, TensorStats, f32
+from lines_fast.plan import ElementPlan, TensorStats, f32, unsupported_steps
 
 MAX_MODELS = 8
 # GPU launch shape: 1024 elements in 4 warps = 8 per thread, i.e. 16-byte loads of bf16
@@ -271,10 +271,9 @@ SUPPORTED = {
 
 def unsupported(plan: ElementPlan) -> str | None:
     """Why the kernels cannot execute `plan`, or None when they can."""
-    for step, known in SUPPORTED.items():
-        value = getattr(plan, step)
-        if value not in known:
-            return f"the Triton kernels have no {step} step {getattr(value, 'value', value)!r}"
+    missing = unsupported_steps(plan, SUPPORTED)
+    if missing is not None:
+        return missing
     if not 1 <= plan.n_models <= MAX_MODELS:
         return f"the Triton kernels merge 1 to {MAX_MODELS} models, not {plan.n_models}"
     return None

@@ -143,6 +143,15 @@ class ElementPlan:
         return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
 
 
+def unsupported_steps(plan: ElementPlan, supported: dict) -> str | None:
+    """Why an executor implementing `supported` ({field: set of step values}) cannot run `plan`, or None."""
+    for step, known in supported.items():
+        value = getattr(plan, step)
+        if value not in known:
+            return f"it has no {step} step {getattr(value, 'value', value)!r}"
+    return None
+
+
 def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], thresholds,
                 name: str, start: int, totals: list, kepts: list) -> None:
     """Add ||x_i||_1 and ||kept x_i||_1 of one flat chunk (elements start.. of tensor `name`,

@@ -18,7 +18,7 @@ import torch
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum
 from ..methods import Consensus, Rescale, Sparsify
-from ..plan import ElementPlan, TensorStats, add_kept_l1, factors_from_sums
+from ..plan import ElementPlan, TensorStats, add_kept_l1, factors_from_sums, unsupported_steps
 from ..rng import dare_uniform
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
@@ -56,15 +56,6 @@ def _touch_pages(tensors: list[torch.Tensor]) -> None:
         if t.numel():
             raw = t.reshape(-1).view(torch.uint8)
             raw[::_PAGE].sum()
-
-
-def unsupported_steps(plan: ElementPlan, supported: dict) -> str | None:
-    """Why a backend with these `supported` steps cannot execute `plan`, or None."""
-    for step, known in supported.items():
-        value = getattr(plan, step)
-        if value not in known:
-            return f"it has no {step} step {getattr(value, 'value', value)!r}"
-    return None
 
 
 class CpuBackend:
