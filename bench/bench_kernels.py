@@ -83,9 +83,8 @@ class Case:
         from lines_fast.plan import ElementPlan, TensorStats
 
         self.plan = ElementPlan.from_spec(self.spec)
-        self.stats_of = TensorStats
-        self.thresholds, _ = kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=numel)
-        self.table = self.plan.table(TensorStats(self.thresholds), DEVICE)
+        self.thresholds, _ = kselect.resident_thresholds(self.base, self.staged, self.plan.magnitude_ranks(numel), n=numel)
+        self.table = self.plan.table(self.plan.stats_from_thresholds(self.thresholds), DEVICE)
         # as many bytes as the merge moves: (N + 2) tensors of numel bf16 values
         self.copy_src = torch.randn(numel * (n_models + 2), device=DEVICE).to(torch.bfloat16)
         self.copy_dst = torch.empty_like(self.copy_src)
@@ -124,8 +123,9 @@ class Case:
                                             slots=slots)
 
     def select_merge(self):
-        thresholds, _ = self.kselect.resident_thresholds(self.base, self.staged, self.spec.densities, n=self.numel)
-        self.merge(self.plan.table(self.stats_of(thresholds), DEVICE))
+        thresholds, _ = self.kselect.resident_thresholds(self.base, self.staged, self.plan.magnitude_ranks(self.numel),
+                                                       n=self.numel)
+        self.merge(self.plan.table(self.plan.stats_from_thresholds(thresholds), DEVICE))
 
     def reference(self):
         from lines_fast import reference as ref

@@ -53,6 +53,7 @@ def _merge_variant(name, spec, *, l1=False, bf16=True, max_registers=128) -> Var
     return Variant(
         name, "merge",
         dict(**kmerge.plan_switches(plan), L1=l1, TASK_SUM=l1 and plan.uses_base, CHECK_FINITE=not l1,
+             GROUP_ROWS=plan.grouped,
              BASE_BF16=bf16, MODELS_BF16=bf16, OUT_BF16=bf16, BLOCK=1024),
         dict(out_ptr="fp64" if l1 else elem, base_ptr=elem, models_ptr=elem),
         kmerge.NUM_WARPS_DROP if plan.drops else kmerge.NUM_WARPS, max_registers)
@@ -70,8 +71,12 @@ def variants() -> list[Variant]:
     HOT_SLOTS, ITERS = kselect.HOT_SLOTS, kselect.ITERS
 
     def spec(method, n=3, lines=None, **values):
-        if methods.get(method).takes("density"):
+        definition = methods.get(method)
+        if definition.takes("density"):
             values.setdefault("density", 0.2)
+        for param in definition.params:
+            if param.required:
+                values.setdefault(param.name, 0.5)
         return make_spec(method, n, values=values, lines=lines)
 
     # DARE keeps Philox state per element: more registers are expected (8 warps).
@@ -111,9 +116,9 @@ def variants() -> list[Variant]:
 # Runtime argument types, as Triton's launcher would specialize them (ints: i64 where they
 # can pass 2^31 or are seeds; pointers 16-byte aligned, as every staging view is).
 _MERGE_ARGS = dict(out_ptr=None, base_ptr=None, models_ptr=None, table_ptr="*fp32", partial_ptr="*fp64",
-                   task_partial_ptr="*fp64", flags_ptr="*i32", n_elements="i64", model_stride="i64",
-                   elem_offset="i64", seed="i64",
-                   stream_id="i64", scale="fp32", weight_sum="fp32")
+                   task_partial_ptr="*fp64", flags_ptr="*i32", group_weights_ptr="*fp32", n_elements="i64",
+                   model_stride="i64", elem_offset="i64", seed="i64",
+                   stream_id="i64", scale="fp32", weight_sum="fp32", n_groups="i64", group_len="i64")
 _HIST_ARGS = dict(hist_ptr="*i32", slot_of_bin_ptr="*i16", bin_of_slot_ptr="*i32", base_ptr=None, models_ptr=None,
                   model_stride="i64", n_elements="i64", block_stride="i64", hist_row_stride="i32", bucket="i32")
 _DIVISIBLE = ("n_elements", "model_stride", "block_stride")  # multiples of 16 on the benchmark's shapes

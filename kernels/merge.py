@@ -1,12 +1,13 @@
 """Fused merge: the per-element plan (lines_fast/plan.py) in one pass over its inputs.
 
-One kernel family; the plan's steps are tl.constexpr switches (HAS_BASE, DELTAS, TRIM,
+One kernel family; the plan's steps are tl.constexpr switches (HAS_BASE, DELTAS, TRIM, CEIL,
 DROP, INVERSE, SCALE_KEPT, ELECT, NORMALIZE), so each combination compiles to
 straight-line code. Per element, all in float32 and in model order i = 0..N-1 exactly as
 lines_fast/reference.py writes it:
 
     x_i    = f32(m_i) - f32(b)   (DELTAS)    or f32(m_i) (a soup)
     TRIM:    x_i = |x_i| >= t_i ? x_i : 0                         (t_i = inf keeps nothing)
+    CEIL:    x_i = |x_i| <  c_i ? x_i : 0                         (a band's ceiling; inf drops nothing)
     DROP:    x_i = u_i >= p_i ? x_i : 0                           (u_i: Philox, lines_fast/rng.py)
     INVERSE: kept x_i / q_i;  SCALE_KEPT: x_i * f_i               (the rescale of kept values)
     c_i    = w_i * x_i;  acc = acc + c_i     from 0: the election sum, or the weighted sum
@@ -24,8 +25,11 @@ non-agreeing model adds 0), so values are identical and every input is read exac
 Inputs: `base` (any of bf16/fp16/fp32, absent for plain linear) and the N models as ONE
 [N, model_stride] staging tensor of a single dtype (the models' common dtype, float32 when
 they differ: widening is exact, so tau is unchanged). Per-model numbers travel in a float32
-table [5, N] (lines_fast.plan.TABLE_ROWS): weights, trim thresholds, drop probabilities p_i,
-inverse-rescale divisors q_i, L1 rescale factors f_i.
+table [6, N] (lines_fast.plan.TABLE_ROWS): weights, trim thresholds, drop probabilities p_i,
+inverse-rescale divisors q_i, L1 rescale factors f_i, band ceilings c_i.
+
+Gram-weighted plans (GROUPED: slerp, nuslerp, model_stock) read w_i per element from a float32
+[N, groups] table instead, at the element's group (lines_fast/gram.py: row j // L or column j % L).
 
 Every division is tl.fdiv(..., ieee_rounding=True): Triton's plain `/` on float32 compiles
 to div.full.f32 on NVIDIA, an approximation (up to 2 ulp), while torch divides exactly.
@@ -46,7 +50,7 @@ import triton
 import triton.language as tl
 
 from lines_fast import rng
-from lines_fast.methods import Consensus, Rescale, Sparsify
+from lines_fast.methods import Coefficients, Consensus, Rescale, Sparsify
 from lines_fast.plan import ElementPlan, TensorStats, f32, unsupported_steps
 
 MAX_MODELS = 8
@@ -111,12 +115,13 @@ def nonfinite(x):
 
 @triton.jit
 def _fused_merge_kernel(
-    out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr,
-    n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum,
-    N: tl.constexpr, HAS_BASE: tl.constexpr, DELTAS: tl.constexpr, TRIM: tl.constexpr, DROP: tl.constexpr,
+    out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr, group_weights_ptr,
+    n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum, n_groups, group_len,
+    N: tl.constexpr, HAS_BASE: tl.constexpr, DELTAS: tl.constexpr, TRIM: tl.constexpr, CEIL: tl.constexpr,
+    DROP: tl.constexpr,
     INVERSE: tl.constexpr, SCALE_KEPT: tl.constexpr,
     ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, TASK_SUM: tl.constexpr,
-    CHECK_FINITE: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, GROUPED: tl.constexpr, GROUP_ROWS: tl.constexpr,
     BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -132,6 +137,14 @@ def _fused_merge_kernel(
         b = load_f32(base_ptr + offs, mask, BASE_BF16)
         if CHECK_FINITE:
             bad = bad | nonfinite(b).to(tl.int32)
+    if GROUPED:
+        # The weight of each element's group (lines_fast/gram.py): rows j // L or columns j % L
+        # of the tensor's GLOBAL flat index j, so a chunked launch finds the same groups.
+        gidx = offs + elem_offset
+        if GROUP_ROWS:
+            group = gidx // group_len
+        else:
+            group = gidx % group_len
     if DROP:
         # DARE counter (lines_fast/rng.py): the GLOBAL flat index, so a chunked launch
         # (elem_offset > 0) draws the same mask as a whole-tensor launch.
@@ -165,6 +178,9 @@ def _fused_merge_kernel(
         if TRIM:
             t = tl.load(table_ptr + N + i)
             tau = tl.where(tl.abs(tau) >= t, tau, 0.0)
+        if CEIL:
+            c = tl.load(table_ptr + 5 * N + i)
+            tau = tl.where(tl.abs(tau) < c, tau, 0.0)
         if DROP:
             p = tl.load(table_ptr + 2 * N + i)
             c3 = (offs * 0 + i).to(tl.uint32)
@@ -175,7 +191,10 @@ def _fused_merge_kernel(
             tau = tl.fdiv(tau, tl.load(table_ptr + 3 * N + i), ieee_rounding=True)
         if SCALE_KEPT:
             tau = tau * tl.load(table_ptr + 4 * N + i)
-        w = tl.load(table_ptr + i)
+        if GROUPED:
+            w = tl.load(group_weights_ptr + i * n_groups + group, mask=mask, other=0.0)
+        else:
+            w = tl.load(table_ptr + i)
         wt = w * tau
         acc = acc + wt
         if ELECT:
@@ -263,9 +282,10 @@ def vector_friendly_spans(n: int, block: int) -> list[tuple[int, int]]:
 
 # The plan's steps this kernel has a switch for; a plan with any other step is refused.
 SUPPORTED = {
-    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM},
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
     "consensus": {Consensus.NONE, Consensus.SIGN},
+    "coefficients": {Coefficients.GIVEN, Coefficients.SLERP, Coefficients.NUSLERP, Coefficients.MODEL_STOCK},
 }
 
 
@@ -288,14 +308,15 @@ def check_supported(plan: ElementPlan) -> None:
 def plan_switches(plan: ElementPlan) -> dict[str, bool]:
     """The kernel's constexpr switches for a plan."""
     return dict(
-        N=plan.n_models, HAS_BASE=plan.uses_base, DELTAS=plan.deltas, TRIM=plan.sparsify is Sparsify.MAGNITUDE,
+        N=plan.n_models, HAS_BASE=plan.uses_base, DELTAS=plan.deltas, TRIM=plan.trims, CEIL=plan.band,
         DROP=plan.sparsify is Sparsify.RANDOM, INVERSE=plan.rescale is Rescale.INVERSE,
-        SCALE_KEPT=plan.rescale is Rescale.L1, ELECT=plan.consensus is Consensus.SIGN, NORMALIZE=plan.normalize)
+        SCALE_KEPT=plan.rescale is Rescale.L1, ELECT=plan.consensus is Consensus.SIGN, NORMALIZE=plan.normalize,
+        GROUPED=plan.grouped)
 
 
 def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: float = 1.0,
                  stream_id: int = 0, elem_offset: int = 0, partials=None, task_partials=None, flags=None,
-                 block: int | None = None) -> None:
+                 group_weights=None, groups=None, block: int | None = None) -> None:
     """Run the kernel over elements [0, n) of flat views already on the kernel's device.
 
     out: [>= n] of the output dtype (ignored when `partials` is given: the L1 variant).
@@ -305,7 +326,10 @@ def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: 
     the same float32 adds as ElementPlan.task_vector_sum), from the same read.
     flags: int32 [1], OR-ed with bits of inputs holding Inf/NaN (bit 0 base, i + 1 model i; nonzero
     iff some input has one, and every bit set names such an input), or None to skip the check. elem_offset: global flat index of element 0 (DARE counter).
+    group_weights, groups (plan.grouped): float32 [N, G] on the device, and the tensor's gram.GroupView.
     """
+    if plan.grouped and (group_weights is None or groups is None):
+        raise ValueError("a grouped plan needs group_weights and the tensor's groups")
     if n == 0:
         return
     block = block or default_block()
@@ -329,10 +353,11 @@ def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: 
             out_k[start:] if not l1 else out_k, base_k[start:] if plan.uses_base else base_k, models_k[:, start:],
             table, partials[start // block:] if l1 else table,
             task_partials[start // block:] if task_partials is not None else table,
-            flags if flags is not None else table,
+            flags if flags is not None else table, group_weights if plan.grouped else table,
             count, models.stride(0), int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
-            plan.weight_sum,
+            plan.weight_sum, groups.groups if plan.grouped else 1, groups.group_len if plan.grouped else 1,
             **plan_switches(plan), L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
+            GROUP_ROWS=bool(plan.grouped and groups.by_rows),
             BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,
             num_warps=NUM_WARPS_DROP if plan.drops else NUM_WARPS,
             # The reference rounds every product and sum: no fused multiply-add (an FMA can flip
@@ -363,8 +388,18 @@ def fused_merge(base, models, plan: ElementPlan, *, name: str, stats: TensorStat
     out = torch.empty(n, dtype=out_dtype or ref.dtype, device=ref.device)
     table = plan.table(stats, ref.device)
     launch_merge(out, None if base is None else base.reshape(-1), staged, table, plan, n=n, scale=scale,
-                 stream_id=rng.tensor_stream_id(name), elem_offset=elem_offset, flags=flags, block=block)
+                 stream_id=rng.tensor_stream_id(name), elem_offset=elem_offset, flags=flags, block=block,
+                 **group_args(plan, stats, ref.shape, ref.device))
     return out
+
+
+def group_args(plan: ElementPlan, stats: TensorStats | None, shape, device) -> dict:
+    """launch_merge's group_weights and groups for a tensor of `shape` (nothing for given weights)."""
+    if not plan.grouped:
+        return {}
+    from lines_fast.gram import group_view
+
+    return {"group_weights": stats.group_weights.to(device), "groups": group_view(tuple(shape), plan.group_by)}
 
 
 def fused_delta_l1(base, models, plan: ElementPlan, *, name: str = "", stats: TensorStats | None = None,
@@ -378,5 +413,6 @@ def fused_delta_l1(base, models, plan: ElementPlan, *, name: str = "", stats: Te
     partials = torch.empty(max(1, triton.cdiv(n, block)), dtype=torch.float64, device=base.device)
     partials.zero_()
     launch_merge(None, base.reshape(-1), staged, plan.table(stats, base.device), plan, n=n,
-                 stream_id=rng.tensor_stream_id(name), partials=partials, block=block)
+                 stream_id=rng.tensor_stream_id(name), partials=partials, block=block,
+                 **group_args(plan, stats, base.shape, base.device))
     return float(partials.sum())

@@ -41,8 +41,7 @@ import triton
 import triton.language as tl
 
 from lines_fast import rng
-from lines_fast.selection import BINS, NONZERO_LOW, threshold_from_histograms
-from lines_fast.spec import kept_count
+from lines_fast.selection import BINS, NONZERO_LOW, thresholds_of_ranks
 
 from lines_fast.plan import ElementPlan, TensorStats
 
@@ -229,9 +228,10 @@ def task_vector_sum_l1(base: torch.Tensor, models: list[torch.Tensor], *, block:
     return float(partials.sum())
 
 
-def resident_thresholds(base: torch.Tensor, models: torch.Tensor, densities, *, n: int,
-                        block: int | None = None) -> tuple[tuple[float, ...], torch.Tensor]:
-    """Tensor-scope TIES thresholds of tensors already on the device: (thresholds, hist CPU).
+def resident_thresholds(base: torch.Tensor, models: torch.Tensor, ranks, *, n: int,
+                        block: int | None = None) -> tuple[list[tuple[float, ...]], torch.Tensor]:
+    """Tensor-scope magnitude thresholds of tensors already on the device, per model one per
+    rank in ranks[i] (ElementPlan.magnitude_ranks): (thresholds, hist CPU).
 
     base: flat [>= n]; models: [N, stride] staging rows. One pass-1 launch for all models,
     one copy of the counts to the host, then a refine launch only per unsettled model.
@@ -245,6 +245,4 @@ def resident_thresholds(base: torch.Tensor, models: torch.Tensor, densities, *, 
         launch_magnitude_histogram(low, base, models[i:i + 1], n=n, bucket=bucket, block=block)
         return low[0].to(torch.int64).cpu()
 
-    thresholds = tuple(threshold_from_histograms(hist[i], kept_count(density, n), lambda b, i=i: refine(i, b))
-                       for i, density in enumerate(densities))
-    return thresholds, hist
+    return thresholds_of_ranks(hist, ranks, refine), hist

@@ -74,9 +74,15 @@ class MergeConfig:
         return self.spec if self.spec is not None else validate(self).spec
 
     @property
+    def base_is_input(self) -> bool:
+        """The base is the first of the method's inputs: averaged in (linear with a base weight), or
+        interpolated from (slerp)."""
+        return self.base_weight is not None or methods.get(self.method).inputs is Inputs.BASE_AND_MODELS
+
+    @property
     def merge_inputs(self) -> list[Path]:
-        """The checkpoints the method combines, in order: the base first where it is averaged in."""
-        return ([self.base] if self.base_weight is not None else []) + list(self.models)
+        """The checkpoints the method combines, in order: the base first where it is an input."""
+        return ([self.base] if self.base_is_input else []) + list(self.models)
 
     def recipe(self) -> dict[str, Any]:
         """A JSON-able description of the merge, recorded in the output's metadata."""
@@ -295,13 +301,13 @@ def validate(config: MergeConfig) -> MergeConfig:
         if len(values) != len(config.models):
             raise _fail(src, f"{len(values)} {name} values for {len(config.models)} models; give one, or one "
                              "per model, in order.")
-        if config.base_weight is not None:
+        if config.base_is_input:
             values = [config.base_weight if name == "weight" else None] + values
         model_values[name] = values
     values = dict(config.params)
     if config.base_weight is not None and "weight" not in model_values:
         model_values["weight"] = [config.base_weight] + [values.get("weight")] * len(config.models)
-    labels = ([f"base_model ({config.base})"] if config.base_weight is not None else []) + [
+    labels = ([f"base_model ({config.base})"] if config.base_is_input else []) + [
         f"{'--model' if src == 'command line' else f'models[{i}]'} ({path})" for i, path in enumerate(config.models)]
     config.spec = make_spec(method.name, n, model_values=model_values, values=values, lines=config.lines,
                             where=src, model_labels=labels)

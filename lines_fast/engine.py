@@ -255,7 +255,7 @@ class Engine:
 
     @property
     def _reads_base(self) -> bool:
-        return self.spec.uses_base or self.config.base_weight is not None
+        return self.spec.uses_base or self.config.base_is_input
 
     # The inputs of tensor `name` for the backend: zero-copy views of the memory maps.
     def _base_tensor(self, inputs: _Inputs, name: str) -> torch.Tensor | None:
@@ -263,7 +263,7 @@ class Engine:
 
     def _model_tensors(self, inputs: _Inputs, plan: _Plan, name: str) -> list[torch.Tensor]:
         """The plan's inputs for tensor `name`: the models, after the base where it is averaged in."""
-        averaged = [inputs.base.tensor(name)] if self.config.base_weight is not None else []
+        averaged = [inputs.base.tensor(name)] if self.config.base_is_input else []
         return averaged + [inputs.base.tensor(name) if (i, name) in plan.substitutes else m.tensor(name)
                            for i, m in enumerate(inputs.models)]
 

@@ -28,17 +28,30 @@ FLOAT32_MAX = 3.4028234663852886e38
 class Inputs(enum.Enum):
     DELTAS = "task vectors"     # tau_i = theta_i - theta_0; needs a base
     MODELS = "models"           # the models themselves (a soup); a base is optional
+    BASE_AND_MODELS = "the base and the models"   # x_0 = theta_0, then the models (slerp); base required
 
 
 class Sparsify(enum.Enum):
     NONE = "none"
     MAGNITUDE = "magnitude"     # TIES trim: keep |tau_i| >= the k_i-th largest (k_i from density_i)
     RANDOM = "random"           # DARE drop: keep where the Philox draw u >= p_i = 1 - density_i
+    BAND = "band"               # breadcrumbs: drop the top gamma_i outliers and keep the density_i below them
 
 
 class Consensus(enum.Enum):
     NONE = "none"               # weighted sum (or mean with normalize)
     SIGN = "sign"               # TIES election: sign of the weighted sum, disjoint (weighted) mean
+
+
+class Coefficients(enum.Enum):
+    """Where the per-model weights of the sum come from: the given `weight`s, or per group of
+    elements (a tensor, its rows or its columns) from the inputs' norms and dot products (the
+    group's Gram matrix), computed before the tensor is merged. The formulas: lines_fast/gram.py."""
+
+    GIVEN = "given"
+    SLERP = "slerp"             # spherical interpolation of x_0 and x_1 at t (mergekit's slerp)
+    NUSLERP = "nuslerp"         # the same at t = w_1 / (w_0 + w_1), mergekit's nuslerp rules
+    MODEL_STOCK = "model_stock"  # t = N cos / (1 + (N - 1) cos) from the mean pairwise cosine; weights t / N
 
 
 class Rescale(enum.Enum):
@@ -74,9 +87,13 @@ class Param:
     high_open: bool = False
     choices: tuple = ()
     affects_result: bool = True
+    required: bool = False      # no default: the config must give it (mergekit's slerp `t`)
 
     def with_default(self, default: Any, help: str | None = None, **changes: Any) -> "Param":
         return replace(self, default=default, help=help or self.help, **changes)
+
+    def default_text(self) -> str:
+        return "required" if self.required else _show(self.default)
 
     def range_text(self) -> str:
         if self.kind == "bool":
@@ -150,6 +167,15 @@ RESCALE = Param("rescale", "what happens to the kept values: true (mergekit) mat
 TRIM_SCOPE = Param("trim_scope", "over what the top-k magnitudes are counted: each tensor (mergekit) or "
                    "the whole model (the TIES paper)", kind="choice", choices=("tensor", "global"),
                    default="tensor")
+GAMMA = Param("gamma", "the fraction of largest-magnitude outliers dropped from each task vector",
+              per_model=True, default=0.01, low=0.0, high=1.0, high_open=True)
+T = Param("t", "the interpolation point: 0 gives the base, 1 the other model", low=0.0, high=1.0, required=True)
+FILTER_WISE = Param("filter_wise", "one interpolation ratio per row (per output filter) instead of per tensor",
+                    kind="bool", default=False)
+NUSLERP_FLATTEN = Param("nuslerp_flatten", "interpolate each tensor as one flat vector (false: per row, or per "
+                        "column with nuslerp_row_wise)", kind="bool", default=True)
+NUSLERP_ROW_WISE = Param("nuslerp_row_wise", "without flatten: interpolate each column vector (the norms run "
+                         "over the first dimension) instead of each row", kind="bool", default=False)
 SEED = Param("seed", "the random seed of the drop masks", kind="integer", default=0, low=0, high=(1 << 63) - 1)
 
 
@@ -168,10 +194,18 @@ class Method:
     inputs: Inputs = Inputs.DELTAS
     sparsify: Sparsify = Sparsify.NONE
     consensus: Consensus = Consensus.NONE
+    coefficients: Coefficients = Coefficients.GIVEN
+    # Coefficients other than GIVEN: over which groups of a tensor's elements the Gram matrix
+    # runs, from the resolved spec: "tensor", "leading" (each index of dim 0), "trailing"
+    # (each vector along the last dim) or "columns" (each vector along dim 0). gram.py.
+    group_by: Any = None
     min_models: int = 1
     max_models: int | None = None
     paper: str = ""
     mergekit: bool = True               # mergekit has a method of this name and meaning
+    # Checks across parameters (one value alone is checked by its Param): each takes the
+    # resolved spec and the error prefix and raises MergeInputError.
+    checks: tuple = ()
     param_map: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -179,7 +213,7 @@ class Method:
 
     @property
     def base_required(self) -> bool:
-        return self.inputs is Inputs.DELTAS
+        return self.inputs in (Inputs.DELTAS, Inputs.BASE_AND_MODELS)
 
     def param(self, name: str) -> Param | None:
         return self.param_map.get(name)
@@ -194,6 +228,10 @@ class Method:
         return name in self.param_map
 
     def models_text(self) -> str:
+        if self.inputs is Inputs.BASE_AND_MODELS:   # the base is one of the counted inputs
+            others = self.min_models - 1
+            return f"the base and {others} other" if self.max_models == self.min_models else \
+                f"the base and {others} or more others"
         if self.max_models == self.min_models:
             return f"{self.min_models}"
         return f"{self.min_models} or more" if self.max_models is None else f"{self.min_models} to {self.max_models}"
@@ -243,6 +281,50 @@ register(Method(
     sparsify=Sparsify.RANDOM, consensus=Consensus.SIGN, paper="https://arxiv.org/abs/2311.03099"))
 
 
+def _gamma_plus_density(spec, prefix: str) -> None:
+    """breadcrumbs keeps the density_i of magnitudes below the top gamma_i: both must fit in 1."""
+    for i, (gamma, density) in enumerate(zip(spec.value("gamma"), spec.densities)):
+        if density < 1 and gamma + density > 1:
+            raise MergeInputError(
+                f"{prefix}model {i + 1}: gamma {gamma} + density {density} is more than 1, so the outliers dropped "
+                f"and the values kept would overlap. Lower gamma or density so that gamma + density <= 1.")
+
+
+register(Method(
+    "breadcrumbs", "Model Breadcrumbs: drop each task vector's largest outliers and its smallest values, add",
+    "tau_MTL = sum_i w_i band(tau_i)  (band: below the top gamma_i, the next density_i by magnitude)",
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, NORMALIZE.with_default(False),
+            RESCALE.with_default(False, choices=(True, False)), INT8_MASK),
+    sparsify=Sparsify.BAND, checks=(_gamma_plus_density,), paper="https://arxiv.org/abs/2312.06795"))
+register(Method(
+    "breadcrumbs_ties", "Model Breadcrumbs, then TIES's sign election and disjoint merge",
+    "tau_MTL = TIES steps 2-3 on band(tau_i)",
+    params=(WEIGHT, DENSITY, GAMMA, LAMBDA, NORMALIZE.with_default(False),
+            RESCALE.with_default(False, choices=(True, False)), INT8_MASK),
+    sparsify=Sparsify.BAND, consensus=Consensus.SIGN, checks=(_gamma_plus_density,),
+    paper="https://arxiv.org/abs/2312.06795"))
+
+
+register(Method(
+    "slerp", "spherical interpolation of the base and one other model, per row (mergekit 0.1.5)",
+    "theta = c_0 theta_0 + c_1 theta_1 per row of dim 0: c = (sin((1-t) a), sin(t a)) / sin a, a = angle",
+    params=(T,), inputs=Inputs.BASE_AND_MODELS, min_models=2, max_models=2,
+    coefficients=Coefficients.SLERP, group_by=lambda spec: "leading", paper="https://en.wikipedia.org/wiki/Slerp"))
+register(Method(
+    "nuslerp", "slerp of two models' task vectors (or of the models, without a base) at t = w_1 / (w_0 + w_1)",
+    "tau_MTL = c_0 tau_0 + c_1 tau_1, c from the angle of tau_0 and tau_1 (per tensor, row or column)",
+    params=(WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE), inputs=Inputs.DELTAS, min_models=2, max_models=2,
+    coefficients=Coefficients.NUSLERP,
+    group_by=lambda spec: ("tensor" if spec.value("nuslerp_flatten") else
+                           "columns" if spec.value("nuslerp_row_wise") else "trailing")))
+register(Method(
+    "model_stock", "Model Stock: move from the base toward the models' average by their pairwise cosine",
+    "tau_MTL = t * mean_i tau_i, t = N cos / (1 + (N - 1) cos), cos = mean pairwise cosine (0 if singular)",
+    params=(FILTER_WISE,), min_models=2, coefficients=Coefficients.MODEL_STOCK,
+    group_by=lambda spec: "trailing" if spec.value("filter_wise") else "tensor",
+    paper="https://arxiv.org/abs/2403.19522"))
+
+
 def names() -> list[str]:
     return list(REGISTRY)
 
@@ -261,7 +343,7 @@ def help_text() -> str:
     """The methods and their parameters, for `lines-fast merge --help` (generated from the registry)."""
     lines = ["methods (parameters; defaults):"]
     for m in REGISTRY.values():
-        params = ", ".join(f"{p.name}={_show(p.default)}" for p in m.params if p.affects_result)
+        params = ", ".join(f"{p.name}={p.default_text()}" for p in m.params if p.affects_result)
         lines.append(f"  {m.name:<16} {m.summary}")
         lines.append(f"  {'':<16}   {params}")
     return "\n".join(lines)
@@ -271,7 +353,7 @@ def markdown_table() -> str:
     """The README's method table (tests/test_methods_docs.py checks the README holds exactly this)."""
     rows = ["| method | what it computes | parameters (default) | inputs |", "|---|---|---|---|"]
     for m in REGISTRY.values():
-        params = ", ".join(f"`{p.name}`" + ("ᵢ" if p.per_model else "") + f" ({_show(p.default)})"
+        params = ", ".join(f"`{p.name}`" + ("ᵢ" if p.per_model else "") + f" ({p.default_text()})"
                            for p in m.params if p.affects_result)
         inputs = f"base {'required' if m.base_required else 'optional'}; {m.models_text()} fine-tuned"
         rows.append(f"| `{m.name}` | {m.summary}: `{m.formula}` | {params} | {inputs} |")

@@ -6,9 +6,12 @@ never reads a method's name. Per element, all float32, models in config order:
 
     x_i    = f32(theta_i) - f32(theta_0)    deltas (task-vector methods)
            = f32(theta_i)                   a soup (Inputs.MODELS)
-    sparsify: MAGNITUDE keeps |x_i| >= t_i; RANDOM keeps u_i >= p_i (Philox, lines_fast/rng.py)
+    sparsify: MAGNITUDE keeps |x_i| >= t_i; RANDOM keeps u_i >= p_i (Philox, lines_fast/rng.py);
+              BAND keeps t_i <= |x_i| < c_i (the ceiling c_i drops the largest outliers)
     rescale:  INVERSE divides the kept values by q_i; L1 multiplies them by f_i (per tensor)
     c_i    = w_i * x_i
+    (Gram weights: w_i is w_i[g], the weight of the element's group g, from the inputs' norms
+     and dot products: lines_fast/gram.py; x_0 is theta_0 where the base is an input)
     consensus NONE: tau_m = sum_i c_i            [/ W with normalize, W = f32(sum_i w_i)]
     consensus SIGN: gamma = sign(sum_i c_i) (+1 at 0); A = {i : c_i != 0, sign(c_i) = gamma}
                     tau_m = sum_{i in A} c_i     [/ sum_{i in A} w_i with normalize; 0 if A empty]
@@ -22,18 +25,20 @@ and the L1 rescale factors f_i. They are returned to the caller, never stored on
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import rng
-from .methods import Consensus, Inputs, Rescale, Sparsify
-from .spec import MethodSpec
+from . import gram as gram_stats
+from .methods import Coefficients, Consensus, Inputs, Rescale, Sparsify
+from .spec import MethodSpec, band_ranks, kept_count
 
 # mergekit's floor below which an L1 norm is treated as zero (no rescale then).
 RESCALE_EPS = 1e-7
-TABLE_ROWS = ("weights", "thresholds", "drop_p", "divisors", "factors")
+TABLE_ROWS = ("weights", "thresholds", "drop_p", "divisors", "factors", "ceilings")
 
 
 def f32(x: float) -> float:
@@ -51,11 +56,13 @@ def rescale_factor(total_l1: float, kept_l1: float) -> float:
 @dataclass(frozen=True)
 class TensorStats:
     """Per-tensor numbers the merge of one tensor needs, one per model: trim thresholds
-    (keep |x_i| >= t_i; inf keeps nothing) and L1 rescale factors. None where not needed or
-    not yet found."""
+    (keep |x_i| >= t_i; inf keeps nothing), the band's ceilings, and L1 rescale factors. None
+    where not needed or not yet found."""
 
     thresholds: tuple[float, ...] | None = None
     factors: tuple[float, ...] | None = None
+    ceilings: tuple[float, ...] | None = None   # BAND: drop |x_i| >= c_i (inf drops nothing)
+    group_weights: torch.Tensor | None = None   # Gram weights: float32 CPU [N, groups]
 
 
 @dataclass(frozen=True)
@@ -70,10 +77,14 @@ class ElementPlan:
     threshold_scope: str      # "tensor" or "global" (MAGNITUDE only)
     weights: tuple[float, ...]
     densities: tuple[float, ...]
+    gammas: tuple[float, ...]   # BAND: the fraction of top magnitudes dropped
     drop_p: tuple[float, ...]
     divisors: tuple[float, ...]
     seed: int = 0
     weight_sum: float = 1.0   # f32(sum_i w_i), the divisor of a normalized sum
+    coefficients: Coefficients = Coefficients.GIVEN
+    group_by: str | None = None   # Gram weights: the element groups (gram.group_view)
+    t: float = 0.5                # slerp / nuslerp: the interpolation point
 
     @classmethod
     def from_spec(cls, spec: MethodSpec) -> "ElementPlan":
@@ -84,14 +95,20 @@ class ElementPlan:
         random = method.sparsify is Sparsify.RANDOM
         consts = [rng.dare_constants(d) for d in spec.densities] if random else [(0.0, 1.0)] * n
         sum_normalize = spec.normalize and method.consensus is Consensus.NONE
+        if method.coefficients is Coefficients.NUSLERP:   # mergekit: t = w_1 / (w_0 + w_1), 0.5 at a zero sum
+            total = sum(weights)
+            t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+        else:
+            t = spec.value("t", 0.5)
         return cls(
             n_models=n, uses_base=spec.uses_base, deltas=method.inputs is Inputs.DELTAS,
             sparsify=method.sparsify, rescale=rescale, consensus=method.consensus, normalize=spec.normalize,
             threshold_scope=spec.trim_scope if method.sparsify is Sparsify.MAGNITUDE else "tensor",
-            weights=tuple(f32(w) for w in weights), densities=tuple(spec.densities),
+            weights=tuple(f32(w) for w in weights), densities=tuple(spec.densities), gammas=tuple(spec.gammas),
             drop_p=tuple(p for p, _ in consts),
             divisors=tuple(dv for _, dv in consts) if rescale is Rescale.INVERSE else (1.0,) * n,
-            seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0)
+            seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0,
+            coefficients=method.coefficients, group_by=spec.group_by, t=t)
 
     @classmethod
     def task_vector_sum(cls, n_models: int) -> "ElementPlan":
@@ -99,12 +116,29 @@ class ElementPlan:
         ones = (1.0,) * n_models
         return cls(n_models=n_models, uses_base=True, deltas=True, sparsify=Sparsify.NONE, rescale=Rescale.NONE,
                    consensus=Consensus.NONE, normalize=False, threshold_scope="tensor", weights=ones,
-                   densities=ones, drop_p=(0.0,) * n_models, divisors=ones)
+                   densities=ones, gammas=(0.0,) * n_models, drop_p=(0.0,) * n_models, divisors=ones)
 
     # -- the statistics a tensor's merge needs ---------------------------------------------
     @property
     def trims(self) -> bool:
-        return self.sparsify is Sparsify.MAGNITUDE
+        """Magnitude thresholds are needed (TIES's trim, breadcrumbs' band)."""
+        return self.sparsify in (Sparsify.MAGNITUDE, Sparsify.BAND)
+
+    @property
+    def band(self) -> bool:
+        return self.sparsify is Sparsify.BAND
+
+    def magnitude_ranks(self, d: int) -> list[tuple[int, ...]]:
+        """Per model, the ranks k (from the top) of the |x_i| to find over a scope of d elements:
+        (k_floor,) for a trim, (k_floor, k_ceiling) for a band. k = 0 gives threshold inf."""
+        if self.band:
+            return [band_ranks(density, gamma, d) for density, gamma in zip(self.densities, self.gammas)]
+        return [(kept_count(density, d),) for density in self.densities]
+
+    def stats_from_thresholds(self, found: list[tuple[float, ...]], factors=None) -> TensorStats:
+        """TensorStats from the thresholds of magnitude_ranks' ranks, in that order."""
+        return TensorStats(thresholds=tuple(t[0] for t in found), factors=factors,
+                           ceilings=tuple(t[1] for t in found) if self.band else None)
 
     @property
     def drops(self) -> bool:
@@ -114,45 +148,58 @@ class ElementPlan:
     def global_thresholds(self) -> bool:
         return self.trims and self.threshold_scope == "global"
 
-    def missing(self, stats: TensorStats | None) -> tuple[bool, bool]:
-        """(needs thresholds, needs factors) that `stats` does not have yet."""
+    @property
+    def grouped(self) -> bool:
+        """The weights come per group from a Gram statistic (not the given weights)."""
+        return self.coefficients is not Coefficients.GIVEN
+
+    def missing(self, stats: TensorStats | None) -> tuple[bool, bool, bool]:
+        """(needs thresholds, needs factors, needs group weights) that `stats` does not have yet."""
         stats = stats or TensorStats()
         return (self.trims and stats.thresholds is None,
-                self.rescale is Rescale.L1 and stats.factors is None)
+                self.rescale is Rescale.L1 and stats.factors is None,
+                self.grouped and stats.group_weights is None)
 
-    def keep_masks(self, x: torch.Tensor, i: int, thresholds, name: str, start: int) -> torch.Tensor:
+    def keep_masks(self, x: torch.Tensor, i: int, stats: TensorStats, name: str, start: int) -> torch.Tensor:
         """The bool keep mask of model i's values x (flat, elements start.. of tensor `name`):
         the sparsifier's rule, in plain torch (for the statistics; backends fuse it)."""
         if self.sparsify is Sparsify.MAGNITUDE:
-            return x.abs() >= thresholds[i]
+            return x.abs() >= stats.thresholds[i]
+        if self.sparsify is Sparsify.BAND:
+            return (x.abs() >= stats.thresholds[i]) & (x.abs() < stats.ceilings[i])
         if self.sparsify is Sparsify.RANDOM:
             u = rng.dare_uniform(self.seed, i, name, x.numel(), start=start, device=x.device)
             return u >= self.drop_p[i]
         return torch.ones_like(x, dtype=torch.bool)
 
     def table(self, stats: TensorStats | None, device) -> torch.Tensor:
-        """The float32 [5, N] table of per-model numbers (TABLE_ROWS), on the kernel's device."""
+        """The float32 [6, N] table of per-model numbers (TABLE_ROWS), on the kernel's device."""
         stats = stats or TensorStats()
         n = self.n_models
-        need_thresholds, need_factors = self.missing(stats)
-        if need_thresholds or need_factors:
-            raise ValueError(f"the plan needs thresholds/factors this tensor's stats lack: {stats}")
+        if any(self.missing(stats)):
+            raise ValueError(f"the plan needs statistics this tensor's stats lack: {stats}")
         thresholds = tuple(float(t) for t in stats.thresholds) if self.trims else (0.0,) * n
         factors = tuple(float(f) for f in stats.factors) if self.rescale is Rescale.L1 else (1.0,) * n
-        rows = [self.weights, thresholds, self.drop_p, self.divisors, factors]
+        ceilings = tuple(float(c) for c in stats.ceilings) if self.band else (math.inf,) * n
+        rows = [self.weights, thresholds, self.drop_p, self.divisors, factors, ceilings]
         return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+
+
+# The plan's step fields; an executor lists the values it implements for each (a field it does
+# not list is a step it lacks, so a new step is refused until a backend implements it).
+STEPS = ("sparsify", "rescale", "consensus", "coefficients")
 
 
 def unsupported_steps(plan: ElementPlan, supported: dict) -> str | None:
     """Why an executor implementing `supported` ({field: set of step values}) cannot run `plan`, or None."""
-    for step, known in supported.items():
+    for step in STEPS:
         value = getattr(plan, step)
-        if value not in known:
+        if value not in supported.get(step, ()):
             return f"it has no {step} step {getattr(value, 'value', value)!r}"
     return None
 
 
-def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], thresholds,
+def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], stats: TensorStats,
                 name: str, start: int, totals: list, kepts: list) -> None:
     """Add ||x_i||_1 and ||kept x_i||_1 of one flat chunk (elements start.. of tensor `name`,
     on any device) into the exact accumulators totals[i] and kepts[i] (exactsum.AbsSum)."""
@@ -161,9 +208,22 @@ def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch
         x = model.to(torch.float32)
         if b is not None:
             x = x - b
-        keep = plan.keep_masks(x, i, thresholds, name, start)
+        keep = plan.keep_masks(x, i, stats, name, start)
         totals[i].add(x)
         kepts[i].add(torch.where(keep, x, torch.zeros((), dtype=torch.float32, device=x.device)))
+
+
+def add_gram(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], start: int,
+             view, gram: torch.Tensor) -> None:
+    """Add one flat chunk's products into the Gram statistic (lines_fast/gram.py) of the plan's
+    inputs x_i (the task vectors, or the models), on any device."""
+    b = base.to(torch.float32) if plan.deltas else None
+    xs = [m.to(torch.float32) - b if b is not None else m.to(torch.float32) for m in models]
+    gram_stats.add_gram(gram, xs, start, view)
+
+
+def group_weights(plan: ElementPlan, gram: torch.Tensor) -> torch.Tensor:
+    return gram_stats.weights(plan.coefficients, gram, plan.t)
 
 
 def factors_from_sums(totals: list, kepts: list) -> tuple[float, ...]:

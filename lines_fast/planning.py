@@ -26,7 +26,7 @@ from .backends.base import MergeJob
 from .errors import MergeInputError
 from .plan import ElementPlan, TensorStats
 from .selection import BINS, KEEP_NOTHING, Located, locate_kth
-from .spec import MethodSpec, kept_count
+from .spec import MethodSpec
 
 
 @dataclass
@@ -116,8 +116,9 @@ class MagnitudesPass(Pass):
             stats.task_sum_l1.add(backend.task_vector_sum_l1(job.base, job.models))
 
     def finish(self, stats, plan, total_elements, log):
-        stats.located = [locate_kth(self.hists[i], kept_count(d, total_elements)) if total_elements else None
-                         for i, d in enumerate(plan.densities)]
+        # Global scope is a trim's (one rank per model); k >= 1 for a non-empty model.
+        stats.located = [locate_kth(self.hists[i], ranks[0]) if total_elements else None
+                         for i, ranks in enumerate(plan.magnitude_ranks(total_elements))]
 
 
 class RefinePass(Pass):

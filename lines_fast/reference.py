@@ -28,9 +28,9 @@ from . import rng
 from .errors import MergeInputError
 from .exactsum import AbsSum
 from .layers import lines_scales
-from .methods import Consensus, Inputs, Rescale, Sparsify
+from .methods import Coefficients, Consensus, Inputs, Rescale, Sparsify
 from .plan import rescale_factor
-from .spec import LinesSpec, MethodSpec, kept_count, make_spec
+from .spec import LinesSpec, MethodSpec, band_ranks, kept_count, make_spec
 
 StateDict = dict[str, torch.Tensor]
 F32 = torch.float32
@@ -86,15 +86,24 @@ def task_vectors(base: StateDict, model: StateDict, names: Sequence[str] | None 
     return {name: model[name].to(F32) - base[name].to(F32) for name in names}
 
 
-def _kth_largest_abs(values: torch.Tensor, density: float) -> float:
-    """The k-th largest |value|, k = kept_count(density, numel); inf (keep nothing) when k = 0."""
+def kth_largest_abs(values: torch.Tensor, k: int) -> float:
+    """The k-th largest |value| (1 <= k <= numel); inf (keep nothing, or no ceiling) when k = 0."""
     magnitudes = values.flatten().abs()
-    d = magnitudes.numel()
-    k = kept_count(density, d)
     if k == 0:
         return math.inf
     # The k-th largest of d values is the (d - k + 1)-th smallest.
-    return torch.kthvalue(magnitudes, d - k + 1).values.item()
+    return torch.kthvalue(magnitudes, magnitudes.numel() - k + 1).values.item()
+
+
+def _kth_largest_abs(values: torch.Tensor, density: float) -> float:
+    """The k-th largest |value|, k = kept_count(density, numel); inf (keep nothing) when k = 0."""
+    return kth_largest_abs(values, kept_count(density, values.numel()))
+
+
+def band_thresholds(tau: torch.Tensor, density: float, gamma: float) -> tuple[float, float]:
+    """breadcrumbs' (floor, ceiling) over one tensor: keep floor <= |tau| < ceiling (band_ranks)."""
+    k_floor, k_ceiling = band_ranks(density, gamma, tau.numel())
+    return kth_largest_abs(tau, k_floor), kth_largest_abs(tau, k_ceiling)
 
 
 def trim_thresholds(
@@ -224,13 +233,26 @@ def _magnitude_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> 
     return keeps
 
 
+def _band_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> list[StateDict]:
+    """breadcrumbs: per tensor, drop the top gamma_i by magnitude (all ties at the ceiling go) and
+    keep the next density_i (all ties at the floor stay)."""
+    keeps = []
+    for x, density, gamma in zip(xs, spec.densities, spec.gammas):
+        keep = {}
+        for name in names:
+            floor, ceiling = band_thresholds(x[name], density, gamma)
+            keep[name] = (x[name].abs() >= floor) & (x[name].abs() < ceiling)
+        keeps.append(keep)
+    return keeps
+
+
 def _random_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> list[StateDict]:
     """DARE drop: keep where the Philox draw u >= p_i = float32(1 - density_i)."""
     return [{name: dare_keep(x[name].numel(), d, spec.seed, i, name).view(x[name].shape) for name in names}
             for i, (x, d) in enumerate(zip(xs, spec.densities))]
 
 
-SPARSIFIERS = {Sparsify.MAGNITUDE: _magnitude_keep, Sparsify.RANDOM: _random_keep}
+SPARSIFIERS = {Sparsify.MAGNITUDE: _magnitude_keep, Sparsify.RANDOM: _random_keep, Sparsify.BAND: _band_keep}
 
 
 def _sum_consensus(kept: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
@@ -243,6 +265,83 @@ def _sign_consensus(kept: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
 
 
 CONSENSUS = {Consensus.NONE: _sum_consensus, Consensus.SIGN: _sign_consensus}
+
+
+# -- weights from the inputs' angles (slerp, nuslerp, model_stock), written out per group ------
+
+def _as_groups(x: torch.Tensor, group_by: str) -> tuple[torch.Tensor, int]:
+    """x in float64 as [groups, vector length] (group_by as docs/methods.md defines it), and the
+    dim of the original layout to restore: 0 for rows, 1 where the groups were columns."""
+    flat = x.to(torch.float64).reshape(-1)
+    if group_by == "tensor" or x.dim() == 0 or (group_by in ("trailing", "columns") and x.dim() == 1):
+        return flat.reshape(1, -1), 0
+    if group_by == "leading":
+        return flat.reshape(x.shape[0], -1), 0
+    if group_by == "trailing":
+        return flat.reshape(-1, x.shape[-1]), 0
+    return flat.reshape(x.shape[0], -1).T, 1   # columns: vectors along dim 0
+
+
+def _angle_pair(v0: torch.Tensor, v1: torch.Tensor, t: float, norm_floor: float, replace_small: bool,
+                linear_rule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_0, c_1) per group of [groups, len] vectors: sin((1-t) a) / sin a and sin(t a) / sin a of
+    the angle a between the normalized vectors; (1 - t, t) where linear_rule(cos) holds."""
+    n0 = torch.linalg.vector_norm(v0, dim=1)
+    n1 = torch.linalg.vector_norm(v1, dim=1)
+    if replace_small:   # slerp: a norm at or below the floor counts as 1
+        n0 = torch.where(n0 > norm_floor, n0, torch.ones_like(n0))
+        n1 = torch.where(n1 > norm_floor, n1, torch.ones_like(n1))
+    else:               # nuslerp: clamped below at the floor
+        n0, n1 = n0.clamp(min=norm_floor), n1.clamp(min=norm_floor)
+    cos = ((v0 / n0[:, None]) * (v1 / n1[:, None])).sum(dim=1).clamp(-1, 1)
+    linear = linear_rule(cos)
+    theta = torch.acos(torch.where(linear, 0.0, cos))
+    c0 = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.where(linear, 1.0, torch.sin(theta)))
+    c1 = torch.where(linear, t, torch.sin(t * theta) / torch.where(linear, 1.0, torch.sin(theta)))
+    return c0, c1
+
+
+def _slerp_weights(xs: list[torch.Tensor], spec: MethodSpec) -> list[torch.Tensor]:
+    groups = [_as_groups(x, spec.group_by)[0] for x in xs]
+    return list(_angle_pair(groups[0], groups[1], spec.value("t"), 1e-8, True, lambda c: c.abs() > 0.9995))
+
+
+def _nuslerp_weights(xs: list[torch.Tensor], spec: MethodSpec) -> list[torch.Tensor]:
+    w0, w1 = spec.weights
+    t = 0.5 if abs(w0 + w1) < 1e-6 else w1 / (w0 + w1)
+    groups = [_as_groups(x, spec.group_by)[0] for x in xs]
+    return list(_angle_pair(groups[0], groups[1], t, 1e-7, False, lambda c: (1 - c * c) <= 1e-16))
+
+
+def _model_stock_weights(xs: list[torch.Tensor], spec: MethodSpec) -> list[torch.Tensor]:
+    groups = [_as_groups(x, spec.group_by)[0] for x in xs]
+    n = len(groups)
+    cosines = []
+    for a in range(n):
+        for b in range(a + 1, n):
+            norms = torch.linalg.vector_norm(groups[a], dim=1) * torch.linalg.vector_norm(groups[b], dim=1)
+            cosines.append(((groups[a] * groups[b]).sum(dim=1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0)
+    denominator = 1 + (n - 1) * cos
+    singular = denominator.abs() < 1e-6   # no finite estimate: keep the base there (t = 0)
+    t = torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+    return [t / n] * n
+
+
+ANGLE_WEIGHTS = {Coefficients.SLERP: _slerp_weights, Coefficients.NUSLERP: _nuslerp_weights,
+                 Coefficients.MODEL_STOCK: _model_stock_weights}
+
+
+def _group_weighted_sum(xs: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
+    """sum_i c_i[g] x_i in float32, model order from zeros, c_i rounded to float32 per group."""
+    coefficients = ANGLE_WEIGHTS[spec.definition.coefficients](xs, spec)
+    acc = torch.zeros_like(xs[0], dtype=F32)
+    for x, c in zip(xs, coefficients):
+        grouped, transposed = _as_groups(x, spec.group_by)
+        per_element = c.to(F32)[:, None].expand(grouped.shape)
+        per_element = (per_element.T if transposed else per_element).reshape(x.shape)
+        acc = acc + per_element * x
+    return acc
 
 
 def _rescaled(x: torch.Tensor, keep: torch.Tensor, rescale: Rescale, density: float) -> torch.Tensor:
@@ -270,6 +369,11 @@ def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec
         xs = [task_vectors(base, model, names) for model in models]
     else:
         xs = [{name: model[name].to(F32) for name in names} for model in models]
+    if method.coefficients is not Coefficients.GIVEN:
+        merged = {name: _group_weighted_sum([x[name] for x in xs], spec) for name in names}
+        if method.inputs is not Inputs.DELTAS and base is not None:
+            merged = {name: merged[name] - base[name].to(F32) for name in names}
+        return merged
     if method.sparsify is Sparsify.NONE:
         contributions = xs
     else:
@@ -278,7 +382,7 @@ def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec
                          for x, keep, d in zip(xs, keeps, spec.densities)]
     combine = CONSENSUS[method.consensus]
     merged = {name: combine([c[name] for c in contributions], spec) for name in names}
-    if method.inputs is Inputs.MODELS and base is not None:
+    if method.inputs is not Inputs.DELTAS and base is not None:
         merged = {name: merged[name] - base[name].to(F32) for name in names}
     return merged
 
@@ -380,6 +484,12 @@ def merge_state_dicts(
             list(weights) if isinstance(weights, (list, tuple)) else [weights] * len(models))
         models = [base, *models]
         params["weight"] = [base_weight, *weights]
+    from .methods import get
+
+    if get(method).inputs is Inputs.BASE_AND_MODELS:   # slerp: the base is the first input
+        if base is None:
+            raise MergeInputError(f"{method} needs a base model: it is the first of the models it interpolates.")
+        models = [base, *models]
     spec = spec_from_params(method, len(models), lines=lines, **params)
     if base_weight is not None and spec.definition.inputs is not Inputs.MODELS:
         raise MergeInputError(f"base_weight averages the base in; {method} works on task vectors from it.")

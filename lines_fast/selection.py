@@ -120,14 +120,27 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().view(torch.int32)
 
 
-def tensor_thresholds(backend, base: torch.Tensor, models: list[torch.Tensor],
-                      densities: tuple[float, ...]) -> tuple[float, ...]:
-    """Tensor-scope trim thresholds t_i, one per model: one `magnitude_histograms` pass for all
-    models, then a `magnitude_histogram(..., bucket)` refine only where pass 1 did not settle."""
-    from .spec import kept_count
+def thresholds_of_ranks(hists: torch.Tensor, ranks: list[tuple[int, ...]], refine) -> list[tuple[float, ...]]:
+    """Per model i, the k-th largest |tau_i| for each k in ranks[i], from packed histograms
+    hists[i]; refine(i, bucket) gives the low-bits histogram where pass 1 did not settle one.
+    One refine per (model, bucket): two ranks in the same bucket share it."""
+    found = []
+    for i, model_ranks in enumerate(ranks):
+        cache: dict[int, torch.Tensor] = {}
 
+        def low_bits(bucket: int, i=i, cache=cache) -> torch.Tensor:
+            if bucket not in cache:
+                cache[bucket] = refine(i, bucket)
+            return cache[bucket]
+
+        found.append(tuple(threshold_from_histograms(hists[i], k, low_bits) for k in model_ranks))
+    return found
+
+
+def tensor_thresholds(backend, base: torch.Tensor, models: list[torch.Tensor],
+                      ranks: list[tuple[int, ...]]) -> list[tuple[float, ...]]:
+    """Tensor-scope magnitude thresholds, per model one per rank (ElementPlan.magnitude_ranks):
+    one `magnitude_histograms` pass for all models, then a `magnitude_histogram(..., bucket)`
+    refine only where pass 1 did not settle."""
     hists = backend.magnitude_histograms(base, models)
-    return tuple(
-        threshold_from_histograms(hists[i], kept_count(density, base.numel()),
-                                  lambda bucket, m=model: backend.magnitude_histogram(base, m, bucket))
-        for i, (model, density) in enumerate(zip(models, densities)))
+    return thresholds_of_ranks(hists, ranks, lambda i, bucket: backend.magnitude_histogram(base, models[i], bucket))

@@ -30,6 +30,21 @@ def kept_count(density: float, d: int) -> int:
     return max(1, int(math.floor(density * d))) if d >= 1 else 0
 
 
+def band_ranks(density: float, gamma: float, d: int) -> tuple[int, int]:
+    """breadcrumbs' (k_floor, k_ceiling) for a scope of d elements: drop |tau| >= the k_ceiling-th
+    largest (no ceiling when k_ceiling = 0), keep |tau| >= the k_floor-th largest (k_floor = 0
+    keeps nothing).
+
+    As mergekit 0.1.5: the top floor(gamma * d) go, then the next floor(density * d) stay (no
+    minimum of one here), products in double; density >= 1 leaves the tensor as it is (k_floor
+    = d keeps every |tau| >= the smallest, and no ceiling), whatever gamma.
+    """
+    if density >= 1:
+        return d, 0
+    top, kept = int(math.floor(gamma * d)), int(math.floor(density * d))
+    return (top + kept if kept >= 1 else 0), top
+
+
 @dataclass(frozen=True)
 class LinesSpec:
     """LiNeS: tensor in block l of a stack of L blocks gets alpha + beta * l / (L - 1).
@@ -77,6 +92,10 @@ class MethodSpec:
         return self.value("density", (1.0,) * self.n_models)
 
     @property
+    def gammas(self) -> tuple[float, ...]:
+        return self.value("gamma", (0.0,) * self.n_models)
+
+    @property
     def lam(self) -> float:
         return self.value("lambda", 1.0)
 
@@ -99,8 +118,15 @@ class MethodSpec:
 
     @property
     def uses_base(self) -> bool:
-        """Whether θ0 is read: task-vector methods always; a soup only as LiNeS's θ0."""
+        """Whether θ0 is read as θ0: task-vector methods always; a soup (and slerp, whose
+        inputs include the base) only as LiNeS's θ0."""
         return self.definition.inputs is Inputs.DELTAS or self.lines is not None
+
+    @property
+    def group_by(self) -> str | None:
+        """The element groups of the Gram statistic (Method.group_by), or None for given weights."""
+        group_by = self.definition.group_by
+        return None if group_by is None else group_by(self)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able parameters (for the output's recorded recipe)."""
@@ -120,6 +146,9 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
     prefix = f"{where}: " if where else ""
     if n_models < definition.min_models or (definition.max_models is not None and n_models > definition.max_models):
         exactly = "exactly " if definition.min_models == definition.max_models else ""
+        if definition.inputs is Inputs.BASE_AND_MODELS:
+            raise MergeInputError(f"{prefix}{method} merges {definition.models_text()} model; {n_models - 1} other "
+                                  f"model(s) were given.")
         raise MergeInputError(f"{prefix}{method} merges {exactly}{definition.models_text()} fine-tuned model(s); "
                               f"{n_models} were given.")
     values = dict(values or {})
@@ -169,9 +198,14 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
             checked = tuple(p.check(v, f"{where or method}: {labels[i]}") for i, v in enumerate(per))
             resolved.append((p.name, checked))
         else:
+            if p.required and values.get(p.name) is None:
+                raise MergeInputError(f"{prefix}{method} needs {p.name} ({p.help}; {p.range_text()}); add it under "
+                                      "the top-level parameters.")
             resolved.append((p.name, p.check(values.get(p.name, p.default), where or method)))
     spec = MethodSpec(method, n_models, tuple(resolved), lines)
     _check_divisors(spec, prefix)
+    for check in definition.checks:
+        check(spec, prefix)
     return spec
 
 

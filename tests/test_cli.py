@@ -400,11 +400,11 @@ def test_weights_summing_to_zero(fam, capsys):
 
 
 def test_unknown_method(fam, capsys):
-    msg = refused(capsys, fam.out, *fam.args("slerp"))
-    assert "unknown merge method 'slerp'" in msg and "ties" in msg
-    cfg = write_yaml(fam.root / "c.yml", yaml_doc(fam, method="model_stock"))
+    msg = refused(capsys, fam.out, *fam.args("karcher"))
+    assert "unknown merge method 'karcher'" in msg and "ties" in msg
+    cfg = write_yaml(fam.root / "c.yml", yaml_doc(fam, method="sce"))
     msg = refused(capsys, fam.out, cfg, fam.out)
-    assert str(cfg) in msg and "model_stock" in msg
+    assert str(cfg) in msg and "sce" in msg
 
 
 def test_unknown_cli_option(fam, capsys):

@@ -19,7 +19,7 @@ from lines_fast import rng  # noqa: E402
 from lines_fast.backends.triton_backend import import_kernels  # noqa: E402
 from lines_fast.layers import lines_scales  # noqa: E402
 from lines_fast.selection import BINS, threshold_from_histograms  # noqa: E402
-from lines_fast.methods import REGISTRY, Rescale, Sparsify  # noqa: E402
+from lines_fast.methods import REGISTRY, Inputs, Rescale, Sparsify  # noqa: E402
 from lines_fast.plan import ElementPlan, TensorStats  # noqa: E402
 from lines_fast.spec import LinesSpec, MethodSpec, kept_count, make_spec  # noqa: E402
 
@@ -95,11 +95,23 @@ def spec_for(method: str, n_models: int, *, weights=None, density=0.3, normalize
              "seed": seed, "lambda": lam, "rescale": rescale}
     definition = REGISTRY[method]
     values = {k: v for k, v in given.items() if v is not None and definition.takes(k)}
+    values.update({p.name: 0.4 for p in definition.params if p.required})   # slerp's t
     return make_spec(method, n_models, values=values)
 
 
+def model_count(method: str, wanted: int) -> int:
+    """`wanted` inputs, within what the method merges."""
+    definition = REGISTRY[method]
+    return max(definition.min_models, min(wanted, definition.max_models or wanted))
+
+
+def method_inputs(method: str, base, models):
+    """The kernel's inputs: the base first where the method interpolates from it (slerp)."""
+    return [base, *models[:-1]] if REGISTRY[method].inputs is Inputs.BASE_AND_MODELS else models
+
+
 def trims(spec: MethodSpec) -> bool:
-    return spec.definition.sparsify is Sparsify.MAGNITUDE
+    return spec.definition.sparsify in (Sparsify.MAGNITUDE, Sparsify.BAND)
 
 
 def reference_merge(base, models, spec: MethodSpec, scale: float, out_dtype, thresholds=None):
@@ -119,17 +131,26 @@ def ref_thresholds(base, models, densities):
 def ref_stats(base, models, spec: MethodSpec, thresholds=None, name=NAME) -> TensorStats:
     """The per-tensor statistics the plan needs, from the reference's building blocks."""
     plan = ElementPlan.from_spec(spec)
-    if plan.trims and thresholds is None:
+    ceilings = None
+    if plan.band:
+        bands = [ref.band_thresholds(m.float() - base.float(), d, g)
+                 for m, d, g in zip(models, spec.densities, spec.gammas)]
+        thresholds, ceilings = tuple(b[0] for b in bands), tuple(b[1] for b in bands)
+    elif plan.trims and thresholds is None:
         thresholds = ref_thresholds(base, models, spec.densities)
-    factors = None
+    group_weights = None
+    if plan.grouped:   # the reference's own per-group weights (its formulas, not gram.py's)
+        xs = [m.float() - base.float() if plan.deltas else m.float() for m in models]
+        group_weights = torch.stack([c.float() for c in ref.ANGLE_WEIGHTS[plan.coefficients](xs, spec)])
+    stats = TensorStats(thresholds if plan.trims else None, None, ceilings, group_weights)
     if plan.rescale is Rescale.L1:
         factors = []
         for i, m in enumerate(models):
             tau = m.float() - base.float()
-            keep = plan.keep_masks(tau.reshape(-1), i, thresholds, name, 0).view(tau.shape)
+            keep = plan.keep_masks(tau.reshape(-1), i, stats, name, 0).view(tau.shape)
             factors.append(ref.l1_rescale_factor(tau, keep))
-        factors = tuple(factors)
-    return TensorStats(thresholds if plan.trims else None, factors)
+        stats = TensorStats(stats.thresholds, tuple(factors), ceilings)
+    return stats
 
 
 def dev(t):
@@ -137,7 +158,8 @@ def dev(t):
 
 
 def run_merge(base, models, spec, *, scale, out_dtype, thresholds=None, name=NAME, elem_offset=0, flags=None):
-    stats = ref_stats(base, models, spec, thresholds, name) if base is not None else None
+    grouped = ElementPlan.from_spec(spec).grouped
+    stats = ref_stats(base, models, spec, thresholds, name) if base is not None or grouped else None
     out = kmerge.fused_merge(dev(base), [dev(m) for m in models], ElementPlan.from_spec(spec), name=name,
                              stats=stats, scale=scale, out_dtype=out_dtype, elem_offset=elem_offset, block=BLOCK,
                              flags=flags)
@@ -162,13 +184,14 @@ DTYPE_CASES = [
 @pytest.mark.parametrize("dtypes", DTYPE_CASES, ids=lambda d: f"{d[0]}-{d[1][1]}-{d[2]}".replace("torch.", ""))
 def test_methods_match_reference(method, dtypes):
     base_dtype, model_dtypes, out_dtype = dtypes
-    n_models = 1 if method == "wise_ft" else 3
+    n_models = model_count(method, 3)
     base, models = make_inputs(1999, n_models, base_dtype, model_dtypes, seed=hash(method) % 1000)
-    weights = [1.0] if n_models == 1 else [1.0, 0.3, 2.5]
+    models = method_inputs(method, base, models)
+    weights = [1.0, 0.3, 2.5][:n_models]
     spec = spec_for(method, n_models, weights=weights, density=0.35, seed=1234)
     thresholds = ref_thresholds(base, models, spec.densities) if trims(spec) else None
     scale = 0.7
-    use_base = method != "linear"
+    use_base = spec.uses_base
     got = run_merge(base if use_base else None, models, spec, scale=scale, out_dtype=out_dtype, thresholds=thresholds)
     want = reference_merge(base if use_base else None, models, spec, scale, out_dtype)
     assert_within_tolerance(got, want)
@@ -231,11 +254,11 @@ def test_ties_at_the_threshold_and_exact_zeros():
 def test_all_zero_task_vectors(method):
     base = torch.randn(513).to(BF16)
     base[:7] = -0.0
-    n_models = 1 if method == "wise_ft" else 2
+    n_models = model_count(method, 2)
     models = [base.clone() for _ in range(n_models)]
     spec = spec_for(method, n_models)
     thresholds = ref_thresholds(base, models, spec.densities) if trims(spec) else None
-    use_base = method != "linear"
+    use_base = spec.uses_base
     got = run_merge(base if use_base else None, models, spec, scale=1.0, out_dtype=BF16, thresholds=thresholds)
     want = reference_merge(base if use_base else None, models, spec, 1.0, BF16)
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
@@ -540,8 +563,9 @@ def test_resident_thresholds_on_staged_models(dtype):
     base, models = make_inputs(1800, 3, dtype, [dtype] * 3, seed=21, zero_frac=0.2)
     densities = (0.05, 0.5, 0.0001)  # the last keeps nothing: k = 0, threshold inf
     staged = kmerge.stage_models([dev(m) for m in models])
-    got, hist = kselect.resident_thresholds(dev(base), staged, densities, n=base.numel(), block=BLOCK)
-    assert got == ref_thresholds(base, models, densities)
+    ranks = [(kept_count(d, base.numel()),) for d in densities]
+    got, hist = kselect.resident_thresholds(dev(base), staged, ranks, n=base.numel(), block=BLOCK)
+    assert tuple(t for (t,) in got) == ref_thresholds(base, models, densities)
     assert hist.shape == (3, BINS) and int(hist.sum()) == 3 * base.numel()
 
 

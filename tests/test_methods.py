@@ -71,20 +71,34 @@ def other_values(param: Param, n: int) -> list:
     if param.kind == "integer":
         return [12345]
     if math.isfinite(param.low) and math.isfinite(param.high):
-        return [v for v in (param.low, 0.3, param.high) if v != param.default]
+        bounds = [param.low] * (not param.low_open) + [0.3] + [param.high] * (not param.high_open)
+        return [v for v in bounds if v != param.default]
     return [0.7]
+
+
+def required_values(method: methods.Method) -> dict:
+    """A value for each parameter the method has no default for (slerp's t)."""
+    return {p.name: 0.4 for p in method.params if p.required}
+
+
+def inputs_for(method: str, base, models):
+    """The method's inputs from a family: the base first where it is an input (slerp)."""
+    if methods.get(method).inputs is Inputs.BASE_AND_MODELS:
+        return [base, *models[:-1]]
+    return models
 
 
 def cases():
     for method in methods.REGISTRY.values():
         n = _n_models(method)
-        yield method.name, {}, None
-        combined = {}
+        required = required_values(method)
+        yield method.name, dict(required), None
+        combined = dict(required)
         for param in method.params:
             if not param.affects_result:
                 continue
             for value in other_values(param, n):
-                yield method.name, {param.name: value}, None
+                yield method.name, {**required, param.name: value}, None
             combined[param.name] = other_values(param, n)[0]
         if len(combined) > 1:
             if combined.get("normalize") and method.takes("weight"):
@@ -92,8 +106,8 @@ def cases():
             yield method.name, combined, None
         if method.takes("weight") and method.takes("normalize") and n > 1:
             yield method.name, {"weight": [1.0, -0.5, 2.0][:n], "normalize": False}, None  # mixed signs
-        yield method.name, {}, LinesSpec(alpha=0.5, beta=1.0, outside="last")
-        yield method.name, {}, LinesSpec(alpha="auto", beta=0.8)
+        yield method.name, dict(required), LinesSpec(alpha=0.5, beta=1.0, outside="last")
+        yield method.name, dict(required), LinesSpec(alpha="auto", beta=0.8)
 
 
 CASES = list(cases())
@@ -104,7 +118,7 @@ def _kernel_key(case):
     method, values, lines = case
     plan = ElementPlan.from_spec(make_spec(method, _n_models(methods.get(method)), values=values, lines=lines))
     return (plan.uses_base, plan.deltas, plan.sparsify, plan.rescale, plan.consensus, plan.normalize,
-            plan.global_thresholds, None if lines is None else lines.alpha == "auto", min(plan.weights) < 0)
+            plan.coefficients, plan.group_by, plan.global_thresholds, None if lines is None else lines.alpha == "auto", min(plan.weights) < 0)
 
 
 # The interpreter runs one case per distinct code path (it costs seconds a case); the CPU all.
@@ -172,6 +186,7 @@ def make_backend(kind: str):
 def check_equal_to_reference(backend_kind, method, values, lines, out_dtype=torch.bfloat16):
     n = _n_models(methods.get(method))
     base, models = family(n, seed=len(method) + 7 * len(values))
+    models = inputs_for(method, base, models)
     spec = make_spec(method, n, values=values, lines=lines)
     want = ref.merge_with_spec(base, models, spec, out_dtype=out_dtype)
     got, _ = backend_merge(make_backend(backend_kind), base, models, spec, out_dtype)
@@ -194,7 +209,8 @@ def test_kernels_equal_reference(case):
 @pytest.mark.parametrize("method", methods.names())
 @pytest.mark.parametrize("backend_kind", ["cpu", "interpret"])
 def test_fp32_output(backend_kind, method):
-    check_equal_to_reference(backend_kind, method, {}, None, out_dtype=torch.float32)
+    check_equal_to_reference(backend_kind, method, required_values(methods.get(method)), None,
+                             out_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("method", methods.names())
@@ -205,9 +221,9 @@ def test_lines_alpha_one_beta_zero_is_the_plain_method(backend_kind, method):
     definition = methods.get(method)
     n = _n_models(definition)
     base, models = family(n, seed=3)
+    models = inputs_for(method, base, models)
     values = {"lambda": 1.0} if definition.takes("lambda") else {}
-    if method == "wise_ft":
-        values = {"lambda": 1.0}
+    values.update(required_values(definition))
     plain = ref.merge_with_spec(base, models, make_spec(method, n, values=values))
     identity = make_spec(method, n, values={k: v for k, v in values.items() if k != "lambda"},
                          lines=LinesSpec(alpha=1.0, beta=0.0))

@@ -582,6 +582,6 @@ def test_missing_tensor_unknown_method_and_missing_base():
     with pytest.raises(MergeInputError, match="missing"):
         ref.merge_state_dicts(base, [{"w": t(1.0)}], "task_arithmetic")
     with pytest.raises(MergeInputError, match="unknown merge method"):
-        ref.merge_state_dicts(base, [dict(base)], "slerp")
+        ref.merge_state_dicts(base, [dict(base)], "karcher")
     with pytest.raises(MergeInputError, match="base"):
         ref.merge_state_dicts(None, [dict(base)], "ties", density=0.5)

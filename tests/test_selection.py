@@ -112,7 +112,7 @@ def test_thresholds_equal_the_reference_settled_or_not():
         k = kept_count(density, base.numel())
         if k:
             paths.add(locate_kth(backend.magnitude_histogram(base, model), k).settled)
-        (got,) = tensor_thresholds(backend, base, [model], (density,))
+        ((got,),) = tensor_thresholds(backend, base, [model], [(k,)])
         want = ref.trim_thresholds({"w": model.float() - base.float()}, density, "tensor")["w"]
         assert got == want, (trial, dtype, density)
     assert paths == {True, False}

@@ -25,7 +25,7 @@ from lines_fast.backends.cpu import CpuBackend  # noqa: E402
 from lines_fast.selection import BINS, tensor_thresholds  # noqa: E402
 from lines_fast.methods import REGISTRY  # noqa: E402
 from lines_fast.plan import ElementPlan, TensorStats  # noqa: E402
-from lines_fast.spec import LinesSpec, MethodSpec, make_spec  # noqa: E402
+from lines_fast.spec import LinesSpec, MethodSpec, kept_count, make_spec  # noqa: E402
 
 kmerge, _ = import_kernels()
 INTERPRET = kmerge._interpreted(kmerge._fused_merge_kernel)
@@ -163,7 +163,8 @@ def test_histograms_and_thresholds():
     assert torch.equal(be.magnitude_histogram(b, m, bucket),
                        torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=BINS))
     for density in (0.01, 0.5, 1.0):
-        got = tensor_thresholds(be, b, [mm[name] for mm in models], (density, density))
+        ranks = [(kept_count(density, b.numel()),)] * 2
+        got = tuple(t for (t,) in tensor_thresholds(be, b, [mm[name] for mm in models], ranks))
         want = tuple(ref.trim_thresholds({name: mm[name].float() - b.float()}, density, "tensor")[name]
                      for mm in models)
         assert got == want

@@ -11,14 +11,17 @@ current one computes.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from typing import Iterable, Iterator
 
 import torch
 
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum
-from ..methods import Consensus, Rescale, Sparsify
-from ..plan import ElementPlan, TensorStats, add_kept_l1, factors_from_sums, unsupported_steps
+from ..methods import Coefficients, Consensus, Rescale, Sparsify
+from ..gram import group_index, group_view, new_gram
+from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, factors_from_sums, group_weights,
+                    unsupported_steps)
 from ..rng import dare_uniform
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
@@ -27,9 +30,10 @@ DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resi
 _PAGE = 4096
 # The plan steps this backend executes; any other is refused by supports().
 SUPPORTED = {
-    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM},
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
     "consensus": {Consensus.NONE, Consensus.SIGN},
+    "coefficients": {Coefficients.GIVEN, Coefficients.SLERP, Coefficients.NUSLERP, Coefficients.MODEL_STOCK},
 }
 
 
@@ -151,18 +155,26 @@ class CpuBackend:
         """job.stats completed with what the plan needs and the engine did not give: tensor-scope
         thresholds (exact histograms) and the L1 rescale factors (exact sums, one more read)."""
         stats = job.stats or TensorStats()
-        need_thresholds, need_factors = plan.missing(stats)
-        thresholds, factors = stats.thresholds, stats.factors
+        need_thresholds, need_factors, need_weights = plan.missing(stats)
         if need_thresholds:
-            thresholds = tensor_thresholds(self, job.base, job.models, plan.densities)
+            found = tensor_thresholds(self, job.base, job.models, plan.magnitude_ranks(job.base.numel()))
+            stats = plan.stats_from_thresholds(found, stats.factors)
+        if need_weights:
+            view = group_view(job.models[0].shape, plan.group_by)
+            gram = new_gram(view, len(job.models))
+            base = job.base.reshape(-1) if plan.deltas else None
+            models = [m.reshape(-1) for m in job.models]
+            for s, e in self._spans(models[0].numel()):
+                add_gram(plan, None if base is None else base[s:e], [m[s:e] for m in models], s, view, gram)
+            stats = replace(stats, group_weights=group_weights(plan, gram))
         if need_factors:
             totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]
             base = job.base.reshape(-1)
             models = [m.reshape(-1) for m in job.models]
             for s, e in self._spans(base.numel()):
-                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], thresholds, job.name, s, totals, kepts)
-            factors = factors_from_sums(totals, kepts)
-        return TensorStats(thresholds, factors)
+                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s, totals, kepts)
+            stats = replace(stats, factors=factors_from_sums(totals, kepts))
+        return stats
 
     def delta_norms(self, job: MergeJob, plan: ElementPlan,
                     with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
@@ -196,13 +208,17 @@ class CpuBackend:
                 raise NonFiniteInput(job.name, -1)  # a soup's θ0 (LiNeS) is not checked by _load
         if task_sum is not None:
             task_sum.zero_()
+        if plan.grouped:   # per-element weights: each element's group's weight
+            groups = group_index(group_view(job.models[0].shape, plan.group_by), s, e)
         contributions = []
         for i, model in enumerate(job.models):
             x = self._load(bufs.tau[i][:n], model.reshape(-1)[s:e], b if plan.deltas else None, job.name, i)
             if task_sum is not None:
                 task_sum.add_(x if plan.deltas else torch.sub(x, b, out=bufs.tmp[:n]))
-            if plan.sparsify is Sparsify.MAGNITUDE:
+            if plan.trims:
                 self._zero_below(x, x, stats.thresholds[i], bufs.tmp[:n])
+                if plan.band:
+                    self._zero_at_or_above(x, stats.ceilings[i], bufs.tmp[:n])
             elif plan.sparsify is Sparsify.RANDOM:
                 # Drop where u < p: u, p >= 0 order as their bit patterns.
                 u = dare_uniform(plan.seed, i, job.name, n, start=s)
@@ -211,6 +227,9 @@ class CpuBackend:
                 x.div_(plan.divisors[i])
             elif plan.rescale is Rescale.L1:
                 x.mul_(stats.factors[i])
+            if plan.grouped:
+                contributions.append(x.mul_(stats.group_weights[i].index_select(0, groups)))
+                continue
             w = plan.weights[i]
             contributions.append(x if w == 1.0 else x.mul_(w))   # c_i = w_i * x_i
         if plan.consensus is Consensus.SIGN:
@@ -239,6 +258,14 @@ class CpuBackend:
         drop = magnitude.view(torch.int32)
         drop.sub_(float_to_bits(threshold)).bitwise_right_shift_(31).bitwise_not_()
         x.view(torch.int32).bitwise_and_(drop)
+
+    @staticmethod
+    def _zero_at_or_above(x: torch.Tensor, ceiling: float, scratch: torch.Tensor) -> None:
+        """Set x to +0 where |x| >= ceiling (inf zeroes nothing): the complement of _zero_below's
+        rule on the same bit patterns, so (|x|bits - c bits) >> 31 is all ones exactly where |x| < c."""
+        keep = torch.abs(x, out=scratch).view(torch.int32)
+        keep.sub_(float_to_bits(ceiling)).bitwise_right_shift_(31)
+        x.view(torch.int32).bitwise_and_(keep)
 
     @staticmethod
     def _disjoint_merge(contributions, weights, normalize: bool, n: int, bufs: _Buffers) -> torch.Tensor:

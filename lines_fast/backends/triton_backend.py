@@ -25,6 +25,7 @@ import math
 import os
 import sys
 import threading
+from dataclasses import replace
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ import torch
 
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum
-from ..plan import ElementPlan, TensorStats, add_kept_l1, factors_from_sums
+from ..gram import group_view, new_gram
+from ..plan import ElementPlan, TensorStats, add_gram, add_kept_l1, factors_from_sums, group_weights
 from ..selection import BINS, nonfinite_count, tensor_thresholds
 from .base import MergeJob
 
@@ -417,24 +419,24 @@ class TritonBackend:
     def supports(self, plan: ElementPlan) -> str | None:
         return self._merge.unsupported(plan)
 
-    def _streamed_thresholds(self, job: MergeJob, plan: ElementPlan) -> tuple[float, ...]:
+    def _streamed_thresholds(self, job: MergeJob, plan: ElementPlan) -> list[tuple[float, ...]]:
         """Tensor-scope thresholds of a job bigger than a slot: histogram passes over its parts."""
         try:
-            return tensor_thresholds(self, job.base, job.models, plan.densities)
+            return tensor_thresholds(self, job.base, job.models, plan.magnitude_ranks(job.base.numel()))
         except NonFiniteInput as err:
             raise NonFiniteInput(job.name, err.model_index) from None
 
-    def _resident_thresholds(self, job: MergeJob, plan: ElementPlan, views: dict) -> tuple[float, ...]:
+    def _resident_thresholds(self, job: MergeJob, plan: ElementPlan, views: dict) -> list[tuple[float, ...]]:
         """Tensor-scope thresholds of a job whose whole tensor sits in `views`: no second upload."""
         with self._mover.computing():
             thresholds, hist = self._select.resident_thresholds(
-                views["base"], views["models"], plan.densities, n=job.base.numel(), block=self.block)
+                views["base"], views["models"], plan.magnitude_ranks(job.base.numel()), n=job.base.numel(),
+                block=self.block)
         self._check_histogram(hist, job.name, job.base, job.models)
         return thresholds
 
-    def _rescale_factors(self, job: MergeJob, plan: ElementPlan, thresholds, views: dict | None) -> tuple:
-        """L1 rescale factors from exact sums on the device: over `views` when the whole tensor
-        is resident, else over freshly uploaded parts."""
+    def _rescale_factors(self, job: MergeJob, plan: ElementPlan, stats: TensorStats, views: dict | None) -> tuple:
+        """L1 rescale factors from exact sums on the device, over the resident tensor or its parts."""
         totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]
 
         def add(part: dict, offset: int) -> None:
@@ -444,34 +446,61 @@ class TritonBackend:
                 # device memory must stay bounded by the slots.
                 for a in range(0, n, _STATS_CHUNK):
                     b = min(n, a + _STATS_CHUNK)
-                    add_kept_l1(plan, part["base"][a:b], [r[a:b] for r in rows], thresholds, job.name, offset + a,
+                    add_kept_l1(plan, part["base"][a:b], [r[a:b] for r in rows], stats, job.name, offset + a,
                                 totals, kepts)
 
+        self._each_part(job, plan, views, add)
+        return factors_from_sums(totals, kepts)
+
+    def _each_part(self, job: MergeJob, plan: ElementPlan, views: dict | None, add) -> None:
+        """Call add(part_views, offset) over the whole tensor on the device: once over `views`
+        when it is all resident, else over freshly uploaded parts."""
         if views is not None:
             add(views, 0)
-            return factors_from_sums(totals, kepts)
-        base, models = self._flat(job.base), [self._flat(m) for m in job.models]
-        per_element = base.element_size() + len(models) * self._merge.staging_dtype(m.dtype for m in models).itemsize
-        for start, stop in self._part_ranges(base.numel(), per_element):
+            return
+        base = self._flat(job.base) if plan.uses_base or plan.deltas else None
+        models = [self._flat(m) for m in job.models]
+        per_element = (base.element_size() if base is not None else 0) + \
+            len(models) * self._merge.staging_dtype(m.dtype for m in models).itemsize
+        for start, stop in self._part_ranges(models[0].numel(), per_element):
             slot, part = self._upload(base, models, start, stop, {})
             add(part, start)
             self._release(slot)
-        return factors_from_sums(totals, kepts)
+
+    def _group_weights(self, job: MergeJob, plan: ElementPlan, views: dict | None) -> torch.Tensor:
+        """The Gram weights (lines_fast/gram.py) of the tensor, its Gram matrix summed on the device."""
+        view = group_view(tuple(job.models[0].shape), plan.group_by)
+        with self._mover.computing():
+            gram = new_gram(view, len(job.models), device=self._mover.device)
+
+        def add(part: dict, offset: int) -> None:
+            rows, n = list(part["models"]), part["models"].shape[1]
+            with self._mover.computing():
+                for a in range(0, n, _STATS_CHUNK):
+                    b = min(n, a + _STATS_CHUNK)
+                    base = part["base"][a:b] if plan.deltas else None
+                    add_gram(plan, base, [r[a:b] for r in rows], offset + a, view, gram)
+
+        self._each_part(job, plan, views, add)
+        with self._mover.computing():
+            return group_weights(plan, gram)
 
     def tensor_stats(self, job: MergeJob, plan: ElementPlan, views: dict | None = None) -> TensorStats:
         """job.stats completed with what the plan needs: tensor-scope thresholds and L1 rescale
         factors, from `views` (the whole tensor already on the device) when given."""
         stats = job.stats or TensorStats()
-        need_thresholds, need_factors = plan.missing(stats)
-        thresholds, factors = stats.thresholds, stats.factors
+        need_thresholds, need_factors, need_weights = plan.missing(stats)
+        if need_weights:
+            stats = replace(stats, group_weights=self._group_weights(job, plan, views))
         if need_thresholds:
             if plan.threshold_scope != "tensor":
                 raise ValueError(f"{job.name}: global-scope trimming needs thresholds from the engine")
-            thresholds = (self._resident_thresholds(job, plan, views) if views is not None
-                          else self._streamed_thresholds(job, plan))
+            found = (self._resident_thresholds(job, plan, views) if views is not None
+                     else self._streamed_thresholds(job, plan))
+            stats = replace(plan.stats_from_thresholds(found, stats.factors), group_weights=stats.group_weights)
         if need_factors:
-            factors = self._rescale_factors(job, plan, thresholds, views)
-        return TensorStats(thresholds, factors)
+            stats = replace(stats, factors=self._rescale_factors(job, plan, stats, views))
+        return stats
 
     def _norms(self, job: MergeJob, plan: ElementPlan, *, with_task_sum: bool) -> tuple[float, float, TensorStats]:
         """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁, stats) from ONE upload of each part. A job missing stats
@@ -509,7 +538,8 @@ class TritonBackend:
                     task_partials.zero_()
                 merge.launch_merge(None, views["base"], views["models"], table, plan, n=n,
                                    stream_id=tensor_stream_id(job.name), elem_offset=start, partials=partials,
-                                   task_partials=task_partials, block=block)
+                                   task_partials=task_partials, block=block,
+                                   **merge.group_args(plan, stats, job.models[0].shape, self._mover.device))
                 deltas.append(partials.sum())  # float64, fixed order: deterministic
                 if with_task_sum:
                     task_sums.append(task_partials.sum())
@@ -590,7 +620,8 @@ class TritonBackend:
             self._merge.launch_merge(
                 views["out"], views.get("base"), views["models"], table, plan, n=part.stop - part.start,
                 scale=part.job.scale, stream_id=tensor_stream_id(part.job.name), elem_offset=part.start,
-                flags=views["flags"] if self.check_finite else None, block=self.block)
+                flags=views["flags"] if self.check_finite else None, block=self.block,
+                **self._merge.group_args(plan, part.stats, part.job.models[0].shape, self._mover.device))
         self._release(part.slot)
 
     def _finish(self, part: _Part):
