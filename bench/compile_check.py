@@ -90,6 +90,7 @@ def variants() -> list[Variant]:
         _merge_variant("ties bf16 N=8", spec("ties", 8), max_registers=168),
         _merge_variant("ties fp32 N=3", spec("ties"), bf16=False),
         _merge_variant("ties rescale bf16 N=3", spec("ties", rescale=True)),
+        _merge_variant("ties consensus bf16 N=3", spec("ties", consensus={"k": 2})),
         _merge_variant("dare_linear inverse bf16 N=8", spec("dare_linear", 8, rescale="inverse"), max_registers=255),
         _merge_variant("ties L1 (alpha auto) bf16 N=3", spec("ties"), l1=True),
         _merge_variant("linear + LiNeS L1 bf16 N=3", spec("linear", lines=LinesSpec("auto", 1.0)), l1=True),
@@ -118,7 +119,8 @@ def variants() -> list[Variant]:
 _MERGE_ARGS = dict(out_ptr=None, base_ptr=None, models_ptr=None, table_ptr="*fp32", partial_ptr="*fp64",
                    task_partial_ptr="*fp64", flags_ptr="*i32", group_weights_ptr="*fp32", n_elements="i64",
                    model_stride="i64", elem_offset="i64", seed="i64",
-                   stream_id="i64", scale="fp32", weight_sum="fp32", n_groups="i64", group_len="i64")
+                   stream_id="i64", scale="fp32", weight_sum="fp32", n_groups="i64", group_len="i64",
+                   tall_k="i32", tall_lambda="fp32")
 _HIST_ARGS = dict(hist_ptr="*i32", slot_of_bin_ptr="*i16", bin_of_slot_ptr="*i32", base_ptr=None, models_ptr=None,
                   model_stride="i64", n_elements="i64", block_stride="i64", hist_row_stride="i32", bucket="i32")
 _DIVISIBLE = ("n_elements", "model_stride", "block_stride")  # multiples of 16 on the benchmark's shapes

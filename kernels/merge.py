@@ -13,6 +13,7 @@ lines_fast/reference.py writes it:
     c_i    = w_i * x_i;  acc = acc + c_i     from 0: the election sum, or the weighted sum
     ELECT:   gamma = acc >= 0 ? +1 : -1; tau_m = sum_{c_i agreeing} c_i [/ sum_{agreeing} w_i]
     else:    tau_m = acc [/ sum_i w_i]
+    TALL:    tau_m = #{i : |tau_i| >= lam |S - tau_i|} >= k ? tau_m : 0   (S = sum_j tau_j, raw)
     HAS_BASE and not DELTAS (a soup with LiNeS): tau_m = tau_m - f32(b)
     out    = b + scale * tau_m                 (two roundings, never an FMA); b where scale == 0
 
@@ -117,11 +118,12 @@ def nonfinite(x):
 def _fused_merge_kernel(
     out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr, group_weights_ptr,
     n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum, n_groups, group_len,
+    tall_k, tall_lambda,
     N: tl.constexpr, HAS_BASE: tl.constexpr, DELTAS: tl.constexpr, TRIM: tl.constexpr, CEIL: tl.constexpr,
     DROP: tl.constexpr,
     INVERSE: tl.constexpr, SCALE_KEPT: tl.constexpr,
     ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, TASK_SUM: tl.constexpr,
-    CHECK_FINITE: tl.constexpr, GROUPED: tl.constexpr, GROUP_ROWS: tl.constexpr,
+    CHECK_FINITE: tl.constexpr, GROUPED: tl.constexpr, GROUP_ROWS: tl.constexpr, TALL: tl.constexpr,
     BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -153,6 +155,16 @@ def _fused_merge_kernel(
         c1 = (idx >> 32).to(tl.uint32)
         c2 = (offs * 0 + stream_id).to(tl.uint32)  # stream id may be >= 2^31: widen, then wrap
 
+    if TALL:
+        # The consensus mask needs S = sum_j tau_j before any model's step: a first read of the
+        # block (the main loop's reads then come from cache).
+        total = zero
+        t_ptrs = models_ptr + offs
+        for j in tl.static_range(N):
+            total = total + (load_f32(t_ptrs, mask, MODELS_BF16) - b)
+            t_ptrs += model_stride
+        mattering = tl.zeros([BLOCK], dtype=tl.int32)
+
     acc = zero
     raw = zero  # TASK_SUM: sum_i tau_i before any trim or drop, for ||sum tau||_1
     pos_num = zero
@@ -175,6 +187,8 @@ def _fused_merge_kernel(
                 raw = raw + tau
             else:
                 raw = raw + (x - b)
+        if TALL:
+            mattering += (tl.abs(tau) >= tall_lambda * tl.abs(total - tau)).to(tl.int32)
         if TRIM:
             t = tl.load(table_ptr + N + i)
             tau = tl.where(tl.abs(tau) >= t, tau, 0.0)
@@ -217,6 +231,8 @@ def _fused_merge_kernel(
         tau_m = acc
         if NORMALIZE:
             tau_m = tl.fdiv(tau_m, weight_sum, ieee_rounding=True)
+    if TALL:
+        tau_m = tl.where(mattering >= tall_k, tau_m, 0.0)
     if HAS_BASE and not DELTAS:
         tau_m = tau_m - b  # a soup with LiNeS: tau_MTL = soup - theta_0
 
@@ -311,7 +327,7 @@ def plan_switches(plan: ElementPlan) -> dict[str, bool]:
         N=plan.n_models, HAS_BASE=plan.uses_base, DELTAS=plan.deltas, TRIM=plan.trims, CEIL=plan.band,
         DROP=plan.sparsify is Sparsify.RANDOM, INVERSE=plan.rescale is Rescale.INVERSE,
         SCALE_KEPT=plan.rescale is Rescale.L1, ELECT=plan.consensus is Consensus.SIGN, NORMALIZE=plan.normalize,
-        GROUPED=plan.grouped)
+        GROUPED=plan.grouped, TALL=plan.tall_k > 0)
 
 
 def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: float = 1.0,
@@ -356,6 +372,7 @@ def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: 
             flags if flags is not None else table, group_weights if plan.grouped else table,
             count, models.stride(0), int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
             plan.weight_sum, groups.groups if plan.grouped else 1, groups.group_len if plan.grouped else 1,
+            int(plan.tall_k), f32(plan.tall_lambda),
             **plan_switches(plan), L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
             GROUP_ROWS=bool(plan.grouped and groups.by_rows),
             BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,

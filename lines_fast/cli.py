@@ -64,6 +64,10 @@ def _add_merge_parser(sub) -> None:
                         "leaves them (default for ties)")
     g.add_argument("--seed", type=int, help="DARE's seed (default 0): masks are a pure function of (seed, model, tensor, element), "
                         "the same on CPU and GPU")
+    g.add_argument("--param", action="append", metavar="NAME=VALUE", default=[],
+                   help="any parameter of the method, as in the YAML's top-level parameters (one value for "
+                        "every model): --param t=0.3 (slerp), --param gamma=0.01 (breadcrumbs), "
+                        "--param filter_wise=true (model_stock); repeatable. The method list below names them")
     g.add_argument("--exclude", action="append", metavar="REGEX",
                    help="copy tensors whose name matches from the base instead of merging; repeatable")
     g = p.add_argument_group("LiNeS: update of block l of L scaled by alpha + beta*l/(L-1)")
@@ -122,6 +126,24 @@ def _rescale(text: str | None):
     return None if text is None else {"true": True, "false": False}.get(text, text)
 
 
+def _params_from_args(args) -> dict:
+    """--param NAME=VALUE pairs; VALUE is read as a YAML scalar (0.3, true, inverse)."""
+    import yaml
+
+    found = {}
+    for item in args.param:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise MergeInputError(f"--param {item!r}: expected NAME=VALUE, e.g. --param t=0.3.")
+        if name in found:
+            raise MergeInputError(f"--param {name} is given twice; give it once.")
+        try:
+            found[name] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            found[name] = text
+    return found
+
+
 def _float(text: str, flag: str) -> float:
     try:
         return float(text)
@@ -166,7 +188,7 @@ def _config_from_args(args):
             rescale=_rescale(args.rescale), lines=lines, out_dtype=out_dtype, missing=args.missing,
             allow_nonfinite=args.allow_nonfinite,
             exclude=(config.exclude + args.exclude) if args.exclude else None,
-            densities=list(args.density) if args.density else None,
+            densities=list(args.density) if args.density else None, params=_params_from_args(args),
             tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None)
         return config, Path(out)
     if not args.method:
@@ -175,6 +197,10 @@ def _config_from_args(args):
     params = {name: value for name, value in (
         ("lambda", args.lam), ("trim_scope", args.trim_scope), ("seed", args.seed), ("normalize", args.normalize),
         ("rescale", _rescale(args.rescale))) if value is not None}
+    for name, value in _params_from_args(args).items():
+        if name in params:
+            raise MergeInputError(f"--param {name} is also given by its own option; give it once.")
+        params[name] = value
     model_params = {name: list(values) for name, values in (("weight", args.weight), ("density", args.density))
                     if values}
     config = MergeConfig(

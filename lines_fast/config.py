@@ -22,6 +22,7 @@ import torch
 from . import methods
 from .errors import MergeInputError
 from .methods import Inputs
+from .settings import check as check_setting, evaluate as evaluate_setting, is_setting
 from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, make_spec
 
 DTYPES = {
@@ -69,9 +70,17 @@ class MergeConfig:
     allow_nonfinite: bool = False
     source: str = "command line"    # where this config came from, for messages
     spec: MethodSpec | None = None  # set by validate()
+    per_tensor: bool = False        # some parameter is a per-layer list or filtered (set by validate())
+    spec_inputs: tuple | None = field(default=None, repr=False)   # make_spec's inputs (validate())
 
     def method_spec(self) -> MethodSpec:
         return self.spec if self.spec is not None else validate(self).spec
+
+    def spec_for_tensor(self, name: str, t: float) -> MethodSpec:
+        """The spec of tensor `name` at depth t (layers.depth_fractions): the one spec unless a
+        parameter is a per-layer list or a filtered setting."""
+        spec = self.method_spec()
+        return _resolved_spec(self, name, t) if self.per_tensor else spec
 
     @property
     def base_is_input(self) -> bool:
@@ -194,11 +203,6 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     if not isinstance(params, dict):
         raise _fail(source, "parameters: must be a mapping.")
     params = dict(params)
-    for name, value in params.items():
-        if isinstance(value, (list, dict)):
-            raise _fail(source, f"parameters.{name} is a {type(value).__name__}: mergekit's per-layer gradients and "
-                                "filtered parameters are not supported yet; give one number (per model under "
-                                "models[].parameters).")
     if "seed" in doc:
         if "seed" in params:
             raise _fail(source, "seed is given twice (top-level seed and parameters.seed); give it once.")
@@ -276,6 +280,24 @@ def load_yaml(path: Path) -> MergeConfig:
     return from_yaml_dict(doc, str(path))
 
 
+def _resolved_spec(config: MergeConfig, name: str, t: float) -> MethodSpec:
+    """The spec for tensor `name` at depth t: every per-tensor setting evaluated there
+    (lines_fast/settings.py); a filter that matches nothing leaves the next level to decide."""
+    n, model_values, values, labels = config.spec_inputs
+    takes = methods.get(config.method).takes   # a key the method does not take goes through raw: refused
+
+    def at(key, value):
+        param = methods.get(config.method).param(key)
+        return evaluate_setting(value, name, t) if takes(key) and is_setting(value, param) else value
+
+    here = {k: at(k, v) for k, v in values.items()}
+    per_model = {k: [None if v is None else at(k, v) for v in vs] for k, vs in model_values.items()}
+    where = f"{config.source}: tensor {name}" if name else config.source
+    return make_spec(config.method, n, model_values={k: vs for k, vs in per_model.items() if any(v is not None for v in vs)},
+                     values={k: v for k, v in here.items() if v is not None}, lines=config.lines, where=where,
+                     model_labels=labels)
+
+
 def validate(config: MergeConfig) -> MergeConfig:
     """Check a config and resolve its MethodSpec; raise MergeInputError naming the problem."""
     src = config.source
@@ -309,8 +331,20 @@ def validate(config: MergeConfig) -> MergeConfig:
         model_values["weight"] = [config.base_weight] + [values.get("weight")] * len(config.models)
     labels = ([f"base_model ({config.base})"] if config.base_is_input else []) + [
         f"{'--model' if src == 'command line' else f'models[{i}]'} ({path})" for i, path in enumerate(config.models)]
-    config.spec = make_spec(method.name, n, model_values=model_values, values=values, lines=config.lines,
-                            where=src, model_labels=labels)
+    given = [*values.items(), *((k, v) for k, vs in model_values.items() for v in vs)]
+    settings = [(k, v) for k, v in given if method.takes(k) and is_setting(v, method.param(k))]
+    for key, value in settings:
+        check_setting(method.param(key), value, src)
+    config.per_tensor = bool(settings)
+    if config.per_tensor and values.get("trim_scope") == "global":
+        raise _fail(src, "per-layer or filtered parameters with trim_scope: global are not supported: the global "
+                         "thresholds count one density per model over the whole model. Give one density per model, "
+                         "or use trim_scope: tensor.")
+    config.spec_inputs = (n, model_values, values, labels)
+    # Validated once with every setting at a probe position; spec_for_tensor resolves each tensor.
+    config.spec = _resolved_spec(config, "", 0.0) if config.per_tensor else make_spec(
+        method.name, n, model_values=model_values, values=values, lines=config.lines, where=src,
+        model_labels=labels)
     if config.missing not in ("error", "copy-base"):
         raise _fail(src, f"missing must be 'error' or 'copy-base', got {config.missing!r}.")
     for pattern in config.exclude:
@@ -337,6 +371,15 @@ def with_overrides(config: MergeConfig, **overrides: Any) -> MergeConfig:
     params, model_params = dict(config.params), dict(config.model_params)
     fields = {}
     method = methods.get(config.method, config.source)
+    for name, value in (given.pop("params", None) or {}).items():   # --param NAME=VALUE
+        param = method.param(name)
+        if param is None:
+            raise MergeInputError(f"--param {name}: {name} is not a parameter of {method.name}, so it would be "
+                                  f"ignored; remove it (the parameters of {method.name} are: "
+                                  f"{', '.join(p.name for p in method.params)}).")
+        param.check(value, f"--param {name}")
+        params[name] = value
+        model_params.pop(name, None)   # one value for every model, as the option says
     for key, value in given.items():
         name = _PARAM_OVERRIDES.get(key) or _MODEL_PARAM_OVERRIDES.get(key)
         if name is not None:   # blame the option, not the config's first model

@@ -28,7 +28,7 @@ from .backends.base import MergeJob
 from .checkpoint import Checkpoint, TensorInfo
 from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
 from .errors import MergeInputError, NonFiniteInput
-from .layers import lines_scales
+from .layers import depth_fractions, lines_scales
 from .plan import ElementPlan
 from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
 from .progress import Progress
@@ -252,6 +252,39 @@ class Engine:
         self.log = log or _log_to_stderr
         self.spec: MethodSpec = config.method_spec()
         self.plan = ElementPlan.from_spec(self.spec)
+        self._tensor_specs: dict[str, MethodSpec] = {}
+        self._plans: dict[MethodSpec, ElementPlan] = {}
+        self._depths: dict[str, float] | None = None
+
+    def _spec_for(self, name: str) -> MethodSpec:
+        """Tensor `name`'s spec: the config's, or resolved at its depth where parameters are
+        per-layer lists or filtered (config.MergeConfig.spec_for_tensor)."""
+        if not self.config.per_tensor:
+            return self.spec
+        if name not in self._tensor_specs:
+            if self._depths is None:
+                raise RuntimeError("per-tensor specs need the tensor list first (_resolve_tensor_specs)")
+            self._tensor_specs[name] = self.config.spec_for_tensor(name, self._depths[name])
+        return self._tensor_specs[name]
+
+    def _plan_for(self, name: str) -> ElementPlan:
+        spec = self._spec_for(name)
+        if spec is self.spec:
+            return self.plan
+        if spec not in self._plans:
+            self._plans[spec] = ElementPlan.from_spec(spec)
+        return self._plans[spec]
+
+    def _resolve_tensor_specs(self, merged: list[str]) -> None:
+        """Resolve (and so validate) every tensor's spec before any work, where they vary."""
+        if not self.config.per_tensor:
+            return
+        pattern = self.spec.lines.layer_pattern if self.spec.lines is not None else None
+        self._depths = depth_fractions(merged, pattern)
+        for name in merged:
+            self._spec_for(name)
+        distinct = len(set(self._tensor_specs.values()))
+        self.log(f"per-layer / filtered parameters: {distinct} distinct parameter set(s) over {len(merged)} tensors")
 
     @property
     def _reads_base(self) -> bool:
@@ -349,7 +382,7 @@ class Engine:
                 job = MergeJob(name, self._base_tensor(inputs, name), self._model_tensors(inputs, plan, name),
                                stats.for_tensor(name), 1.0, torch.float32)
                 try:
-                    p.tensor(backend, self.plan, job, stats)
+                    p.tensor(backend, self._plan_for(name), job, stats)
                 except NonFiniteInput as err:
                     raise self._nonfinite(err, inputs, plan, name) from None
                 self._release(inputs, name)
@@ -374,6 +407,7 @@ class Engine:
             check_output_dir(self.out_dir, input_dirs, force=self.force)
             tok_files = self._tokenizer_files()
             plan = _plan_tensors(config, inputs, self.log)
+            self._resolve_tensor_specs(plan.merged)
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log)
             reason = backend.supports(self.plan)
             if reason is not None:
@@ -429,7 +463,7 @@ class Engine:
         """The factor on each tensor's merged task vector: λ, or LiNeS's λ(ℓ) that replaces it."""
         lines = self.spec.lines
         if lines is None:
-            return {name: self.spec.lam for name in plan.merged}
+            return {name: self._spec_for(name).lam for name in plan.merged}
         alpha = stats.alpha if lines.alpha == "auto" else float(lines.alpha)
         return lines_scales(plan.merged, alpha, lines.beta, lines.outside, lines.layer_pattern)
 
@@ -449,7 +483,7 @@ class Engine:
                 self._prefetch(inputs, merged[k + 1] if k + 1 < len(merged) else None)
                 yield MergeJob(name, self._base_tensor(inputs, name) if spec.uses_base else None,
                                self._model_tensors(inputs, plan, name), stats.for_tensor(name), scales[name],
-                               plan.out_dtypes[name])
+                               plan.out_dtypes[name], plan=self._plan_for(name))
 
         copies = [n for n in plan.order if n in plan.copied and n in pending_set]
         position = {n: i for i, n in enumerate(plan.order)}

@@ -242,3 +242,20 @@ def format_layer_table(rows: Iterable[LayerRow], outside: str | None = None) -> 
         summary += f" (scale {_OUTSIDE_RULE[outside]})"
     lines.append(summary)
     return "\n".join(lines)
+
+
+def depth_fractions(names: Iterable[str], layer_pattern: str | None = None) -> dict[str, float]:
+    """mergekit's position of each tensor for per-layer parameter lists: l / (L - 1) in block l
+    of a stack of L blocks (1 when L = 1, as mergekit's one-layer slice), 0 outside every block
+    (mergekit evaluates embeddings, final norms and heads at t = 0)."""
+    names = list(names)
+    blocks = {name: find_block(name, layer_pattern) for name in names}
+    depths = _depths(blocks.values())
+    fractions = {}
+    for name, block in blocks.items():
+        if block is None:
+            fractions[name] = 0.0
+        else:
+            depth = depths[block.stack]
+            fractions[name] = block.index / (depth - 1) if depth > 1 else 1.0
+    return fractions

@@ -88,14 +88,19 @@ class Param:
     choices: tuple = ()
     affects_result: bool = True
     required: bool = False      # no default: the config must give it (mergekit's slerp `t`)
+    fields: tuple = ()          # kind "mapping": its keys, each a Param with its own default
 
     def with_default(self, default: Any, help: str | None = None, **changes: Any) -> "Param":
         return replace(self, default=default, help=help or self.help, **changes)
 
     def default_text(self) -> str:
+        if self.kind == "mapping" and self.default is None:
+            return "off"
         return "required" if self.required else _show(self.default)
 
     def range_text(self) -> str:
+        if self.kind == "mapping":
+            return "{" + ", ".join(f"{f.name}: {f.range_text()}" for f in self.fields) + "}"
         if self.kind == "bool":
             return "true or false"
         if self.kind == "choice":
@@ -109,7 +114,20 @@ class Param:
         return f"{left}{_show(self.low)}, {_show(self.high)}{right}"
 
     def check(self, value: Any, where: str) -> Any:
-        """The value, validated and normalized (floats as float, rescale as a Rescale)."""
+        """The value, validated and normalized (floats as float; a mapping as sorted (key, value) pairs,
+        its fields' defaults filled in; None keeps a mapping off)."""
+        if self.kind == "mapping":
+            if value is None:
+                return None
+            if not isinstance(value, dict):
+                raise MergeInputError(f"{where}: {self.name} must be a mapping {self.range_text()}, got {value!r}.")
+            known = {f.name: f for f in self.fields}
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise MergeInputError(f"{where}: {self.name}: unknown key(s) {', '.join(map(str, unknown))}; it takes "
+                                      f"{', '.join(known)} ({self.help}).")
+            return tuple((f.name, f.check(value.get(f.name, f.default), f"{where}: {self.name}"))
+                         for f in self.fields)
         if self.kind == "bool":
             if isinstance(value, bool):
                 return value
@@ -176,6 +194,11 @@ NUSLERP_FLATTEN = Param("nuslerp_flatten", "interpolate each tensor as one flat 
                         "column with nuslerp_row_wise)", kind="bool", default=True)
 NUSLERP_ROW_WISE = Param("nuslerp_row_wise", "without flatten: interpolate each column vector (the norms run "
                          "over the first dimension) instead of each row", kind="bool", default=False)
+TALL = Param("consensus", "consensus (TALL-mask) merging: keep only elements where at least k task vectors "
+             "matter, i.e. |tau_i| >= lambda * |sum_j tau_j - tau_i|", kind="mapping", default=None,
+             fields=(Param("k", "how many task vectors must matter at an element", kind="integer", default=2,
+                           low=1, high=1 << 20),
+                     Param("lambda", "the TALL mask's threshold ratio", default=0.4, low=0.0)))
 SEED = Param("seed", "the random seed of the drop masks", kind="integer", default=0, low=0, high=(1 << 63) - 1)
 
 
@@ -261,14 +284,15 @@ register(Method(
 register(Method(
     "task_arithmetic", "task arithmetic: add the weighted task vectors",
     "tau_MTL = sum_i w_i tau_i  (with normalize: / sum_i w_i)",
-    params=(WEIGHT, LAMBDA, NORMALIZE.with_default(False), INT8_MASK),
-    paper="https://arxiv.org/abs/2212.04089"))
+    params=(WEIGHT, LAMBDA, NORMALIZE.with_default(False), TALL, INT8_MASK),
+    checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix),), paper="https://arxiv.org/abs/2212.04089"))
 register(Method(
     "ties", "TIES: trim each task vector to its top magnitudes, elect signs, disjoint mean",
     "tau_MTL = sum_{i in A} w_i trim(tau_i) / sum_{i in A} w_i, A agrees with sign(sum_i w_i trim(tau_i))",
     params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(True),
-            RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, INT8_MASK),
-    sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN, paper="https://arxiv.org/abs/2306.01708"))
+            RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, TALL, INT8_MASK),
+    sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN, checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix),),
+    paper="https://arxiv.org/abs/2306.01708"))
 register(Method(
     "dare_linear", "DARE: drop random task-vector elements, rescale, add",
     "tau_MTL = sum_i w_i rescale(drop(tau_i))  (with normalize: / sum_i w_i)",
@@ -279,6 +303,14 @@ register(Method(
     "tau_MTL = TIES steps 2-3 on rescale(drop(tau_i))",
     params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(False), RESCALE.with_default(True), SEED, INT8_MASK),
     sparsify=Sparsify.RANDOM, consensus=Consensus.SIGN, paper="https://arxiv.org/abs/2311.03099"))
+
+
+def _tall_k_at_most_n(spec, prefix: str) -> None:
+    """A consensus mask needing more task vectors than there are would zero every element."""
+    if spec.tall is not None and spec.tall[0] > spec.n_models:
+        raise MergeInputError(
+            f"{prefix}consensus k = {spec.tall[0]} needs {spec.tall[0]} task vectors to matter at an element, but "
+            f"{spec.n_models} model(s) are merged, so every element would be masked out. Use k <= {spec.n_models}.")
 
 
 def _gamma_plus_density(spec, prefix: str) -> None:
@@ -311,7 +343,7 @@ register(Method(
     params=(T,), inputs=Inputs.BASE_AND_MODELS, min_models=2, max_models=2,
     coefficients=Coefficients.SLERP, group_by=lambda spec: "leading", paper="https://en.wikipedia.org/wiki/Slerp"))
 register(Method(
-    "nuslerp", "slerp of two models' task vectors (or of the models, without a base) at t = w_1 / (w_0 + w_1)",
+    "nuslerp", "slerp of two models' task vectors at t = w_1 / (w_0 + w_1)",
     "tau_MTL = c_0 tau_0 + c_1 tau_1, c from the angle of tau_0 and tau_1 (per tensor, row or column)",
     params=(WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE), inputs=Inputs.DELTAS, min_models=2, max_models=2,
     coefficients=Coefficients.NUSLERP,
@@ -355,6 +387,7 @@ def markdown_table() -> str:
     for m in REGISTRY.values():
         params = ", ".join(f"`{p.name}`" + ("ᵢ" if p.per_model else "") + f" ({p.default_text()})"
                            for p in m.params if p.affects_result)
-        inputs = f"base {'required' if m.base_required else 'optional'}; {m.models_text()} fine-tuned"
+        inputs = (f"the base and {m.min_models - 1} other model" if m.inputs is Inputs.BASE_AND_MODELS else
+                  f"base {'required' if m.base_required else 'optional'}; {m.models_text()} fine-tuned")
         rows.append(f"| `{m.name}` | {m.summary}: `{m.formula}` | {params} | {inputs} |")
     return "\n".join(rows)

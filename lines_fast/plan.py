@@ -15,6 +15,8 @@ never reads a method's name. Per element, all float32, models in config order:
     consensus NONE: tau_m = sum_i c_i            [/ W with normalize, W = f32(sum_i w_i)]
     consensus SIGN: gamma = sign(sum_i c_i) (+1 at 0); A = {i : c_i != 0, sign(c_i) = gamma}
                     tau_m = sum_{i in A} c_i     [/ sum_{i in A} w_i with normalize; 0 if A empty]
+    consensus mask (TALL, tall_k > 0): tau_m = tau_m where #{i : |tau_i| >= lam * |S - tau_i|} >= k,
+                    else +0 (S = sum_j tau_j, the raw task vectors, in model order)
     a soup with a base (LiNeS): tau_m = tau_m - f32(theta_0)
     out    = theta_0 + s * tau_m  (s: lambda or the LiNeS scale; theta_0 bitwise where s == 0)
            = tau_m                a soup without a base
@@ -85,6 +87,8 @@ class ElementPlan:
     coefficients: Coefficients = Coefficients.GIVEN
     group_by: str | None = None   # Gram weights: the element groups (gram.group_view)
     t: float = 0.5                # slerp / nuslerp: the interpolation point
+    tall_k: int = 0               # consensus (TALL) mask: keep where >= k models matter; 0 = off
+    tall_lambda: float = 0.0      # ... where model i matters if |tau_i| >= lambda * |sum_j tau_j - tau_i|
 
     @classmethod
     def from_spec(cls, spec: MethodSpec) -> "ElementPlan":
@@ -108,7 +112,8 @@ class ElementPlan:
             drop_p=tuple(p for p, _ in consts),
             divisors=tuple(dv for _, dv in consts) if rescale is Rescale.INVERSE else (1.0,) * n,
             seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0,
-            coefficients=method.coefficients, group_by=spec.group_by, t=t)
+            coefficients=method.coefficients, group_by=spec.group_by, t=t,
+            tall_k=spec.tall[0] if spec.tall else 0, tall_lambda=f32(spec.tall[1]) if spec.tall else 0.0)
 
     @classmethod
     def task_vector_sum(cls, n_models: int) -> "ElementPlan":

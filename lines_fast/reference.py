@@ -344,6 +344,19 @@ def _group_weighted_sum(xs: list[torch.Tensor], spec: MethodSpec) -> torch.Tenso
     return acc
 
 
+def tall_mask(taus: list[torch.Tensor], k: int, lam: float) -> torch.Tensor:
+    """Consensus merging's mask (TALL masks, https://arxiv.org/abs/2405.07813): model i matters
+    where |tau_i| >= lam * |S - tau_i|, S = sum_j tau_j (raw task vectors, model order, float32);
+    keep the elements where at least k models matter."""
+    total = torch.zeros_like(taus[0])
+    for tau in taus:
+        total = total + tau
+    count = torch.zeros_like(taus[0], dtype=torch.int32)
+    for tau in taus:
+        count = count + (tau.abs() >= _f32(lam) * (total - tau).abs()).to(torch.int32)
+    return count >= k
+
+
 def _rescaled(x: torch.Tensor, keep: torch.Tensor, rescale: Rescale, density: float) -> torch.Tensor:
     if rescale is Rescale.INVERSE:
         return torch.where(keep, x / _f32(rng.dare_constants(density)[1]), _f32(0.0))
@@ -382,6 +395,10 @@ def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec
                          for x, keep, d in zip(xs, keeps, spec.densities)]
     combine = CONSENSUS[method.consensus]
     merged = {name: combine([c[name] for c in contributions], spec) for name in names}
+    if spec.tall is not None:
+        k, lam = spec.tall
+        merged = {name: torch.where(tall_mask([x[name] for x in xs], k, lam), merged[name], _f32(0.0))
+                  for name in names}
     if method.inputs is not Inputs.DELTAS and base is not None:
         merged = {name: merged[name] - base[name].to(F32) for name in names}
     return merged

@@ -92,6 +92,12 @@ class MethodSpec:
         return self.value("density", (1.0,) * self.n_models)
 
     @property
+    def tall(self) -> tuple[int, float] | None:
+        """Consensus merging's (k, lambda), or None when it is off."""
+        value = self.value("consensus")
+        return None if value is None else (dict(value)["k"], dict(value)["lambda"])
+
+    @property
     def gammas(self) -> tuple[float, ...]:
         return self.value("gamma", (0.0,) * self.n_models)
 
@@ -200,7 +206,7 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
         else:
             if p.required and values.get(p.name) is None:
                 raise MergeInputError(f"{prefix}{method} needs {p.name} ({p.help}; {p.range_text()}); add it under "
-                                      "the top-level parameters.")
+                                      f"the top-level parameters (on the command line: --param {p.name}=VALUE).")
             resolved.append((p.name, p.check(values.get(p.name, p.default), where or method)))
     spec = MethodSpec(method, n_models, tuple(resolved), lines)
     _check_divisors(spec, prefix)

@@ -433,10 +433,6 @@ def test_unknown_yaml_keys(fam, capsys, edit, words):
 
 @pytest.mark.parametrize("edit,words", [
     (lambda d: d.update(slices=[{"sources": [{"model": "x", "layer_range": [0, 2]}]}]), ["slices"]),
-    (lambda d: d["models"][0]["parameters"].update(weight=[0.0, 0.5, 1.0]), ["gradients", "models[0]", "weight"]),
-    (lambda d: d["models"][1]["parameters"].update(density=[{"filter": "mlp", "value": 0.3}, {"value": 0.5}]),
-     ["gradients", "models[1]", "density"]),
-    (lambda d: d.update(parameters={"weight": {"filter": "self_attn", "value": 0.5}}), ["weight", "filtered"]),
     (lambda d: d.update(tokenizer_source="union"), ["union"]),
     (lambda d: d.update(tokenizer={"source": "union"}), ["tokenizer", "union"]),
     (lambda d: d.update(chat_template="chatml"), ["chat_template"]),

@@ -192,13 +192,12 @@ def test_mergekit_yaml_runs_unchanged(family, tmp_path):
 
 @pytest.mark.parametrize("key, snippet", [
     ("slices", "slices:\n  - sources: []\n"),
-    ("gradients", "parameters:\n  lambda: [0.5, 1.0]\n"),
-    ("filter", "parameters:\n  density:\n    - filter: mlp\n      value: 0.5\n"),
+    ("bool list", "parameters:\n  normalize: [true, false]\n"),
     ("method", None),
 ])
 def test_unsupported_mergekit_yaml_is_refused_by_name(key, snippet, family, tmp_path, capsys):
     paths, _ = family
-    method = "model_stock" if key == "method" else "ties"
+    method = "karcher" if key == "method" else "ties"
     text = f"merge_method: {method}\nbase_model: {paths.base}\nmodels:\n  - model: {paths.finetunes[0]}\n"
     if snippet:
         text += snippet
@@ -207,8 +206,8 @@ def test_unsupported_mergekit_yaml_is_refused_by_name(key, snippet, family, tmp_
     from lines_fast.cli import main
     assert main(["merge", str(config), str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err
-    expected_word = {"slices": "slices", "gradients": "gradients", "filter": "gradients",
-                     "method": "model_stock"}[key]
+    expected_word = {"slices": "slices", "bool list": "takes one value, not a per-layer list",
+                     "method": "karcher"}[key]
     assert expected_word in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 

@@ -126,3 +126,186 @@ def test_breadcrumbs_refuses_gamma_plus_density_over_one():
     with pytest.raises(MergeInputError, match=r"gamma 1.0 is outside \[0, 1\)"):
         make_spec("breadcrumbs", 1, values={"gamma": 1.0})
     assert math.isclose(make_spec("breadcrumbs", 1).gammas[0], 0.01)
+
+
+# ---------------------------------------------------------------------------------------
+# slerp, nuslerp, model_stock
+# ---------------------------------------------------------------------------------------
+
+def test_slerp_hand_example_per_row():
+    """Row 0: orthogonal unit vectors, t = 0.5 -> both weights sin(pi/4) / sin(pi/2) = sqrt(1/2).
+    Row 1: parallel -> linear interpolation. A 1-D tensor: every element is its own row."""
+    base = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
+    other = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+    half = math.sqrt(0.5)
+    want = torch.tensor([[half, half], [1.5, 3.0]])
+    got = ref.merge_state_dicts({"w": base}, [{"w": other}], "slerp", t=0.5, out_dtype=F32)["w"]
+    assert torch.allclose(got, want, rtol=0, atol=1e-7)
+    for backend in backends():
+        spec = ref.spec_from_params("slerp", 2, t=0.5)
+        job = MergeJob("w", None, [base, other], None, 1.0, F32)
+        ((_, out, _),) = list(backend.merge_many([job], ElementPlan.from_spec(spec)))
+        assert torch.allclose(out, want, rtol=0, atol=1e-7)
+    one_d = ref.merge_state_dicts({"n": torch.tensor([1.0, -2.0])}, [{"n": torch.tensor([3.0, 2.0])}], "slerp",
+                                  t=0.25, out_dtype=F32)["n"]
+    # [1] vs [3]: parallel -> lerp 1.5; [-2] vs [2]: antipodal (|cos| = 1 > 0.9995) -> lerp -1.0
+    assert torch.allclose(one_d, torch.tensor([1.5, -1.0]))
+
+
+def test_nuslerp_t_from_weights_and_the_base():
+    base = torch.zeros(2)
+    # tau_0 = e0, tau_1 = e1, weights 1 and 3 -> t = 0.75: weights sin(0.25 pi/2), sin(0.75 pi/2)
+    got = merge_one("nuslerp", base, [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])], weight=[1.0, 3.0])
+    want = torch.tensor([math.sin(0.125 * math.pi), math.sin(0.375 * math.pi)])
+    assert torch.allclose(got, want, rtol=0, atol=1e-7)
+
+
+def test_model_stock_hand_example():
+    """Two task vectors at 60 degrees: cos = 0.5, t = 2 * 0.5 / (1 + 0.5) = 2/3; theta = theta0 + t * mean."""
+    base = torch.tensor([1.0, 1.0])
+    models = [base + torch.tensor([1.0, 0.0]), base + torch.tensor([0.5, math.sqrt(0.75)])]
+    want = base + (2 / 3) * torch.tensor([0.75, math.sqrt(0.75) / 2])
+    assert torch.allclose(merge_one("model_stock", base, models), want, rtol=0, atol=1e-6)
+    for backend in backends():
+        assert torch.allclose(merge_one("model_stock", base, models, backend), want, rtol=0, atol=1e-6)
+    # Opposite task vectors: cos = -1 gives 1 + (N - 1) cos = 0, singular: the base is kept.
+    opposite = [base + torch.tensor([1.0, 0.0]), base - torch.tensor([1.0, 0.0])]
+    assert torch.equal(merge_one("model_stock", base, opposite), base)
+
+
+def test_slerp_needs_t_and_exactly_one_other_model():
+    with pytest.raises(MergeInputError, match="slerp needs t"):
+        make_spec("slerp", 2)
+    with pytest.raises(MergeInputError, match=r"slerp merges the base and 1 other model; 2 other model\(s\)"):
+        make_spec("slerp", 3, values={"t": 0.5})
+    with pytest.raises(MergeInputError, match=r"t 1.5 is outside \[0, 1\]"):
+        make_spec("slerp", 2, values={"t": 1.5})
+
+
+# ---------------------------------------------------------------------------------------
+# Per-layer lists ("gradients") and filters
+# ---------------------------------------------------------------------------------------
+
+def test_gradient_and_filter_evaluation_as_mergekit():
+    from lines_fast.settings import evaluate
+
+    assert evaluate([0.0, 1.0], "x", 0.25) == 0.25
+    # 5 values at t = 0.6: s = 2.4 -> 0.6 * v2 + 0.4 * v3
+    assert math.isclose(evaluate([1, 0.5, 0.7, 0.3, 0], "x", 0.6), 0.6 * 0.7 + 0.4 * 0.3)
+    assert evaluate([1, 0.5, 0.7, 0.3, 0], "x", 1.0) == 0.0
+    setting = [{"filter": "self_attn", "value": [0, 1]}, {"filter": "mlp", "value": 0.2}, {"value": 0.5}]
+    assert evaluate(setting, "model.layers.3.self_attn.q_proj.weight", 0.5) == 0.5
+    assert evaluate(setting, "model.layers.3.mlp.up_proj.weight", 0.5) == 0.2
+    assert evaluate(setting, "model.norm.weight", 0.0) == 0.5
+    assert evaluate({"filter": "mlp", "value": 0.2}, "model.norm.weight", 0.0) is None   # next level decides
+
+
+def test_depth_fractions():
+    from lines_fast.layers import depth_fractions
+
+    names = [f"model.layers.{i}.mlp.w" for i in range(5)] + ["model.embed_tokens.weight", "lm_head.weight"]
+    got = depth_fractions(names)
+    assert [got[f"model.layers.{i}.mlp.w"] for i in range(5)] == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert got["model.embed_tokens.weight"] == 0.0 and got["lm_head.weight"] == 0.0
+
+
+def _five_layer_family(root):
+    """A base and two fine-tunes with 5 blocks (t = 0, 0.25, ..., 1) and tensors outside them."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(5)
+    names = [f"model.layers.{i}.{part}.weight" for i in range(5) for part in ("self_attn.q_proj", "mlp.up_proj")]
+    names += ["model.embed_tokens.weight", "model.norm.weight"]
+    base = {n: torch.randn(6, 4, generator=g).to(torch.bfloat16) for n in names}
+    paths = []
+    for k, state in enumerate([base] + [{n: (t.float() + 0.1 * torch.randn(t.shape, generator=g)).to(torch.bfloat16)
+                                          for n, t in base.items()} for _ in range(2)]):
+        path = root / f"m{k}"
+        path.mkdir(parents=True)
+        save_file(state, str(path / "model.safetensors"))
+        paths.append((path, state))
+    return paths
+
+
+@pytest.mark.parametrize("device", ["cpu", "interpret"])
+def test_per_layer_and_filtered_parameters_through_the_engine(tmp_path, device):
+    """A filtered slerp gradient and a ties density gradient per model, merged by the engine, equal
+    the reference run tensor by tensor with the values worked out by hand."""
+    import yaml
+
+    from lines_fast.checkpoint import Checkpoint
+    from lines_fast.config import load_yaml
+    from lines_fast.engine import Engine
+
+    if device == "interpret":
+        pytest.importorskip("triton")
+    (base_dir, base), (ft1_dir, ft1), (ft2_dir, ft2) = _five_layer_family(tmp_path)
+    attn, mlp = [0.0, 0.5, 0.3, 0.7, 1.0], [1.0, 0.5, 0.7, 0.3, 0.0]
+    configs = {
+        "slerp": ({"merge_method": "slerp", "base_model": str(base_dir), "models": [{"model": str(ft1_dir)}],
+                   "parameters": {"t": [{"filter": "self_attn", "value": attn}, {"filter": "mlp", "value": mlp},
+                                        {"value": 0.5}]}},
+                  lambda name, t, s: {"t": (0.5 if "layers" not in name else
+                                            (attn if "self_attn" in name else mlp)[int(4 * t)])}),
+        "ties": ({"merge_method": "ties", "base_model": str(base_dir),
+                  "models": [{"model": str(ft1_dir), "parameters": {"density": [0.2, 1.0]}},
+                             {"model": str(ft2_dir), "parameters": {"weight": 0.5}}],
+                  "parameters": {"density": {"filter": "mlp", "value": 0.3}}},
+                 lambda name, t, s: {"density": [0.2 + 0.8 * t, 0.3 if "mlp" in name else 1.0],
+                                     "weight": [1.0, 0.5]}),
+    }
+    for method, (doc, by_hand) in configs.items():
+        cfg = tmp_path / f"{method}.yml"
+        cfg.write_text(yaml.safe_dump(doc))
+        out = tmp_path / f"out-{method}-{device}"
+        Engine(load_yaml(cfg), out, device=device, progress=False, log=lambda m: None).run()
+        with Checkpoint.open(out) as merged:
+            for name in base:
+                layer = int(name.split(".")[2]) if ".layers." in name else None
+                t = 0.0 if layer is None else layer / 4
+                models = [ft1] if method == "slerp" else [ft1, ft2]
+                params = by_hand(name, t, None)
+                want = ref.merge_state_dicts({name: base[name]}, [{name: m[name]} for m in models], method,
+                                             **params)[name]
+                got = merged.tensor(name)
+                assert torch.equal(got.float(), want.float()), (method, name, params)
+
+
+# ---------------------------------------------------------------------------------------
+# Consensus merging (TALL masks)
+# ---------------------------------------------------------------------------------------
+
+def test_consensus_mask_hand_example():
+    """tau = (1, 1, 0), (1, -0.1, 0), (0, 0, 1), (2, 0, 0) per element over three models, lambda 0.4:
+    model i matters where |tau_i| >= 0.4 |S - tau_i|. Counts 2, 1, 1, 1 -> only element 0 (k = 2)."""
+    base = torch.zeros(4)
+    models = [torch.tensor([1.0, 1.0, 0.0, 2.0]), torch.tensor([1.0, -0.1, 0.0, 0.0]),
+              torch.tensor([0.0, 0.0, 1.0, 0.0])]
+    want = torch.tensor([2.0, 0.0, 0.0, 0.0])
+    assert torch.equal(merge_one("task_arithmetic", base, models, consensus={"k": 2, "lambda": 0.4}), want)
+    for backend in backends():
+        got = merge_one("task_arithmetic", base, models, backend, consensus={"k": 2, "lambda": 0.4})
+        assert torch.equal(got, want)
+    # k = 1 keeps every element where any model matters (all four here): the plain sum.
+    assert torch.equal(merge_one("task_arithmetic", base, models, consensus={"k": 1}), sum(models))
+    # On ties the mask multiplies the disjoint mean.
+    assert torch.equal(merge_one("ties", base, models, consensus={"k": 2}), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_consensus_refusals():
+    with pytest.raises(MergeInputError, match="consensus k = 3 needs 3 task vectors"):
+        make_spec("task_arithmetic", 2, values={"consensus": {"k": 3}})
+    with pytest.raises(MergeInputError, match="consensus: unknown key"):
+        make_spec("ties", 2, values={"consensus": {"k": 2, "alpha": 1}})
+    with pytest.raises(MergeInputError, match="consensus is not a parameter of dare_ties"):
+        make_spec("dare_ties", 2, values={"consensus": {"k": 2}})
+    assert make_spec("ties", 2, values={"consensus": {}}).tall == (2, 0.4)   # the paper's defaults
+
+
+def test_consensus_from_yaml_is_one_value_not_a_filter():
+    from lines_fast.config import from_yaml_dict
+
+    doc = {"merge_method": "ties", "base_model": "b", "models": ["x", "y"],
+           "parameters": {"density": 0.5, "consensus": {"k": 2, "lambda": 0.3}}}
+    config = from_yaml_dict(doc, "c.yml")
+    assert not config.per_tensor and config.method_spec().tall == (2, 0.3)

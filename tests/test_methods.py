@@ -66,6 +66,8 @@ def other_values(param: Param, n: int) -> list:
         return [0.3, [0.2, 0.5, 1.0][:n]]
     if param.kind == "bool":
         return [not param.default]
+    if param.kind == "mapping":   # consensus: the paper's k = 2, and a looser mask
+        return [{"k": 2}, {"k": 1, "lambda": 0.1}]
     if param.kind == "choice":
         return [c for c in param.choices if c != param.default]
     if param.kind == "integer":
@@ -118,7 +120,7 @@ def _kernel_key(case):
     method, values, lines = case
     plan = ElementPlan.from_spec(make_spec(method, _n_models(methods.get(method)), values=values, lines=lines))
     return (plan.uses_base, plan.deltas, plan.sparsify, plan.rescale, plan.consensus, plan.normalize,
-            plan.coefficients, plan.group_by, plan.global_thresholds, None if lines is None else lines.alpha == "auto", min(plan.weights) < 0)
+            plan.coefficients, plan.group_by, plan.tall_k > 0, plan.global_thresholds, None if lines is None else lines.alpha == "auto", min(plan.weights) < 0)
 
 
 # The interpreter runs one case per distinct code path (it costs seconds a case); the CPU all.
@@ -376,9 +378,12 @@ def test_review_findings_are_refused_or_caught(tmp_path):
     job = MergeJob("layers.0.w", base["layers.0.w"], [m["layers.0.w"] for m in models], None, 0.5, torch.float32)
     with pytest.raises(NonFiniteInput):
         list(CpuBackend().merge_many([job], ElementPlan.from_spec(spec)))
-    # a top-level list is a mergekit gradient, not per-model values
+    # a top-level list is a mergekit gradient over depth, not per-model values: fine for a number,
+    # refused for a boolean
     doc = {"merge_method": "ties", "base_model": "b", "models": ["x", "y"], "parameters": {"weight": [1, 2]}}
-    with pytest.raises(MergeInputError, match="gradients"):
+    assert from_yaml_dict(doc, "c.yml").spec_for_tensor("model.layers.0.w", 1.0).weights == (2.0, 2.0)
+    doc["parameters"] = {"normalize": [True, False]}
+    with pytest.raises(MergeInputError, match="takes one value, not a per-layer list"):
         from_yaml_dict(doc, "c.yml")
     # a seed given twice
     doc = {"merge_method": "dare_ties", "base_model": "b", "models": ["x"], "seed": 1, "parameters": {"seed": 2}}

@@ -43,6 +43,8 @@ class MergeJob:
     scale: the factor on the merged task vector: λ, or the LiNeS λ(ℓ) that replaces it.
         Ignored by a plain soup.
     out_dtype: dtype of the result.
+    plan: where parameters vary by tensor (mergekit's per-layer lists and filters), the plan of
+        this tensor; None: the plan the backend was called with.
     """
 
     name: str
@@ -51,6 +53,7 @@ class MergeJob:
     stats: TensorStats | None
     scale: float
     out_dtype: torch.dtype
+    plan: ElementPlan | None = None   # this tensor's own plan (per-layer or filtered parameters), else the call's
 
 
 class Backend(Protocol):

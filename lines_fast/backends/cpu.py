@@ -52,6 +52,8 @@ class _Buffers:
         self.bits = torch.empty(chunk, dtype=torch.int32)
         self.flag = torch.empty(chunk, dtype=torch.int32)
         self.task_sum = torch.empty(chunk, **f32)
+        self.tall_sum = torch.empty(chunk, **f32)
+        self.tall_count = torch.empty(chunk, dtype=torch.int32)
 
 
 def _touch_pages(tensors: list[torch.Tensor]) -> None:
@@ -210,11 +212,15 @@ class CpuBackend:
             task_sum.zero_()
         if plan.grouped:   # per-element weights: each element's group's weight
             groups = group_index(group_view(job.models[0].shape, plan.group_by), s, e)
-        contributions = []
+        xs = []
         for i, model in enumerate(job.models):
             x = self._load(bufs.tau[i][:n], model.reshape(-1)[s:e], b if plan.deltas else None, job.name, i)
             if task_sum is not None:
                 task_sum.add_(x if plan.deltas else torch.sub(x, b, out=bufs.tmp[:n]))
+            xs.append(x)
+        keep = self._tall_keep(xs, plan, n, bufs) if plan.tall_k else None
+        contributions = []
+        for i, x in enumerate(xs):
             if plan.trims:
                 self._zero_below(x, x, stats.thresholds[i], bufs.tmp[:n])
                 if plan.band:
@@ -241,9 +247,25 @@ class CpuBackend:
                 merged.add_(c)
             if plan.normalize:
                 merged.div_(plan.weight_sum)
+        if keep is not None:
+            merged.view(torch.int32).bitwise_and_(keep)   # +0 where the consensus mask is off
         if b is not None and not plan.deltas:
             merged.sub_(b)   # a soup with LiNeS: τ_MTL = soup - θ0
         return merged
+
+    @staticmethod
+    def _tall_keep(xs: list[torch.Tensor], plan: ElementPlan, n: int, bufs: _Buffers) -> torch.Tensor:
+        """The consensus (TALL) mask of the raw task vectors as int32 bits: all ones where at least
+        k models matter (|x_i| >= lambda * |S - x_i|, S = sum_j x_j in model order), else 0."""
+        total, count, scratch = bufs.tall_sum[:n], bufs.tall_count[:n], bufs.num[:n]
+        total.zero_()
+        for x in xs:
+            total.add_(x)
+        count.zero_()
+        for x in xs:
+            torch.sub(total, x, out=scratch).abs_().mul_(plan.tall_lambda)
+            count.add_(torch.abs(x).ge(scratch))
+        return count.ge_(plan.tall_k).neg_()   # True -> -1 (all bits), False -> 0
 
     @staticmethod
     def _zero_below(x: torch.Tensor, key: torch.Tensor, threshold: float, scratch: torch.Tensor | None) -> None:
@@ -319,7 +341,7 @@ class CpuBackend:
                 reader = threading.Thread(target=_touch_pages, args=(inputs,), daemon=True)
                 reader.start()
             try:
-                out, stats = self._merge_one(current, plan)
+                out, stats = self._merge_one(current, current.plan or plan)
                 yield current, out, stats
             finally:
                 if reader is not None:

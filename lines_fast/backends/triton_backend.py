@@ -566,7 +566,9 @@ class TritonBackend:
     def merge_many(self, jobs: Iterable[MergeJob],
                    plan: ElementPlan) -> Iterator[tuple[MergeJob, torch.Tensor, TensorStats]]:
         inflight: _Part | None = None
+        call_plan = plan
         for job in _read_ahead(jobs, self.read_ahead):
+            plan = job.plan or call_plan
             reference = job.base if job.base is not None else job.models[0]
             out = torch.empty(reference.shape, dtype=job.out_dtype)
             ranges = self._part_ranges(reference.numel(), self._bytes_per_element(job, plan))
