@@ -11,7 +11,7 @@ lines_fast/reference.py writes it:
     DROP:    x_i = u_i >= p_i ? x_i : 0                           (u_i: Philox, lines_fast/rng.py)
     INVERSE: kept x_i / q_i;  SCALE_KEPT: x_i * f_i               (the rescale of kept values)
     c_i    = w_i * x_i;  acc = acc + c_i     from 0: the election sum, or the weighted sum
-    ELECT:   gamma = acc >= 0 ? +1 : -1; tau_m = sum_{c_i agreeing} c_i [/ sum_{agreeing} w_i]
+    ELECT:   gamma = acc > 0 ? +1 : acc < 0 ? -1 : z (z = +1, or the official rule's majority sign); tau_m = sum_{c_i agreeing} c_i [/ sum_{agreeing} w_i]
     else:    tau_m = acc [/ sum_i w_i]
     TALL:    tau_m = #{i : |tau_i| >= lam |S - tau_i|} >= k ? tau_m : 0   (S = sum_j tau_j, raw)
     HAS_BASE and not DELTAS (a soup with LiNeS): tau_m = tau_m - f32(b)
@@ -118,7 +118,7 @@ def nonfinite(x):
 def _fused_merge_kernel(
     out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr, group_weights_ptr,
     n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum, n_groups, group_len,
-    tall_k, tall_lambda,
+    tall_k, tall_lambda, zero_sign,
     N: tl.constexpr, HAS_BASE: tl.constexpr, DELTAS: tl.constexpr, TRIM: tl.constexpr, CEIL: tl.constexpr,
     DROP: tl.constexpr,
     INVERSE: tl.constexpr, SCALE_KEPT: tl.constexpr,
@@ -221,7 +221,9 @@ def _fused_merge_kernel(
             neg_den = neg_den + tl.where(neg, w, 0.0)
 
     if ELECT:
-        up = acc >= 0  # gamma = +1 where the sum is 0, -0.0 included
+        # gamma = +1 where the sum is positive, and zero_sign (+1, or the official rule's majority
+        # sign) where it is 0, -0.0 included
+        up = (acc > 0) | ((acc == 0) & (zero_sign > 0))
         tau_m = tl.where(up, pos_num, neg_num)
         if NORMALIZE:
             den = tl.where(up, pos_den, neg_den)
@@ -332,7 +334,7 @@ def plan_switches(plan: ElementPlan) -> dict[str, bool]:
 
 def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: float = 1.0,
                  stream_id: int = 0, elem_offset: int = 0, partials=None, task_partials=None, flags=None,
-                 group_weights=None, groups=None, block: int | None = None) -> None:
+                 group_weights=None, groups=None, zero_sign: float = 1.0, block: int | None = None) -> None:
     """Run the kernel over elements [0, n) of flat views already on the kernel's device.
 
     out: [>= n] of the output dtype (ignored when `partials` is given: the L1 variant).
@@ -372,7 +374,7 @@ def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: 
             flags if flags is not None else table, group_weights if plan.grouped else table,
             count, models.stride(0), int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
             plan.weight_sum, groups.groups if plan.grouped else 1, groups.group_len if plan.grouped else 1,
-            int(plan.tall_k), f32(plan.tall_lambda),
+            int(plan.tall_k), f32(plan.tall_lambda), f32(zero_sign),
             **plan_switches(plan), L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
             GROUP_ROWS=bool(plan.grouped and groups.by_rows),
             BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,
@@ -406,17 +408,20 @@ def fused_merge(base, models, plan: ElementPlan, *, name: str, stats: TensorStat
     table = plan.table(stats, ref.device)
     launch_merge(out, None if base is None else base.reshape(-1), staged, table, plan, n=n, scale=scale,
                  stream_id=rng.tensor_stream_id(name), elem_offset=elem_offset, flags=flags, block=block,
-                 **group_args(plan, stats, ref.shape, ref.device))
+                 **tensor_args(plan, stats, ref.shape, ref.device))
     return out
 
 
-def group_args(plan: ElementPlan, stats: TensorStats | None, shape, device) -> dict:
-    """launch_merge's group_weights and groups for a tensor of `shape` (nothing for given weights)."""
+def tensor_args(plan: ElementPlan, stats: TensorStats | None, shape, device) -> dict:
+    """launch_merge's per-tensor extras: group_weights and groups for a tensor of `shape` (Gram
+    weights), and the elected sign at a zero sum (the official rule)."""
+    extras = {"zero_sign": plan.zero_sign(stats)} if plan.official else {}
     if not plan.grouped:
-        return {}
+        return extras
     from lines_fast.gram import group_view
 
-    return {"group_weights": stats.group_weights.to(device), "groups": group_view(tuple(shape), plan.group_by)}
+    return {**extras, "group_weights": stats.group_weights.to(device),
+            "groups": group_view(tuple(shape), plan.group_by)}
 
 
 def fused_delta_l1(base, models, plan: ElementPlan, *, name: str = "", stats: TensorStats | None = None,
@@ -431,5 +436,5 @@ def fused_delta_l1(base, models, plan: ElementPlan, *, name: str = "", stats: Te
     partials.zero_()
     launch_merge(None, base.reshape(-1), staged, plan.table(stats, base.device), plan, n=n,
                  stream_id=rng.tensor_stream_id(name), partials=partials, block=block,
-                 **group_args(plan, stats, base.shape, base.device))
+                 **tensor_args(plan, stats, base.shape, base.device))
     return float(partials.sum())

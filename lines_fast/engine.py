@@ -350,7 +350,8 @@ class Engine:
             return None
         spec = self.spec
         if ((auto_alpha(spec) and stats.alpha is None)
-                or (self.plan.global_thresholds and stats.global_thresholds is None)):
+                or (self.plan.global_thresholds and stats.global_thresholds is None)
+                or (self.plan.official and stats.majority_sign is None)):
             return None  # not journaled (an older run): compute them again
         skipped = [p.name for p in passes if p.name != "merge"]
         if skipped:

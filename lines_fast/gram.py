@@ -10,7 +10,7 @@ then the fused weighted sum every backend already runs.
 
 Groups (Method.group_by) view the flat tensor as a [R, L] matrix, row-major:
     tensor    one group (R = numel, L = 1, groups are columns)
-    leading   one group per index of dim 0 (mergekit 0.1.5's slerp: reshape(shape[0], -1))
+    leading   one group per index of dim 0 (reshape(shape[0], -1); no registered method uses it now)
     trailing  one group per vector along the last dim (norms over dim -1; a 1-D tensor is one group)
     columns   one group per vector along dim 0 (nuslerp_row_wise; a 1-D tensor is one group)
 Element j of the flat tensor is in group j // L when groups are rows, j % L when columns.

@@ -199,6 +199,9 @@ TALL = Param("consensus", "consensus (TALL-mask) merging: keep only elements whe
              fields=(Param("k", "how many task vectors must matter at an element", kind="integer", default=2,
                            low=1, high=1 << 20),
                      Param("lambda", "the TALL mask's threshold ratio", default=0.4, low=0.0)))
+RULE = Param("rule", "mergekit: mergekit's TIES; official: the TIES paper's code bit for bit (with trim_scope: "
+             "global; floor(density d) + 1 kept, the model-wide majority sign where the sign sum is 0)",
+             kind="choice", choices=("mergekit", "official"), default="mergekit")
 SEED = Param("seed", "the random seed of the drop masks", kind="integer", default=0, low=0, high=(1 << 63) - 1)
 
 
@@ -290,8 +293,9 @@ register(Method(
     "ties", "TIES: trim each task vector to its top magnitudes, elect signs, disjoint mean",
     "tau_MTL = sum_{i in A} w_i trim(tau_i) / sum_{i in A} w_i, A agrees with sign(sum_i w_i trim(tau_i))",
     params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(True),
-            RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, TALL, INT8_MASK),
-    sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN, checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix),),
+            RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, RULE, TALL, INT8_MASK),
+    sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN,
+    checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix), lambda spec, prefix: _official_rule(spec, prefix)),
     paper="https://arxiv.org/abs/2306.01708"))
 register(Method(
     "dare_linear", "DARE: drop random task-vector elements, rescale, add",
@@ -311,6 +315,24 @@ def _tall_k_at_most_n(spec, prefix: str) -> None:
         raise MergeInputError(
             f"{prefix}consensus k = {spec.tall[0]} needs {spec.tall[0]} task vectors to matter at an element, but "
             f"{spec.n_models} model(s) are merged, so every element would be masked out. Use k <= {spec.n_models}.")
+
+
+def _official_rule(spec, prefix: str) -> None:
+    """The official TIES code has one setting of everything but density and lambda."""
+    if spec.value("rule") != "official":
+        return
+    wrong = []
+    if spec.trim_scope != "global":
+        wrong.append("trim_scope: global (it trims each task vector over the whole model)")
+    if any(w != 1.0 for w in spec.weights):
+        wrong.append(f"weight 1 for every model (it has no weights; got {list(spec.weights)})")
+    if not spec.normalize:
+        wrong.append("normalize: true (it divides by the count of agreeing models)")
+    if spec.rescale is not Rescale.NONE:
+        wrong.append("rescale: false")
+    if wrong:
+        raise MergeInputError(f"{prefix}ties with rule: official reproduces the official TIES code, which needs "
+                              + "; ".join(wrong) + ". Change those, or use rule: mergekit.")
 
 
 def _gamma_plus_density(spec, prefix: str) -> None:
@@ -338,10 +360,12 @@ register(Method(
 
 
 register(Method(
-    "slerp", "spherical interpolation of the base and one other model, per row (mergekit 0.1.5)",
-    "theta = c_0 theta_0 + c_1 theta_1 per row of dim 0: c = (sin((1-t) a), sin(t a)) / sin a, a = angle",
+    "slerp", "spherical interpolation of the base and one other model, per tensor",
+    "theta = c_0 theta_0 + c_1 theta_1: c = (sin((1-t) a), sin(t a)) / sin a, a = the tensors' angle",
     params=(T,), inputs=Inputs.BASE_AND_MODELS, min_models=2, max_models=2,
-    coefficients=Coefficients.SLERP, group_by=lambda spec: "leading", paper="https://en.wikipedia.org/wiki/Slerp"))
+    # mergekit-yaml 0.1.5 gives every tensor a leading batch axis before its per-row slerp, so the
+    # angle is the whole tensor's (measured: bench/mergekit_semantics.py, 0 elements differ).
+    coefficients=Coefficients.SLERP, group_by=lambda spec: "tensor", paper="https://en.wikipedia.org/wiki/Slerp"))
 register(Method(
     "nuslerp", "slerp of two models' task vectors at t = w_1 / (w_0 + w_1)",
     "tau_MTL = c_0 tau_0 + c_1 tau_1, c from the angle of tau_0 and tau_1 (per tensor, row or column)",

@@ -13,7 +13,8 @@ never reads a method's name. Per element, all float32, models in config order:
     (Gram weights: w_i is w_i[g], the weight of the element's group g, from the inputs' norms
      and dot products: lines_fast/gram.py; x_0 is theta_0 where the base is an input)
     consensus NONE: tau_m = sum_i c_i            [/ W with normalize, W = f32(sum_i w_i)]
-    consensus SIGN: gamma = sign(sum_i c_i) (+1 at 0); A = {i : c_i != 0, sign(c_i) = gamma}
+    consensus SIGN: gamma = sign(sum_i c_i) (at 0: +1, or the official rule's majority sign);
+                    A = {i : c_i != 0, sign(c_i) = gamma}
                     tau_m = sum_{i in A} c_i     [/ sum_{i in A} w_i with normalize; 0 if A empty]
     consensus mask (TALL, tall_k > 0): tau_m = tau_m where #{i : |tau_i| >= lam * |S - tau_i|} >= k,
                     else +0 (S = sum_j tau_j, the raw task vectors, in model order)
@@ -36,7 +37,7 @@ import torch
 from . import rng
 from . import gram as gram_stats
 from .methods import Coefficients, Consensus, Inputs, Rescale, Sparsify
-from .spec import MethodSpec, band_ranks, kept_count
+from .spec import MethodSpec, band_ranks, kept_count, official_kept_count
 
 # mergekit's floor below which an L1 norm is treated as zero (no rescale then).
 RESCALE_EPS = 1e-7
@@ -65,6 +66,7 @@ class TensorStats:
     factors: tuple[float, ...] | None = None
     ceilings: tuple[float, ...] | None = None   # BAND: drop |x_i| >= c_i (inf drops nothing)
     group_weights: torch.Tensor | None = None   # Gram weights: float32 CPU [N, groups]
+    zero_sign: float | None = None   # the elected sign where the sign sum is 0 (official TIES: the majority's)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class ElementPlan:
     t: float = 0.5                # slerp / nuslerp: the interpolation point
     tall_k: int = 0               # consensus (TALL) mask: keep where >= k models matter; 0 = off
     tall_lambda: float = 0.0      # ... where model i matters if |tau_i| >= lambda * |sum_j tau_j - tau_i|
+    official: bool = False        # the official TIES code's rule: floor(rho d) + 1 kept, majority sign at 0
 
     @classmethod
     def from_spec(cls, spec: MethodSpec) -> "ElementPlan":
@@ -113,7 +116,8 @@ class ElementPlan:
             divisors=tuple(dv for _, dv in consts) if rescale is Rescale.INVERSE else (1.0,) * n,
             seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0,
             coefficients=method.coefficients, group_by=spec.group_by, t=t,
-            tall_k=spec.tall[0] if spec.tall else 0, tall_lambda=f32(spec.tall[1]) if spec.tall else 0.0)
+            tall_k=spec.tall[0] if spec.tall else 0, tall_lambda=f32(spec.tall[1]) if spec.tall else 0.0,
+            official=spec.value("rule") == "official")
 
     @classmethod
     def task_vector_sum(cls, n_models: int) -> "ElementPlan":
@@ -138,7 +142,16 @@ class ElementPlan:
         (k_floor,) for a trim, (k_floor, k_ceiling) for a band. k = 0 gives threshold inf."""
         if self.band:
             return [band_ranks(density, gamma, d) for density, gamma in zip(self.densities, self.gammas)]
-        return [(kept_count(density, d),) for density in self.densities]
+        count = official_kept_count if self.official else kept_count
+        return [(count(density, d),) for density in self.densities]
+
+    def zero_sign(self, stats: TensorStats | None) -> float:
+        """gamma where the election sum is 0: +1, or the model-wide majority sign (official rule)."""
+        if not self.official:
+            return 1.0
+        if stats is None or stats.zero_sign is None:
+            raise ValueError("the official TIES rule needs the majority sign from the engine's signs pass")
+        return stats.zero_sign
 
     def stats_from_thresholds(self, found: list[tuple[float, ...]], factors=None) -> TensorStats:
         """TensorStats from the thresholds of magnitude_ranks' ranks, in that order."""
@@ -225,6 +238,19 @@ def add_gram(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Te
     b = base.to(torch.float32) if plan.deltas else None
     xs = [m.to(torch.float32) - b if b is not None else m.to(torch.float32) for m in models]
     gram_stats.add_gram(gram, xs, start, view)
+
+
+def elected_sign_sum(plan: ElementPlan, base: torch.Tensor, models: list[torch.Tensor], stats: TensorStats,
+                     name: str, start: int) -> int:
+    """sum_j sign(sum_i w_i trim(x_i)[j]) over one flat chunk (any device), for the official TIES
+    rule's majority sign: an integer, so chunk totals add exactly in any order."""
+    b = base.to(torch.float32)
+    total = torch.zeros_like(b)
+    for i, model in enumerate(models):
+        x = model.to(torch.float32) - b
+        kept = torch.where(plan.keep_masks(x, i, stats, name, start), x, torch.zeros((), device=x.device))
+        total = total + plan.weights[i] * kept
+    return int(torch.sign(total).sum(dtype=torch.int64))
 
 
 def group_weights(plan: ElementPlan, gram: torch.Tensor) -> torch.Tensor:

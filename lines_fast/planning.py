@@ -43,19 +43,22 @@ class RunStats:
     alpha: float | None = None
     task_sum_l1: object = None   # a _TaskSum while a pass adds to it
     located: list[Located | None] = field(default_factory=list)
+    majority_sign: float | None = None   # the official TIES rule's sign at a zero election sum
     passes_run: int = 0
 
     def for_tensor(self, name: str) -> TensorStats | None:
         """What is known of tensor `name`: the global thresholds, and what a pass returned for it."""
         found = self.tensor_stats.get(name)
         if self.global_thresholds is not None:
-            return TensorStats(self.global_thresholds, found.factors if found else None)
+            return TensorStats(self.global_thresholds, found.factors if found else None,
+                               zero_sign=self.majority_sign)
         return found
 
     def to_json(self) -> dict:
         return {"alpha": None if self.alpha is None else self.alpha.hex(),
                 "global_thresholds": None if self.global_thresholds is None
-                else [t.hex() for t in self.global_thresholds]}
+                else [t.hex() for t in self.global_thresholds],
+                "majority_sign": self.majority_sign}
 
     @classmethod
     def from_json(cls, doc: dict) -> "RunStats":
@@ -64,6 +67,8 @@ class RunStats:
             stats.alpha = float.fromhex(doc["alpha"])
         if doc.get("global_thresholds") is not None:
             stats.global_thresholds = tuple(float.fromhex(t) for t in doc["global_thresholds"])
+        if doc.get("majority_sign") is not None:
+            stats.majority_sign = float(doc["majority_sign"])
         return stats
 
 
@@ -140,6 +145,22 @@ class RefinePass(Pass):
         stats.global_thresholds = _thresholds(stats.located, self.hists)
 
 
+class SignsPass(Pass):
+    """The official TIES rule's majority sign: sign(sum over all merged elements of the elected
+    sign sign(sum_i trim(tau_i))), +1 where that is 0 too. Integers: exact in any order."""
+
+    def start(self, stats, plan):
+        self.total = 0
+
+    def tensor(self, backend, plan, job, stats):
+        self.total += backend.elected_sign_sum(job, plan)
+
+    def finish(self, stats, plan, total_elements, log):
+        stats.majority_sign = -1.0 if self.total < 0 else 1.0
+        log(f"official TIES: the elected signs sum to {self.total} over {total_elements} elements, so a zero sign "
+            f"sum elects {'+' if stats.majority_sign > 0 else '-'}1")
+
+
 class NormsPass(Pass):
     def start(self, stats, plan):
         self.delta = _TaskSum()
@@ -187,6 +208,11 @@ def plan_passes(spec: MethodSpec) -> list[Pass]:
                                      with_task_sum=alpha))
         passes.append(RefinePass("refine", "resolve each global threshold exactly inside its histogram bucket "
                                  "(skipped when the magnitudes pass settles them)", produces="global thresholds"))
+    if plan.official:
+        # Not folded into the norms pass: tau_MTL itself depends on the majority sign where the
+        # election sum is 0, so its norm cannot be taken before the sign is known.
+        passes.append(SignsPass("signs", "sum the elected signs over all merged tensors for the official rule's "
+                                "majority sign (needs the final thresholds)", produces="the majority sign"))
     if alpha:
         why = "‖τ_MTL‖₁ for LiNeS α auto (needs the final thresholds)"
         first = not passes

@@ -30,7 +30,7 @@ from .exactsum import AbsSum
 from .layers import lines_scales
 from .methods import Coefficients, Consensus, Inputs, Rescale, Sparsify
 from .plan import rescale_factor
-from .spec import LinesSpec, MethodSpec, band_ranks, kept_count, make_spec
+from .spec import LinesSpec, MethodSpec, band_ranks, kept_count, make_spec, official_kept_count
 
 StateDict = dict[str, torch.Tensor]
 F32 = torch.float32
@@ -139,13 +139,21 @@ def _weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return acc
 
 
-def elect_sign(trimmed: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """TIES step 2: gamma = sign(sum_i w_i * tau_hat_i), +1 where the sum is 0 (incl. -0.0).
+def elect_sign(trimmed: Sequence[torch.Tensor], weights: Sequence[float], zero_sign: float = 1.0) -> torch.Tensor:
+    """TIES step 2: gamma = sign(sum_i w_i * tau_hat_i), zero_sign where the sum is 0 (incl. -0.0):
+    +1, or the official rule's model-wide majority sign.
 
     Returned as a float32 tensor of +1.0 / -1.0.
     """
     total = _weighted_sum(trimmed, weights)
-    return torch.where(total >= 0, _f32(1.0), _f32(-1.0))
+    return torch.where(total > 0, _f32(1.0), torch.where(total < 0, _f32(-1.0), _f32(zero_sign)))
+
+
+def majority_sign(trimmed: Sequence[StateDict], weights: Sequence[float], names: Sequence[str]) -> float:
+    """The official TIES code's sign at a zero election sum: sign(sum over every merged element of
+    sign(sum_i w_i tau_hat_i)), +1 where that is 0 too."""
+    total = sum(int(torch.sign(_weighted_sum([t[name] for t in trimmed], weights)).sum()) for name in names)
+    return -1.0 if total < 0 else 1.0
 
 
 def disjoint_merge(
@@ -228,7 +236,12 @@ def _magnitude_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> 
     """TIES trim: keep |x_i| >= the k_i-th largest over the trim scope."""
     keeps = []
     for x, density in zip(xs, spec.densities):
-        thresholds = trim_thresholds(x, density, spec.trim_scope, names)
+        if spec.value("rule") == "official":   # over the whole model: floor(rho d) + 1 kept, plus ties
+            everything = torch.cat([x[name].flatten() for name in names])
+            threshold = kth_largest_abs(everything, official_kept_count(density, everything.numel()))
+            thresholds = dict.fromkeys(names, threshold)
+        else:
+            thresholds = trim_thresholds(x, density, spec.trim_scope, names)
         keeps.append({name: x[name].abs() >= thresholds[name] for name in names})
     return keeps
 
@@ -255,13 +268,13 @@ def _random_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> lis
 SPARSIFIERS = {Sparsify.MAGNITUDE: _magnitude_keep, Sparsify.RANDOM: _random_keep, Sparsify.BAND: _band_keep}
 
 
-def _sum_consensus(kept: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
+def _sum_consensus(kept: list[torch.Tensor], spec: MethodSpec, zero_sign: float) -> torch.Tensor:
     total = _weighted_sum(kept, spec.weights)
     return total / _f32(sum(spec.weights)) if spec.normalize else total
 
 
-def _sign_consensus(kept: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
-    return disjoint_merge(kept, spec.weights, elect_sign(kept, spec.weights), spec.normalize)
+def _sign_consensus(kept: list[torch.Tensor], spec: MethodSpec, zero_sign: float) -> torch.Tensor:
+    return disjoint_merge(kept, spec.weights, elect_sign(kept, spec.weights, zero_sign), spec.normalize)
 
 
 CONSENSUS = {Consensus.NONE: _sum_consensus, Consensus.SIGN: _sign_consensus}
@@ -394,7 +407,8 @@ def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec
         contributions = [{name: _rescaled(x[name], keep[name], spec.rescale, d) for name in names}
                          for x, keep, d in zip(xs, keeps, spec.densities)]
     combine = CONSENSUS[method.consensus]
-    merged = {name: combine([c[name] for c in contributions], spec) for name in names}
+    zero_sign = majority_sign(contributions, spec.weights, names) if spec.value("rule") == "official" else 1.0
+    merged = {name: combine([c[name] for c in contributions], spec, zero_sign) for name in names}
     if spec.tall is not None:
         k, lam = spec.tall
         merged = {name: torch.where(tall_mask([x[name] for x in xs], k, lam), merged[name], _f32(0.0))

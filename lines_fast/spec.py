@@ -30,6 +30,12 @@ def kept_count(density: float, d: int) -> int:
     return max(1, int(math.floor(density * d))) if d >= 1 else 0
 
 
+def official_kept_count(density: float, d: int) -> int:
+    """The official TIES code's k: it keeps |tau| >= the (d - floor(density d))-th smallest, i.e.
+    the floor(density d) + 1 largest plus ties (all d where floor(density d) = d)."""
+    return min(d, int(math.floor(density * d)) + 1) if d >= 1 else 0
+
+
 def band_ranks(density: float, gamma: float, d: int) -> tuple[int, int]:
     """breadcrumbs' (k_floor, k_ceiling) for a scope of d elements: drop |tau| >= the k_ceiling-th
     largest (no ceiling when k_ceiling = 0), keep |tau| >= the k_floor-th largest (k_floor = 0

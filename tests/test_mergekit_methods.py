@@ -132,13 +132,13 @@ def test_breadcrumbs_refuses_gamma_plus_density_over_one():
 # slerp, nuslerp, model_stock
 # ---------------------------------------------------------------------------------------
 
-def test_slerp_hand_example_per_row():
-    """Row 0: orthogonal unit vectors, t = 0.5 -> both weights sin(pi/4) / sin(pi/2) = sqrt(1/2).
-    Row 1: parallel -> linear interpolation. A 1-D tensor: every element is its own row."""
-    base = torch.tensor([[1.0, 0.0], [1.0, 2.0]])
-    other = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
+def test_slerp_hand_example_one_angle_per_tensor():
+    """Orthogonal tensors at t = 0.5: both weights sin(pi/4) / sin(pi/2) = sqrt(1/2), for every row;
+    parallel tensors (|cos| > 0.9995) interpolate linearly; antipodal ones too."""
+    base = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    other = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     half = math.sqrt(0.5)
-    want = torch.tensor([[half, half], [1.5, 3.0]])
+    want = torch.tensor([[half, half], [0.0, 0.0]])
     got = ref.merge_state_dicts({"w": base}, [{"w": other}], "slerp", t=0.5, out_dtype=F32)["w"]
     assert torch.allclose(got, want, rtol=0, atol=1e-7)
     for backend in backends():
@@ -146,10 +146,12 @@ def test_slerp_hand_example_per_row():
         job = MergeJob("w", None, [base, other], None, 1.0, F32)
         ((_, out, _),) = list(backend.merge_many([job], ElementPlan.from_spec(spec)))
         assert torch.allclose(out, want, rtol=0, atol=1e-7)
-    one_d = ref.merge_state_dicts({"n": torch.tensor([1.0, -2.0])}, [{"n": torch.tensor([3.0, 2.0])}], "slerp",
-                                  t=0.25, out_dtype=F32)["n"]
-    # [1] vs [3]: parallel -> lerp 1.5; [-2] vs [2]: antipodal (|cos| = 1 > 0.9995) -> lerp -1.0
-    assert torch.allclose(one_d, torch.tensor([1.5, -1.0]))
+    parallel = ref.merge_state_dicts({"n": torch.tensor([1.0, 2.0])}, [{"n": torch.tensor([3.0, 6.0])}], "slerp",
+                                     t=0.25, out_dtype=F32)["n"]
+    assert torch.allclose(parallel, torch.tensor([1.5, 3.0]))
+    antipodal = ref.merge_state_dicts({"n": torch.tensor([1.0, -2.0])}, [{"n": torch.tensor([-1.0, 2.0])}],
+                                      "slerp", t=0.25, out_dtype=F32)["n"]
+    assert torch.allclose(antipodal, torch.tensor([0.5, -1.0]))
 
 
 def test_nuslerp_t_from_weights_and_the_base():
@@ -309,3 +311,84 @@ def test_consensus_from_yaml_is_one_value_not_a_filter():
            "parameters": {"density": 0.5, "consensus": {"k": 2, "lambda": 0.3}}}
     config = from_yaml_dict(doc, "c.yml")
     assert not config.per_tensor and config.method_spec().tall == (2, 0.3)
+
+
+# ---------------------------------------------------------------------------------------
+# Paper-exact TIES (rule: official)
+# ---------------------------------------------------------------------------------------
+
+def official_ties(base: dict, models: list[dict], density: float, lam: float) -> dict:
+    """The official TIES code's pipeline, written out from its description: flatten each task
+    vector over the whole model; keep |tau| >= its (d - int(density d))-th smallest; elect
+    sign(sum), an exact 0 replaced by sign(sum of the signs); mean over the agreeing nonzero
+    entries (divided by their count, at least 1); theta = theta_0 + lam * merged."""
+    names = list(base)
+    flat_base = torch.cat([base[n].float().flatten() for n in names])
+    taus = torch.stack([torch.cat([m[n].float().flatten() for n in names]) - flat_base for m in models])
+    d = taus.shape[1]
+    kth = taus.abs().kthvalue(d - int(d * density), dim=1, keepdim=True).values
+    trimmed = taus * (taus.abs() >= kth)
+    signs = torch.sign(trimmed.sum(dim=0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    keep = torch.where(signs.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    merged = selected.sum(dim=0) / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
+    flat = flat_base + lam * merged
+    out, at = {}, 0
+    for n in names:
+        out[n] = flat[at:at + base[n].numel()].view(base[n].shape)
+        at += base[n].numel()
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", "interpret"])
+def test_official_rule_reproduces_the_official_ties_code(tmp_path, device):
+    import yaml
+
+    from lines_fast.checkpoint import Checkpoint
+    from lines_fast.config import load_yaml
+    from lines_fast.engine import Engine
+
+    if device == "interpret":
+        pytest.importorskip("triton")
+    (base_dir, base), (ft1_dir, ft1), (ft2_dir, ft2) = _five_layer_family(tmp_path)
+    doc = {"merge_method": "ties", "base_model": str(base_dir),
+           "models": [{"model": str(ft1_dir)}, {"model": str(ft2_dir)}],
+           "parameters": {"density": 0.2, "lambda": 1.3, "trim_scope": "global", "rule": "official"},
+           "out_dtype": "float32"}
+    cfg = tmp_path / "official.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = tmp_path / f"out-{device}"
+    logs = []
+    Engine(load_yaml(cfg), out, device=device, progress=False, log=logs.append).run()
+    assert any("official TIES: the elected signs sum to" in line for line in logs)
+    want = official_ties(base, [ft1, ft2], 0.2, 1.3)
+    with Checkpoint.open(out) as merged:
+        for name in base:
+            assert torch.equal(merged.tensor(name), want[name]), name
+
+
+def test_official_rule_majority_sign_decides_zero_sums():
+    """Where the election sum is exactly 0, the official rule elects the model-wide majority sign."""
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.tensor([1.0, -2.0, 3.0, 4.0])}, {"w": torch.tensor([-1.0, 2.0, -3.0, 1.0])}]
+    # density 1: all kept. Sums (0, 0, 0, 5): signs (0, 0, 0, +) -> majority +1; zero sums take +1:
+    # the positive entries' mean: (1, 2, 3, 2.5).
+    got = ref.merge_state_dicts(base, models, "ties", density=1.0, trim_scope="global", rule="official",
+                                out_dtype=F32)["w"]
+    assert torch.equal(got, torch.tensor([1.0, 2.0, 3.0, 2.5]))
+    assert torch.equal(got, official_ties(base, models, 1.0 - 1e-9, 1.0)["w"])
+    # Sums (0, 0, 0, -5): majority -1, so zero sums take the negative entries.
+    models[1]["w"][3] = -9.0
+    got = ref.merge_state_dicts(base, models, "ties", density=1.0, trim_scope="global", rule="official",
+                                out_dtype=F32)["w"]
+    assert torch.equal(got, torch.tensor([-1.0, -2.0, -3.0, -9.0]))
+
+
+def test_official_rule_refusals():
+    with pytest.raises(MergeInputError, match="needs trim_scope: global"):
+        make_spec("ties", 2, values={"rule": "official", "density": 0.2})
+    with pytest.raises(MergeInputError, match="weight 1 for every model"):
+        make_spec("ties", 2, values={"rule": "official", "trim_scope": "global"}, model_values={"weight": [1, 2]})
+    with pytest.raises(MergeInputError, match="normalize: true"):
+        make_spec("ties", 2, values={"rule": "official", "trim_scope": "global", "normalize": False})

@@ -23,7 +23,7 @@ from lines_fast.errors import MergeInputError
 from lines_fast.layers import lines_scales
 from lines_fast.methods import Inputs, Param
 from lines_fast.plan import ElementPlan, TensorStats
-from lines_fast.spec import LinesSpec, MethodSpec, make_spec
+from lines_fast.spec import LinesSpec, MethodSpec, make_spec, official_kept_count
 from lines_fast.tolerance import compare
 
 SHAPES = {
@@ -78,6 +78,14 @@ def other_values(param: Param, n: int) -> list:
     return [0.7]
 
 
+# Values that need others to be valid (the official TIES rule is global, with every weight 1).
+COMPANIONS = {("rule", "official"): {"trim_scope": "global", "density": 0.3}}
+
+
+def companions(name: str, value) -> dict:
+    return COMPANIONS.get((name, value), {}) if isinstance(value, (str, int, float, bool)) else {}
+
+
 def required_values(method: methods.Method) -> dict:
     """A value for each parameter the method has no default for (slerp's t)."""
     return {p.name: 0.4 for p in method.params if p.required}
@@ -100,8 +108,9 @@ def cases():
             if not param.affects_result:
                 continue
             for value in other_values(param, n):
-                yield method.name, {**required, param.name: value}, None
-            combined[param.name] = other_values(param, n)[0]
+                yield method.name, {**required, param.name: value, **companions(param.name, value)}, None
+            if not companions(param.name, other_values(param, n)[0]):
+                combined[param.name] = other_values(param, n)[0]
         if len(combined) > 1:
             if combined.get("normalize") and method.takes("weight"):
                 combined["weight"] = [1.0, 0.5, 2.0][:n]
@@ -152,8 +161,17 @@ def backend_merge(backend, base, models, spec: MethodSpec, out_dtype):
     given = {}
     if plan.global_thresholds:
         taus = [ref.task_vectors(base, m, NAMES) for m in models]
-        per_model = [ref.trim_thresholds(t, d, "global", NAMES) for t, d in zip(taus, spec.densities)]
+        if plan.official:   # the official code's count over the whole model
+            flat = [torch.cat([t[n].flatten() for n in NAMES]) for t in taus]
+            per_model = [dict.fromkeys(NAMES, ref.kth_largest_abs(f, official_kept_count(d, f.numel())))
+                         for f, d in zip(flat, spec.densities)]
+        else:
+            per_model = [ref.trim_thresholds(t, d, "global", NAMES) for t, d in zip(taus, spec.densities)]
         given = {n: TensorStats(thresholds=tuple(p[n] for p in per_model)) for n in NAMES}
+        if plan.official:   # the majority sign, from the backend's own sign sums (as the engine does)
+            total = sum(backend.elected_sign_sum(MergeJob(n, base[n], [m[n] for m in models], given[n], 1.0,
+                                                          torch.float32), plan) for n in NAMES)
+            given = {n: dataclasses.replace(s, zero_sign=-1.0 if total < 0 else 1.0) for n, s in given.items()}
 
     def job(name, scale=1.0, dtype=torch.float32):
         return MergeJob(name, base[name] if plan.uses_base else None, [m[name] for m in models],

@@ -77,6 +77,10 @@ class Backend(Protocol):
     def tensor_stats(self, job: MergeJob, plan: ElementPlan) -> TensorStats:
         """job.stats completed with everything the plan needs for this tensor."""
 
+    def elected_sign_sum(self, job: MergeJob, plan: ElementPlan) -> int:
+        """sum_j sign(sum_i w_i trim(tau_i)[j]) over this tensor (job.stats holds the thresholds):
+        the official TIES rule's majority sign, summed by the engine over every merged tensor."""
+
     def delta_norms(self, job: MergeJob, plan: ElementPlan,
                     with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
         """(task_vector_sum_l1 or 0.0, sum_j |tau_MTL[j]| with λ = 1, the tensor's stats), from one

@@ -20,8 +20,8 @@ from ..errors import NonFiniteInput
 from ..exactsum import AbsSum
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..gram import group_index, group_view, new_gram
-from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, factors_from_sums, group_weights,
-                    unsupported_steps)
+from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sign_sum, factors_from_sums,
+                    group_weights, unsupported_steps)
 from ..rng import dare_uniform
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
@@ -178,6 +178,13 @@ class CpuBackend:
             stats = replace(stats, factors=factors_from_sums(totals, kepts))
         return stats
 
+    def elected_sign_sum(self, job: MergeJob, plan: ElementPlan) -> int:
+        """sum_j sign(sum_i w_i trim(tau_i)[j]) over the tensor (the official rule's majority sign)."""
+        stats = self.tensor_stats(job, plan)
+        base, models = job.base.reshape(-1), [m.reshape(-1) for m in job.models]
+        return sum(elected_sign_sum(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s)
+                   for s, e in self._spans(base.numel()))
+
     def delta_norms(self, job: MergeJob, plan: ElementPlan,
                     with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
         """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁, the tensor's stats): the task sum is taken from the same
@@ -239,7 +246,8 @@ class CpuBackend:
             w = plan.weights[i]
             contributions.append(x if w == 1.0 else x.mul_(w))   # c_i = w_i * x_i
         if plan.consensus is Consensus.SIGN:
-            merged = self._disjoint_merge(contributions, plan.weights, plan.normalize, n, bufs)
+            merged = self._disjoint_merge(contributions, plan.weights, plan.normalize, n, bufs,
+                                          plan.zero_sign(stats))
         else:
             merged = bufs.acc[:n]
             merged.zero_()
@@ -290,14 +298,16 @@ class CpuBackend:
         x.view(torch.int32).bitwise_and_(keep)
 
     @staticmethod
-    def _disjoint_merge(contributions, weights, normalize: bool, n: int, bufs: _Buffers) -> torch.Tensor:
+    def _disjoint_merge(contributions, weights, normalize: bool, n: int, bufs: _Buffers,
+                        zero_sign: float = 1.0) -> torch.Tensor:
         # Elect: gamma = +1 where sum_i c_i >= 0, summed in model order as the reference does.
         acc, gamma, agree = bufs.acc[:n], bufs.tmp[:n], bufs.indicator[:n]
         acc.zero_()
         for c in contributions:
             acc.add_(c)
-        # sign(sign(acc) + 0.5) maps -1, 0, +1 to -1, +1, +1 (acc is never -0: it starts at +0).
-        torch.sign(acc, out=gamma).add_(0.5).sign_()
+        # sign(sign(acc) + 0.5 z) maps -1, 0, +1 to -1, z, +1 for z = +-1, the sign elected where the
+        # sum is 0 (acc is never -0: it starts at +0).
+        torch.sign(acc, out=gamma).add_(0.5 * zero_sign).sign_()
         # Disjoint merge over A = {i : c_i != 0 and sign(c_i) = gamma} = {i : c_i * gamma > 0}.
         # clamp(c_i * gamma, 0) * gamma is c_i on A and 0 elsewhere, exactly (gamma is +-1), and
         # clamp(sign(c_i * gamma), 0) is A's indicator.

@@ -37,7 +37,8 @@ import torch
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum
 from ..gram import group_view, new_gram
-from ..plan import ElementPlan, TensorStats, add_gram, add_kept_l1, factors_from_sums, group_weights
+from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sign_sum, factors_from_sums,
+                    group_weights)
 from ..selection import BINS, nonfinite_count, tensor_thresholds
 from .base import MergeJob
 
@@ -539,7 +540,7 @@ class TritonBackend:
                 merge.launch_merge(None, views["base"], views["models"], table, plan, n=n,
                                    stream_id=tensor_stream_id(job.name), elem_offset=start, partials=partials,
                                    task_partials=task_partials, block=block,
-                                   **merge.group_args(plan, stats, job.models[0].shape, self._mover.device))
+                                   **merge.tensor_args(plan, stats, job.models[0].shape, self._mover.device))
                 deltas.append(partials.sum())  # float64, fixed order: deterministic
                 if with_task_sum:
                     task_sums.append(task_partials.sum())
@@ -551,6 +552,23 @@ class TritonBackend:
     def task_vector_sum_l1(self, base: torch.Tensor, models: list[torch.Tensor]) -> float:
         plan = ElementPlan.task_vector_sum(len(models))
         return self._norms(MergeJob("", base, models, None, 1.0, torch.float32), plan, with_task_sum=False)[1]
+
+    def elected_sign_sum(self, job: MergeJob, plan: ElementPlan) -> int:
+        """sum_j sign(sum_i w_i trim(tau_i)[j]) over the tensor, on the device (the official rule's
+        majority sign); integers, so parts add exactly."""
+        stats = self.tensor_stats(job, plan)
+        found = []
+
+        def add(part: dict, offset: int) -> None:
+            rows, n = list(part["models"]), part["base"].numel()
+            with self._mover.computing():
+                for a in range(0, n, _STATS_CHUNK):
+                    b = min(n, a + _STATS_CHUNK)
+                    found.append(elected_sign_sum(plan, part["base"][a:b], [r[a:b] for r in rows], stats, job.name,
+                                                  offset + a))
+
+        self._each_part(job, plan, None, add)
+        return sum(found)
 
     def delta_norms(self, job: MergeJob, plan: ElementPlan,
                     with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
@@ -623,7 +641,7 @@ class TritonBackend:
                 views["out"], views.get("base"), views["models"], table, plan, n=part.stop - part.start,
                 scale=part.job.scale, stream_id=tensor_stream_id(part.job.name), elem_offset=part.start,
                 flags=views["flags"] if self.check_finite else None, block=self.block,
-                **self._merge.group_args(plan, part.stats, part.job.models[0].shape, self._mover.device))
+                **self._merge.tensor_args(plan, part.stats, part.job.models[0].shape, self._mover.device))
         self._release(part.slot)
 
     def _finish(self, part: _Part):
