@@ -14,6 +14,10 @@ Cases, bf16, N fine-tuned models, >= 64M elements per tensor:
                 settle a threshold), thresholds, merge
 - reference:    lines_fast.reference's TIES on the same GPU tensors (for the speedup)
 - backend:      TritonBackend("cuda").merge_many from CPU tensors to CPU output (host <-> GPU)
+- variants:     the fused merge launch alone for each newer per-element step, statistics found
+                beforehand: breadcrumbs (the band's ceiling), slerp and model_stock (per-group
+                Gram weights, slerp on base + one model), ties with a consensus mask (a second
+                read of each block), ties with rule: official (the majority-sign election)
 GB/s counts the minimal bytes of a merge: N + 1 inputs read once and one output written,
 even where a pass reads more (selection reads the inputs again), so it compares directly
 with copy GB/s; `histogram` counts its own N + 1 inputs. select_merge also reports the
@@ -133,6 +137,55 @@ class Case:
         return ref.merge_state_dicts({NAME: self.base}, [{NAME: m} for m in self.models], "ties", density=DENSITY)
 
 
+# The newer per-element steps, as (method, parameters) the kernel benchmark times one launch of.
+VARIANTS = {
+    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01}),
+    "slerp": ("slerp", {"t": 0.3}),
+    "model_stock": ("model_stock", {}),
+    "ties_consensus": ("ties", {"density": DENSITY, "consensus": {"k": 2}}),
+    "ties_official": ("ties", {"density": DENSITY, "trim_scope": "global", "rule": "official"}),
+}
+
+
+def variant_launch(case: "Case", method: str, values: dict):
+    """(callable launching the fused merge for `method`, bytes it moves): statistics first, as the
+    backend finds them (thresholds from the histograms, Gram weights), then only the launch."""
+    from dataclasses import replace
+
+    from lines_fast import methods
+    from lines_fast.gram import group_view, new_gram
+    from lines_fast.plan import ElementPlan, TensorStats, add_gram, group_weights
+    from lines_fast.rng import tensor_stream_id
+    from lines_fast.spec import make_spec
+
+    definition = methods.get(method)
+    rows = [case.base, case.models[0]] if definition.inputs is methods.Inputs.BASE_AND_MODELS else case.models
+    spec = make_spec(method, len(rows), values=values)
+    plan = ElementPlan.from_spec(spec)
+    staged = torch.stack(rows)
+    stats = TensorStats()
+    if plan.trims:   # global thresholds of a one-tensor model are its tensor thresholds
+        found, _ = case.kselect.resident_thresholds(case.base, staged, plan.magnitude_ranks(case.numel), n=case.numel)
+        stats = plan.stats_from_thresholds(found)
+    if plan.grouped:
+        view = group_view((case.numel,), plan.group_by)
+        gram = new_gram(view, len(rows), device=DEVICE)
+        add_gram(plan, case.base, list(staged), 0, view, gram)
+        stats = replace(stats, group_weights=group_weights(plan, gram))
+    if plan.official:
+        stats = replace(stats, zero_sign=1.0)
+    table = plan.table(stats, DEVICE)
+    extras = case.kmerge.tensor_args(plan, stats, (case.numel,), DEVICE)
+    base = case.base if plan.uses_base else None
+
+    def launch():
+        case.kmerge.launch_merge(case.out, base, staged, table, plan, n=case.numel, scale=1.0,
+                                 stream_id=tensor_stream_id(NAME), **extras)
+
+    es = case.base.element_size()
+    return launch, (len(rows) + (1 if plan.uses_base else 0)) * case.numel * es + case.numel * es
+
+
 def time_gpu(fn, reps: int = 20) -> float:
     """Median seconds of fn() with CUDA events, after warm-up (compilation stays out)."""
     reps = min(reps, REPS_CAP)
@@ -224,6 +277,11 @@ def run_all(numel: int = NUMEL, n_models: int = N_MODELS, with_reference: bool =
     if with_reference:
         for name in ("merge", "select_merge"):
             result[name]["speedup_vs_reference"] = result["reference"]["seconds"] / result[name]["seconds"]
+    for name, (method, values) in VARIANTS.items():
+        launch, nbytes = variant_launch(case, method, values)
+        seconds = time_gpu(launch)
+        result[f"variant_{name}"] = {"bytes": nbytes, "seconds": seconds, "GB/s": nbytes / seconds / 1e9,
+                                     "pct_of_copy": 100 * nbytes / seconds / 1e9 / copy_gbs}
     seconds, peak = time_backend(case)
     result["backend"] = {"bytes_host": case.merge_bytes, "seconds": seconds,
                          "GB/s": case.merge_bytes / seconds / 1e9, "peak_gpu_bytes": peak}

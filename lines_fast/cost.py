@@ -53,9 +53,11 @@ def _estimate(spec: MethodSpec, tensors: list[TensorCost], device: str, read_gbp
     passes = plan_passes(spec)
     total_in = sum(t.in_bytes for t in tensors)
     total_out = sum(t.out_bytes for t in tensors)
-    # A per-tensor statistic the merge pass finds first (L1 rescale factors) reads each tensor
-    # once more, from the page cache: compute, not storage.
-    in_pass_reads = 1 + int(ElementPlan.from_spec(spec).missing(None)[1])
+    # A per-tensor statistic the merge pass finds first (L1 rescale factors, the Gram weights of
+    # slerp / nuslerp / model_stock) reads each tensor once more, from the page cache: compute,
+    # not storage.
+    _, factors, group_weights = ElementPlan.from_spec(spec).missing(None)
+    in_pass_reads = 1 + int(factors) + int(group_weights)
     costs = []
     for p in passes:
         write = total_out if p.writes else 0
@@ -131,12 +133,14 @@ def plan_command(args) -> int:
         if lines_alpha is not None:
             lines = LinesSpec(alpha="auto" if lines_alpha == "auto" else float(lines_alpha), beta=1.0)
         values = {"density": 0.2} if method.takes("density") else {}
+        values.update({p.name: 0.5 for p in method.params if p.required})   # priced at a midpoint (slerp's t)
         if method.takes("trim_scope"):
             values["trim_scope"] = args.trim_scope
         elif args.trim_scope != "tensor":
             raise MergeInputError(f"--trim-scope: {method.name} does not trim by magnitude.")
-        spec = make_spec(method.name, args.models, values=values, lines=lines, where="plan")
-        tensors = _tensors_from_recipe(args.recipe, args.models, DTYPES[args.dtype], spec.uses_base)
+        inputs = args.models + (1 if method.inputs is methods.Inputs.BASE_AND_MODELS else 0)
+        spec = make_spec(method.name, inputs, values=values, lines=lines, where="plan")
+        tensors = _tensors_from_recipe(args.recipe, inputs, DTYPES[args.dtype], spec.uses_base)
         what = f"recipe {args.recipe}: {args.method}, {args.models} fine-tuned models, {args.dtype}"
     else:
         raise MergeInputError("plan needs a CONFIG.yml or --recipe NAME (tiny, llama-336m, llama-1b, llama3-70b).")

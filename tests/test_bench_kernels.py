@@ -33,3 +33,9 @@ def test_kernel_benchmark_runs_in_the_interpreter(monkeypatch):
                  "reference", "backend"):
         assert result[name]["seconds"] > 0, name
     assert result["merge"]["speedup_vs_reference"] > 0
+    # one timed launch per newer per-element step: slerp reads the base and one model (as its two
+    # inputs, no separate base); the others read the base and the three models
+    assert result["variant_slerp"]["bytes"] == 3 * numel * 2
+    for name in bench.VARIANTS:
+        assert result[f"variant_{name}"]["seconds"] > 0, name
+    assert result["variant_breadcrumbs"]["bytes"] == (n_models + 2) * numel * 2
