@@ -64,6 +64,7 @@ def variants() -> list[Variant]:
     extremes: N = 8, fp32, the L1 (alpha auto) variant and each rescale mode."""
     from lines_fast import methods
     from lines_fast.backends.triton_backend import import_kernels
+    from lines_fast.plan import ElementPlan
     from lines_fast.spec import LinesSpec, make_spec
 
     _, kselect = import_kernels()
@@ -82,8 +83,9 @@ def variants() -> list[Variant]:
     # DARE keeps Philox state per element: more registers are expected (8 warps).
     budget = {"dare_ties": 168, "dare_linear": 168}
     sizes = {m.name: min(3, m.max_models or 3) for m in methods.REGISTRY.values()}
+    kmerge = import_kernels()[0]
     merges = [_merge_variant(f"{name} bf16 N={n}", spec(name, n), max_registers=budget.get(name, 128))
-              for name, n in sizes.items()]
+              for name, n in sizes.items() if kmerge.unsupported(ElementPlan.from_spec(spec(name, n))) is None]
     merges += [
         _merge_variant("linear (no base) bf16 N=3", spec("linear")),
         # N = 8 holds 9 loads of 16 bytes per thread in flight: plenty at 3 blocks per SM.

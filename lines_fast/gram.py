@@ -73,46 +73,30 @@ def new_gram(view: GroupView, n_inputs: int, device=None) -> torch.Tensor:
 
 
 def add_gram(gram: torch.Tensor, xs: list[torch.Tensor], start: int, view: GroupView) -> None:
-    """Add sum_j x_a[j] x_b[j] per group into gram[g, a, b] (a <= b, mirrored at the end by
-    `weights`) for flat float32 chunks xs (elements start.. of the tensor, any device).
+    """Add sum_j x_a[j] x_b[j] per group into gram[g, a, b] for flat float32 chunks xs (elements
+    start.. of the tensor, any device).
 
     A chunk need not align with the rows: it is cut into a partial first row, whole rows and a
-    partial last row, each reduced with torch's deterministic sums (no atomics), so the result
-    depends only on the chunking, and then only in float64's last bits."""
+    partial last row, each a batched float64 product (no atomics), so the result depends only
+    on the chunking, and then only in float64's last bits."""
     n = xs[0].numel()
     if n == 0:
         return
+    stacked = torch.stack([x.reshape(-1) for x in xs]).to(F64)   # [M, n]
     L = view.cols
-    pieces = []
-    at = start
-    stop = start + n
+    at, stop = start, start + n
     while at < stop:
         row, col = divmod(at, L)
         if col == 0 and stop - at >= L:
-            rows = (stop - at) // L
-            pieces.append((at, row, 0, rows, L))
-            at += rows * L
+            rows, width = (stop - at) // L, L
         else:
-            width = min(L - col, stop - at)
-            pieces.append((at, row, col, 1, width))
-            at += width
-    m = len(xs)
-    for a in range(m):
-        xa = xs[a].to(F64)
-        for b in range(a, m):
-            prod = xa * xs[b].to(F64) if b != a else xa * xa
-            for at, row, col, rows, width in pieces:
-                block = prod[at - start:at - start + rows * width].view(rows, width)
-                if view.by_rows:
-                    gram[row:row + rows, a, b] += block.sum(dim=1)
-                else:
-                    gram[col:col + width, a, b] += block.sum(dim=0)
-
-
-def _mirror(gram: torch.Tensor) -> torch.Tensor:
-    upper = torch.triu(torch.ones(gram.shape[-1], gram.shape[-1], dtype=torch.bool, device=gram.device))
-    g = torch.where(upper, gram, torch.zeros((), dtype=F64, device=gram.device))
-    return g + g.transpose(-1, -2) - torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
+            rows, width = 1, min(L - col, stop - at)
+        block = stacked[:, at - start:at - start + rows * width].reshape(len(xs), rows, width)
+        if view.by_rows:   # one Gram matrix per row
+            gram[row:row + rows] += torch.einsum("arw,brw->rab", block, block)
+        else:              # one per column
+            gram[col:col + width] += torch.einsum("arw,brw->wab", block, block)
+        at += rows * width
 
 
 def _angle_weights(cos: torch.Tensor, t: float, linear: torch.Tensor) -> torch.Tensor:
@@ -163,5 +147,5 @@ FORMULAS = {
 
 
 def weights(kind: Coefficients, gram: torch.Tensor, t: float) -> torch.Tensor:
-    """float32 CPU [M, groups] weights from a [groups, M, M] Gram matrix (upper triangle filled)."""
-    return FORMULAS[kind](_mirror(gram.to("cpu", F64)), t).to(torch.float32).contiguous()
+    """float32 CPU [M, groups] weights from a [groups, M, M] Gram matrix."""
+    return FORMULAS[kind](gram.to("cpu", F64), t).to(torch.float32).contiguous()

@@ -36,6 +36,7 @@ class Sparsify(enum.Enum):
     MAGNITUDE = "magnitude"     # TIES trim: keep |tau_i| >= the k_i-th largest (k_i from density_i)
     RANDOM = "random"           # DARE drop: keep where the Philox draw u >= p_i = 1 - density_i
     BAND = "band"               # breadcrumbs: drop the top gamma_i outliers and keep the density_i below them
+    RANKED = "ranked"           # DELLA's MagPrune: keep with a probability that grows with the magnitude's rank in its row
 
 
 class Consensus(enum.Enum):
@@ -199,6 +200,8 @@ TALL = Param("consensus", "consensus (TALL-mask) merging: keep only elements whe
              fields=(Param("k", "how many task vectors must matter at an element", kind="integer", default=2,
                            low=1, high=1 << 20),
                      Param("lambda", "the TALL mask's threshold ratio", default=0.4, low=0.0)))
+EPSILON = Param("epsilon", "the spread of DELLA's keep probabilities around density (density +- epsilon)",
+                per_model=True, default=0.15, low=0.0, high=1.0, high_open=True)
 RULE = Param("rule", "mergekit: mergekit's TIES; official: the TIES paper's code bit for bit (with trim_scope: "
              "global; floor(density d) + 1 kept, the model-wide majority sign where the sign sum is 0)",
              kind="choice", choices=("mergekit", "official"), default="mergekit")
@@ -379,6 +382,30 @@ register(Method(
     params=(FILTER_WISE,), min_models=2, coefficients=Coefficients.MODEL_STOCK,
     group_by=lambda spec: "trailing" if spec.value("filter_wise") else "tensor",
     paper="https://arxiv.org/abs/2403.19522"))
+
+
+def _della_epsilon(spec, prefix: str) -> None:
+    """DELLA's keep probabilities run from density - epsilon to density + epsilon: inside (0, 1)."""
+    for i, (epsilon, density) in enumerate(zip(spec.value("epsilon"), spec.densities)):
+        if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+            raise MergeInputError(
+                f"{prefix}model {i + 1}: density {density} +- epsilon {epsilon} leaves (0, 1), so some keep "
+                "probabilities would not be probabilities (mergekit refuses this too). Choose epsilon < "
+                f"min(density, 1 - density) = {min(density, 1 - density):.6g}.")
+
+
+for _name, _consensus, _normalize, _summary in (
+        ("della", Consensus.SIGN, True, "DELLA: drop by magnitude rank per row (MagPrune), rescale, elect signs, "
+                                        "disjoint mean"),
+        ("della_linear", Consensus.NONE, False, "DELLA's MagPrune drop per row, rescale, add")):
+    register(Method(
+        _name, _summary,
+        "keep tau_i[r, j] with probability density_i - epsilon_i + 2 epsilon_i rank / max rank in row r, then "
+        + ("TIES steps 2-3" if _consensus is Consensus.SIGN else "sum_i w_i"),
+        params=(WEIGHT, DENSITY, EPSILON, LAMBDA, NORMALIZE.with_default(_normalize),
+                RESCALE.with_default(True, choices=(True, False)), SEED, INT8_MASK),
+        sparsify=Sparsify.RANKED, consensus=_consensus, checks=(_della_epsilon,),
+        paper="https://arxiv.org/abs/2406.11617"))
 
 
 def names() -> list[str]:

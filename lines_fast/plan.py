@@ -36,6 +36,7 @@ import torch
 
 from . import rng
 from . import gram as gram_stats
+from .errors import MergeInputError
 from .methods import Coefficients, Consensus, Inputs, Rescale, Sparsify
 from .spec import MethodSpec, band_ranks, kept_count, official_kept_count
 
@@ -82,6 +83,7 @@ class ElementPlan:
     weights: tuple[float, ...]
     densities: tuple[float, ...]
     gammas: tuple[float, ...]   # BAND: the fraction of top magnitudes dropped
+    epsilons: tuple[float, ...]  # RANKED: DELLA's spread of keep probabilities
     drop_p: tuple[float, ...]
     divisors: tuple[float, ...]
     seed: int = 0
@@ -112,6 +114,7 @@ class ElementPlan:
             sparsify=method.sparsify, rescale=rescale, consensus=method.consensus, normalize=spec.normalize,
             threshold_scope=spec.trim_scope if method.sparsify is Sparsify.MAGNITUDE else "tensor",
             weights=tuple(f32(w) for w in weights), densities=tuple(spec.densities), gammas=tuple(spec.gammas),
+            epsilons=tuple(spec.value("epsilon", (0.0,) * n)),
             drop_p=tuple(p for p, _ in consts),
             divisors=tuple(dv for _, dv in consts) if rescale is Rescale.INVERSE else (1.0,) * n,
             seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0,
@@ -125,7 +128,7 @@ class ElementPlan:
         ones = (1.0,) * n_models
         return cls(n_models=n_models, uses_base=True, deltas=True, sparsify=Sparsify.NONE, rescale=Rescale.NONE,
                    consensus=Consensus.NONE, normalize=False, threshold_scope="tensor", weights=ones,
-                   densities=ones, gammas=(0.0,) * n_models, drop_p=(0.0,) * n_models, divisors=ones)
+                   densities=ones, gammas=(0.0,) * n_models, epsilons=(0.0,) * n_models, drop_p=(0.0,) * n_models, divisors=ones)
 
     # -- the statistics a tensor's merge needs ---------------------------------------------
     @property
@@ -136,6 +139,35 @@ class ElementPlan:
     @property
     def band(self) -> bool:
         return self.sparsify is Sparsify.BAND
+
+    @property
+    def ranked(self) -> bool:
+        return self.sparsify is Sparsify.RANKED
+
+    def rank_row_len(self, shape, name: str) -> int:
+        """DELLA ranks magnitudes along dim 1 (a 1-D tensor is one row): the row length. Rows are
+        contiguous for 1-D and 2-D tensors, the only ones taken."""
+        if len(shape) > 2:
+            raise MergeInputError(f"tensor {name!r} has shape {tuple(shape)}: della ranks each row of a 1-D or 2-D "
+                                  "tensor (along dim 1), and tensors of 3 or more dims are not supported; exclude "
+                                  "it (exclude: REGEX) or use another method.")
+        return int(shape[-1]) if len(shape) else 1
+
+    def ranked_drop_p(self, rows: torch.Tensor, i: int) -> torch.Tensor:
+        """DELLA's drop probability of each element of whole rows [R, L] of model i's x (float32):
+        1 - keep with keep = (density - eps) + 2 eps * rank / max rank in the row, rank = how many
+        magnitudes in the row are strictly smaller (no dependence on sort order; 0.5 for a row
+        of equal magnitudes), in double, rounded once to float32. density >= 1 drops nothing."""
+        density, eps = self.densities[i], self.epsilons[i]
+        if density >= 1:
+            return torch.zeros_like(rows)
+        magnitudes = rows.abs()
+        ordered = torch.sort(magnitudes, dim=1).values
+        rank = torch.searchsorted(ordered, magnitudes.contiguous(), right=False).to(torch.float64)
+        top = rank.max(dim=1, keepdim=True).values
+        normalized = torch.where(top > 0, rank / torch.where(top > 0, top, 1.0), 0.5)
+        keep = (density - eps) + normalized * (2 * eps)
+        return (1 - keep).to(torch.float32)
 
     def magnitude_ranks(self, d: int) -> list[tuple[int, ...]]:
         """Per model, the ranks k (from the top) of the |x_i| to find over a scope of d elements:
@@ -178,9 +210,14 @@ class ElementPlan:
                 self.rescale is Rescale.L1 and stats.factors is None,
                 self.grouped and stats.group_weights is None)
 
-    def keep_masks(self, x: torch.Tensor, i: int, stats: TensorStats, name: str, start: int) -> torch.Tensor:
+    def keep_masks(self, x: torch.Tensor, i: int, stats: TensorStats, name: str, start: int,
+                   row_len: int | None = None) -> torch.Tensor:
         """The bool keep mask of model i's values x (flat, elements start.. of tensor `name`):
-        the sparsifier's rule, in plain torch (for the statistics; backends fuse it)."""
+        the sparsifier's rule, in plain torch (for the statistics; backends fuse it). RANKED:
+        x holds whole rows of row_len elements."""
+        if self.sparsify is Sparsify.RANKED:
+            u = rng.dare_uniform(self.seed, i, name, x.numel(), start=start, device=x.device, stream=rng.DELLA_STREAM)
+            return u >= self.ranked_drop_p(x.view(-1, row_len), i).reshape(-1)
         if self.sparsify is Sparsify.MAGNITUDE:
             return x.abs() >= stats.thresholds[i]
         if self.sparsify is Sparsify.BAND:
@@ -218,7 +255,7 @@ def unsupported_steps(plan: ElementPlan, supported: dict) -> str | None:
 
 
 def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], stats: TensorStats,
-                name: str, start: int, totals: list, kepts: list) -> None:
+                name: str, start: int, totals: list, kepts: list, row_len: int | None = None) -> None:
     """Add ||x_i||_1 and ||kept x_i||_1 of one flat chunk (elements start.. of tensor `name`,
     on any device) into the exact accumulators totals[i] and kepts[i] (exactsum.AbsSum)."""
     b = base.to(torch.float32) if plan.deltas else None
@@ -226,7 +263,7 @@ def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch
         x = model.to(torch.float32)
         if b is not None:
             x = x - b
-        keep = plan.keep_masks(x, i, stats, name, start)
+        keep = plan.keep_masks(x, i, stats, name, start, row_len)
         totals[i].add(x)
         kepts[i].add(torch.where(keep, x, torch.zeros((), dtype=torch.float32, device=x.device)))
 

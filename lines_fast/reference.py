@@ -265,7 +265,39 @@ def _random_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> lis
             for i, (x, d) in enumerate(zip(xs, spec.densities))]
 
 
-SPARSIFIERS = {Sparsify.MAGNITUDE: _magnitude_keep, Sparsify.RANDOM: _random_keep, Sparsify.BAND: _band_keep}
+def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune keep probability of each element (float64): per row along dim 1 (a 1-D
+    tensor is one row), rank = the count of strictly smaller magnitudes in the row, normalized
+    by the row's largest rank (0.5 where every magnitude in the row is equal), then
+    density - epsilon + 2 epsilon * normalized rank."""
+    if tau.dim() > 2:
+        raise MergeInputError(f"della ranks rows of 1-D or 2-D tensors; got shape {tuple(tau.shape)}.")
+    rows = tau.abs().reshape(1, -1) if tau.dim() < 2 else tau.abs()
+    ranks = torch.stack([torch.searchsorted(torch.sort(row).values, row, right=False) for row in rows]).double()
+    top = ranks.max(dim=1, keepdim=True).values
+    normalized = torch.where(top > 0, ranks / top.clamp(min=1), 0.5)
+    return ((density - epsilon) + normalized * (2 * epsilon)).reshape(tau.shape)
+
+
+def _ranked_keep(xs: list[StateDict], spec: MethodSpec, names: list[str]) -> list[StateDict]:
+    """DELLA: keep where u >= float32(1 - keep probability), u from the DELLA stream (density >= 1:
+    everything, as mergekit)."""
+    keeps = []
+    for i, (x, density, epsilon) in enumerate(zip(xs, spec.densities, spec.value("epsilon"))):
+        keep = {}
+        for name in names:
+            if density >= 1:
+                keep[name] = torch.ones_like(x[name], dtype=torch.bool)
+                continue
+            drop_p = (1 - della_keep_probability(x[name], density, epsilon)).to(F32)
+            u = rng.dare_uniform(spec.seed, i, name, x[name].numel(), stream=rng.DELLA_STREAM).view(x[name].shape)
+            keep[name] = u >= drop_p
+        keeps.append(keep)
+    return keeps
+
+
+SPARSIFIERS = {Sparsify.MAGNITUDE: _magnitude_keep, Sparsify.RANDOM: _random_keep, Sparsify.BAND: _band_keep,
+               Sparsify.RANKED: _ranked_keep}
 
 
 def _sum_consensus(kept: list[torch.Tensor], spec: MethodSpec, zero_sign: float) -> torch.Tensor:

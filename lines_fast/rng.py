@@ -72,15 +72,22 @@ def uniform_from_bits(r0: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32).mul_(torch.tensor(_UNIFORM_SCALE))
 
 
+# Streams of draws: counter word c3 is model_index + (stream << 16), so every method that
+# draws (DARE, DELLA) has masks of its own for the same seed, model and tensor.
+DARE_STREAM = 0
+DELLA_STREAM = 1
+
+
 def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int = 0,
-                 device: torch.device | str = "cpu") -> torch.Tensor:
-    """u for flat indices start .. start+numel-1 of tensor `name`, model `model_index` (float32)."""
+                 device: torch.device | str = "cpu", stream: int = DARE_STREAM) -> torch.Tensor:
+    """u for flat indices start .. start+numel-1 of tensor `name`, model `model_index` (float32),
+    in the given stream (DARE's: c3 = model_index; DELLA's: model_index + 2^16)."""
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     j = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     c0 = j & _MASK32
     c1 = j >> 32
     c2 = torch.full_like(j, tensor_stream_id(name))
-    c3 = torch.full_like(j, model_index)
+    c3 = torch.full_like(j, model_index + (stream << 16))
     r0, _, _, _ = philox4x32_10(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
     return uniform_from_bits(r0)

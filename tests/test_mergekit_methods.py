@@ -392,3 +392,50 @@ def test_official_rule_refusals():
         make_spec("ties", 2, values={"rule": "official", "trim_scope": "global"}, model_values={"weight": [1, 2]})
     with pytest.raises(MergeInputError, match="normalize: true"):
         make_spec("ties", 2, values={"rule": "official", "trim_scope": "global", "normalize": False})
+
+
+# ---------------------------------------------------------------------------------------
+# della, della_linear (CPU backend; the kernels lack the per-row ranked drop)
+# ---------------------------------------------------------------------------------------
+
+def test_della_keep_probabilities_by_hand_and_as_mergekit_on_tie_free_rows():
+    tau = torch.tensor([[0.1, -0.4, 0.3, 0.2], [5.0, 5.0, -1.0, 0.0]])
+    got = ref.della_keep_probability(tau, 0.5, 0.1)
+    # Row 0 ranks (strictly smaller magnitudes): 0, 3, 2, 1 -> / 3 -> 0.4 + 0.2 * rank / 3.
+    assert torch.allclose(got[0], torch.tensor([0.4, 0.6, 0.4 + 0.2 * 2 / 3, 0.4 + 0.2 / 3], dtype=torch.float64))
+    # Row 1 with ties: ranks 2, 2, 1, 0 -> largest 2.
+    assert torch.allclose(got[1], torch.tensor([0.6, 0.6, 0.5, 0.4], dtype=torch.float64))
+    # mergekit: ranks from argsort(argsort) + 1, normalized by (max - min): the same on tie-free rows.
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(7, 50, generator=g)
+    mk_ranks = rows.abs().argsort(dim=1).argsort(dim=1).double() + 1
+    mk = 0.35 + (mk_ranks - 1) / (50 - 1) * 0.3
+    assert torch.allclose(ref.della_keep_probability(rows, 0.5, 0.15), mk)
+    # and the plan's version (the CPU backend's) is the reference's, rounded to float32
+    plan = ElementPlan.from_spec(make_spec("della", 1, values={"density": 0.5, "epsilon": 0.15}))
+    assert torch.equal(plan.ranked_drop_p(rows, 0), (1 - ref.della_keep_probability(rows, 0.5, 0.15)).float())
+
+
+def test_della_on_the_cpu_backend_equals_the_reference_and_keeps_about_density():
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(64, 300, generator=g)
+    models = [base + 0.1 * torch.randn(64, 300, generator=g) for _ in range(2)]
+    for method in ("della", "della_linear"):
+        got = merge_one(method, base, models, CpuBackend(chunk=1000), density=0.4, epsilon=0.2, seed=9)
+        want = merge_one(method, base, models, density=0.4, epsilon=0.2, seed=9)
+        assert torch.equal(got, want), method
+    # One model, rescale false: the kept fraction is the density on average (0.4 +- 0.2 by rank).
+    kept = merge_one("della_linear", base, models[:1], density=0.4, epsilon=0.2, rescale=False) != base
+    assert abs(float(kept.float().mean()) - 0.4) < 0.01
+    # A different stream from DARE's: the same seed draws other masks.
+    dare = merge_one("dare_linear", base, models[:1], density=0.4, rescale=False) != base
+    assert float((kept != dare).float().mean()) > 0.3
+
+
+def test_della_refusals(tmp_path):
+    with pytest.raises(MergeInputError, match=r"model 1: density 0.1 \+- epsilon 0.15 leaves \(0, 1\)"):
+        make_spec("della", 1, values={"density": 0.1})
+    make_spec("della", 1, values={"density": 1.0, "epsilon": 0.5})   # density 1 keeps all: no probabilities
+    plan = ElementPlan.from_spec(make_spec("della", 1, values={"density": 0.5}))
+    with pytest.raises(MergeInputError, match="tensors of 3 or more dims are not supported"):
+        plan.rank_row_len((2, 3, 4), "conv.weight")

@@ -22,7 +22,7 @@ from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..gram import group_index, group_view, new_gram
 from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sign_sum, factors_from_sums,
                     group_weights, unsupported_steps)
-from ..rng import dare_uniform
+from ..rng import DELLA_STREAM, dare_uniform
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
 
@@ -30,7 +30,7 @@ DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resi
 _PAGE = 4096
 # The plan steps this backend executes; any other is refused by supports().
 SUPPORTED = {
-    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND},
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND, Sparsify.RANKED},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
     "consensus": {Consensus.NONE, Consensus.SIGN},
     "coefficients": {Coefficients.GIVEN, Coefficients.SLERP, Coefficients.NUSLERP, Coefficients.MODEL_STOCK},
@@ -76,14 +76,23 @@ class CpuBackend:
     def supports(self, plan: ElementPlan) -> str | None:
         return unsupported_steps(plan, SUPPORTED)
 
-    def _bufs(self, n_models: int) -> _Buffers:
-        if n_models not in self._buffers:
-            self._buffers[n_models] = _Buffers(n_models, self.chunk)
-        return self._buffers[n_models]
+    def _bufs(self, n_models: int, size: int | None = None) -> _Buffers:
+        size = max(size or self.chunk, self.chunk)
+        if (n_models, size) not in self._buffers:
+            self._buffers[n_models, size] = _Buffers(n_models, size)
+        return self._buffers[n_models, size]
 
-    def _spans(self, numel: int):
-        for start in range(0, numel, self.chunk):
-            yield start, min(start + self.chunk, numel)
+    def _spans(self, numel: int, step: int | None = None):
+        step = step or self.chunk
+        for start in range(0, numel, step):
+            yield start, min(start + step, numel)
+
+    def _step(self, job: MergeJob, plan: ElementPlan) -> tuple[int, int | None]:
+        """(chunk length, row length): whole rows for DELLA's per-row ranks, else the chunk."""
+        if not plan.ranked:
+            return self.chunk, None
+        row = plan.rank_row_len(job.models[0].shape, job.name)
+        return (self.chunk - self.chunk % row if row <= self.chunk else row), row
 
     # -- loading --------------------------------------------------------------------------
     def _load(self, out: torch.Tensor, model: torch.Tensor, base_f32: torch.Tensor | None,
@@ -173,8 +182,9 @@ class CpuBackend:
             totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]
             base = job.base.reshape(-1)
             models = [m.reshape(-1) for m in job.models]
-            for s, e in self._spans(base.numel()):
-                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s, totals, kepts)
+            step, row = self._step(job, plan)
+            for s, e in self._spans(base.numel(), step):
+                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s, totals, kepts, row)
             stats = replace(stats, factors=factors_from_sums(totals, kepts))
         return stats
 
@@ -191,7 +201,7 @@ class CpuBackend:
         loaded τ_i, before sparsifying, with the same float32 adds as task_vector_sum_l1."""
         stats = self.tensor_stats(job, plan)
         task_sum, delta = AbsSum(), AbsSum()
-        for s, e, bufs in self._chunks(job):
+        for s, e, bufs in self._chunks(job, plan):
             task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
             delta.add(self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk))
             if with_task_sum:
@@ -199,10 +209,11 @@ class CpuBackend:
         return task_sum.value(), delta.value(), stats
 
     # -- merging --------------------------------------------------------------------------
-    def _chunks(self, job: MergeJob):
+    def _chunks(self, job: MergeJob, plan: ElementPlan):
         numel = job.models[0].numel()
-        bufs = self._bufs(len(job.models))
-        for s, e in self._spans(numel):
+        step, _ = self._step(job, plan)
+        bufs = self._bufs(len(job.models), step)
+        for s, e in self._spans(numel, step):
             yield s, e, bufs
 
     def _merged_delta(self, job: MergeJob, plan: ElementPlan, stats: TensorStats, s: int, e: int,
@@ -217,8 +228,9 @@ class CpuBackend:
                 raise NonFiniteInput(job.name, -1)  # a soup's θ0 (LiNeS) is not checked by _load
         if task_sum is not None:
             task_sum.zero_()
-        if plan.grouped:   # per-element weights: each element's group's weight
-            groups = group_index(group_view(job.models[0].shape, plan.group_by), s, e)
+        if plan.grouped:   # per-element weights: each element's group's weight (one number for one group)
+            view = group_view(job.models[0].shape, plan.group_by)
+            groups = group_index(view, s, e) if view.groups > 1 else None
         xs = []
         for i, model in enumerate(job.models):
             x = self._load(bufs.tau[i][:n], model.reshape(-1)[s:e], b if plan.deltas else None, job.name, i)
@@ -232,6 +244,10 @@ class CpuBackend:
                 self._zero_below(x, x, stats.thresholds[i], bufs.tmp[:n])
                 if plan.band:
                     self._zero_at_or_above(x, stats.ceilings[i], bufs.tmp[:n])
+            elif plan.ranked:   # DELLA: per-element drop probabilities from the row ranks (whole rows here)
+                drop_p = plan.ranked_drop_p(x.view(-1, self._step(job, plan)[1]), i).reshape(-1)
+                u = dare_uniform(plan.seed, i, job.name, n, start=s, stream=DELLA_STREAM)
+                x.masked_fill_(u < drop_p, 0.0)
             elif plan.sparsify is Sparsify.RANDOM:
                 # Drop where u < p: u, p >= 0 order as their bit patterns.
                 u = dare_uniform(plan.seed, i, job.name, n, start=s)
@@ -241,7 +257,9 @@ class CpuBackend:
             elif plan.rescale is Rescale.L1:
                 x.mul_(stats.factors[i])
             if plan.grouped:
-                contributions.append(x.mul_(stats.group_weights[i].index_select(0, groups)))
+                weights = stats.group_weights[i]
+                contributions.append(x.mul_(weights.index_select(0, groups) if groups is not None
+                                            else float(weights[0])))
                 continue
             w = plan.weights[i]
             contributions.append(x if w == 1.0 else x.mul_(w))   # c_i = w_i * x_i
@@ -331,7 +349,7 @@ class CpuBackend:
             return job.base.to(job.out_dtype, copy=True), stats
         out = torch.empty(job.models[0].shape, dtype=job.out_dtype)
         out_flat = out.reshape(-1)
-        for s, e, bufs in self._chunks(job):
+        for s, e, bufs in self._chunks(job, plan):
             result = self._merged_delta(job, plan, stats, s, e, bufs)
             if plan.uses_base:
                 result.mul_(job.scale)
