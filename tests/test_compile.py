@@ -32,7 +32,9 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
     rows = json.loads(out.read_text())
     from lines_fast import methods
 
-    assert {row["variant"].split()[0] for row in rows} >= set(methods.names()) | {"histogram"}
+    # every method the kernels run (tests/test_methods.py pins the gaps: della, della_linear)
+    kernel_methods = set(methods.names()) - {"della", "della_linear"}
+    assert {row["variant"].split()[0] for row in rows} >= kernel_methods | {"histogram"}
     for row in rows:
         assert row["ok"], (row["variant"], row["problems"], proc.stdout)
         assert row["local_bytes"] == 0 and row["registers"] > 0
