@@ -273,7 +273,7 @@ def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) ->
     if tau.dim() > 2:
         raise MergeInputError(f"della ranks rows of 1-D or 2-D tensors; got shape {tuple(tau.shape)}.")
     rows = tau.abs().reshape(1, -1) if tau.dim() < 2 else tau.abs()
-    ranks = torch.stack([torch.searchsorted(torch.sort(row).values, row, right=False) for row in rows]).double()
+    ranks = torch.searchsorted(torch.sort(rows, dim=1).values, rows.contiguous(), right=False).double()
     top = ranks.max(dim=1, keepdim=True).values
     normalized = torch.where(top > 0, ranks / top.clamp(min=1), 0.5)
     return ((density - epsilon) + normalized * (2 * epsilon)).reshape(tau.shape)
