@@ -126,6 +126,22 @@ def _rescale(text: str | None):
     return None if text is None else {"true": True, "false": False}.get(text, text)
 
 
+def _scalar(text: str):
+    """An option's value: an int or a float where it reads as one (1e-3 too, which YAML 1.1 reads
+    as a string), else a YAML scalar (true, inverse)."""
+    import yaml
+
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _params_from_args(args) -> dict:
     """--param NAME=VALUE pairs; VALUE is read as a YAML scalar (0.3, true, inverse)."""
     import yaml
@@ -137,10 +153,7 @@ def _params_from_args(args) -> dict:
             raise MergeInputError(f"--param {item!r}: expected NAME=VALUE, e.g. --param t=0.3.")
         if name in found:
             raise MergeInputError(f"--param {name} is given twice; give it once.")
-        try:
-            found[name] = yaml.safe_load(text)
-        except yaml.YAMLError:
-            found[name] = text
+        found[name] = _scalar(text)
     return found
 
 

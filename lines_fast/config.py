@@ -22,7 +22,7 @@ import torch
 from . import methods
 from .errors import MergeInputError
 from .methods import Inputs
-from .settings import check as check_setting, evaluate as evaluate_setting, is_setting
+from .settings import check as check_setting, evaluate as evaluate_setting, filters as filters_of, is_setting
 from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, make_spec
 
 DTYPES = {
@@ -280,9 +280,10 @@ def load_yaml(path: Path) -> MergeConfig:
     return from_yaml_dict(doc, str(path))
 
 
-def _resolved_spec(config: MergeConfig, name: str, t: float) -> MethodSpec:
+def _resolved_spec(config: MergeConfig, name: str | None, t: float) -> MethodSpec:
     """The spec for tensor `name` at depth t: every per-tensor setting evaluated there
-    (lines_fast/settings.py); a filter that matches nothing leaves the next level to decide."""
+    (lines_fast/settings.py); a filter that matches nothing leaves the next level to decide.
+    name None: the config's own check, every setting's first entry."""
     n, model_values, values, labels = config.spec_inputs
     takes = methods.get(config.method).takes   # a key the method does not take goes through raw: refused
 
@@ -291,6 +292,12 @@ def _resolved_spec(config: MergeConfig, name: str, t: float) -> MethodSpec:
         return evaluate_setting(value, name, t) if takes(key) and is_setting(value, param) else value
 
     here = {k: at(k, v) for k, v in values.items()}
+    for key, value in values.items():
+        param = methods.get(config.method).param(key)
+        if name is not None and param is not None and param.required and here[key] is None:
+            raise _fail(config.source, f"tensor {name}: no entry of {key} matches it (its filters are "
+                                       f"{', '.join(filters_of(value))}); add an entry without a filter as the "
+                                       "default for the other tensors.")
     per_model = {k: [None if v is None else at(k, v) for v in vs] for k, vs in model_values.items()}
     where = f"{config.source}: tensor {name}" if name else config.source
     return make_spec(config.method, n, model_values={k: vs for k, vs in per_model.items() if any(v is not None for v in vs)},
@@ -342,7 +349,7 @@ def validate(config: MergeConfig) -> MergeConfig:
                          "or use trim_scope: tensor.")
     config.spec_inputs = (n, model_values, values, labels)
     # Validated once with every setting at a probe position; spec_for_tensor resolves each tensor.
-    config.spec = _resolved_spec(config, "", 0.0) if config.per_tensor else make_spec(
+    config.spec = _resolved_spec(config, None, 0.0) if config.per_tensor else make_spec(
         method.name, n, model_values=model_values, values=values, lines=config.lines, where=src,
         model_labels=labels)
     if config.missing not in ("error", "copy-base"):
@@ -380,6 +387,8 @@ def with_overrides(config: MergeConfig, **overrides: Any) -> MergeConfig:
         param.check(value, f"--param {name}")
         params[name] = value
         model_params.pop(name, None)   # one value for every model, as the option says
+        if name == "weight" and config.base_weight is not None:
+            fields["base_weight"] = value   # the top-level weight is the averaged-in base's too (mergekit)
     for key, value in given.items():
         name = _PARAM_OVERRIDES.get(key) or _MODEL_PARAM_OVERRIDES.get(key)
         if name is not None:   # blame the option, not the config's first model

@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
 from .errors import MergeInputError, NonFiniteInput
 from .layers import depth_fractions, lines_scales
+from .settings import filters as filters_of
 from .plan import ElementPlan
 from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
 from .progress import Progress
@@ -280,6 +281,15 @@ class Engine:
         if not self.config.per_tensor:
             return
         pattern = self.spec.lines.layer_pattern if self.spec.lines is not None else None
+        n, model_values, values, _ = self.config.spec_inputs
+        given = [(k, v) for k, v in values.items()] + [(k, v) for k, vs in model_values.items() for v in vs]
+        for key, value in given:
+            for substring in filters_of(value):
+                if not any(substring in name for name in merged):
+                    raise MergeInputError(
+                        f"{self.config.source}: the filter {substring!r} of {key} matches none of the "
+                        f"{len(merged)} merged tensors (e.g. {merged[0]}), so that entry would never apply. "
+                        "Fix the substring (filters match any part of a tensor name), or remove the entry.")
         self._depths = depth_fractions(merged, pattern)
         for name in merged:
             self._spec_for(name)

@@ -145,8 +145,8 @@ class Param:
             return value
         if isinstance(value, (list, dict)):
             raise MergeInputError(
-                f"{where}: {self.name} is a {type(value).__name__}; mergekit's per-layer gradients and "
-                "filtered parameters are not supported yet, give one number.")
+                f"{where}: {self.name} is a {type(value).__name__}; give one number here (per-layer lists "
+                "and filtered settings go in a YAML config's parameters).")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MergeInputError(f"{where}: {self.name} must be a number, got {value!r}.")
         number = float(value)
@@ -202,7 +202,7 @@ TALL = Param("consensus", "consensus (TALL-mask) merging: keep only elements whe
                      Param("lambda", "the TALL mask's threshold ratio", default=0.4, low=0.0)))
 EPSILON = Param("epsilon", "the spread of DELLA's keep probabilities around density (density +- epsilon)",
                 per_model=True, default=0.15, low=0.0, high=1.0, high_open=True)
-RULE = Param("rule", "mergekit: mergekit's TIES; official: the TIES paper's code bit for bit (with trim_scope: "
+RULE = Param("rule", "mergekit: mergekit's TIES; official: the TIES paper's code (with trim_scope: "
              "global; floor(density d) + 1 kept, the model-wide majority sign where the sign sum is 0)",
              kind="choice", choices=("mergekit", "official"), default="mergekit")
 SEED = Param("seed", "the random seed of the drop masks", kind="integer", default=0, low=0, high=(1 << 63) - 1)

@@ -29,7 +29,7 @@ and the L1 rescale factors f_i. They are returned to the caller, never stored on
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -151,7 +151,7 @@ class ElementPlan:
             raise MergeInputError(f"tensor {name!r} has shape {tuple(shape)}: della ranks each row of a 1-D or 2-D "
                                   "tensor (along dim 1), and tensors of 3 or more dims are not supported; exclude "
                                   "it (exclude: REGEX) or use another method.")
-        return int(shape[-1]) if len(shape) else 1
+        return max(1, int(shape[-1])) if len(shape) else 1
 
     def ranked_drop_p(self, rows: torch.Tensor, i: int) -> torch.Tensor:
         """DELLA's drop probability of each element of whole rows [R, L] of model i's x (float32):
@@ -185,10 +185,10 @@ class ElementPlan:
             raise ValueError("the official TIES rule needs the majority sign from the engine's signs pass")
         return stats.zero_sign
 
-    def stats_from_thresholds(self, found: list[tuple[float, ...]], factors=None) -> TensorStats:
-        """TensorStats from the thresholds of magnitude_ranks' ranks, in that order."""
-        return TensorStats(thresholds=tuple(t[0] for t in found), factors=factors,
-                           ceilings=tuple(t[1] for t in found) if self.band else None)
+    def stats_from_thresholds(self, found: list[tuple[float, ...]], stats: TensorStats | None = None) -> TensorStats:
+        """`stats` (default: none) with the thresholds of magnitude_ranks' ranks, in that order."""
+        return replace(stats or TensorStats(), thresholds=tuple(t[0] for t in found),
+                       ceilings=tuple(t[1] for t in found) if self.band else None)
 
     @property
     def drops(self) -> bool:

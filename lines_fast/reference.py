@@ -272,6 +272,8 @@ def della_keep_probability(tau: torch.Tensor, density: float, epsilon: float) ->
     density - epsilon + 2 epsilon * normalized rank."""
     if tau.dim() > 2:
         raise MergeInputError(f"della ranks rows of 1-D or 2-D tensors; got shape {tuple(tau.shape)}.")
+    if tau.numel() == 0:
+        return torch.zeros(tau.shape, dtype=torch.float64)
     rows = tau.abs().reshape(1, -1) if tau.dim() < 2 else tau.abs()
     ranks = torch.searchsorted(torch.sort(rows, dim=1).values, rows.contiguous(), right=False).double()
     top = ranks.max(dim=1, keepdim=True).values
@@ -379,6 +381,8 @@ ANGLE_WEIGHTS = {Coefficients.SLERP: _slerp_weights, Coefficients.NUSLERP: _nusl
 
 def _group_weighted_sum(xs: list[torch.Tensor], spec: MethodSpec) -> torch.Tensor:
     """sum_i c_i[g] x_i in float32, model order from zeros, c_i rounded to float32 per group."""
+    if xs[0].numel() == 0:
+        return torch.zeros_like(xs[0], dtype=F32)
     coefficients = ANGLE_WEIGHTS[spec.definition.coefficients](xs, spec)
     acc = torch.zeros_like(xs[0], dtype=F32)
     for x, c in zip(xs, coefficients):

@@ -14,6 +14,7 @@ Gradients: with n values v_0..v_{n-1} and t = l / (L - 1) for a tensor in block 
 the value is (1 - f) v_i + f v_{min(i + 1, n - 1)} with f = s - i, in double, exactly as
 mergekit computes it. Only number parameters take gradients or filters.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ def check(param: Param, value: Any, where: str) -> None:
         param.check(v, where)
 
 
-def evaluate(value: Any, tensor_name: str, t: float) -> Any:
-    """The setting's value for tensor `tensor_name` at depth t, or None where no filter matches."""
+def evaluate(value: Any, tensor_name: str | None, t: float) -> Any:
+    """The setting's value for tensor `tensor_name` at depth t, or None where no filter matches.
+    tensor_name None (validating a config before its tensors are known): the first entry."""
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -78,11 +80,18 @@ def evaluate(value: Any, tensor_name: str, t: float) -> Any:
     if all(isinstance(v, dict) for v in value):
         for entry in value:
             pattern = entry.get("filter")
-            if pattern is None or pattern == "*" or (tensor_name and pattern in tensor_name):
+            if (tensor_name is None or pattern is None or pattern == "*"
+                    or (tensor_name and pattern in tensor_name)):
                 return evaluate(entry["value"], tensor_name, t)
         return None
-    scaled = t * (len(value) - 1)
+    scaled = t * (len(value) - 1)   # mergekit: int(scaled), i.e. floor for t >= 0
     low = int(math.floor(scaled))
     high = min(len(value) - 1, low + 1)
     frac = scaled - low
     return (1 - frac) * float(value[low]) + frac * float(value[high])
+
+
+def filters(value: Any) -> list[str]:
+    """The filter substrings of a setting (for the check that each matches some tensor)."""
+    entries = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [e["filter"] for e in entries if isinstance(e, dict) and e.get("filter") not in (None, "*")]

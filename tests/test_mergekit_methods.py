@@ -439,3 +439,37 @@ def test_della_refusals(tmp_path):
     plan = ElementPlan.from_spec(make_spec("della", 1, values={"density": 0.5}))
     with pytest.raises(MergeInputError, match="tensors of 3 or more dims are not supported"):
         plan.rank_row_len((2, 3, 4), "conv.weight")
+
+
+def test_review_findings_on_settings_and_options(tmp_path):
+    """A filter that matches no tensor is refused (a typo would silently keep the default);
+    --param reads 1e-3 as a number; a required value given only under filters is checked per
+    tensor with a message that says which tensor no entry matches; della on an empty tensor."""
+    import yaml
+
+    from lines_fast.cli import _scalar
+    from lines_fast.config import from_yaml_dict, load_yaml
+    from lines_fast.engine import Engine
+
+    (base_dir, base), (ft1_dir, _), (ft2_dir, _) = _five_layer_family(tmp_path)
+    doc = {"merge_method": "ties", "base_model": str(base_dir),
+           "models": [{"model": str(ft1_dir)}, {"model": str(ft2_dir)}],
+           "parameters": {"density": [{"filter": "self_atn", "value": 0.3}, {"value": 1.0}]}}
+    cfg = tmp_path / "typo.yml"
+    cfg.write_text(yaml.safe_dump(doc))
+    with pytest.raises(MergeInputError, match="the filter 'self_atn' of density matches none of the 12"):
+        Engine(load_yaml(cfg), tmp_path / "out", device="cpu", progress=False, log=lambda m: None).run()
+    assert not (tmp_path / "out").exists()
+
+    assert _scalar("1e-3") == 0.001 and _scalar("3") == 3 and _scalar("true") is True and _scalar("inverse") == "inverse"
+
+    only_filtered = {"merge_method": "slerp", "base_model": "b", "models": ["x"],
+                     "parameters": {"t": [{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": 0.3}]}}
+    config = from_yaml_dict(only_filtered, "c.yml")   # valid: each entry is checked, the first at the probe
+    assert config.spec_for_tensor("model.layers.0.mlp.up_proj.weight", 0.0).value("t") == 0.3
+    with pytest.raises(MergeInputError, match="tensor model.norm.weight: no entry of t matches it"):
+        config.spec_for_tensor("model.norm.weight", 0.0)
+
+    empty = torch.zeros(4, 0)
+    assert merge_one("della", empty, [empty, empty], CpuBackend(), density=0.5).shape == (4, 0)
+    assert ref.della_keep_probability(empty, 0.5, 0.1).shape == (4, 0)

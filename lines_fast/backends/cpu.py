@@ -169,7 +169,7 @@ class CpuBackend:
         need_thresholds, need_factors, need_weights = plan.missing(stats)
         if need_thresholds:
             found = tensor_thresholds(self, job.base, job.models, plan.magnitude_ranks(job.base.numel()))
-            stats = plan.stats_from_thresholds(found, stats.factors)
+            stats = plan.stats_from_thresholds(found, stats)
         if need_weights:
             view = group_view(job.models[0].shape, plan.group_by)
             gram = new_gram(view, len(job.models))

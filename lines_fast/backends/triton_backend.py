@@ -498,7 +498,7 @@ class TritonBackend:
                 raise ValueError(f"{job.name}: global-scope trimming needs thresholds from the engine")
             found = (self._resident_thresholds(job, plan, views) if views is not None
                      else self._streamed_thresholds(job, plan))
-            stats = replace(plan.stats_from_thresholds(found, stats.factors), group_weights=stats.group_weights)
+            stats = plan.stats_from_thresholds(found, stats)
         if need_factors:
             stats = replace(stats, factors=self._rescale_factors(job, plan, stats, views))
         return stats
