@@ -287,6 +287,11 @@ class Checkpoint:
         }
         return cls(path, label, tensors, [index.parent / s for s in shards])
 
+    @property
+    def paths(self) -> list[Path]:
+        """The checkpoints it reads (one; a sliced view, lines_fast/slices.py, has several)."""
+        return [self.path]
+
     def names(self) -> list[str]:
         return list(self.tensors)
 

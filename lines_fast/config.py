@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import methods
+from . import methods, slices as slicing
 from .errors import MergeInputError
 from .methods import Inputs
 from .settings import check as check_setting, evaluate as evaluate_setting, filters as filters_of, is_setting
@@ -32,11 +32,10 @@ DTYPES = {
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "seed", "exclude", "lines", "name"}
 # mergekit keys we know and deliberately do not implement: refused with this reason.
 _REFUSED_TOP_KEYS = {
-    "slices": "layer slicing (slices) is not supported yet; merge whole models",
     "modules": "per-module configs (modules) are not supported",
     "tokenizer": "the tokenizer: block (vocabulary union / embedding surgery) is not supported; use tokenizer_source: base or a model path",
     "chat_template": "chat_template is not supported; edit the copied tokenizer_config.json",
@@ -72,6 +71,7 @@ class MergeConfig:
     spec: MethodSpec | None = None  # set by validate()
     per_tensor: bool = False        # some parameter is a per-layer list or filtered (set by validate())
     spec_inputs: tuple | None = field(default=None, repr=False)   # make_spec's inputs (validate())
+    slices: tuple | None = None     # mergekit's slices: (lines_fast/slices.py); models are then its roles
 
     def method_spec(self) -> MethodSpec:
         return self.spec if self.spec is not None else validate(self).spec
@@ -104,6 +104,9 @@ class MergeConfig:
             "out_dtype": DTYPE_NAMES.get(self.out_dtype) if self.out_dtype else None,
             "exclude": self.exclude,
         }
+        if self.slices:
+            out["slices"] = [{"base": [str(s.base.path), s.base.start, s.base.end] if s.base else None,
+                              "models": [[str(r.path), r.start, r.end] for r in s.models]} for s in self.slices]
         if self.lines:
             out["lines"] = {"alpha": self.lines.alpha, "beta": self.lines.beta,
                             "outside": self.lines.outside, "layer_pattern": self.lines.layer_pattern}
@@ -207,28 +210,34 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
         if "seed" in params:
             raise _fail(source, "seed is given twice (top-level seed and parameters.seed); give it once.")
         params["seed"] = doc["seed"]
-    models_doc = doc.get("models")
-    if not isinstance(models_doc, list) or not models_doc:
-        raise _fail(source, "models: must be a non-empty list of {model: PATH, parameters: {...}}.")
-    models, model_params = [], {}
-    for i, entry in enumerate(models_doc):
-        where = f"models[{i}]"
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise _fail(source, f"{where} must be a mapping with a 'model' path.")
-        _refuse_unknown(entry, {"model", "parameters"}, where, source)
-        mparams = entry.get("parameters") or {}
-        if not isinstance(mparams, dict):
-            raise _fail(source, f"{where}.parameters must be a mapping.")
-        for name, value in mparams.items():
-            model_params.setdefault(name, [None] * len(models_doc))[i] = value
-        models.append(resolve(_model_path(entry["model"], source, f"{where}.model")))
     base = doc.get("base_model")
+    base_path = resolve(_model_path(base, source, "base_model")) if base is not None else None
+    parsed = None
+    if doc.get("slices") is not None:
+        if doc.get("models") is not None:
+            raise _fail(source, "give either models: (whole models) or slices: (layer ranges), not both, as mergekit.")
+        parsed = slicing.parse(doc["slices"], base=base_path, base_is_role=method.inputs is not Inputs.MODELS,
+                               source=source, resolve=lambda v, where: resolve(_model_path(v, source, where)))
+        models, model_params = parsed.models, parsed.model_params
+        params.update(parsed.params)
+        if method.inputs is Inputs.MODELS:
+            base_path = None   # a soup's inputs are its sources; mergekit ignores base_model there
+    else:
+        models, model_params = _models_list(doc.get("models"), source, resolve)
+    listed = [i for i, m in enumerate(models) if base_path is not None and slicing.same_model(m, base_path)]
+    if listed and method.inputs is not Inputs.MODELS:
+        # mergekit lists the base among the models freely; it is the base, not a task vector
+        # (its parameters, if any, are ignored, as mergekit ignores them).
+        models = [m for i, m in enumerate(models) if i not in listed]
+        model_params = {k: [v for i, v in enumerate(vs) if i not in listed] for k, vs in model_params.items()}
     base_weight = None
-    if base is not None and method.inputs is Inputs.MODELS:
-        # mergekit 0.1.5 averages a linear merge's base_model in, with the weight that the
-        # top-level parameters give it; without one it stops ("Missing required parameter").
+    if base_path is not None and method.inputs is Inputs.MODELS and not listed:
+        # mergekit 0.1.5 averages a models: config's base_model in as one more input, with the
+        # weight that the top-level parameters give it; without one it stops ("Missing required
+        # parameter"). A method of one input has no room for it.
+        if method.max_models == 1:
+            raise _fail(source, f"{method.name} takes one model, and mergekit would add base_model as a second "
+                                "input; remove base_model, or list it as the model.")
         if "weight" not in params:
             raise _fail(source, f"{method.name} with a base_model averages the base in (as mergekit does), so it "
                                 "needs a weight for it, and none resolves: add `parameters: {weight: W}` (the "
@@ -247,7 +256,8 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     config = MergeConfig(
         method=method.name,
         models=models,
-        base=resolve(_model_path(base, source, "base_model")) if base is not None else None,
+        base=base_path,
+        slices=parsed.slices if parsed is not None else None,
         params=params,
         model_params=model_params,
         base_weight=base_weight,
@@ -259,6 +269,28 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
         source=source,
     )
     return validate(config)
+
+
+def _models_list(models_doc: Any, source: str, resolve) -> tuple[list[Path], dict[str, list]]:
+    """A config's `models:` list: the paths, and each per-model parameter as one value per model."""
+    if not isinstance(models_doc, list) or not models_doc:
+        raise _fail(source, "models: must be a non-empty list of {model: PATH, parameters: {...}} "
+                            "(or give slices: with layer ranges).")
+    models, model_params = [], {}
+    for i, entry in enumerate(models_doc):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise _fail(source, f"{where} must be a mapping with a 'model' path.")
+        _refuse_unknown(entry, {"model", "parameters"}, where, source)
+        mparams = entry.get("parameters") or {}
+        if not isinstance(mparams, dict):
+            raise _fail(source, f"{where}.parameters must be a mapping.")
+        for name, value in mparams.items():
+            model_params.setdefault(name, [None] * len(models_doc))[i] = value
+        models.append(resolve(_model_path(entry["model"], source, f"{where}.model")))
+    return models, model_params
 
 
 def load_yaml(path: Path) -> MergeConfig:

@@ -97,11 +97,11 @@ def _tensors_from_recipe(recipe_name: str, n_models: int, dtype: torch.dtype, us
 
 
 def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
-    from .checkpoint import Checkpoint
+    from .engine import open_inputs
 
-    paths = ([config.base] if config.base else []) + list(config.models)
-    opened = [Checkpoint.open(p) for p in paths]
+    inputs = open_inputs(config)
     try:
+        opened = inputs.all()
         reference = opened[0]
         out = []
         for name, info in reference.tensors.items():
@@ -110,8 +110,7 @@ def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
             out.append(TensorCost(name, info.numel, in_bytes, info.numel * out_dtype.itemsize))
         return out
     finally:
-        for c in opened:
-            c.close()
+        inputs.close()
 
 
 def _gb(n: int) -> str:

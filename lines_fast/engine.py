@@ -77,6 +77,9 @@ class _Inputs:
 
     base: Checkpoint | None
     models: list[Checkpoint]
+    # With slices (lines_fast/slices.py): each tensor's mergekit position t, and the output's layer count.
+    depths: dict[str, float] | None = None
+    layers: int | None = None
 
     def all(self) -> list[Checkpoint]:
         return ([self.base] if self.base else []) + self.models
@@ -136,7 +139,13 @@ def load_config(config_or_path: Any) -> MergeConfig:
 
 
 # -- opening and checking the inputs ------------------------------------------------------
-def _open_inputs(config: MergeConfig) -> _Inputs:
+def open_inputs(config: MergeConfig) -> _Inputs:
+    """The config's checkpoints, headers read: the base and the models, or with slices their
+    virtual checkpoints (each role's layer ranges renumbered into the output's layers)."""
+    if config.slices:
+        from .slices import views
+        base, models, depths, layers = views(config.slices, lambda p: Checkpoint.open(p, label=str(p)), config.source)
+        return _Inputs(base, models, depths, layers)
     opened: list[Checkpoint] = []
     try:
         base = None
@@ -276,8 +285,9 @@ class Engine:
             self._plans[spec] = ElementPlan.from_spec(spec)
         return self._plans[spec]
 
-    def _resolve_tensor_specs(self, merged: list[str]) -> None:
-        """Resolve (and so validate) every tensor's spec before any work, where they vary."""
+    def _resolve_tensor_specs(self, merged: list[str], depths: dict[str, float] | None = None) -> None:
+        """Resolve (and so validate) every tensor's spec before any work, where they vary; depths:
+        each tensor's position t where slices give it (else from the names)."""
         if not self.config.per_tensor:
             return
         pattern = self.spec.lines.layer_pattern if self.spec.lines is not None else None
@@ -290,7 +300,7 @@ class Engine:
                         f"{self.config.source}: the filter {substring!r} of {key} matches none of the "
                         f"{len(merged)} merged tensors (e.g. {merged[0]}), so that entry would never apply. "
                         "Fix the substring (filters match any part of a tensor name), or remove the entry.")
-        self._depths = depth_fractions(merged, pattern)
+        self._depths = depths if depths is not None else depth_fractions(merged, pattern)
         for name in merged:
             self._spec_for(name)
         distinct = len(set(self._tensor_specs.values()))
@@ -411,14 +421,14 @@ class Engine:
     def run(self) -> MergeResult:
         started = time.perf_counter()
         config, spec = self.config, self.spec
-        inputs = _open_inputs(config)
+        inputs = open_inputs(config)
         writer = None
         try:
-            input_dirs = [c.path for c in inputs.all()]
+            input_dirs = [p for c in inputs.all() for p in c.paths]
             check_output_dir(self.out_dir, input_dirs, force=self.force)
             tok_files = self._tokenizer_files()
             plan = _plan_tensors(config, inputs, self.log)
-            self._resolve_tensor_specs(plan.merged)
+            self._resolve_tensor_specs(plan.merged, inputs.depths)
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log)
             reason = backend.supports(self.plan)
             if reason is not None:
@@ -557,18 +567,30 @@ class Engine:
         if tok_files is not None:
             names = {f.name for f in tok_files}
             files = [f for f in files if f.name not in names] + tok_files
-        out_dtype = self.config.out_dtype
+        updates = {}
+        if self.config.out_dtype is not None:
+            # The model's declared dtype should describe the merged weights: transformers 4 reads
+            # torch_dtype, transformers 5 reads dtype.
+            updates["torch_dtype"] = updates["dtype"] = DTYPE_NAMES[self.config.out_dtype]
+        if inputs.layers is not None:
+            updates["num_hidden_layers"] = inputs.layers   # slices: the output's own depth
         patched = []
         for f in files:
-            if f.name == "config.json" and out_dtype is not None:
-                # The model's declared dtype should describe the merged weights.
+            if f.name == "config.json" and updates:
                 try:
                     cfg = json.loads(f.read_text())
-                    cfg["torch_dtype"] = DTYPE_NAMES[out_dtype]
+                except (ValueError, OSError):
+                    cfg = None
+                if isinstance(cfg, dict):
+                    if "num_hidden_layers" in updates and "num_hidden_layers" not in cfg:
+                        self.log(f"{f}: no num_hidden_layers to set to the sliced output's {inputs.layers} "
+                                 "layers; set this model type's layer-count key in the output's config.json")
+                        del updates["num_hidden_layers"]
+                    if "dtype" in updates and "dtype" not in cfg and "torch_dtype" not in cfg:
+                        del updates["dtype"]
+                    cfg.update(updates)
                     f = scratch / "config.json"
                     f.write_text(json.dumps(cfg, indent=2) + "\n")
-                except (ValueError, OSError):
-                    pass
             patched.append(f)
         return patched
 

@@ -205,6 +205,8 @@ EPSILON = Param("epsilon", "the spread of DELLA's keep probabilities around dens
 RULE = Param("rule", "mergekit: mergekit's TIES; official: the TIES paper's code (with trim_scope: "
              "global; floor(density d) + 1 kept, the model-wide majority sign where the sign sum is 0)",
              kind="choice", choices=("mergekit", "official"), default="mergekit")
+SCALE = Param("scale", "the factor on the tensor (mergekit's passthrough; 1 leaves it as it is)", per_model=True,
+              default=1.0)
 SEED = Param("seed", "the random seed of the drop masks", kind="integer", default=0, low=0, high=(1 << 63) - 1)
 
 
@@ -235,6 +237,8 @@ class Method:
     # Checks across parameters (one value alone is checked by its Param): each takes the
     # resolved spec and the error prefix and raises MergeInputError.
     checks: tuple = ()
+    # The per-model parameter that is each input's weight in the sum (passthrough calls it scale).
+    weight_param: str = "weight"
     param_map: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -281,6 +285,10 @@ register(Method(
     "theta = sum_i w_i theta_i / sum_i w_i  (without normalize: sum_i w_i theta_i)",
     params=(WEIGHT, NORMALIZE.with_default(True)),
     inputs=Inputs.MODELS, paper="https://arxiv.org/abs/2203.05482"))
+register(Method(
+    "passthrough", "copy one model's tensors, optionally scaled (with slices: a frankenmerge of layer ranges)",
+    "theta = s_1 theta_1",
+    params=(SCALE,), inputs=Inputs.MODELS, min_models=1, max_models=1, weight_param="scale"))
 register(Method(
     "wise_ft", "WiSE-FT: mix one fine-tune back toward its base",
     "theta = theta_0 + a * tau_1, a = lambda in [0, 1]",

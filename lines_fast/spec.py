@@ -91,7 +91,7 @@ class MethodSpec:
 
     @property
     def weights(self) -> tuple[float, ...]:
-        return self.value("weight", (1.0,) * self.n_models)
+        return self.value(self.definition.weight_param, (1.0,) * self.n_models)
 
     @property
     def densities(self) -> tuple[float, ...]:

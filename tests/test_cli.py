@@ -432,7 +432,7 @@ def test_unknown_yaml_keys(fam, capsys, edit, words):
 
 
 @pytest.mark.parametrize("edit,words", [
-    (lambda d: d.update(slices=[{"sources": [{"model": "x", "layer_range": [0, 2]}]}]), ["slices"]),
+    (lambda d: d.update(modules={"text_decoder": {"models": []}}), ["modules"]),
     (lambda d: d.update(tokenizer_source="union"), ["union"]),
     (lambda d: d.update(tokenizer={"source": "union"}), ["tokenizer", "union"]),
     (lambda d: d.update(chat_template="chatml"), ["chat_template"]),
