@@ -17,6 +17,10 @@ tools merge the same synthetic bf16 checkpoints (lines_fast.synth) in float32:
   rounding step; reported: the fraction of elements that differ, max |diff|, and whether every
   difference is exactly 1 bf16 ulp (adjacent bf16 values). For slerp each output is also
   compared with a float64 slerp computed here, per row of dim 0 and over the whole tensor.
+- slices: a passthrough frankenmerge (three slices from three models, scale 0.5), slerp over
+  two slices with per-slice gradient positions, and a task_arithmetic list that names the base
+  among the models: exact (slerp: rounding, as above); the output's tensor names and
+  num_hidden_layers are compared too.
 - breadcrumbs (density 0.9, gamma 0.01) and breadcrumbs_ties (density 0.8, gamma 0.05,
   unequal weights), mergekit's defaults (normalize, rescale false): the band drops the top
   floor(gamma d) |tau| of each tensor and keeps the next floor(density d); lines_fast keeps or
@@ -105,12 +109,29 @@ def configs(base: Path, fts: list[Path]) -> dict[str, dict]:
             "merge_method": "breadcrumbs_ties", "base_model": str(base),
             "models": [{"model": str(p), "parameters": {"weight": w, "density": 0.8, "gamma": 0.05}}
                        for p, w in zip(fts, [1.0, 0.5, 0.75])], **common},
+        # slices: layer ranges renumbered (tiny has 2 layers: the output has 4)
+        "passthrough-frankenmerge": {
+            "merge_method": "passthrough", "parameters": {"scale": 0.5}, "slices": [
+                {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(fts[1]), "layer_range": [1, 2]}]},
+                {"sources": [{"model": str(fts[2]), "layer_range": [0, 1]}]}], **common},
+        "slerp-slices-gradient": {
+            "merge_method": "slerp", "base_model": str(base), "slices": [
+                {"sources": [{"model": str(base), "layer_range": [0, 2]}, {"model": str(fts[0]), "layer_range": [0, 2]}]},
+                {"sources": [{"model": str(base), "layer_range": [0, 2]}, {"model": str(fts[0]), "layer_range": [0, 2]}]}],
+            "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                 {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}, **common},
+        "task_arithmetic-base-listed": {
+            "merge_method": "task_arithmetic", "base_model": str(base),
+            "models": [{"model": str(base)}] + [{"model": str(p), "parameters": {"weight": w}}
+                                                for p, w in zip(fts, [1.0, 0.5, 0.25])], **common},
     }
 
 
-EXACT = ("task_arithmetic-normalize", "linear-with-base")  # must agree bit for bit
+EXACT = ("task_arithmetic-normalize", "linear-with-base", "passthrough-frankenmerge",
+         "task_arithmetic-base-listed")  # must agree bit for bit
 # angle statistics in float64 here, in float32 in mergekit: rare 1-ulp differences expected
-ROUNDING = ("slerp", "nuslerp", "nuslerp-no_flatten", "nuslerp-no_flatten-row_wise", "model_stock",
+ROUNDING = ("slerp", "slerp-slices-gradient", "nuslerp", "nuslerp-no_flatten", "nuslerp-no_flatten-row_wise", "model_stock",
             "model_stock-filter_wise")
 BAND = ("breadcrumbs", "breadcrumbs_ties")  # differ only at ties at a threshold
 
@@ -225,7 +246,8 @@ def compare(name: str, doc: dict, base: dict, inputs: list[dict], ours: dict, th
     if name in EXACT or name in ROUNDING:
         row = {"kind": "exact" if name in EXACT else "rounding", **differences(ours, theirs, merged)}
         row["all_differing_1_ulp"] = row["differing_by_1_ulp"] == row["elements_differing"]
-        if doc["merge_method"] == "slerp":
+        row["tensors_in_one_only"] = sorted(set(ours) ^ set(theirs))
+        if doc["merge_method"] == "slerp" and "models" in doc:
             row["differing_from_float64_slerp"] = slerp_references(
                 float(doc["parameters"]["t"]), base, inputs[0], ours, theirs, merged)
         return row
@@ -280,10 +302,12 @@ def main(argv=None) -> int:
             t_ours = run([sys.executable, "-m", "lines_fast.cli", "merge", str(cfg), str(ours_dir), "--device", "cpu",
                           "--no-progress", "-q"], tmp / f"{name}-lf.log")
             t_theirs = run([args.mergekit, str(cfg), str(theirs_dir), "--no-copy-tokenizer"], tmp / f"{name}-mk.log")
-            n_inputs = len(doc["models"])
+            n_inputs = len(doc.get("models", []))
             row = compare(name, doc, base, models[:n_inputs], load(ours_dir), load(theirs_dir))
             row["seconds"] = {"lines_fast": round(t_ours, 2), "mergekit": round(t_theirs, 2)}
             row["config"] = {k: v for k, v in doc.items() if k not in ("base_model",)}
+            row["num_hidden_layers"] = {tool: json.loads((d / "config.json").read_text()).get("num_hidden_layers")
+                                        for tool, d in (("lines_fast", ours_dir), ("mergekit", theirs_dir))}
             results["cases"][name] = row
             summary = {k: v for k, v in row.items() if k not in ("per_tensor", "config", "tensors_differing")}
             print(f"{name}: {json.dumps(summary)}", flush=True)
@@ -291,7 +315,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"mergekit-semantics-{args.recipe}-{time.strftime('%Y%m%dT%H%M')}.json"
     for case in results["cases"].values():   # keep the file small: strip paths from configs
-        for model in case["config"].get("models", []):
+        for model in case["config"].get("models", []) + [
+                src for sl in case["config"].get("slices", []) for src in sl["sources"]]:
             model["model"] = Path(model["model"]).name
     path.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {path}")

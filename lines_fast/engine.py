@@ -34,7 +34,7 @@ from .plan import ElementPlan
 from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
 from .progress import Progress
 from .spec import MethodSpec
-from .writer import PARTIAL_SUFFIX, ShardedWriter, check_output_dir, different_merge_error, parse_size
+from .writer import PARTIAL_SUFFIX, OutputLock, ShardedWriter, check_output_dir, different_merge_error, parse_size
 
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
 
@@ -420,12 +420,20 @@ class Engine:
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> MergeResult:
         started = time.perf_counter()
+        with OutputLock(self.out_dir):
+            return self._run(started)
+
+    def _run(self, started: float) -> MergeResult:
         config, spec = self.config, self.spec
         inputs = open_inputs(config)
         writer = None
         try:
-            input_dirs = [p for c in inputs.all() for p in c.paths]
-            check_output_dir(self.out_dir, input_dirs, force=self.force)
+            # Every path the merge reads, links resolved by check_output_dir: nothing it reads may
+            # be where it writes.
+            read = [p for c in inputs.all() for p in [*c.paths, *c.files]]
+            if config.tokenizer_source is not None:
+                read.append(config.tokenizer_source)
+            check_output_dir(self.out_dir, read, force=self.force)
             tok_files = self._tokenizer_files()
             plan = _plan_tensors(config, inputs, self.log)
             self._resolve_tensor_specs(plan.merged, inputs.depths)

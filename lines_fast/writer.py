@@ -116,11 +116,44 @@ def plan_shards(
     return shards
 
 
-def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path], force: bool, resume: bool = False) -> None:
-    """Refuses an output directory that exists (unless force) or overlaps an input.
+LOCK_SUFFIX = ".lines-fast-lock"
 
-    resume changes nothing here, only the message: the partial output lives next to out_dir,
-    so an existing out_dir is a finished merge, not something to resume.
+
+def sibling(out_dir: str | os.PathLike, suffix: str) -> Path:
+    """OUT's partial (PARTIAL_SUFFIX), set-aside (OLD_SUFFIX) or lock (LOCK_SUFFIX) path."""
+    out = Path(os.path.abspath(out_dir))
+    return out.with_name(out.name + suffix)
+
+
+def made_by_lines_fast(folder: Path) -> bool:
+    """Whether `folder` holds only what lines_fast wrote: empty, or its weights carry lines_fast's
+    metadata (a merge's lines_fast_version, a synthetic model's lines_fast_synthetic). lines_fast
+    deletes or replaces a directory only when this holds."""
+    from .checkpoint import read_header
+
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    entries = list(folder.iterdir())
+    if not entries:
+        return True
+    weights = sorted(p for p in entries if p.name.endswith(".safetensors") and p.is_file())
+    if not weights:
+        return False
+    try:
+        _, metadata = read_header(weights[0])
+    except MergeInputError:
+        return False
+    return any(key.startswith("lines_fast_") for key in (metadata or {}))
+
+
+def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path], force: bool, resume: bool = False) -> None:
+    """Refuses an output directory that exists (unless force, and then only one lines_fast wrote)
+    or whose path, partial or set-aside sibling is, holds or lies inside an input.
+
+    inputs: every path the merge reads (checkpoint directories and files, the tokenizer source);
+    symlinks are resolved, so a file that links into OUT counts as inside OUT. resume changes
+    nothing here, only the message: the partial output lives next to out_dir, so an existing
+    out_dir is a finished merge, not something to resume.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not out.is_dir():
@@ -132,18 +165,78 @@ def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path], force: bool
             + ". Choose another path, or pass --force to replace it (the old one is removed "
             "only once the new one is complete)."
         )
+    ours = {"output directory": out, "partial output directory": sibling(out, PARTIAL_SUFFIX).resolve(),
+            "set-aside directory": sibling(out, OLD_SUFFIX).resolve()}
     for given in inputs:
         inp = Path(given).resolve()
-        if inp == out or out in inp.parents:
-            raise MergeInputError(
-                f"The output directory '{out_dir}' contains the input '{given}'; writing there "
-                f"would replace the input. Choose an output path outside every input."
-            )
+        for what, path in ours.items():
+            if inp == path or path in inp.parents:
+                link = "" if Path(os.path.abspath(given)) == inp else f" (it resolves to '{inp}')"
+                raise MergeInputError(
+                    f"The {what} '{path}' contains the input '{given}'{link}; writing there would replace "
+                    f"the input. Choose an output path outside every input.")
         if inp.is_dir() and inp in out.parents:
             raise MergeInputError(
                 f"The output directory '{out_dir}' lies inside the input directory '{given}'. "
                 f"Choose an output path outside every input directory."
             )
+    if out.exists() and not made_by_lines_fast(out):
+        raise MergeInputError(
+            f"The output directory '{out_dir}' exists and was not written by lines_fast (its weights carry no "
+            "lines_fast metadata), so --force will not replace it: lines_fast never deletes what it did not "
+            "write. Remove it yourself, or choose another output path.")
+
+
+class OutputLock:
+    """An exclusive lock on OUT for a whole run (fcntl.flock on OUT.lines-fast-lock), so two
+    merges into one OUT cannot interleave: the second is refused while the first lives. The
+    lock file is removed on release; a lock of a dead process is free (the kernel drops it)."""
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = sibling(out_dir, LOCK_SUFFIX)
+        self.out_dir = Path(out_dir)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    owner = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+                    os.close(fd)
+                    raise MergeInputError(
+                        f"Another lines-fast run (pid {owner}) is writing '{self.out_dir}' now (it holds "
+                        f"'{self.path}'). Wait for it to finish, or choose another output path.") from None
+                # The holder before us may have removed the file after we opened it: lock the
+                # file that is at the path now, or try again.
+                try:
+                    same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:
+            raise MergeInputError(f"Cannot create the output lock '{self.path}': {e.strerror or e}. Check that "
+                                  "the output location is writable.") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            try:
+                os.unlink(self.path)   # while still holding it: a waiter re-checks the inode
+            except OSError:
+                pass
+            os.close(self._fd)
+            self._fd = None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -253,8 +346,18 @@ class ShardedWriter:
         self.notes = notes
         self._done: dict[str, dict[str, int]] = {}  # shard file -> {"size", "crc32"}
         try:
+            aside = sibling(self.out_dir, OLD_SUFFIX)
+            if aside.exists() or aside.is_symlink():
+                raise MergeInputError(
+                    f"'{aside}' exists: an earlier publish of '{self.out_dir}' was interrupted between its two "
+                    "renames, and it may hold the previous output. Check it, move or remove it, then rerun.")
             if self.partial.exists() or self.partial.is_symlink():
-                if resume and self.partial.is_dir():
+                if not self._partial_is_ours():
+                    raise MergeInputError(
+                        f"'{self.partial}' exists but holds no lines_fast journal, so this run did not leave it "
+                        "there (or it is a publish cut short); lines_fast never deletes what it did not write. "
+                        "Move it away or remove it yourself, then rerun.")
+                if resume:
                     self._verify_journal()
                 else:
                     _remove(self.partial)
@@ -277,6 +380,12 @@ class ShardedWriter:
         self._crc = 0
         self._state = "open"
         self._check_space()
+
+    def _partial_is_ours(self) -> bool:
+        """A partial directory this writer may reuse or delete: a directory (not a link) that is
+        empty or holds lines_fast's journal."""
+        p = self.partial
+        return p.is_dir() and not p.is_symlink() and (not any(p.iterdir()) or (p / JOURNAL).is_file())
 
     @staticmethod
     def read_notes(out_dir: str | os.PathLike) -> dict | None:
@@ -464,15 +573,17 @@ class ShardedWriter:
                             os.fsync(f.fileno())
             for name, data in extra.items():
                 _write_synced(self.partial / name, data, self.durable)
-            (self.partial / JOURNAL).unlink()
+            # The journal stays until the directory is published: a crash before the rename below
+            # leaves a partial directory that is recognisably ours and resumable.
             self._sync_dir(self.partial)
 
             aside = None
             if self.out_dir.exists() or self.out_dir.is_symlink():
-                aside = self.out_dir.with_name(self.out_dir.name + OLD_SUFFIX)
-                _remove(aside)  # left by an earlier crash between the renames below
+                aside = sibling(self.out_dir, OLD_SUFFIX)   # absent: checked at the start
                 os.rename(self.out_dir, aside)
             os.rename(self.partial, self.out_dir)
+            (self.out_dir / JOURNAL).unlink()
+            self._sync_dir(self.out_dir)
             self._sync_dir(self.out_dir.parent)
             if aside is not None:
                 _remove(aside)

@@ -509,10 +509,29 @@ def test_out_dir_exists(fam, capsys):
     assert (fam.out / "keep.txt").read_text() == "old"
     assert not Path(str(fam.out) + PARTIAL_SUFFIX).exists()
 
-    rc, _, err = run(capsys, *fam.args(), "--force")
+    # --force replaces only what lines_fast wrote: not this directory, which it did not write
+    msg = refused_keeping(capsys, fam.out, *fam.args(), "--force")
+    assert "not written by lines_fast" in msg and (fam.out / "keep.txt").read_text() == "old"
+
+    (fam.out / "keep.txt").unlink()
+    rc, _, err = run(capsys, *fam.args())   # a merge of ours there ...
+    assert rc == 2
+    shutil.rmtree(fam.out)
+    assert run(capsys, *fam.args())[0] == 0
+    (fam.out / "keep.txt").write_text("old")
+    rc, _, err = run(capsys, *fam.args(), "--force")   # ... is replaced, whatever else it holds
     assert rc == 0, err
     assert not (fam.out / "keep.txt").exists() and (fam.out / SINGLE_FILE).is_file()
     assert sorted(p.name for p in fam.root.iterdir() if p.name.startswith("out")) == ["out"]
+
+
+def refused_keeping(capsys, out_dir, *args):
+    """A merge refused with exit 2 and one paragraph, leaving out_dir as it was."""
+    before = sorted((p.name, p.read_bytes()) for p in Path(out_dir).iterdir())
+    rc, stdout, err = run(capsys, *args)
+    assert rc == 2 and stdout == "", err
+    assert sorted((p.name, p.read_bytes()) for p in Path(out_dir).iterdir()) == before
+    return error_of(err)
 
 
 @pytest.mark.parametrize("where", ["inside", "same"])

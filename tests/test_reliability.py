@@ -229,8 +229,9 @@ def test_failure_mid_merge_leaves_only_partial_output(own_family, tmp_path, caps
     assert not out.exists()
     assert json.loads((partial / JOURNAL).read_text())["done"]  # shards before it were finished
 
-    # The old OUT_DIR survives a failed --force run; a finished one replaces it.
-    out.mkdir()
+    # The old OUT_DIR (an earlier lines_fast output) survives a failed --force run; a finished
+    # one replaces it.
+    shutil.copytree(fam.base, out)
     (out / "old.txt").write_text("previous merge")
     rc, _, err = run(capsys, *args_for(fam, out, "ties", "--density", "0.3"), "--force")
     assert rc == 2 and (out / "old.txt").read_text() == "previous merge"

@@ -162,7 +162,7 @@ def test_family_files_names_shapes_dtypes(tiny_family):
         for name, t in tensors.items():
             assert t.dtype == (torch.int64 if name == synth.INT_TENSOR_NAME else torch.bfloat16)
         with safe_open(model_dir / "model.safetensors", "pt") as f:
-            assert f.metadata() == {"format": "pt"}
+            assert f.metadata() == {"format": "pt", "lines_fast_synthetic": "tiny"}
 
 
 def test_base_statistics(tiny_family):
