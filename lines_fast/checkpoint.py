@@ -17,6 +17,7 @@ import fnmatch
 import json
 import mmap
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,10 @@ def read_header(file: Path, label: str | None = None) -> tuple[dict[str, TensorI
     where = _describe(str(file) if label is None else label, file)
     redo = "Re-download or re-copy the file, or re-save the model with safetensors."
     try:
+        # Checked before open(): opening a FIFO would block until someone writes to it.
+        if not stat.S_ISREG(os.stat(file).st_mode):
+            raise MergeInputError(f"{where} is not a regular file (a FIFO, device or socket?); lines_fast reads "
+                                  "checkpoints from regular files only. Point at the .safetensors file itself.")
         with open(file, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < 8:
@@ -218,6 +223,10 @@ class Checkpoint:
         self.tensors = tensors
         self.files = files
         self._maps: dict[Path, mmap.mmap] = {}
+        # Each file's size and mtime when its header was read: a file replaced or truncated
+        # later (a re-download) would make the header's offsets lie, and reading past a
+        # truncated end of a memory map kills the process (SIGBUS). tensor() checks first.
+        self._identity = {f: _identity(f) for f in files}
 
     @classmethod
     def open(cls, path: str | os.PathLike, label: str | None = None) -> "Checkpoint":
@@ -262,6 +271,12 @@ class Checkpoint:
                 f"Re-download the index file."
             )
         shards = sorted(set(weight_map.values()))
+        outside = [sh for sh in shards if Path(sh).is_absolute() or ".." in Path(sh).parts]
+        if outside:
+            raise MergeInputError(
+                f"{where} names shard file '{outside[0]}', which is outside '{index.parent}'. An index names "
+                "shards by file name within the model's directory; a path out of it is refused (it may be "
+                "another model's file). Fix the index's weight_map.")
         missing = [s for s in shards if not (index.parent / s).is_file()]
         if missing:
             raise MergeInputError(
@@ -317,6 +332,7 @@ class Checkpoint:
         info = self.info(name)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
+        self._check_unchanged(info.file)
         mm = self._map(info.file)
         with warnings.catch_warnings():
             # frombuffer warns that the buffer is not writable: read-only is the point.
@@ -325,6 +341,15 @@ class Checkpoint:
         if info.offset % info.dtype.itemsize:
             t = t.clone()
         return t.view(info.shape)
+
+    def _check_unchanged(self, file: Path) -> None:
+        then, now = self._identity.get(file), _identity(file)
+        if then is not None and now != then:
+            what = (f"is now {now[0]} bytes, was {then[0]}" if now[0] != then[0] else "was modified")
+            raise MergeInputError(
+                f"'{file}' of {self.label} changed while lines_fast was reading it (it {what}); the merge "
+                "stops and publishes nothing. Rerun once the file is complete and stable (with --resume to "
+                "keep the finished shards).")
 
     def prefetch(self, name: str) -> None:
         """Asks the kernel to start reading the tensor's pages now (MADV_WILLNEED); a hint only."""
@@ -394,6 +419,14 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
+
+
+def _identity(file: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 def _only_safetensors(folder: Path, label: str) -> Path:

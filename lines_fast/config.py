@@ -162,6 +162,9 @@ def parse_lines(block: Any, source: str) -> LinesSpec:
     if outside not in LINES_OUTSIDE:
         raise _fail(source, f"lines.outside must be 'alpha' or 'last', got {outside!r}.")
     pattern = block.get("layer_pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise _fail(source, f"lines.layer_pattern must be a regex (a string with one group around the block "
+                            f"index, e.g. '\\.(\\d+)\\.'), got {pattern!r}.")
     if pattern is not None:
         try:
             compiled = re.compile(pattern)
@@ -253,6 +256,8 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     exclude = doc.get("exclude") or []
     if isinstance(exclude, str):
         exclude = [exclude]
+    if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+        raise _fail(source, f"exclude must be a regex or a list of regexes (strings), got {exclude!r}.")
     config = MergeConfig(
         method=method.name,
         models=models,
@@ -298,9 +303,20 @@ def load_yaml(path: Path) -> MergeConfig:
 
     path = Path(path)
     if not path.is_file():
-        raise MergeInputError(f"{path}: the config file does not exist.")
+        raise MergeInputError(f"{path}: the config file does not exist" + (
+            " (it is a directory: give the YAML file, or the models with --base/--model)" if path.is_dir() else "")
+            + ".")
+    raw = path.read_bytes()
+    if raw[8:9] == b"{" and int.from_bytes(raw[:8], "little") < len(raw):
+        raise MergeInputError(f"{path}: this is a safetensors checkpoint, not a YAML merge config. Give it as a "
+                              "model (--model / models: in a config), or pass the config file here.")
     try:
-        doc = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise MergeInputError(f"{path}: not a text file (byte {err.start} is not UTF-8), so not a YAML merge "
+                              "config. Pass the config file (mergekit's YAML format).") from None
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as err:
         # One line, not PyYAML's multi-line excerpt: where, and what the parser expected.
         mark = getattr(err, "problem_mark", None)
@@ -387,6 +403,8 @@ def validate(config: MergeConfig) -> MergeConfig:
     if config.missing not in ("error", "copy-base"):
         raise _fail(src, f"missing must be 'error' or 'copy-base', got {config.missing!r}.")
     for pattern in config.exclude:
+        if not isinstance(pattern, str):
+            raise _fail(src, f"exclude pattern {pattern!r} is not a string; give regexes.")
         try:
             re.compile(pattern)
         except re.error as err:

@@ -182,6 +182,7 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
         if not info.is_float:
             plan.copied[name] = f"not floating point ({info.dtype})"
             plan.out_dtypes[name] = info.dtype
+            _check_copied(name, reference, inputs.models, log)
             continue
         if any(p.search(name) for p in exclude):
             plan.copied[name] = "excluded"
@@ -222,6 +223,27 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
         raise MergeInputError(f"{reference.label}: no floating-point tensors to merge "
                               "(all are non-float or excluded).")
     return plan
+
+
+def _check_copied(name: str, reference: Checkpoint, models: list[Checkpoint], log: Callable[[str], None]) -> None:
+    """A non-float tensor is copied from the reference: refuse it where a model's has another shape
+    (the checkpoints do not match), and say so where its values differ (the copy keeps one)."""
+    info = reference.tensors[name]
+    differ = []
+    for model in models:
+        other = model.tensors.get(name)
+        if other is None:
+            continue
+        if other.shape != info.shape or other.dtype != info.dtype:
+            raise MergeInputError(
+                f"tensor '{name}' ({info.dtype}, not merged: copied) has shape {list(info.shape)} {info.dtype} in "
+                f"{reference.label} ({info.file}) but {list(other.shape)} {other.dtype} in {model.label} "
+                f"({other.file}); the checkpoints do not match. Check that the models share an architecture.")
+        if other.nbytes <= 64 << 20 and not torch.equal(model.tensor(name), reference.tensor(name)):
+            differ.append(model.label)
+    if differ:
+        log(f"warning: non-float tensor '{name}' differs between {reference.label} and {', '.join(differ)}; "
+            f"it is not merged: the output takes {reference.label}'s")
 
 
 def _inputs_key(inputs: _Inputs) -> str:
@@ -527,6 +549,8 @@ class Engine:
         try:
             for job, output, _stats in backend.merge_many(jobs(), self.plan):
                 current = job.name
+                if output.dtype == torch.float16 and not self.config.allow_nonfinite:
+                    self._refuse_overflow(job.name, output)
                 write_copies_before(position[job.name])
                 writer.write(job.name, output)
                 del output
@@ -542,6 +566,16 @@ class Engine:
         self.log(f"pass {len(passes)}/{len(passes)} (merge) took {time.perf_counter() - t0:.2f} s")
         return total_in
 
+    def _refuse_overflow(self, name: str, output: torch.Tensor) -> None:
+        """float16 holds at most 65504: a merged value beyond it would be stored as inf (the inputs
+        were checked finite, so an inf here is an overflow of the cast)."""
+        overflow = int(torch.isinf(output).sum())
+        if overflow:
+            raise MergeInputError(
+                f"tensor '{name}': {overflow} merged value(s) are beyond float16's range (|x| > 65504), so the "
+                "float16 output would store them as inf. Use --out-dtype bfloat16 or float32, lower the weights "
+                "or lambda, or pass --allow-nonfinite to write the infinities anyway.")
+
     def _check_disk(self, out_bytes: int) -> None:
         parent = self.out_dir.resolve().parent
         while not parent.exists():
@@ -551,10 +585,13 @@ class Engine:
             # Its shards are kept or deleted before anything new is written: only the rest needs room.
             out_bytes = max(0, out_bytes - sum(f.stat().st_size for f in partial.iterdir() if f.is_file()))
         free = shutil.disk_usage(parent).free
-        if free < out_bytes * 1.02 + (64 << 20):
+        needed = int(out_bytes * 1.02) + (64 << 20)
+        if free < needed:
             raise MergeInputError(
-                f"{parent}: too little free disk for the output: the merge writes {human_bytes(out_bytes)} "
-                f"and {human_bytes(free)} are free. Free some space or choose another OUT_DIR.")
+                f"{parent}: too little free disk for the output: the merge writes {human_bytes(out_bytes)} and "
+                f"needs {human_bytes(needed)} free (the output plus a margin of 2% and 64 MB for headers, the "
+                f"index and the copied files), but {human_bytes(free)} are free. Free some space or choose "
+                "another OUT_DIR.")
 
     def _tokenizer_files(self) -> list[Path] | None:
         """The tokenizer files of tokenizer_source (None without one); read before merging, so a

@@ -78,12 +78,32 @@ DARE_STREAM = 0
 DELLA_STREAM = 1
 
 
+# Small draws are kept a while: a tensor's rescale statistics and its merge draw the same u,
+# and for a tensor of a few hundred elements the ~80 torch operations of Philox cost far more
+# than its bytes (checkpoints of 10^4-10^5 small tensors). Callers get a copy (they modify u).
+_CACHE_BELOW = 1 << 12
+_CACHE_SIZE = 64
+_cache: dict[tuple, torch.Tensor] = {}
+
+
 def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int = 0,
                  device: torch.device | str = "cpu", stream: int = DARE_STREAM) -> torch.Tensor:
     """u for flat indices start .. start+numel-1 of tensor `name`, model `model_index` (float32),
     in the given stream (DARE's: c3 = model_index; DELLA's: model_index + 2^16)."""
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    if numel >= _CACHE_BELOW:
+        return _draw(seed, model_index, name, numel, start, device, stream)
+    key = (seed, model_index, name, numel, start, str(device), stream)
+    u = _cache.get(key)
+    if u is None:
+        if len(_cache) >= _CACHE_SIZE:
+            del _cache[next(iter(_cache))]   # the oldest
+        u = _cache[key] = _draw(seed, model_index, name, numel, start, device, stream)
+    return u.clone()
+
+
+def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device, stream: int) -> torch.Tensor:
     j = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     c0 = j & _MASK32
     c1 = j >> 32

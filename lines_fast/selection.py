@@ -137,10 +137,30 @@ def thresholds_of_ranks(hists: torch.Tensor, ranks: list[tuple[int, ...]], refin
     return found
 
 
+# Below this many elements a sort is cheaper than 65536-bin histograms (whose set-up alone
+# costs ~1 ms per tensor): checkpoints with 10^4-10^5 small tensors (MoE experts, biases,
+# norms) would otherwise spend their time zeroing histograms.
+SORT_BELOW = 1 << 14
+
+
+def sorted_thresholds(base: torch.Tensor, models: list[torch.Tensor],
+                      ranks: list[tuple[int, ...]]) -> list[tuple[float, ...]]:
+    """The same thresholds as the histograms give (the exact k-th largest float32 |tau_i|, which
+    is one of the values), by sorting |f32(theta_i) - f32(theta_0)|: for small tensors."""
+    base32 = base.reshape(-1).float()
+    found = []
+    for model, model_ranks in zip(models, ranks):
+        ordered = (model.reshape(-1).float() - base32).abs_().sort(descending=True).values
+        found.append(tuple(KEEP_NOTHING if k == 0 else float(ordered[k - 1]) for k in model_ranks))
+    return found
+
+
 def tensor_thresholds(backend, base: torch.Tensor, models: list[torch.Tensor],
                       ranks: list[tuple[int, ...]]) -> list[tuple[float, ...]]:
     """Tensor-scope magnitude thresholds, per model one per rank (ElementPlan.magnitude_ranks):
     one `magnitude_histograms` pass for all models, then a `magnitude_histogram(..., bucket)`
-    refine only where pass 1 did not settle."""
+    refine only where pass 1 did not settle; a sort for tensors below SORT_BELOW elements."""
+    if base.numel() < SORT_BELOW:
+        return sorted_thresholds(base, models, ranks)
     hists = backend.magnitude_histograms(base, models)
     return thresholds_of_ranks(hists, ranks, lambda i, bucket: backend.magnitude_histogram(base, models[i], bucket))

@@ -129,8 +129,6 @@ def made_by_lines_fast(folder: Path) -> bool:
     """Whether `folder` holds only what lines_fast wrote: empty, or its weights carry lines_fast's
     metadata (a merge's lines_fast_version, a synthetic model's lines_fast_synthetic). lines_fast
     deletes or replaces a directory only when this holds."""
-    from .checkpoint import read_header
-
     if not folder.is_dir() or folder.is_symlink():
         return False
     entries = list(folder.iterdir())
@@ -139,11 +137,16 @@ def made_by_lines_fast(folder: Path) -> bool:
     weights = sorted(p for p in entries if p.name.endswith(".safetensors") and p.is_file())
     if not weights:
         return False
+    # Only the header's __metadata__ is read, not checked against the data: a damaged file of
+    # ours (truncated, say) is still ours to replace.
     try:
-        _, metadata = read_header(weights[0])
-    except MergeInputError:
+        with open(weights[0], "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n <= 1 << 27 else {}
+    except (OSError, ValueError):
         return False
-    return any(key.startswith("lines_fast_") for key in (metadata or {}))
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(metadata, dict) and any(str(key).startswith("lines_fast_") for key in metadata)
 
 
 def check_output_dir(out_dir: str | os.PathLike, inputs: list[Path], force: bool, resume: bool = False) -> None:

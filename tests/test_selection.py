@@ -116,3 +116,27 @@ def test_thresholds_equal_the_reference_settled_or_not():
         want = ref.trim_thresholds({"w": model.float() - base.float()}, density, "tensor")["w"]
         assert got == want, (trial, dtype, density)
     assert paths == {True, False}
+
+
+def test_small_tensors_sort_and_large_ones_count_to_the_same_thresholds():
+    """tensor_thresholds sorts below SORT_BELOW elements and counts histograms above: on the same
+    magnitudes (bf16 deltas: many ties, ~30% exact zeros) both give every rank's exact value."""
+    from lines_fast.selection import KEEP_NOTHING, SORT_BELOW, sorted_thresholds, thresholds_of_ranks
+
+    g = torch.Generator().manual_seed(11)
+    backend = CpuBackend()
+    n = SORT_BELOW + 123
+    base = (torch.randn(n, generator=g) * 0.02).to(torch.bfloat16)
+    delta = torch.randn(n, generator=g) * 0.01 * (torch.rand(n, generator=g) > 0.3)
+    models = [(base.float() + delta * s).to(torch.bfloat16) for s in (1.0, 0.3)]
+    ranks = [(0, 1, 7, n // 5, n // 2, n), (3, n - 1)]
+    counted = thresholds_of_ranks(backend.magnitude_histograms(base, models), ranks,
+                                  lambda i, bucket: backend.magnitude_histogram(base, models[i], bucket))
+    assert sorted_thresholds(base, models, ranks) == counted == tensor_thresholds(backend, base, models, ranks)
+    mags = (models[0].float() - base.float()).abs()
+    assert counted[0][0] == KEEP_NOTHING and counted[0][1] == float(mags.max())
+    assert counted[0][3] == float(mags.kthvalue(n - n // 5 + 1).values)   # the (n/5)-th largest
+    small = [m[:1000] for m in models]
+    assert sorted_thresholds(base[:1000], small, [(1, 10, 500)] * 2) == thresholds_of_ranks(
+        backend.magnitude_histograms(base[:1000], small), [(1, 10, 500)] * 2,
+        lambda i, bucket: backend.magnitude_histogram(base[:1000], small[i], bucket))

@@ -56,6 +56,13 @@ class _Buffers:
         self.tall_count = torch.empty(chunk, dtype=torch.int32)
 
 
+READ_AHEAD_MIN = 1 << 20
+
+
+def _input_bytes(job: MergeJob) -> int:
+    return sum(t.numel() * t.element_size() for t in [job.base, *job.models] if t is not None)
+
+
 def _touch_pages(tensors: list[torch.Tensor]) -> None:
     """Fault in the pages behind memory-mapped tensors (one byte read per page)."""
     for t in tensors:
@@ -364,7 +371,9 @@ class CpuBackend:
         while current is not None:
             following = next(jobs, None)
             reader = None
-            if self.read_ahead and following is not None:
+            # A thread that touches the next tensor's pages pays off for large tensors only (its
+            # start and join cost ~0.1 ms, more than reading a small tensor).
+            if self.read_ahead and following is not None and _input_bytes(following) >= READ_AHEAD_MIN:
                 inputs = [t for t in [following.base, *following.models] if t is not None]
                 reader = threading.Thread(target=_touch_pages, args=(inputs,), daemon=True)
                 reader.start()

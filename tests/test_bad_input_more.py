@@ -1,0 +1,171 @@
+"""Bad input that once gave a traceback, a hang or a complete-looking wrong output: each is now
+one paragraph naming the file (and tensor), exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lines_fast import cli
+from lines_fast.checkpoint import Checkpoint
+from lines_fast.errors import MergeInputError
+from lines_fast.synth import INT_TENSOR_NAME, recipe, write_checkpoint_family
+
+from helpers import load, write_safetensors
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    return write_checkpoint_family(tmp_path_factory.mktemp("bad") / "fam", recipe("tiny"), n_finetunes=2,
+                                   dtype=torch.bfloat16, int_tensor=True)
+
+
+@pytest.fixture
+def fam(tmp_path, pristine):
+    for src, name in ((pristine.base, "base"), (pristine.finetunes[0], "ft1"), (pristine.finetunes[1], "ft2")):
+        shutil.copytree(src, tmp_path / name)
+    return tmp_path
+
+
+def args(root: Path, *extra, method="task_arithmetic") -> list[str]:
+    return ["merge", "--method", method, "--base", str(root / "base"), "--model", str(root / "ft1"),
+            "--model", str(root / "ft2"), "-o", str(root / "out"), "--no-progress", "--device", "cpu",
+            *map(str, extra)]
+
+
+def refused(capsys, root: Path, argv) -> str:
+    capsys.readouterr()
+    rc = cli.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    assert not (root / "out").exists()
+    lines = err.strip().splitlines()
+    assert sum("error:" in line for line in lines) == 1, err
+    return lines[-1]
+
+
+def config(root: Path, text: str) -> Path:
+    path = root / "c.yml"
+    path.write_text(f"merge_method: ties\nbase_model: {root / 'base'}\nmodels:\n  - model: {root / 'ft1'}\n" + text)
+    return path
+
+
+# -- configs that are not configs -----------------------------------------------------------
+def test_a_binary_file_as_the_config(fam, capsys):
+    (fam / "c.yml").write_bytes(b"\x00\x01\xff\xfe\x80")
+    msg = refused(capsys, fam, ["merge", fam / "c.yml", fam / "out"])
+    assert str(fam / "c.yml") in msg and "not a text file" in msg
+
+
+def test_a_checkpoint_as_the_config(fam, capsys):
+    weights = fam / "ft1" / "model.safetensors"
+    msg = refused(capsys, fam, ["merge", weights, fam / "out"])
+    assert str(weights) in msg and "safetensors checkpoint, not a YAML" in msg
+
+
+@pytest.mark.parametrize("text, words", [
+    ("exclude: 5\n", "exclude must be a regex"),
+    ("exclude: [5]\n", "exclude must be a regex"),
+    ("lines: {beta: 1, layer_pattern: 5}\n", "layer_pattern must be a regex"),
+])
+def test_wrongly_typed_keys(fam, capsys, text, words):
+    msg = refused(capsys, fam, ["merge", config(fam, text), fam / "out"])
+    assert words in msg and "c.yml" in msg
+
+
+# -- inputs that are not files, or change under the merge ---------------------------------------
+def test_a_fifo_as_a_model_is_refused_without_hanging(fam, capsys):
+    fifo = fam / "pipe.safetensors"
+    os.mkfifo(fifo)
+    argv = args(fam)
+    argv[argv.index(str(fam / "ft2"))] = str(fifo)
+    msg = refused(capsys, fam, argv)
+    assert str(fifo) in msg and "not a regular file" in msg
+
+
+def test_an_input_truncated_during_the_merge_is_named(fam, capsys, monkeypatch):
+    """A file that changes after its header was read is caught before its bytes are mapped (a
+    read past a truncated end of a memory map would kill the process with SIGBUS)."""
+    victim = fam / "ft2" / "model.safetensors"
+    real = Checkpoint.tensor
+    calls = {"n": 0}
+
+    def truncating(self, name):
+        calls["n"] += 1
+        if calls["n"] == 10:   # mid-merge: cut the file to half
+            with open(victim, "r+b") as f:
+                f.truncate(victim.stat().st_size // 2)
+        return real(self, name)
+
+    monkeypatch.setattr(Checkpoint, "tensor", truncating)
+    msg = refused(capsys, fam, args(fam))
+    assert str(victim) in msg and "changed while lines_fast was reading it" in msg and "bytes" in msg
+
+
+def test_an_index_naming_a_shard_outside_the_model_is_refused(fam, capsys, tmp_path):
+    sharded = tmp_path / "sharded"
+    write_checkpoint_family(sharded, recipe("tiny"), n_finetunes=1, dtype=torch.bfloat16, max_shard_size=40_000)
+    index = sharded / "ft1" / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    first = next(iter(doc["weight_map"]))
+    shard = doc["weight_map"][first]
+    shutil.copy(sharded / "ft1" / shard, tmp_path / "elsewhere.safetensors")
+    doc["weight_map"] = {n: ("../../elsewhere.safetensors" if s == shard else s) for n, s in doc["weight_map"].items()}
+    index.write_text(json.dumps(doc))
+    with pytest.raises(MergeInputError, match="outside"):
+        Checkpoint.open(sharded / "ft1")
+
+
+# -- what a copy would hide ---------------------------------------------------------------
+def test_an_int_tensor_of_another_shape_is_refused(fam, capsys):
+    tensors = load(fam / "ft2")
+    tensors[INT_TENSOR_NAME] = torch.arange(7, dtype=tensors[INT_TENSOR_NAME].dtype)
+    write_safetensors(fam / "ft2" / "model.safetensors", tensors)
+    msg = refused(capsys, fam, args(fam))
+    assert INT_TENSOR_NAME in msg and "model 2" in msg and "do not match" in msg
+
+
+def test_an_int_tensor_with_other_values_is_reported(fam, capsys):
+    tensors = load(fam / "ft2")
+    tensors[INT_TENSOR_NAME] = tensors[INT_TENSOR_NAME] + 1
+    write_safetensors(fam / "ft2" / "model.safetensors", tensors)
+    capsys.readouterr()
+    assert cli.main(args(fam)) == 0
+    err = capsys.readouterr().err
+    assert f"non-float tensor '{INT_TENSOR_NAME}' differs" in err and "model 2" in err
+    assert torch.equal(load(fam / "out")[INT_TENSOR_NAME], load(fam / "base")[INT_TENSOR_NAME])
+
+
+def test_float16_overflow_is_refused_unless_allowed(fam, capsys):
+    msg = refused(capsys, fam, args(fam, "--lambda", "1e9", "--out-dtype", "float16"))
+    assert "beyond float16's range" in msg and "--allow-nonfinite" in msg and "tensor '" in msg
+    capsys.readouterr()
+    assert cli.main(args(fam, "--lambda", "1e9", "--out-dtype", "float16", "--allow-nonfinite")) == 0
+    assert any(bool(torch.isinf(t).any()) for t in load(fam / "out").values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("option", [["--lambda", "nan"], ["--lambda", "inf"], ["--lambda", "1e39"],
+                                    ["--weight", "nan"], ["--weight", "inf"]])
+def test_non_finite_options_are_refused(fam, capsys, option):
+    msg = refused(capsys, fam, args(fam, *option))
+    assert "finite" in msg
+
+
+def test_out_dtype_is_declared_for_transformers_4_and_5(fam, capsys):
+    assert cli.main(args(fam, "--out-dtype", "float32")) == 0
+    cfg = json.loads((fam / "out" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float32" and cfg["dtype"] == "float32"
+
+
+def test_the_disk_space_message_says_the_margin(fam, capsys, monkeypatch):
+    usage = shutil.disk_usage(fam)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    msg = refused(capsys, fam, args(fam))
+    assert "margin of 2% and 64 MB" in msg and "needs" in msg
