@@ -240,6 +240,11 @@ class Checkpoint:
                 return cls._from_files(path, label, [path / SINGLE_FILE])
             if (path / INDEX_FILE).is_file():
                 return cls._from_index(path, label, path / INDEX_FILE)
+            if (path / "adapter_config.json").is_file():
+                raise MergeInputError(
+                    f"Checkpoint '{label}': '{path}' is a PEFT adapter, not a model. An adapter can be merged as "
+                    "one of the models (models: / --model) on top of the base it was trained on; it cannot be the "
+                    "base or a slice source.")
             return cls._from_files(path, label, [_only_safetensors(path, label)])
         if path.name.endswith(".index.json"):
             return cls._from_index(path, label, path)

@@ -29,6 +29,7 @@ from .checkpoint import Checkpoint, TensorInfo
 from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
 from .errors import MergeInputError, NonFiniteInput
 from .layers import depth_fractions, lines_scales
+from .lora import AdapterCheckpoint, is_adapter
 from .settings import filters as filters_of
 from .plan import ElementPlan
 from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
@@ -154,7 +155,14 @@ def open_inputs(config: MergeConfig) -> _Inputs:
             opened.append(base)
         models = []
         for i, path in enumerate(config.models):
-            models.append(Checkpoint.open(path, label=f"model {i + 1} ({path})"))
+            label = f"model {i + 1} ({path})"
+            if is_adapter(path):   # a PEFT LoRA adapter: the fine-tune it encodes on the base
+                if base is None:
+                    raise MergeInputError(f"{config.source}: {label} is a LoRA adapter; it needs the base model "
+                                          "it was trained on (base_model / --base).")
+                models.append(AdapterCheckpoint(path, base, label))
+            else:
+                models.append(Checkpoint.open(path, label=label))
             opened.append(models[-1])
         return _Inputs(base, models)
     except BaseException:
