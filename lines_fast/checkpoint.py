@@ -245,14 +245,15 @@ class Checkpoint:
                     f"Checkpoint '{label}': '{path}' is a PEFT adapter, not a model. An adapter can be merged as "
                     "one of the models (models: / --model) on top of the base it was trained on; it cannot be the "
                     "base or a slice source.")
+            from .pickled import BIN_FILE, BIN_INDEX, PickledCheckpoint
+            if (path / BIN_INDEX).is_file() or (path / BIN_FILE).is_file():
+                return PickledCheckpoint.open_bin(path, label)
             return cls._from_files(path, label, [_only_safetensors(path, label)])
+        if path.name.endswith((".bin.index.json", ".bin", ".pt", ".pth")):
+            from .pickled import PickledCheckpoint
+            return PickledCheckpoint.open_bin(path, label)
         if path.name.endswith(".index.json"):
             return cls._from_index(path, label, path)
-        if path.suffix != ".safetensors" and path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-            raise MergeInputError(
-                f"Checkpoint '{label}': '{path}' is a PyTorch pickle, not safetensors. Convert it "
-                f"to safetensors first (e.g. transformers' save_pretrained(dir, safe_serialization=True))."
-            )
         return cls._from_files(path, label, [path])
 
     @classmethod
@@ -450,9 +451,9 @@ def _only_safetensors(folder: Path, label: str) -> Path:
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
     if pickles:
         raise MergeInputError(
-            f"{where}: the directory has no .safetensors weights, only PyTorch pickles "
-            f"({', '.join(pickles[:3])}). Convert them to safetensors first (e.g. "
-            f"transformers' save_pretrained(dir, safe_serialization=True))."
+            f"{where}: the directory has no .safetensors weights and no pytorch_model.bin (or its index), "
+            f"only PyTorch pickles named otherwise ({', '.join(pickles[:3])}). Point at the file itself, or "
+            f"convert them to safetensors (e.g. transformers' save_pretrained(dir, safe_serialization=True))."
         )
     raise MergeInputError(
         f"{where}: the directory has no .safetensors weights ({SINGLE_FILE} or {INDEX_FILE}). "

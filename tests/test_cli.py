@@ -163,8 +163,8 @@ def test_input_is_not_a_checkpoint(fam, capsys):
 
     pickle = fam.root / "pytorch_model.bin"
     pickle.write_bytes(b"\x80\x02}q\x00.")
-    msg = refused(capsys, fam.out, *fam.args(models=[pickle]))
-    assert str(pickle) in msg and "safetensors" in msg and "pickle" in msg
+    msg = refused(capsys, fam.out, *fam.args(models=[pickle]))   # a raw pickle, not torch.save's zip format
+    assert str(pickle) in msg and "not a PyTorch zip checkpoint" in msg and "safetensors" in msg
 
 
 def test_truncated_file(fam, capsys):
