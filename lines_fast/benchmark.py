@@ -16,7 +16,8 @@ What it does, and why each step is there:
    and os.sync() flushes dirty pages, so one run's writeback never lands in the next's time.
 3. Runs. Every (method, tool) runs end to end as its own process -- interpreter start,
    imports, reading, merging, writing -- because that is what a user waits for. Wall seconds
-   are spawn-to-exit; peak RSS is the child's ru_maxrss from os.wait4; on cuda the child
+   are spawn-to-exit; peak RSS is the tool's own ru_maxrss (os.wait4 in a small launcher: a direct
+   child would inherit this process's RSS into its ru_maxrss); on cuda the child
    reports torch's peak GPU memory from an atexit hook. Tools alternate within each repeat
    (lines_fast, mergekit, reference, lines_fast, ...), starting one tool later each repeat,
    so a machine that drifts (thermal, noisy neighbours) favours none of them.
@@ -213,25 +214,45 @@ _SUMMARY = re.compile(r" in ([0-9.]+) s: read ")
 _PASS = re.compile(r"pass \d+/\d+ \((\w+)\) took ([0-9.]+) s")
 
 
+# Linux carries a process's ru_maxrss over from its parent across fork and exec (the forked
+# copy of the parent's memory counts), so a child of this big process would report at least our
+# own RSS. A small launcher forks the tool instead and reports the tool's own rusage.
+_LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, ru = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"maxrss_kb": ru.ru_maxrss, "utime": ru.ru_utime, "stime": ru.ru_stime}, f)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(argv: list[str], log_stem: Path) -> dict:
-    """Run argv to completion; wall seconds, rusage of exactly this child, and its GPU report."""
+    """Run argv to completion; wall seconds, rusage of exactly this child (through _LAUNCHER), and
+    its GPU report."""
     report = log_stem.with_suffix(".gpu.json")
     report.unlink(missing_ok=True)
+    usage_file = log_stem.with_suffix(".rusage.json")
+    usage_file.unlink(missing_ok=True)
     env = dict(os.environ, **{_REPORT_ENV: str(report)})
     with open(log_stem.with_suffix(".out"), "wb") as out, open(log_stem.with_suffix(".err"), "wb") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env)
-        # wait4 (not Popen.wait) returns the rusage of this one child, whose ru_maxrss is its peak.
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(usage_file), *argv], stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL, env=env)
+        proc.wait()
         seconds = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    measured = json.loads(usage_file.read_text()) if usage_file.exists() else {"maxrss_kb": 0, "utime": 0.0,
+                                                                                "stime": 0.0}
+
     gpu = json.loads(report.read_text()) if report.exists() else {}
     stdout = log_stem.with_suffix(".out").read_text(errors="replace")
     stderr = log_stem.with_suffix(".err").read_text(errors="replace")
     return {
         "returncode": proc.returncode, "seconds": seconds,
-        "cpu_user_seconds": usage.ru_utime, "cpu_system_seconds": usage.ru_stime,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports kilobytes
+        "cpu_user_seconds": measured["utime"], "cpu_system_seconds": measured["stime"],
+        "peak_rss_bytes": measured["maxrss_kb"] * 1024,  # Linux reports kilobytes
         "gpu_peak_allocated": gpu.get("gpu_peak_allocated"), "gpu_peak_reserved": gpu.get("gpu_peak_reserved"),
         "stdout": stdout, "stderr": stderr,
     }
@@ -764,7 +785,8 @@ def _run(work: Path, workload_name: str, methods: list[str], devices: list[str],
                 "(dropping the cache needs root)",
                 "before each run its output directory is deleted and os.sync() flushes dirty pages, untimed",
                 "tools alternate within each repeat, starting one tool later each repeat",
-                "peak RSS is the child's ru_maxrss (os.wait4); it counts file pages the child maps, and "
+                "peak RSS is the tool's own ru_maxrss (os.wait4 in a small launcher process, so the benchmark's own "
+                "memory is not inherited into it); it counts file pages the tool maps, and "
                 "lines_fast and mergekit memory-map their inputs",
                 "lines_fast fsyncs its output shards before publishing them; mergekit and the reference do not",
                 "input GB/s = bytes of all input tensors (base + fine-tunes) / median seconds",

@@ -370,6 +370,22 @@ class Checkpoint:
         """
         self._advise(name, "MADV_DONTNEED")
 
+    def release_range(self, name: str, start: int, end: int) -> None:
+        """Unmaps the whole pages holding elements start..end of the tensor (MADV_DONTNEED): a
+        pass that has read them lets them go at once instead of at the tensor's end."""
+        info = self.info(name)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None or info.nbytes == 0:
+            return
+        size = info.dtype.itemsize
+        lo = -(-(info.offset + start * size) // mmap.PAGESIZE) * mmap.PAGESIZE   # pages wholly inside
+        hi = (info.offset + end * size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            try:
+                self._map(info.file).madvise(advice, lo, hi - lo)
+            except OSError:
+                pass
+
     def _advise(self, name: str, advice_name: str) -> None:
         info = self.info(name)
         advice = getattr(mmap, advice_name, None)

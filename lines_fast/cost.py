@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .backends.base import STREAM_MIN
+
 from .config import DTYPES, MergeConfig, load_yaml
 from .errors import MergeInputError
 from .plan import ElementPlan
@@ -73,10 +75,15 @@ def _estimate(spec: MethodSpec, tensors: list[TensorCost], device: str, read_gbp
         bottleneck = max(stages, key=stages.get)
         costs.append(PassCost(p, total_in, write, stages[bottleneck], bottleneck))
     n_inputs = spec.n_models + (1 if spec.uses_base else 0)
-    largest_in = max(t.in_bytes for t in tensors)
-    largest_out = max(t.out_bytes for t in tensors)
+    # Tensors of STREAM_MIN elements or more are streamed chunk by chunk on the CPU backend (inputs
+    # released behind each chunk, output written piece by piece): only smaller ones count whole.
+    whole = [t for t in tensors if t.numel < STREAM_MIN] or [min(tensors, key=lambda t: t.numel)]
+    largest_in = max(t.in_bytes for t in whole)
+    largest_out = max(t.out_bytes for t in whole)
     # Host: the current tensor's mapped input pages and the one read ahead, its output, scratch.
     host = 2 * largest_in + largest_out + (n_inputs + 5) * CPU_CHUNK_BYTES + PROCESS_BASELINE_BYTES
+    largest_in = max(t.in_bytes for t in tensors)
+    largest_out = max(t.out_bytes for t in tensors)
     gpu = 0
     if device == "cuda":
         host = 2 * largest_in + largest_out + GPU_STAGES * GPU_STAGE_BYTES + PROCESS_BASELINE_BYTES

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import __version__
-from .backends.base import MergeJob
+from .backends.base import STREAM_MIN, MergeJob
 from .checkpoint import Checkpoint, TensorInfo
 from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
 from .errors import MergeInputError, NonFiniteInput
@@ -359,6 +359,15 @@ class Engine:
             if name in ckpt.tensors:
                 ckpt.prefetch(name)
 
+    def _releaser(self, inputs: _Inputs, name: str):
+        """release(start, end) for a job: unmap elements start..end of tensor `name` on every input."""
+        holders = [ckpt for ckpt in inputs.all() if name in ckpt.tensors]
+
+        def release(start: int, end: int) -> None:
+            for ckpt in holders:
+                ckpt.release_range(name, start, end)
+        return release
+
     def _release(self, inputs: _Inputs, name: str) -> None:
         for ckpt in inputs.all():
             if name in ckpt.tensors:
@@ -431,9 +440,10 @@ class Engine:
             for k, name in enumerate(plan.merged):
                 self._prefetch(inputs, plan.merged[k + 1] if k + 1 < len(plan.merged) else None)
                 job = MergeJob(name, self._base_tensor(inputs, name), self._model_tensors(inputs, plan, name),
-                               stats.for_tensor(name), 1.0, torch.float32)
+                               stats.for_tensor(name), 1.0, torch.float32, release=self._releaser(inputs, name))
                 try:
-                    p.tensor(backend, self._plan_for(name), job, stats)
+                    with backend.releasing(job):
+                        p.tensor(backend, self._plan_for(name), job, stats)
                 except NonFiniteInput as err:
                     raise self._nonfinite(err, inputs, plan, name) from None
                 self._release(inputs, name)
@@ -542,7 +552,9 @@ class Engine:
                 self._prefetch(inputs, merged[k + 1] if k + 1 < len(merged) else None)
                 yield MergeJob(name, self._base_tensor(inputs, name) if spec.uses_base else None,
                                self._model_tensors(inputs, plan, name), stats.for_tensor(name), scales[name],
-                               plan.out_dtypes[name], plan=self._plan_for(name))
+                               plan.out_dtypes[name], plan=self._plan_for(name),
+                               stream=int(torch.Size(plan.shapes[name]).numel()) >= STREAM_MIN,
+                               release=self._releaser(inputs, name))
 
         copies = [n for n in plan.order if n in plan.copied and n in pending_set]
         position = {n: i for i, n in enumerate(plan.order)}
@@ -557,10 +569,14 @@ class Engine:
         try:
             for job, output, _stats in backend.merge_many(jobs(), self.plan):
                 current = job.name
-                if output.dtype == torch.float16 and not self.config.allow_nonfinite:
-                    self._refuse_overflow(job.name, output)
                 write_copies_before(position[job.name])
-                writer.write(job.name, output)
+                for piece in [output] if isinstance(output, torch.Tensor) else output:
+                    if piece.dtype == torch.float16 and not self.config.allow_nonfinite:
+                        self._refuse_overflow(job.name, piece)
+                    if piece is output:
+                        writer.write(job.name, output)
+                    else:
+                        writer.write_piece(job.name, piece)
                 del output
                 self._release(inputs, job.name)
                 bar.advance(self._input_bytes(inputs, [job.name]))

@@ -185,6 +185,10 @@ class AdapterCheckpoint:
         if name not in self._lora and name not in self._whole:
             self._base.release(name)
 
+    def release_range(self, name: str, start: int, end: int) -> None:
+        if name not in self._lora and name not in self._whole:
+            self._base.release_range(name, start, end)
+
     def aux_files(self) -> list[Path]:
         return self._base.aux_files()
 

@@ -112,6 +112,9 @@ class PickledCheckpoint(Checkpoint):
     def release(self, name: str) -> None:
         pass
 
+    def release_range(self, name: str, start: int, end: int) -> None:
+        pass
+
     def close(self) -> None:
         self._loaded.clear()
         super().close()

@@ -193,6 +193,10 @@ class SlicedCheckpoint:
         ckpt, src = self._routes[name]
         ckpt.release(src)
 
+    def release_range(self, name: str, start: int, end: int) -> None:
+        ckpt, src = self._routes[name]
+        ckpt.release_range(src, start, end)
+
     def aux_files(self) -> list[Path]:
         return self._aux.aux_files()
 

@@ -213,11 +213,12 @@ def test_unsupported_mergekit_yaml_is_refused_by_name(key, snippet, family, tmp_
 
 
 _RSS_SCRIPT = """
-import os, sys, resource
+import os, sys
 from lines_fast.cli import main
 code = main(["merge", "--method", "ties", "--base", sys.argv[1] + "/base", "--model", sys.argv[1] + "/ft1",
              "--model", sys.argv[1] + "/ft2", "--density", "0.2", "-o", sys.argv[2], "-q", "--no-progress"])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent (pytest) across fork and exec.
+print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 sys.exit(code)
 """
 

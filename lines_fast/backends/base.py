@@ -20,13 +20,18 @@ engine refuses it first).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 
 from ..plan import ElementPlan, TensorStats
 
 HISTOGRAM_BINS = 1 << 16
+
+
+# Tensors of at least this many elements are merged and written a chunk at a time (MergeJob.stream),
+# their input pages released behind each chunk: peak memory then follows the chunk, not the tensor.
+STREAM_MIN = 1 << 22
 
 
 @dataclass
@@ -54,6 +59,12 @@ class MergeJob:
     scale: float
     out_dtype: torch.dtype
     plan: ElementPlan | None = None   # this tensor's own plan (per-layer or filtered parameters), else the call's
+    # stream: the backend may return the output as an iterator of consecutive flat pieces (each
+    # valid until the next is asked for) instead of one tensor, so a huge tensor is never held
+    # whole. release(start, end): called once elements start..end of every input have been read
+    # for the last time in a pass over them, so their pages can go (the engine unmaps them).
+    stream: bool = False
+    release: Any = None
 
 
 class Backend(Protocol):

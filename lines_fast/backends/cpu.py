@@ -10,6 +10,7 @@ current one computes.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import replace
 from typing import Iterable, Iterator
@@ -78,6 +79,7 @@ class CpuBackend:
         self.chunk = chunk
         self.check_finite = check_finite
         self.read_ahead = read_ahead
+        self._release = None   # the current job's release(start, end), set by releasing()
         self._buffers: dict[int, _Buffers] = {}
 
     def supports(self, plan: ElementPlan) -> str | None:
@@ -90,9 +92,23 @@ class CpuBackend:
         return self._buffers[n_models, size]
 
     def _spans(self, numel: int, step: int | None = None):
+        """(start, end) of each chunk; once the caller moves past one, the current job's inputs
+        there are released (releasing()), so a pass over a huge tensor keeps few pages mapped."""
         step = step or self.chunk
         for start in range(0, numel, step):
-            yield start, min(start + step, numel)
+            end = min(start + step, numel)
+            yield start, end
+            if self._release is not None:
+                self._release(start, end)
+
+    @contextlib.contextmanager
+    def releasing(self, job: MergeJob):
+        """Within it, every pass over chunks releases job's inputs behind it (job.release)."""
+        previous, self._release = self._release, job.release
+        try:
+            yield
+        finally:
+            self._release = previous
 
     def _step(self, job: MergeJob, plan: ElementPlan) -> tuple[int, int | None]:
         """(chunk length, row length): whole rows for DELLA's per-row ranks, else the chunk."""
@@ -172,6 +188,10 @@ class CpuBackend:
     def tensor_stats(self, job: MergeJob, plan: ElementPlan) -> TensorStats:
         """job.stats completed with what the plan needs and the engine did not give: tensor-scope
         thresholds (exact histograms) and the L1 rescale factors (exact sums, one more read)."""
+        with self.releasing(job):
+            return self._tensor_stats(job, plan)
+
+    def _tensor_stats(self, job: MergeJob, plan: ElementPlan) -> TensorStats:
         stats = job.stats or TensorStats()
         need_thresholds, need_factors, need_weights = plan.missing(stats)
         if need_thresholds:
@@ -199,8 +219,9 @@ class CpuBackend:
         """sum_j sign(sum_i w_i trim(tau_i)[j]) over the tensor (the official rule's majority sign)."""
         stats = self.tensor_stats(job, plan)
         base, models = job.base.reshape(-1), [m.reshape(-1) for m in job.models]
-        return sum(elected_sign_sum(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s)
-                   for s, e in self._spans(base.numel()))
+        with self.releasing(job):
+            return sum(elected_sign_sum(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s)
+                       for s, e in self._spans(base.numel()))
 
     def delta_norms(self, job: MergeJob, plan: ElementPlan,
                     with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
@@ -208,11 +229,12 @@ class CpuBackend:
         loaded τ_i, before sparsifying, with the same float32 adds as task_vector_sum_l1."""
         stats = self.tensor_stats(job, plan)
         task_sum, delta = AbsSum(), AbsSum()
-        for s, e, bufs in self._chunks(job, plan):
-            task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
-            delta.add(self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk))
-            if with_task_sum:
-                task_sum.add(task_sum_chunk)
+        with self.releasing(job):
+            for s, e, bufs in self._chunks(job, plan):
+                task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
+                delta.add(self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk))
+                if with_task_sum:
+                    task_sum.add(task_sum_chunk)
         return task_sum.value(), delta.value(), stats
 
     # -- merging --------------------------------------------------------------------------
@@ -349,20 +371,37 @@ class CpuBackend:
         empty = torch.abs(den, out=agree).sign_().neg_().add_(1.0)
         return num.div_(den.add_(empty))
 
-    def _merge_one(self, job: MergeJob, plan: ElementPlan) -> tuple[torch.Tensor, TensorStats]:
+    def _merge_one(self, job: MergeJob, plan: ElementPlan) -> tuple[torch.Tensor | Iterator[torch.Tensor], TensorStats]:
         stats = self.tensor_stats(job, plan)
-        if plan.uses_base and job.scale == 0.0:
-            # A zero scale returns the base bitwise (b + 0 * tau would turn -0.0 into +0.0).
-            return job.base.to(job.out_dtype, copy=True), stats
+        if job.stream:
+            return self._pieces(job, plan, stats), stats
         out = torch.empty(job.models[0].shape, dtype=job.out_dtype)
         out_flat = out.reshape(-1)
+        with self.releasing(job):
+            for s, e, piece in self._merged_chunks(job, plan, stats):
+                out_flat[s:e].copy_(piece)
+        return out, stats
+
+    def _pieces(self, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> Iterator[torch.Tensor]:
+        """The output as consecutive flat pieces of job.out_dtype, one chunk each (job.stream)."""
+        with self.releasing(job):
+            for _, _, piece in self._merged_chunks(job, plan, stats):
+                yield piece.to(job.out_dtype)
+
+    def _merged_chunks(self, job: MergeJob, plan: ElementPlan, stats: TensorStats):
+        """(start, end, float32 values) of the merged output, chunk by chunk (a reused buffer)."""
+        if plan.uses_base and job.scale == 0.0:
+            # A zero scale returns the base bitwise (b + 0 * tau would turn -0.0 into +0.0).
+            base = job.base.reshape(-1)
+            for s, e in self._spans(base.numel()):
+                yield s, e, base[s:e]
+            return
         for s, e, bufs in self._chunks(job, plan):
             result = self._merged_delta(job, plan, stats, s, e, bufs)
             if plan.uses_base:
                 result.mul_(job.scale)
                 result.add_(bufs.base[:e - s])
-            out_flat[s:e].copy_(result)
-        return out, stats
+            yield s, e, result
 
     def merge_many(self, jobs: Iterable[MergeJob],
                    plan: ElementPlan) -> Iterator[tuple[MergeJob, torch.Tensor, TensorStats]]:
@@ -373,7 +412,9 @@ class CpuBackend:
             reader = None
             # A thread that touches the next tensor's pages pays off for large tensors only (its
             # start and join cost ~0.1 ms, more than reading a small tensor).
-            if self.read_ahead and following is not None and _input_bytes(following) >= READ_AHEAD_MIN:
+            # Nor for a streamed one: touching all its pages would map the whole tensor at once.
+            if (self.read_ahead and following is not None and not following.stream
+                    and _input_bytes(following) >= READ_AHEAD_MIN):
                 inputs = [t for t in [following.base, *following.models] if t is not None]
                 reader = threading.Thread(target=_touch_pages, args=(inputs,), daemon=True)
                 reader.start()

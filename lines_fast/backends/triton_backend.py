@@ -20,6 +20,7 @@ merge_many yields (job, output) in job order, one part behind the uploads: at mo
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -419,6 +420,11 @@ class TritonBackend:
 
     def supports(self, plan: ElementPlan) -> str | None:
         return self._merge.unsupported(plan)
+
+    def releasing(self, job: MergeJob):
+        """Nothing to do here: this backend reads a tensor's inputs once per pass, in parts, and
+        the engine releases them after the tensor (jobs are not streamed: job.stream is ignored)."""
+        return contextlib.nullcontext()
 
     def _streamed_thresholds(self, job: MergeJob, plan: ElementPlan) -> list[tuple[float, ...]]:
         """Tensor-scope thresholds of a job bigger than a slot: histogram passes over its parts."""
