@@ -95,6 +95,9 @@ def _add_merge_parser(sub) -> None:
                         "reusing its α and global thresholds instead of repeating the statistics passes")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("-q", "--quiet", action="store_true", help="print only the final summary")
+    g.add_argument("--intermediate-dir", metavar="DIR",
+                   help="a multi-document CONFIG (mergekit-multi): where the named merges go "
+                        "(default OUT_DIR-intermediate; OUT_DIR itself when every merge is named)")
 
 
 def _lines_from_args(args, base_lines):
@@ -226,13 +229,58 @@ def _config_from_args(args):
     return validate(config), Path(out)
 
 
+def _multi_config(args):
+    """(CONFIG, its documents, OUT_DIR) when the config file holds several merges, else None."""
+    from .multi import documents
+
+    paths = list(args.paths)
+    if len(paths) == 2 and not args.out:
+        config_path, out = paths
+    elif len(paths) == 1 and args.out:
+        config_path, out = paths[0], args.out
+    else:
+        return None
+    if not Path(config_path).is_file():
+        return None
+    docs = documents(Path(config_path))
+    if len(docs) < 2:
+        return None
+    per_merge = [flag for flag, value in (
+        ("--method", args.method), ("--base", args.base), ("--model", args.model), ("--weight", args.weight),
+        ("--density", args.density), ("--lambda", args.lam), ("--trim-scope", args.trim_scope), ("--seed", args.seed),
+        ("--normalize", args.normalize), ("--rescale", args.rescale), ("--lines-alpha", args.lines_alpha),
+        ("--lines-beta", args.lines_beta), ("--param", args.param), ("--out-dtype", args.out_dtype),
+        ("--exclude", args.exclude), ("--tokenizer-source", args.tokenizer_source)) if value]
+    if per_merge:
+        raise MergeInputError(f"{config_path}: a multi-document config ({len(docs)} merges); {', '.join(per_merge)} "
+                              "would apply to one merge: give them in its document instead.")
+    return Path(config_path), docs, Path(out)
+
+
 def _cmd_merge(args) -> int:
     from .engine import Engine
 
-    config, out = _config_from_args(args)
     log = (lambda message: None) if args.quiet else None
+    progress = False if args.no_progress else None
+    multi = _multi_config(args)
+    if multi is not None:
+        from . import multi as multimerge
+
+        path, docs, out = multi
+        steps = multimerge.plan(path, docs, out, Path(args.intermediate_dir) if args.intermediate_dir else None)
+        say = log or (lambda message: print(message, file=sys.stderr, flush=True))
+        results = multimerge.run(path, steps, resume=args.resume, log=say, merge_one=lambda config, where: Engine(
+            config, where, device=args.device, max_shard_size=args.max_shard_size, force=args.force,
+            resume=args.resume, progress=progress, log=log).run())
+        for result in results:
+            print(result.summary())
+        return 0
+    if args.intermediate_dir:
+        raise MergeInputError("--intermediate-dir is for a multi-document CONFIG (several merges); this one merge "
+                              "writes only OUT_DIR.")
+    config, out = _config_from_args(args)
     engine = Engine(config, out, device=args.device, max_shard_size=args.max_shard_size, force=args.force,
-                    resume=args.resume, progress=False if args.no_progress else None, log=log)
+                    resume=args.resume, progress=progress, log=log)
     try:
         result = engine.run()
     except KeyboardInterrupt:

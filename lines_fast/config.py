@@ -39,6 +39,12 @@ _REFUSED_TOP_KEYS = {
     "modules": "per-module configs (modules) are not supported",
     "tokenizer": "the tokenizer: block (vocabulary union / embedding surgery) is not supported; use tokenizer_source: base or a model path",
     "chat_template": "chat_template is not supported; edit the copied tokenizer_config.json",
+    "experts": "this is a mergekit-moe config (it builds a mixture-of-experts model out of dense ones); MoE "
+               "construction is out of scope for lines_fast, which merges models of one architecture: use "
+               "mergekit-moe for it",
+    "gate_mode": "this is a mergekit-moe config (it builds a mixture-of-experts model out of dense ones); MoE "
+                 "construction is out of scope for lines_fast, which merges models of one architecture: use "
+                 "mergekit-moe for it",
 }
 _LINES_KEYS = {"alpha", "beta", "gamma", "outside", "layer_pattern"}
 
@@ -298,9 +304,8 @@ def _models_list(models_doc: Any, source: str, resolve) -> tuple[list[Path], dic
     return models, model_params
 
 
-def load_yaml(path: Path) -> MergeConfig:
-    import yaml
-
+def read_config_text(path: Path) -> str:
+    """A config file's text, or a MergeInputError saying why it is not a config."""
     path = Path(path)
     if not path.is_file():
         raise MergeInputError(f"{path}: the config file does not exist" + (
@@ -311,21 +316,27 @@ def load_yaml(path: Path) -> MergeConfig:
         raise MergeInputError(f"{path}: this is a safetensors checkpoint, not a YAML merge config. Give it as a "
                               "model (--model / models: in a config), or pass the config file here.")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise MergeInputError(f"{path}: not a text file (byte {err.start} is not UTF-8), so not a YAML merge "
                               "config. Pass the config file (mergekit's YAML format).") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        # One line, not PyYAML's multi-line excerpt: where, and what the parser expected.
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(err, "problem", None) or err).split())
-        raise MergeInputError(f"{path}: not valid YAML{where}: {problem}. Fix the file (check the "
-                              "indentation, brackets and quotes there).") from None
+
+
+def load_yaml(path: Path) -> MergeConfig:
+    """One merge config from a YAML file (a multi-document file is refused here: `lines-fast merge`
+    runs those, lines_fast/multi.py)."""
+    from .multi import documents
+
+    path = Path(path)
+    docs = documents(path)
+    if len(docs) > 1:
+        names = [d.get("name") for d in docs if isinstance(d, dict)]
+        shown = ", ".join(str(n) if n else "(unnamed)" for n in names)
+        raise MergeInputError(f"{path}: a multi-document config ({len(docs)} merges: {shown}), mergekit-multi's "
+                              "format. `lines-fast merge CONFIG OUT_DIR` runs them all in order; other commands take "
+                              "one merge: put it in a file of its own.")
     # Relative model paths in a config are relative to the working directory, as in mergekit.
-    return from_yaml_dict(doc, str(path))
+    return from_yaml_dict(docs[0] if docs else None, str(path))
 
 
 def _resolved_spec(config: MergeConfig, name: str | None, t: float) -> MethodSpec:
