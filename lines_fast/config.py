@@ -78,15 +78,18 @@ class MergeConfig:
     per_tensor: bool = False        # some parameter is a per-layer list or filtered (set by validate())
     spec_inputs: tuple | None = field(default=None, repr=False)   # make_spec's inputs (validate())
     slices: tuple | None = None     # mergekit's slices: (lines_fast/slices.py); models are then its roles
+    # Slices whose parameters differ: per slice (params, model_params) over the top-level ones.
+    slice_params: tuple | None = None
+    slice_inputs: tuple | None = field(default=None, repr=False)   # spec_inputs per slice (validate())
 
     def method_spec(self) -> MethodSpec:
         return self.spec if self.spec is not None else validate(self).spec
 
-    def spec_for_tensor(self, name: str, t: float) -> MethodSpec:
-        """The spec of tensor `name` at depth t (layers.depth_fractions): the one spec unless a
-        parameter is a per-layer list or a filtered setting."""
+    def spec_for_tensor(self, name: str, t: float, slice_index: int | None = None) -> MethodSpec:
+        """The spec of tensor `name` at depth t (layers.depth_fractions) in slice `slice_index`: the
+        one spec unless a parameter is a per-layer list or a filtered setting, or slices differ."""
         spec = self.method_spec()
-        return _resolved_spec(self, name, t) if self.per_tensor else spec
+        return _resolved_spec(self, name, t, slice_index) if self.per_tensor else spec
 
     @property
     def base_is_input(self) -> bool:
@@ -113,6 +116,8 @@ class MergeConfig:
         if self.slices:
             out["slices"] = [{"base": [str(s.base.path), s.base.start, s.base.end] if s.base else None,
                               "models": [[str(r.path), r.start, r.end] for r in s.models]} for s in self.slices]
+        if self.slice_params:
+            out["slice_parameters"] = [{"parameters": p, "model_parameters": mp} for p, mp in self.slice_params]
         if self.lines:
             out["lines"] = {"alpha": self.lines.alpha, "beta": self.lines.beta,
                             "outside": self.lines.outside, "layer_pattern": self.lines.layer_pattern}
@@ -221,13 +226,15 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
         params["seed"] = doc["seed"]
     base = doc.get("base_model")
     base_path = resolve(_model_path(base, source, "base_model")) if base is not None else None
-    parsed = None
+    parsed, slice_params = None, None
     if doc.get("slices") is not None:
         if doc.get("models") is not None:
             raise _fail(source, "give either models: (whole models) or slices: (layer ranges), not both, as mergekit.")
         parsed = slicing.parse(doc["slices"], base=base_path, base_is_role=method.inputs is not Inputs.MODELS,
                                source=source, resolve=lambda v, where: resolve(_model_path(v, source, where)))
         models, model_params = parsed.models, parsed.model_params
+        slice_params = None if parsed.per_slice is None else tuple(
+            ({**params, **p}, mp) for p, mp in parsed.per_slice)
         params.update(parsed.params)
         if method.inputs is Inputs.MODELS:
             base_path = None   # a soup's inputs are its sources; mergekit ignores base_model there
@@ -269,6 +276,7 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
         models=models,
         base=base_path,
         slices=parsed.slices if parsed is not None else None,
+        slice_params=slice_params,
         params=params,
         model_params=model_params,
         base_weight=base_weight,
@@ -339,11 +347,12 @@ def load_yaml(path: Path) -> MergeConfig:
     return from_yaml_dict(docs[0] if docs else None, str(path))
 
 
-def _resolved_spec(config: MergeConfig, name: str | None, t: float) -> MethodSpec:
-    """The spec for tensor `name` at depth t: every per-tensor setting evaluated there
-    (lines_fast/settings.py); a filter that matches nothing leaves the next level to decide.
-    name None: the config's own check, every setting's first entry."""
-    n, model_values, values, labels = config.spec_inputs
+def _resolved_spec(config: MergeConfig, name: str | None, t: float, slice_index: int | None = None) -> MethodSpec:
+    """The spec for tensor `name` at depth t (in slice `slice_index` where slices differ): every
+    per-tensor setting evaluated there (lines_fast/settings.py); a filter that matches nothing
+    leaves the next level to decide. name None: the config's own check, every setting's first entry."""
+    inputs = config.slice_inputs[slice_index] if config.slice_inputs and slice_index is not None else config.spec_inputs
+    n, model_values, values, labels = inputs
     takes = methods.get(config.method).takes   # a key the method does not take goes through raw: refused
 
     def at(key, value):
@@ -364,6 +373,31 @@ def _resolved_spec(config: MergeConfig, name: str | None, t: float) -> MethodSpe
                      model_labels=labels)
 
 
+def _spec_inputs(config: MergeConfig, method, params: dict, model_params: dict, n: int, labels: list[str]):
+    """(make_spec's inputs (n, model_values, values, labels), the per-tensor settings among them) for
+    one parameter set: the config's, or one slice's."""
+    src = config.source
+    model_values = {}
+    for name, values in model_params.items():
+        values = list(values)
+        if len(values) == 1 and len(config.models) > 1:
+            values = values * len(config.models)
+        if len(values) != len(config.models):
+            raise _fail(src, f"{len(values)} {name} values for {len(config.models)} models; give one, or one "
+                             "per model, in order.")
+        if config.base_is_input:
+            values = [config.base_weight if name == "weight" else None] + values
+        model_values[name] = values
+    values = dict(params)
+    if config.base_weight is not None and "weight" not in model_values:
+        model_values["weight"] = [config.base_weight] + [values.get("weight")] * len(config.models)
+    given = [*values.items(), *((k, v) for k, vs in model_values.items() for v in vs)]
+    settings = [(k, v) for k, v in given if method.takes(k) and is_setting(v, method.param(k))]
+    for key, value in settings:
+        check_setting(method.param(key), value, src)
+    return (n, model_values, values, labels), settings
+
+
 def validate(config: MergeConfig) -> MergeConfig:
     """Check a config and resolve its MethodSpec; raise MergeInputError naming the problem."""
     src = config.source
@@ -381,36 +415,24 @@ def validate(config: MergeConfig) -> MergeConfig:
         if config.base is None:
             raise _fail(src, "a base weight needs a base model.")
     n = len(config.merge_inputs)
-    model_values = {}
-    for name, values in config.model_params.items():
-        values = list(values)
-        if len(values) == 1 and len(config.models) > 1:
-            values = values * len(config.models)
-        if len(values) != len(config.models):
-            raise _fail(src, f"{len(values)} {name} values for {len(config.models)} models; give one, or one "
-                             "per model, in order.")
-        if config.base_is_input:
-            values = [config.base_weight if name == "weight" else None] + values
-        model_values[name] = values
-    values = dict(config.params)
-    if config.base_weight is not None and "weight" not in model_values:
-        model_values["weight"] = [config.base_weight] + [values.get("weight")] * len(config.models)
     labels = ([f"base_model ({config.base})"] if config.base_is_input else []) + [
         f"{'--model' if src == 'command line' else f'models[{i}]'} ({path})" for i, path in enumerate(config.models)]
-    given = [*values.items(), *((k, v) for k, vs in model_values.items() for v in vs)]
-    settings = [(k, v) for k, v in given if method.takes(k) and is_setting(v, method.param(k))]
-    for key, value in settings:
-        check_setting(method.param(key), value, src)
-    config.per_tensor = bool(settings)
-    if config.per_tensor and values.get("trim_scope") == "global":
-        raise _fail(src, "per-layer or filtered parameters with trim_scope: global are not supported: the global "
-                         "thresholds count one density per model over the whole model. Give one density per model, "
-                         "or use trim_scope: tensor.")
-    config.spec_inputs = (n, model_values, values, labels)
-    # Validated once with every setting at a probe position; spec_for_tensor resolves each tensor.
-    config.spec = _resolved_spec(config, None, 0.0) if config.per_tensor else make_spec(
-        method.name, n, model_values=model_values, values=values, lines=config.lines, where=src,
-        model_labels=labels)
+    sets = config.slice_params or ((config.params, config.model_params),)
+    per_set = [_spec_inputs(config, method, params, model_params, n, labels) for params, model_params in sets]
+    config.per_tensor = any(settings for _, settings in per_set) or len(per_set) > 1
+    if config.per_tensor and any(inputs[2].get("trim_scope") == "global" for inputs, _ in per_set):
+        raise _fail(src, "per-layer, filtered or per-slice parameters with trim_scope: global are not supported: "
+                         "the global thresholds count one density per model over the whole model. Give one density "
+                         "per model, or use trim_scope: tensor.")
+    config.spec_inputs = per_set[0][0]
+    config.slice_inputs = tuple(inputs for inputs, _ in per_set) if config.slice_params else None
+    # Validated once with every setting at a probe position (each slice's set); spec_for_tensor
+    # resolves each tensor.
+    if config.per_tensor:
+        config.spec = [_resolved_spec(config, None, 0.0, i) for i in range(len(per_set))][0]
+    else:
+        config.spec = make_spec(method.name, n, model_values=config.spec_inputs[1], values=config.spec_inputs[2],
+                                lines=config.lines, where=src, model_labels=labels)
     if config.missing not in ("error", "copy-base"):
         raise _fail(src, f"missing must be 'error' or 'copy-base', got {config.missing!r}.")
     for pattern in config.exclude:
@@ -467,4 +489,12 @@ def with_overrides(config: MergeConfig, **overrides: Any) -> MergeConfig:
             model_params[_MODEL_PARAM_OVERRIDES[key]] = list(value) if isinstance(value, (list, tuple)) else [value]
         else:
             fields[key] = value
+    if config.slice_params:   # the options apply to every slice's parameter set alike
+        missing = object()
+        changed = {k: v for k, v in params.items() if config.params.get(k, missing) != v}
+        changed_models = {k: v for k, v in model_params.items() if config.model_params.get(k, missing) != v}
+        dropped = set(config.model_params) - set(model_params)
+        fields["slice_params"] = tuple(
+            ({**p, **changed}, {**{k: v for k, v in mp.items() if k not in dropped}, **changed_models})
+            for p, mp in config.slice_params)
     return validate(replace(config, params=params, model_params=model_params, spec=None, **fields))

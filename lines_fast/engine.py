@@ -81,6 +81,7 @@ class _Inputs:
     # With slices (lines_fast/slices.py): each tensor's mergekit position t, and the output's layer count.
     depths: dict[str, float] | None = None
     layers: int | None = None
+    slice_of: dict[str, int] | None = None   # each output tensor's slice
 
     def all(self) -> list[Checkpoint]:
         return ([self.base] if self.base else []) + self.models
@@ -145,8 +146,9 @@ def open_inputs(config: MergeConfig) -> _Inputs:
     virtual checkpoints (each role's layer ranges renumbered into the output's layers)."""
     if config.slices:
         from .slices import views
-        base, models, depths, layers = views(config.slices, lambda p: Checkpoint.open(p, label=str(p)), config.source)
-        return _Inputs(base, models, depths, layers)
+        base, models, depths, layers, slice_of = views(config.slices, lambda p: Checkpoint.open(p, label=str(p)),
+                                                       config.source)
+        return _Inputs(base, models, depths, layers, slice_of)
     opened: list[Checkpoint] = []
     try:
         base = None
@@ -295,6 +297,7 @@ class Engine:
         self._tensor_specs: dict[str, MethodSpec] = {}
         self._plans: dict[MethodSpec, ElementPlan] = {}
         self._depths: dict[str, float] | None = None
+        self._slice_of: dict[str, int] | None = None
 
     def _spec_for(self, name: str) -> MethodSpec:
         """Tensor `name`'s spec: the config's, or resolved at its depth where parameters are
@@ -304,7 +307,8 @@ class Engine:
         if name not in self._tensor_specs:
             if self._depths is None:
                 raise RuntimeError("per-tensor specs need the tensor list first (_resolve_tensor_specs)")
-            self._tensor_specs[name] = self.config.spec_for_tensor(name, self._depths[name])
+            slice_index = self._slice_of.get(name) if self._slice_of else None
+            self._tensor_specs[name] = self.config.spec_for_tensor(name, self._depths[name], slice_index)
         return self._tensor_specs[name]
 
     def _plan_for(self, name: str) -> ElementPlan:
@@ -321,8 +325,8 @@ class Engine:
         if not self.config.per_tensor:
             return
         pattern = self.spec.lines.layer_pattern if self.spec.lines is not None else None
-        n, model_values, values, _ = self.config.spec_inputs
-        given = [(k, v) for k, v in values.items()] + [(k, v) for k, vs in model_values.items() for v in vs]
+        given = [(k, v) for _, model_values, values, _ in (self.config.slice_inputs or [self.config.spec_inputs])
+                 for k, v in [*values.items(), *((k, v) for k, vs in model_values.items() for v in vs)]]
         for key, value in given:
             for substring in filters_of(value):
                 if not any(substring in name for name in merged):
@@ -476,6 +480,7 @@ class Engine:
             check_output_dir(self.out_dir, read, force=self.force)
             tok_files = self._tokenizer_files()
             plan = _plan_tensors(config, inputs, self.log)
+            self._slice_of = inputs.slice_of
             self._resolve_tensor_specs(plan.merged, inputs.depths)
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log)
             reason = backend.supports(self.plan)

@@ -19,7 +19,8 @@ names an embedding (embed, wte, wpe, word_embeddings) is an embedding.
 How the roles are found: with a method that takes task vectors or interpolates from the
 base, the source whose model is base_model is the base in every slice, and the other
 sources, in order, are the models: source position j (after the base) is "model j" in
-every slice, so all slices merge the same number of models with one parameter set.
+every slice, so all slices merge the same number of models. Parameters follow mergekit's
+precedence per slice: a source's own, then the slice's, then the top-level ones.
 With a soup (linear, passthrough) every source is a model.
 
 A role is then a `SlicedCheckpoint`: a virtual checkpoint whose tensor names are the
@@ -75,8 +76,10 @@ class ParsedSlices:
 
     slices: tuple[Slice, ...]
     models: list[Path]                  # each role's first-slice model, for labels
-    model_params: dict[str, list]       # per-role parameters, as models[].parameters
-    params: dict[str, Any]              # the slices' shared parameters (over the top-level ones)
+    model_params: dict[str, list]       # per-role parameters, as models[].parameters (slices[0]'s)
+    params: dict[str, Any]              # the slices' parameters (over the top-level ones; slices[0]'s)
+    # Where slices differ in their parameters: each slice's (params, model_params), else None.
+    per_slice: tuple[tuple[dict, dict], ...] | None = None
 
 
 def same_model(a: Path, b: Path) -> bool:
@@ -91,7 +94,7 @@ def parse(doc: Any, *, base: Path | None, base_is_role: bool, source: str,
 
     if not isinstance(doc, list) or not doc:
         raise fail("slices: must be a non-empty list of {sources: [{model: PATH, layer_range: [START, END]}, ...]}.")
-    slices, role_params, shared = [], None, None
+    slices, role_params, slice_params = [], [], []
     for s, entry in enumerate(doc):
         where = f"slices[{s}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
@@ -106,11 +109,7 @@ def parse(doc: Any, *, base: Path | None, base_is_role: bool, source: str,
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise fail(f"{where}.parameters must be a mapping.")
-        if shared is not None and params != shared:
-            raise fail(f"{where}.parameters differ from slices[0]'s; lines_fast merges every slice with one "
-                       "parameter set. Give the parameters once at the top level (per-layer lists and filters "
-                       "there still vary them by layer and tensor).")
-        shared = params
+        slice_params.append(params)
         ranges, here = [], []
         base_range = None
         for j, src in enumerate(entry["sources"]):
@@ -150,16 +149,20 @@ def parse(doc: Any, *, base: Path | None, base_is_role: bool, source: str,
         for j, p in enumerate(here):
             if not isinstance(p, dict):
                 raise fail(f"{where}.sources[{j}].parameters must be a mapping.")
-        if role_params is not None and here != role_params:
-            raise fail(f"{where}: the sources' parameters differ from slices[0]'s; model j has one parameter set "
-                       "in every slice. Give them once (in slices[0]), or at the top level.")
-        role_params = here
+        role_params.append(here)
         slices.append(Slice(base_range, tuple(ranges)))
-    model_params: dict[str, list] = {}
-    for j, p in enumerate(role_params):
-        for name, value in p.items():
-            model_params.setdefault(name, [None] * len(role_params))[j] = value
-    return ParsedSlices(tuple(slices), [r.path for r in slices[0].models], model_params, dict(shared))
+
+    def per_model(roles: list[dict]) -> dict[str, list]:
+        out: dict[str, list] = {}
+        for j, p in enumerate(roles):
+            for name, value in p.items():
+                out.setdefault(name, [None] * len(roles))[j] = value
+        return out
+
+    sets = [(dict(p), per_model(r)) for p, r in zip(slice_params, role_params)]
+    uniform = all(st == sets[0] for st in sets)
+    return ParsedSlices(tuple(slices), [r.path for r in slices[0].models], sets[0][1], sets[0][0],
+                        None if uniform else tuple(sets))
 
 
 # -- the virtual checkpoints ---------------------------------------------------------------
@@ -228,10 +231,11 @@ def _renamed(name: str, index: int) -> str:
 
 
 def views(slices: tuple[Slice, ...], open_checkpoint: Callable[[Path], Checkpoint], source: str
-          ) -> tuple[SlicedCheckpoint | None, list[SlicedCheckpoint], dict[str, float], int]:
+          ) -> tuple[SlicedCheckpoint | None, list[SlicedCheckpoint], dict[str, float], int, dict[str, int]]:
     """The base's and each model's virtual checkpoint, every output tensor's mergekit position t
-    (offset / (n - 1) within its slice; 1 in a one-layer slice; 0 outside the layers), and the
-    output's layer count."""
+    (offset / (n - 1) within its slice; 1 in a one-layer slice; 0 outside the layers), the
+    output's layer count, and each output tensor's slice (tensors outside the layers: the first
+    slice for embeddings, the last for the rest, whose parameters mergekit uses for them)."""
     layers: dict[str, dict[int, list[str]]] = {}
     opened: dict[str, Checkpoint] = {}
 
@@ -248,6 +252,7 @@ def views(slices: tuple[Slice, ...], open_checkpoint: Callable[[Path], Checkpoin
         return ckpt, by_index
 
     depths: dict[str, float] = {}
+    slice_of: dict[str, int] = {}   # each output tensor's slice (outside the layers: the first or last)
 
     def role(ranges: list[LayerRange], label: str) -> SlicedCheckpoint:
         first, _ = checked(ranges[0])
@@ -257,17 +262,20 @@ def views(slices: tuple[Slice, ...], open_checkpoint: Callable[[Path], Checkpoin
         for name in outside:
             if _EMBEDDING.search(name):
                 routes[name] = (first, name)
+                slice_of[name] = 0
         k = 0
-        for r in ranges:
+        for index, r in enumerate(ranges):
             ckpt, by_index = checked(r)
             for offset in range(r.length):
                 for name in by_index.get(r.start + offset, []):
                     out = _renamed(name, k)
                     routes[out] = (ckpt, name)
                     depths[out] = offset / (r.length - 1) if r.length > 1 else 1.0
+                    slice_of[out] = index
                 k += 1
         for name in [n for n in last.tensors if find_block(n) is None and not _EMBEDDING.search(n)]:
             routes[name] = (last, name)
+            slice_of[name] = len(ranges) - 1
         for name in routes:
             depths.setdefault(name, 0.0)
         return SlicedCheckpoint(label, routes, first)
@@ -282,4 +290,4 @@ def views(slices: tuple[Slice, ...], open_checkpoint: Callable[[Path], Checkpoin
         for ckpt in opened.values():
             ckpt.close()
         raise
-    return base, models, depths, sum(s.length for s in slices)
+    return base, models, depths, sum(s.length for s in slices), slice_of
