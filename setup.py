@@ -22,7 +22,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        # huggingface_hub: Hub model names (org/name) as models; the tests run its real offline path.
+        "hub": ["huggingface_hub>=0.24"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "huggingface_hub>=0.24"],
         "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["lines-fast=lines_fast.cli:main"]},

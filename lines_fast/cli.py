@@ -219,9 +219,11 @@ def _config_from_args(args):
         params[name] = value
     model_params = {name: list(values) for name, values in (("weight", args.weight), ("density", args.density))
                     if values}
+    from .hub import resolve as model_path   # a local path, or a Hub name (org/name[@revision])
+
     config = MergeConfig(
-        method=args.method, models=[Path(m) for m in args.model],
-        base=Path(args.base) if args.base else None, params=params, model_params=model_params,
+        method=args.method, models=[model_path(m, "--model") for m in args.model],
+        base=model_path(args.base, "--base") if args.base else None, params=params, model_params=model_params,
         base_weight=args.base_weight, lines=_lines_from_args(args, None),
         out_dtype=out_dtype, exclude=list(args.exclude or []),
         tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None,

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import methods, slices as slicing
+from . import hub, methods, slices as slicing
 from .errors import MergeInputError
 from .methods import Inputs
 from .settings import check as check_setting, evaluate as evaluate_setting, filters as filters_of, is_setting
@@ -196,9 +196,13 @@ def _refuse_unknown(block: dict, known, where: str, source: str) -> None:
 
 
 def _model_path(value: Any, source: str, where: str) -> Path:
+    """A model reference: a local path, or a Hugging Face Hub name (org/name[@revision]) resolved to
+    its cached snapshot (lines_fast/hub.py)."""
     if not isinstance(value, (str, Path)):
-        raise _fail(source, f"{where} must be a local path, got {value!r}.")
-    return Path(value).expanduser()
+        raise _fail(source, f"{where} must be a local path or a Hub name (org/name), got {value!r}.")
+    if isinstance(value, Path):
+        return value.expanduser()
+    return hub.resolve(value, f"{source}: {where}")
 
 
 def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> MergeConfig:
