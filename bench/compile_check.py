@@ -81,7 +81,7 @@ def variants() -> list[Variant]:
         return make_spec(method, n, values=values, lines=lines)
 
     # DARE keeps Philox state per element: more registers are expected (8 warps).
-    budget = {"dare_ties": 168, "dare_linear": 168}
+    budget = {"dare_ties": 168, "dare_linear": 168, "della": 168, "della_linear": 168}
     sizes = {m.name: min(3, m.max_models or 3) for m in methods.REGISTRY.values()}
     kmerge = import_kernels()[0]
     merges = [_merge_variant(f"{name} bf16 N={n}", spec(name, n), max_registers=budget.get(name, 128))
@@ -119,13 +119,13 @@ def variants() -> list[Variant]:
 # Runtime argument types, as Triton's launcher would specialize them (ints: i64 where they
 # can pass 2^31 or are seeds; pointers 16-byte aligned, as every staging view is).
 _MERGE_ARGS = dict(out_ptr=None, base_ptr=None, models_ptr=None, table_ptr="*fp32", partial_ptr="*fp64",
-                   task_partial_ptr="*fp64", flags_ptr="*i32", group_weights_ptr="*fp32", n_elements="i64",
-                   model_stride="i64", elem_offset="i64", seed="i64",
+                   task_partial_ptr="*fp64", flags_ptr="*i32", group_weights_ptr="*fp32", drop_ptr="*fp32",
+                   n_elements="i64", model_stride="i64", drop_stride="i64", elem_offset="i64", seed="i64",
                    stream_id="i64", scale="fp32", weight_sum="fp32", n_groups="i64", group_len="i64",
                    tall_k="i32", tall_lambda="fp32", zero_sign="fp32")
 _HIST_ARGS = dict(hist_ptr="*i32", slot_of_bin_ptr="*i16", bin_of_slot_ptr="*i32", base_ptr=None, models_ptr=None,
                   model_stride="i64", n_elements="i64", block_stride="i64", hist_row_stride="i32", bucket="i32")
-_DIVISIBLE = ("n_elements", "model_stride", "block_stride")  # multiples of 16 on the benchmark's shapes
+_DIVISIBLE = ("n_elements", "model_stride", "drop_stride", "block_stride")  # multiples of 16 on the benchmark's shapes
 
 
 def compile_variant(variant: Variant, arch: int):

@@ -117,10 +117,10 @@ def nonfinite(x):
 @triton.jit
 def _fused_merge_kernel(
     out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr, group_weights_ptr,
-    n_elements, model_stride, elem_offset, seed, stream_id, scale, weight_sum, n_groups, group_len,
-    tall_k, tall_lambda, zero_sign,
+    drop_ptr, n_elements, model_stride, drop_stride, elem_offset, seed, stream_id, scale, weight_sum, n_groups,
+    group_len, tall_k, tall_lambda, zero_sign,
     N: tl.constexpr, HAS_BASE: tl.constexpr, DELTAS: tl.constexpr, TRIM: tl.constexpr, CEIL: tl.constexpr,
-    DROP: tl.constexpr,
+    DROP: tl.constexpr, RANKED: tl.constexpr,
     INVERSE: tl.constexpr, SCALE_KEPT: tl.constexpr,
     ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, TASK_SUM: tl.constexpr,
     CHECK_FINITE: tl.constexpr, GROUPED: tl.constexpr, GROUP_ROWS: tl.constexpr, TALL: tl.constexpr,
@@ -147,7 +147,7 @@ def _fused_merge_kernel(
             group = gidx // group_len
         else:
             group = gidx % group_len
-    if DROP:
+    if DROP or RANKED:
         # DARE counter (lines_fast/rng.py): the GLOBAL flat index, so a chunked launch
         # (elem_offset > 0) draws the same mask as a whole-tensor launch.
         idx = offs + elem_offset
@@ -198,6 +198,14 @@ def _fused_merge_kernel(
         if DROP:
             p = tl.load(table_ptr + 2 * N + i)
             c3 = (offs * 0 + i).to(tl.uint32)
+            r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c3)
+            u = uniform_from_bits(r0)
+            tau = tl.where(u >= p, tau, 0.0)
+        if RANKED:
+            # DELLA: each element's own drop probability (from its row's magnitude ranks, computed
+            # by the host side), drawn from DELLA's stream: c3 = i + 2^16 (lines_fast/rng.py).
+            p = tl.load(drop_ptr + i * drop_stride + offs, mask=mask, other=0.0)
+            c3 = (offs * 0 + i + 65536).to(tl.uint32)
             r0, _r1, _r2, _r3 = tl.philox(seed, c0, c1, c2, c3)
             u = uniform_from_bits(r0)
             tau = tl.where(u >= p, tau, 0.0)
@@ -300,7 +308,7 @@ def vector_friendly_spans(n: int, block: int) -> list[tuple[int, int]]:
 
 # The plan's steps this kernel has a switch for; a plan with any other step is refused.
 SUPPORTED = {
-    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND},
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND, Sparsify.RANKED},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
     "consensus": {Consensus.NONE, Consensus.SIGN},
     "coefficients": {Coefficients.GIVEN, Coefficients.SLERP, Coefficients.NUSLERP, Coefficients.MODEL_STOCK},
@@ -327,14 +335,15 @@ def plan_switches(plan: ElementPlan) -> dict[str, bool]:
     """The kernel's constexpr switches for a plan."""
     return dict(
         N=plan.n_models, HAS_BASE=plan.uses_base, DELTAS=plan.deltas, TRIM=plan.trims, CEIL=plan.band,
-        DROP=plan.sparsify is Sparsify.RANDOM, INVERSE=plan.rescale is Rescale.INVERSE,
+        DROP=plan.sparsify is Sparsify.RANDOM, RANKED=plan.ranked, INVERSE=plan.rescale is Rescale.INVERSE,
         SCALE_KEPT=plan.rescale is Rescale.L1, ELECT=plan.consensus is Consensus.SIGN, NORMALIZE=plan.normalize,
         GROUPED=plan.grouped, TALL=plan.tall_k > 0)
 
 
 def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: float = 1.0,
                  stream_id: int = 0, elem_offset: int = 0, partials=None, task_partials=None, flags=None,
-                 group_weights=None, groups=None, zero_sign: float = 1.0, block: int | None = None) -> None:
+                 group_weights=None, groups=None, zero_sign: float = 1.0, drop_p=None,
+                 block: int | None = None) -> None:
     """Run the kernel over elements [0, n) of flat views already on the kernel's device.
 
     out: [>= n] of the output dtype (ignored when `partials` is given: the L1 variant).
@@ -345,9 +354,13 @@ def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: 
     flags: int32 [1], OR-ed with bits of inputs holding Inf/NaN (bit 0 base, i + 1 model i; nonzero
     iff some input has one, and every bit set names such an input), or None to skip the check. elem_offset: global flat index of element 0 (DARE counter).
     group_weights, groups (plan.grouped): float32 [N, G] on the device, and the tensor's gram.GroupView.
+    drop_p (plan.ranked): float32 [N, >= n] on the device, each element's drop probability
+    (ranked_drop_p over whole rows: see ranked_drop_probabilities).
     """
     if plan.grouped and (group_weights is None or groups is None):
         raise ValueError("a grouped plan needs group_weights and the tensor's groups")
+    if plan.ranked and drop_p is None:
+        raise ValueError("a ranked (DELLA) plan needs each element's drop probability (drop_p)")
     if n == 0:
         return
     block = block or default_block()
@@ -372,7 +385,9 @@ def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: 
             table, partials[start // block:] if l1 else table,
             task_partials[start // block:] if task_partials is not None else table,
             flags if flags is not None else table, group_weights if plan.grouped else table,
-            count, models.stride(0), int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
+            drop_p[:, start:] if plan.ranked else table,
+            count, models.stride(0), drop_p.stride(0) if plan.ranked else 0,
+            int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
             plan.weight_sum, groups.groups if plan.grouped else 1, groups.group_len if plan.grouped else 1,
             int(plan.tall_k), f32(plan.tall_lambda), f32(zero_sign),
             **plan_switches(plan), L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
@@ -406,10 +421,21 @@ def fused_merge(base, models, plan: ElementPlan, *, name: str, stats: TensorStat
     n = ref.numel()
     out = torch.empty(n, dtype=out_dtype or ref.dtype, device=ref.device)
     table = plan.table(stats, ref.device)
+    drop_p = ranked_drop_probabilities(plan, base.reshape(-1), staged, plan.rank_row_len(ref.shape, name)) \
+        if plan.ranked else None
     launch_merge(out, None if base is None else base.reshape(-1), staged, table, plan, n=n, scale=scale,
                  stream_id=rng.tensor_stream_id(name), elem_offset=elem_offset, flags=flags, block=block,
-                 **tensor_args(plan, stats, ref.shape, ref.device))
+                 drop_p=drop_p, **tensor_args(plan, stats, ref.shape, ref.device))
     return out
+
+
+def ranked_drop_probabilities(plan: ElementPlan, base, models, row_len: int) -> torch.Tensor:
+    """float32 [N, n]: DELLA's drop probability of each element of whole rows (n a multiple of
+    row_len) of flat base / models [N, n] on the device: ElementPlan.ranked_drop_p of tau_i."""
+    base32 = base.float()
+    rows = [plan.ranked_drop_p((models[i].float() - base32).view(-1, row_len), i).reshape(-1)
+            for i in range(plan.n_models)]
+    return torch.stack(rows)
 
 
 def tensor_args(plan: ElementPlan, stats: TensorStats | None, shape, device) -> dict:
@@ -434,7 +460,9 @@ def fused_delta_l1(base, models, plan: ElementPlan, *, name: str = "", stats: Te
     n = base.numel()
     partials = torch.empty(max(1, triton.cdiv(n, block)), dtype=torch.float64, device=base.device)
     partials.zero_()
+    drop_p = ranked_drop_probabilities(plan, base.reshape(-1), staged, plan.rank_row_len(base.shape, name)) \
+        if plan.ranked else None
     launch_merge(None, base.reshape(-1), staged, plan.table(stats, base.device), plan, n=n,
-                 stream_id=rng.tensor_stream_id(name), partials=partials, block=block,
+                 stream_id=rng.tensor_stream_id(name), partials=partials, block=block, drop_p=drop_p,
                  **tensor_args(plan, stats, base.shape, base.device))
     return float(partials.sum())

@@ -192,7 +192,9 @@ class ElementPlan:
 
     @property
     def drops(self) -> bool:
-        return self.sparsify is Sparsify.RANDOM
+        """Whether elements are dropped by Philox draws (DARE, DELLA): the kernels keep its state
+        per element, and launch more warps for it."""
+        return self.sparsify in (Sparsify.RANDOM, Sparsify.RANKED)
 
     @property
     def global_thresholds(self) -> bool:

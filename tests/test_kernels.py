@@ -148,7 +148,8 @@ def ref_stats(base, models, spec: MethodSpec, thresholds=None, name=NAME) -> Ten
         factors = []
         for i, m in enumerate(models):
             tau = m.float() - base.float()
-            keep = plan.keep_masks(tau.reshape(-1), i, stats, name, 0).view(tau.shape)
+            row = plan.rank_row_len(tau.shape, name) if plan.ranked else None   # DELLA ranks whole rows
+            keep = plan.keep_masks(tau.reshape(-1), i, stats, name, 0, row).view(tau.shape)
             factors.append(ref.l1_rescale_factor(tau, keep))
         stats = TensorStats(stats.thresholds, tuple(factors), ceilings)
     return stats

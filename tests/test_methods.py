@@ -286,8 +286,7 @@ def test_regression_linear_lines_without_normalize_does_not_divide(backend_kind)
 
 
 def test_kernel_gaps_are_the_known_ones():
-    """The Triton kernels lack exactly DELLA's per-row ranked drop (della, della_linear: CPU only
-    for now); the CPU backend runs every registered method."""
+    """Both backends run every registered method (della's per-row ranked drop included)."""
     pytest.importorskip("triton")
     from lines_fast.backends.triton_backend import import_kernels
 
@@ -299,7 +298,7 @@ def test_kernel_gaps_are_the_known_ones():
         assert CpuBackend().supports(plan) is None, method.name
         if kmerge.unsupported(plan) is not None:
             gaps.add(method.name)
-    assert gaps == {"della", "della_linear"}
+    assert gaps == set()
 
 
 def test_a_plan_step_no_backend_implements_is_refused():

@@ -94,7 +94,8 @@ def run_merge(be, base, models, spec, scales, out_dtype=None, thresholds=None):
     return {job.name: stats for job, _, stats in results}, {job.name: out for job, out, _ in results}
 
 
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "wise_ft"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "wise_ft", "della",
+                                    "della_linear"])
 def test_merge_many_matches_reference(method):
     n_models = 1 if method == "wise_ft" else 3
     base, models = checkpoints(n_models, seed=1)
@@ -110,6 +111,19 @@ def test_merge_many_matches_reference(method):
         for name in NAMES:
             taus = [{name: m[name].float() - base[name].float()} for m in models]
             assert stats[name].thresholds == tuple(ref.trim_thresholds(t, 0.3, "tensor")[name] for t in taus)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_parts_hold_whole_rows(method):
+    """Parts of 777 elements are cut to whole rows (the ranks need them): 750 = 15 rows of 50."""
+    base, models = checkpoints(3, seed=2)
+    spec = method_spec(method, 3, weights=[1.0, 0.6, 1.4], density=0.4, seed=5)
+    be = TritonBackend(DEVICE, chunk_elements=777)
+    assert be._part_ranges(3000, 6, row=50)[:2] == [(0, 750), (750, 1500)]
+    want = ref.merge_with_spec(base, models, spec)
+    _, got = run_merge(be, base, models, spec, dict.fromkeys(NAMES, spec.lam))
+    for name in NAMES:
+        assert_close_to_reference(got[name], want[name])
 
 
 def test_global_scope_ties_with_given_thresholds_and_lines():

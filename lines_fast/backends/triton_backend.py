@@ -324,12 +324,29 @@ class TritonBackend:
         return torch.cuda.max_memory_allocated(self._mover.device)
 
     # -- parts ----------------------------------------------------------------------------
-    def _part_ranges(self, numel: int, bytes_per_element: int) -> list[tuple[int, int]]:
+    def _part_ranges(self, numel: int, bytes_per_element: int, row: int | None = None) -> list[tuple[int, int]]:
+        """Parts of at most a slot each; of whole rows of `row` elements where given (DELLA ranks
+        each row)."""
         size = self.chunk_elements or max(1, self.max_resident_bytes // max(1, bytes_per_element))
         size = max(1, min(size, _MAX_PART))
         if size > _PART_MULTIPLE:  # parts of a multiple of 1024 keep every launch vectorized
             size -= size % _PART_MULTIPLE
+        if row is not None:
+            size = max(row, size - size % row)
         return [(s, min(numel, s + size)) for s in range(0, numel, size)] or [(0, 0)]
+
+    @staticmethod
+    def _row(job: MergeJob, plan: ElementPlan) -> int | None:
+        """DELLA's row length for this job (its parts and chunks hold whole rows), else None."""
+        return plan.rank_row_len(job.models[0].shape, job.name) if plan.ranked else None
+
+    def _drop_p(self, job: MergeJob, plan: ElementPlan, views: dict) -> dict:
+        """launch_merge's drop_p for a part of whole rows on the device (DELLA), else nothing."""
+        if not plan.ranked:
+            return {}
+        with self._mover.computing():
+            return {"drop_p": self._merge.ranked_drop_probabilities(plan, views["base"], views["models"],
+                                                                    self._row(job, plan))}
 
     @staticmethod
     def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -446,15 +463,18 @@ class TritonBackend:
         """L1 rescale factors from exact sums on the device, over the resident tensor or its parts."""
         totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]
 
+        row = self._row(job, plan)
+        step = _STATS_CHUNK if row is None else max(row, _STATS_CHUNK - _STATS_CHUNK % row)
+
         def add(part: dict, offset: int) -> None:
             rows, n = list(part["models"]), part["base"].numel()
             with self._mover.computing():
-                # In sub-chunks: the torch steps widen and draw per element (~60 bytes each), and
-                # device memory must stay bounded by the slots.
-                for a in range(0, n, _STATS_CHUNK):
-                    b = min(n, a + _STATS_CHUNK)
+                # In sub-chunks (of whole rows for DELLA): the torch steps widen and draw per element
+                # (~60 bytes each), and device memory must stay bounded by the slots.
+                for a in range(0, n, step):
+                    b = min(n, a + step)
                     add_kept_l1(plan, part["base"][a:b], [r[a:b] for r in rows], stats, job.name, offset + a,
-                                totals, kepts)
+                                totals, kepts, row)
 
         self._each_part(job, plan, views, add)
         return factors_from_sums(totals, kepts)
@@ -469,7 +489,7 @@ class TritonBackend:
         models = [self._flat(m) for m in job.models]
         per_element = (base.element_size() if base is not None else 0) + \
             len(models) * self._merge.staging_dtype(m.dtype for m in models).itemsize
-        for start, stop in self._part_ranges(models[0].numel(), per_element):
+        for start, stop in self._part_ranges(models[0].numel(), per_element, self._row(job, plan)):
             slot, part = self._upload(base, models, start, stop, {})
             add(part, start)
             self._release(slot)
@@ -520,7 +540,7 @@ class TritonBackend:
         base = self._flat(job.base)
         models = [self._flat(m) for m in job.models]
         per_element = base.element_size() + len(models) * merge.staging_dtype(m.dtype for m in models).itemsize
-        ranges = self._part_ranges(base.numel(), per_element)
+        ranges = self._part_ranges(base.numel(), per_element, self._row(job, plan))
         stats = job.stats
         if any(plan.missing(stats)) and len(ranges) > 1:
             stats = self.tensor_stats(job, plan)  # the statistics need the whole tensor first
@@ -545,7 +565,7 @@ class TritonBackend:
                     task_partials.zero_()
                 merge.launch_merge(None, views["base"], views["models"], table, plan, n=n,
                                    stream_id=tensor_stream_id(job.name), elem_offset=start, partials=partials,
-                                   task_partials=task_partials, block=block,
+                                   task_partials=task_partials, block=block, **self._drop_p(job, plan, views),
                                    **merge.tensor_args(plan, stats, job.models[0].shape, self._mover.device))
                 deltas.append(partials.sum())  # float64, fixed order: deterministic
                 if with_task_sum:
@@ -595,7 +615,7 @@ class TritonBackend:
             plan = job.plan or call_plan
             reference = job.base if job.base is not None else job.models[0]
             out = torch.empty(reference.shape, dtype=job.out_dtype)
-            ranges = self._part_ranges(reference.numel(), self._bytes_per_element(job, plan))
+            ranges = self._part_ranges(reference.numel(), self._bytes_per_element(job, plan), self._row(job, plan))
             stats = job.stats
             if any(plan.missing(stats)) and len(ranges) > 1:
                 # Statistics need the whole tensor before any merge: finish what is in flight,
@@ -647,6 +667,7 @@ class TritonBackend:
                 views["out"], views.get("base"), views["models"], table, plan, n=part.stop - part.start,
                 scale=part.job.scale, stream_id=tensor_stream_id(part.job.name), elem_offset=part.start,
                 flags=views["flags"] if self.check_finite else None, block=self.block,
+                **self._drop_p(part.job, plan, views),
                 **self._merge.tensor_args(plan, part.stats, part.job.models[0].shape, self._mover.device))
         self._release(part.slot)
 
