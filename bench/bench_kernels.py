@@ -144,6 +144,8 @@ VARIANTS = {
     "model_stock": ("model_stock", {}),
     "ties_consensus": ("ties", {"density": DENSITY, "consensus": {"k": 2}}),
     "ties_official": ("ties", {"density": DENSITY, "trim_scope": "global", "rule": "official"}),
+    # DELLA's ranked drop: the kernel also reads each element's float32 drop probability
+    "della": ("della", {"density": 0.5, "rescale": False}),
 }
 
 
@@ -176,6 +178,9 @@ def variant_launch(case: "Case", method: str, values: dict):
         stats = replace(stats, zero_sign=1.0)
     table = plan.table(stats, DEVICE)
     extras = case.kmerge.tensor_args(plan, stats, (case.numel,), DEVICE)
+    if plan.ranked:   # rows of 4096 (the tensor is flat here); ranked on the device, outside the timing
+        row = 4096 if case.numel % 4096 == 0 else case.numel
+        extras["drop_p"] = case.kmerge.ranked_drop_probabilities(plan, case.base, staged, row)
     base = case.base if plan.uses_base else None
 
     def launch():
@@ -183,7 +188,8 @@ def variant_launch(case: "Case", method: str, values: dict):
                                  stream_id=tensor_stream_id(NAME), **extras)
 
     es = case.base.element_size()
-    return launch, (len(rows) + (1 if plan.uses_base else 0)) * case.numel * es + case.numel * es
+    drop_bytes = len(rows) * case.numel * 4 if plan.ranked else 0
+    return launch, (len(rows) + (1 if plan.uses_base else 0)) * case.numel * es + case.numel * es + drop_bytes
 
 
 def time_gpu(fn, reps: int = 20) -> float:
