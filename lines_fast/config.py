@@ -37,8 +37,14 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dt
 # mergekit keys we know and deliberately do not implement: refused with this reason.
 _REFUSED_TOP_KEYS = {
     "modules": "per-module configs (modules) are not supported",
-    "tokenizer": "the tokenizer: block (vocabulary union / embedding surgery) is not supported; use tokenizer_source: base or a model path",
-    "chat_template": "chat_template is not supported; edit the copied tokenizer_config.json",
+    "tokenizer": "the tokenizer: block is not supported. mergekit builds a new vocabulary there (the union of "
+                 "the models' tokens, or one model's) and rebuilds every embedding and lm_head row to follow it, "
+                 "taking a new token's row from the model that has it. lines_fast merges models of one vocabulary: "
+                 "give tokenizer_source: base (or a model path) to copy one model's tokenizer, or align the "
+                 "vocabularies first (resize the embeddings, then merge)",
+    "chat_template": "chat_template is not supported. mergekit writes it into the output's "
+                     "tokenizer_config.json; here, set it there after the merge (the file is copied from the base "
+                     "or tokenizer_source), e.g. tokenizer.chat_template = ... then tokenizer.save_pretrained(OUT)",
     "experts": "this is a mergekit-moe config (it builds a mixture-of-experts model out of dense ones); MoE "
                "construction is out of scope for lines_fast, which merges models of one architecture: use "
                "mergekit-moe for it",
@@ -269,7 +275,10 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> Merge
     if tokenizer_source is not None and not isinstance(tokenizer_source, str):
         raise _fail(source, "tokenizer_source must be 'base' or a model path ('union' is not supported).")
     if tokenizer_source == "union":
-        raise _fail(source, "tokenizer_source: union is not supported; use base or a model path.")
+        raise _fail(source, "tokenizer_source: union is not supported. mergekit would build the union of the models' "
+                            "vocabularies and rebuild every embedding and lm_head row to follow it; lines_fast merges "
+                            "models of one vocabulary. Use tokenizer_source: base (or a model path), or align the "
+                            "vocabularies first.")
     exclude = doc.get("exclude") or []
     if isinstance(exclude, str):
         exclude = [exclude]

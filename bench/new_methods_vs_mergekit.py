@@ -1,0 +1,109 @@
+"""mergekit's other methods end to end on one workload: lines_fast (CPU backend) vs mergekit 0.1.5.
+
+    python bench/new_methods_vs_mergekit.py --mergekit /tmp/mk-venv/bin/mergekit-yaml [--recipe llama-336m]
+        [--methods slerp,nuslerp,...] [--out bench/results]
+
+Writes the recipe's base and 3 bf16 fine-tunes (lines_fast.synth), then for each method one
+mergekit-format YAML that both tools run as their own processes on the same files, tools
+alternating, each timed with GNU time (wall seconds, peak RSS of that process alone), inputs read
+once untimed first so both read from the page cache. slerp and nuslerp take two inputs (the base
+and ft1; ft1 and ft2), the others all three; passthrough is a frankenmerge of two slices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from lines_fast.synth import recipe, write_checkpoint_family  # noqa: E402
+
+
+def configs(base: Path, fts: list[Path], layers: int) -> dict[str, dict]:
+    common = {"dtype": "bfloat16"}
+    b, f = str(base), [str(p) for p in fts]
+    half = max(1, layers // 2)
+    return {
+        "slerp": {"merge_method": "slerp", "base_model": b, "models": [{"model": f[0]}], "parameters": {"t": 0.3},
+                  **common},
+        "nuslerp": {"merge_method": "nuslerp", "base_model": b,
+                    "models": [{"model": f[0], "parameters": {"weight": 1.0}},
+                               {"model": f[1], "parameters": {"weight": 2.0}}], **common},
+        "model_stock": {"merge_method": "model_stock", "base_model": b, "models": [{"model": p} for p in f], **common},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": b,
+                        "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.9, "gamma": 0.01}}
+                                   for p in f], **common},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": b,
+                             "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.8, "gamma": 0.05}}
+                                        for p in f], **common},
+        "della": {"merge_method": "della", "base_model": b,
+                  "models": [{"model": p, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}} for p in f],
+                  **common},
+        "passthrough": {"merge_method": "passthrough", "slices": [
+            {"sources": [{"model": f[0], "layer_range": [0, layers]}]},
+            {"sources": [{"model": f[1], "layer_range": [layers - half, layers]}]}], **common},
+    }
+
+
+def timed(argv: list[str], log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS GB) of one process, by GNU time."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "LINES_FAST_TIME %e %M", *argv], capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}); see {log}")
+    seconds, kb = proc.stderr.strip().splitlines()[-1].split()[1:]
+    return float(seconds), int(kb) / 1e6
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mergekit", required=True)
+    parser.add_argument("--recipe", default="llama-336m")
+    parser.add_argument("--methods", default="slerp,nuslerp,model_stock,breadcrumbs,breadcrumbs_ties,della,passthrough")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    r = recipe(args.recipe)
+    results = {"recipe": args.recipe, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "torch": torch.__version__, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fam = write_checkpoint_family(tmp / "fam", r, n_finetunes=3, dtype=torch.bfloat16)
+        for d in fam.models:   # into the page cache, untimed
+            for f in d.glob("*.safetensors"):
+                f.read_bytes()
+        docs = configs(fam.base, list(fam.finetunes), r.layers)
+        for k, name in enumerate(args.methods.split(",")):
+            cfg = tmp / f"{name}.yml"
+            cfg.write_text(yaml.safe_dump(docs[name], sort_keys=False))
+            row = {}
+            tools = [("lines_fast", [sys.executable, "-m", "lines_fast.cli", "merge", str(cfg), str(tmp / f"{name}-lf"),
+                                     "--device", "cpu", "--no-progress", "-q"]),
+                     ("mergekit", [args.mergekit, str(cfg), str(tmp / f"{name}-mk"), "--no-copy-tokenizer"])]
+            for tool, cmd in (tools if k % 2 == 0 else tools[::-1]):   # alternate who goes first
+                seconds, rss = timed(cmd, tmp / f"{name}-{tool}.log")
+                row[tool] = {"seconds": seconds, "peak_rss_gb": round(rss, 3)}
+            row["speedup"] = round(row["mergekit"]["seconds"] / row["lines_fast"]["seconds"], 2)
+            results["methods"][name] = row
+            print(f"{name}: lines_fast {row['lines_fast']['seconds']:.1f} s {row['lines_fast']['peak_rss_gb']:.2f} GB, "
+                  f"mergekit {row['mergekit']['seconds']:.1f} s {row['mergekit']['peak_rss_gb']:.2f} GB "
+                  f"(x{row['speedup']})", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"new-methods-vs-mergekit-{args.recipe}-{time.strftime('%Y%m%dT%H%M')}.json"
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
