@@ -162,8 +162,15 @@ class ElementPlan:
         if density >= 1:
             return torch.zeros_like(rows)
         magnitudes = rows.abs()
-        ordered = torch.sort(magnitudes, dim=1).values
-        rank = torch.searchsorted(ordered, magnitudes.contiguous(), right=False).to(torch.float64)
+        # rank = the sorted position of the first equal magnitude: a running max of the positions
+        # where the sorted value changes, scattered back to where each magnitude came from (the
+        # same counts a searchsorted gives, in O(L) after the sort instead of O(L log L)).
+        ordered, order = torch.sort(magnitudes, dim=1)
+        positions = torch.arange(ordered.shape[1], device=rows.device).expand_as(ordered)
+        starts = torch.ones_like(ordered, dtype=torch.bool)
+        starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        first = torch.cummax(torch.where(starts, positions, 0), dim=1).values
+        rank = torch.empty_like(first).scatter_(1, order, first).to(torch.float64)
         top = rank.max(dim=1, keepdim=True).values
         normalized = torch.where(top > 0, rank / torch.where(top > 0, top, 1.0), 0.5)
         keep = (density - eps) + normalized * (2 * eps)
