@@ -87,6 +87,9 @@ def configs(base: Path, fts: list[Path]) -> dict[str, dict]:
         "nuslerp": {
             "merge_method": "nuslerp", "base_model": str(base),
             "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fts, [1.0, 2.0])], **common},
+        "nuslerp-no_base": {
+            "merge_method": "nuslerp",
+            "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fts, [1.0, 2.0])], **common},
         "nuslerp-no_flatten": {
             "merge_method": "nuslerp", "base_model": str(base),
             "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fts, [1.0, 2.0])],
@@ -131,7 +134,7 @@ def configs(base: Path, fts: list[Path]) -> dict[str, dict]:
 EXACT = ("task_arithmetic-normalize", "linear-with-base", "passthrough-frankenmerge",
          "task_arithmetic-base-listed")  # must agree bit for bit
 # angle statistics in float64 here, in float32 in mergekit: rare 1-ulp differences expected
-ROUNDING = ("slerp", "slerp-slices-gradient", "nuslerp", "nuslerp-no_flatten", "nuslerp-no_flatten-row_wise", "model_stock",
+ROUNDING = ("slerp", "slerp-slices-gradient", "nuslerp", "nuslerp-no_base", "nuslerp-no_flatten", "nuslerp-no_flatten-row_wise", "model_stock",
             "model_stock-filter_wise")
 BAND = ("breadcrumbs", "breadcrumbs_ties")  # differ only at ties at a threshold
 

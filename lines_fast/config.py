@@ -383,7 +383,7 @@ def _resolved_spec(config: MergeConfig, name: str | None, t: float, slice_index:
     where = f"{config.source}: tensor {name}" if name else config.source
     return make_spec(config.method, n, model_values={k: vs for k, vs in per_model.items() if any(v is not None for v in vs)},
                      values={k: v for k, v in here.items() if v is not None}, lines=config.lines, where=where,
-                     model_labels=labels)
+                     model_labels=labels, with_base=config.base is not None)
 
 
 def _spec_inputs(config: MergeConfig, method, params: dict, model_params: dict, n: int, labels: list[str]):
@@ -445,7 +445,7 @@ def validate(config: MergeConfig) -> MergeConfig:
         config.spec = [_resolved_spec(config, None, 0.0, i) for i in range(len(per_set))][0]
     else:
         config.spec = make_spec(method.name, n, model_values=config.spec_inputs[1], values=config.spec_inputs[2],
-                                lines=config.lines, where=src, model_labels=labels)
+                                lines=config.lines, where=src, model_labels=labels, with_base=config.base is not None)
     if config.missing not in ("error", "copy-base"):
         raise _fail(src, f"missing must be 'error' or 'copy-base', got {config.missing!r}.")
     for pattern in config.exclude:

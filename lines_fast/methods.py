@@ -239,6 +239,9 @@ class Method:
     checks: tuple = ()
     # The per-model parameter that is each input's weight in the sum (passthrough calls it scale).
     weight_param: str = "weight"
+    # What the inputs are when no base is given, for a method that then works on the models
+    # themselves (nuslerp); None: `inputs` always (and a base is required where it needs one).
+    without_base: Inputs | None = None
     param_map: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -246,7 +249,7 @@ class Method:
 
     @property
     def base_required(self) -> bool:
-        return self.inputs in (Inputs.DELTAS, Inputs.BASE_AND_MODELS)
+        return self.inputs in (Inputs.DELTAS, Inputs.BASE_AND_MODELS) and self.without_base is None
 
     def param(self, name: str) -> Param | None:
         return self.param_map.get(name)
@@ -378,9 +381,10 @@ register(Method(
     # angle is the whole tensor's (measured: bench/mergekit_semantics.py, 0 elements differ).
     coefficients=Coefficients.SLERP, group_by=lambda spec: "tensor", paper="https://en.wikipedia.org/wiki/Slerp"))
 register(Method(
-    "nuslerp", "slerp of two models' task vectors at t = w_1 / (w_0 + w_1)",
+    "nuslerp", "slerp of two models' task vectors (without a base: of the models) at t = w_1 / (w_0 + w_1)",
     "tau_MTL = c_0 tau_0 + c_1 tau_1, c from the angle of tau_0 and tau_1 (per tensor, row or column)",
-    params=(WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE), inputs=Inputs.DELTAS, min_models=2, max_models=2,
+    params=(WEIGHT, NUSLERP_FLATTEN, NUSLERP_ROW_WISE), inputs=Inputs.DELTAS, without_base=Inputs.MODELS,
+    min_models=2, max_models=2,
     coefficients=Coefficients.NUSLERP,
     group_by=lambda spec: ("tensor" if spec.value("nuslerp_flatten") else
                            "columns" if spec.value("nuslerp_row_wise") else "trailing")))

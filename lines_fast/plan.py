@@ -110,7 +110,7 @@ class ElementPlan:
         else:
             t = spec.value("t", 0.5)
         return cls(
-            n_models=n, uses_base=spec.uses_base, deltas=method.inputs is Inputs.DELTAS,
+            n_models=n, uses_base=spec.uses_base, deltas=spec.inputs is Inputs.DELTAS,
             sparsify=method.sparsify, rescale=rescale, consensus=method.consensus, normalize=spec.normalize,
             threshold_scope=spec.trim_scope if method.sparsify is Sparsify.MAGNITUDE else "tensor",
             weights=tuple(f32(w) for w in weights), densities=tuple(spec.densities), gammas=tuple(spec.gammas),

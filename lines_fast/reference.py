@@ -427,13 +427,13 @@ def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec
     reference = base if base is not None else models[0]
     names = _float_names(reference) if names is None else list(names)
     _check_tensors(reference, models, names)
-    if method.inputs is Inputs.DELTAS:
+    if spec.inputs is Inputs.DELTAS:
         xs = [task_vectors(base, model, names) for model in models]
     else:
         xs = [{name: model[name].to(F32) for name in names} for model in models]
     if method.coefficients is not Coefficients.GIVEN:
         merged = {name: _group_weighted_sum([x[name] for x in xs], spec) for name in names}
-        if method.inputs is not Inputs.DELTAS and base is not None:
+        if spec.inputs is not Inputs.DELTAS and base is not None:
             merged = {name: merged[name] - base[name].to(F32) for name in names}
         return merged
     if method.sparsify is Sparsify.NONE:
@@ -449,7 +449,7 @@ def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec
         k, lam = spec.tall
         merged = {name: torch.where(tall_mask([x[name] for x in xs], k, lam), merged[name], _f32(0.0))
                   for name in names}
-    if method.inputs is not Inputs.DELTAS and base is not None:
+    if spec.inputs is not Inputs.DELTAS and base is not None:
         merged = {name: merged[name] - base[name].to(F32) for name in names}
     return merged
 
@@ -509,7 +509,8 @@ def lines_edit(
 _ALIASES = {"weights": "weight", "lam": "lambda", "densities": "density"}
 
 
-def spec_from_params(method: str, n_models: int, lines: LinesSpec | None = None, **params) -> MethodSpec:
+def spec_from_params(method: str, n_models: int, lines: LinesSpec | None = None, with_base: bool = True,
+                     **params) -> MethodSpec:
     """make_spec with Python-friendly aliases: weights= for weight, lam= for lambda."""
     values = {}
     for key, value in params.items():
@@ -518,7 +519,7 @@ def spec_from_params(method: str, n_models: int, lines: LinesSpec | None = None,
             raise TypeError(f"{key} given twice (as {name} and an alias)")
         if value is not None:
             values[name] = list(value) if isinstance(value, (list, tuple)) else value
-    return make_spec(method, n_models, values=values, lines=lines)
+    return make_spec(method, n_models, values=values, lines=lines, with_base=with_base)
 
 
 def merge_state_dicts(
@@ -557,7 +558,7 @@ def merge_state_dicts(
         if base is None:
             raise MergeInputError(f"{method} needs a base model: it is the first of the models it interpolates.")
         models = [base, *models]
-    spec = spec_from_params(method, len(models), lines=lines, **params)
+    spec = spec_from_params(method, len(models), lines=lines, with_base=base is not None, **params)
     if base_weight is not None and spec.definition.inputs is not Inputs.MODELS:
         raise MergeInputError(f"base_weight averages the base in; {method} works on task vectors from it.")
     return merge_with_spec(base, models, spec, exclude=exclude, out_dtype=out_dtype)
@@ -567,7 +568,7 @@ def merge_with_spec(base: StateDict | None, models: list[StateDict], spec: Metho
                     exclude: list[str] | None = None, out_dtype: torch.dtype | None = None) -> StateDict:
     """merge_state_dicts for an already validated MethodSpec (models: the spec's inputs, in order)."""
     if base is None and spec.uses_base:
-        needs = "LiNeS" if spec.definition.inputs is Inputs.MODELS else f"method {spec.method}"
+        needs = "LiNeS" if spec.inputs is Inputs.MODELS else f"method {spec.method}"
         raise MergeInputError(f"{needs} needs a base model (theta0); none was given.")
     reference = models[0] if base is None else base
     names = _merged_names(reference, exclude)

@@ -78,6 +78,7 @@ class MethodSpec:
     n_models: int
     values: tuple[tuple[str, Any], ...]
     lines: LinesSpec | None = None
+    with_base: bool = True   # a base is given (Method.without_base decides the inputs otherwise)
 
     @property
     def definition(self) -> methods.Method:
@@ -129,10 +130,17 @@ class MethodSpec:
         return {True: Rescale.L1, False: Rescale.NONE, "inverse": Rescale.INVERSE}[value]
 
     @property
+    def inputs(self) -> Inputs:
+        """What the method combines in this merge: its registry inputs, or without a base its
+        Method.without_base (nuslerp: the models themselves)."""
+        definition = self.definition
+        return definition.without_base if not self.with_base and definition.without_base else definition.inputs
+
+    @property
     def uses_base(self) -> bool:
         """Whether θ0 is read as θ0: task-vector methods always; a soup (and slerp, whose
         inputs include the base) only as LiNeS's θ0."""
-        return self.definition.inputs is Inputs.DELTAS or self.lines is not None
+        return self.inputs is Inputs.DELTAS or self.lines is not None
 
     @property
     def group_by(self) -> str | None:
@@ -147,7 +155,7 @@ class MethodSpec:
 
 def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | None = None,
               values: Mapping[str, Any] | None = None, lines: LinesSpec | None = None,
-              where: str = "", model_labels: list[str] | None = None) -> MethodSpec:
+              where: str = "", model_labels: list[str] | None = None, with_base: bool = True) -> MethodSpec:
     """Validate a method's parameters and fill its defaults.
 
     values: shared parameters, and per-model ones given once for every model (mergekit's
@@ -214,7 +222,7 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
                 raise MergeInputError(f"{prefix}{method} needs {p.name} ({p.help}; {p.range_text()}); add it under "
                                       f"the top-level parameters (on the command line: --param {p.name}=VALUE).")
             resolved.append((p.name, p.check(values.get(p.name, p.default), where or method)))
-    spec = MethodSpec(method, n_models, tuple(resolved), lines)
+    spec = MethodSpec(method, n_models, tuple(resolved), lines, with_base)
     _check_divisors(spec, prefix)
     for check in definition.checks:
         check(spec, prefix)

@@ -162,6 +162,37 @@ def test_nuslerp_t_from_weights_and_the_base():
     assert torch.allclose(got, want, rtol=0, atol=1e-7)
 
 
+def test_nuslerp_without_a_base_interpolates_the_models():
+    """mergekit's nuslerp without base_model slerps the models themselves: two orthogonal models of
+    norms 2 and 1 at t = 0.75 give sin(pi/8) x_0 + sin(3 pi/8) x_1 (unit-sphere weights on x)."""
+    x0, x1 = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    want = torch.tensor([2 * math.sin(0.125 * math.pi), math.sin(0.375 * math.pi)])
+    got = ref.merge_state_dicts(None, [{"w": x0}, {"w": x1}], "nuslerp", weight=[1.0, 3.0], out_dtype=F32)["w"]
+    assert torch.allclose(got, want, rtol=0, atol=1e-7)
+    spec = ref.spec_from_params("nuslerp", 2, with_base=False, weight=[1.0, 3.0])
+    for backend in backends():
+        job = MergeJob("w", None, [x0, x1], None, 1.0, F32)
+        ((_, out, _),) = list(backend.merge_many([job], ElementPlan.from_spec(spec)))
+        assert torch.allclose(out, want, rtol=0, atol=1e-7)
+
+
+def test_nuslerp_without_a_base_end_to_end(tmp_path):
+    from lines_fast.engine import merge
+    from lines_fast.synth import recipe, write_checkpoint_family
+
+    fam = write_checkpoint_family(tmp_path / "fam", recipe("tiny"), n_finetunes=2, dtype=torch.bfloat16)
+    doc = {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": False},
+           "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fam.finetunes, (1.0, 2.0))]}
+    from helpers import load
+
+    models = [load(p) for p in fam.finetunes]
+    want = ref.merge_state_dicts(None, models, "nuslerp", weight=[1.0, 2.0], nuslerp_flatten=False)
+    for device in ("cpu", "interpret"):
+        merge(doc, tmp_path / device, device=device, progress=False, log=lambda s: None)
+        got = load(tmp_path / device)
+        assert all(torch.equal(got[n], want[n]) for n in want), device
+
+
 def test_model_stock_hand_example():
     """Two task vectors at 60 degrees: cos = 0.5, t = 2 * 0.5 / (1 + 0.5) = 2/3; theta = theta0 + t * mean."""
     base = torch.tensor([1.0, 1.0])
