@@ -103,9 +103,32 @@ def _tensors_from_recipe(recipe_name: str, n_models: int, dtype: torch.dtype, us
     return out
 
 
+def _tensors_from_headers(config: MergeConfig) -> list[TensorCost]:
+    """The tensor list of a config with Hub models not in the cache, from their safetensors headers."""
+    from . import hub
+    from .checkpoint import Checkpoint
+
+    if config.slices:
+        raise MergeInputError(f"{config.source}: plan reads a sliced config's layers from local checkpoints; "
+                              "download the Hub models first (huggingface-cli download ORG/NAME).")
+    tables = []
+    for path in ([config.base] if config.base else []) + list(config.models):
+        if hub.remote(path):
+            tables.append(hub.header_tensors(path, config.source))
+        else:
+            with Checkpoint.open(path) as ckpt:
+                tables.append(dict(ckpt.tensors))
+    return [TensorCost(name, info.numel, sum(t[name].nbytes for t in tables if name in t),
+                       info.numel * (config.out_dtype if (config.out_dtype and info.is_float) else info.dtype).itemsize)
+            for name, info in tables[0].items()]
+
+
 def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
+    from . import hub
     from .engine import open_inputs
 
+    if any(hub.remote(p) for p in ([config.base] if config.base else []) + list(config.models)):
+        return _tensors_from_headers(config)
     inputs = open_inputs(config)
     try:
         opened = inputs.all()
@@ -127,7 +150,10 @@ def _gb(n: int) -> str:
 def plan_command(args) -> int:
     lines_alpha = getattr(args, "lines_alpha", None)
     if args.config:
-        config = load_yaml(Path(args.config))
+        from . import hub
+
+        with hub.headers_only():   # Hub models: their headers, not their weights
+            config = load_yaml(Path(args.config))
         spec = config.method_spec()
         tensors = _tensors_from_config(config)
         what = f"{args.config}: {config.method}, {len(config.models)} fine-tuned model(s)"

@@ -9,6 +9,7 @@ for a repo without safetensors). The path returned is the cached snapshot, a loc
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -29,9 +30,60 @@ def parse(reference: str) -> tuple[str, str | None] | None:
     return (m.group("repo"), m.group("revision")) if m else None
 
 
+_REMOTE_PREFIX = "hf-headers:"   # Path() would fold a "//"
+_headers_only = False
+
+
+@contextlib.contextmanager
+def headers_only():
+    """Within it, a Hub name that is not cached resolves to a placeholder path instead of being
+    downloaded: `lines-fast plan` then reads its tensors' names, shapes and dtypes from the
+    safetensors headers on the Hub (HTTP range reads: header_tensors), not the weights."""
+    global _headers_only
+    previous, _headers_only = _headers_only, True
+    try:
+        yield
+    finally:
+        _headers_only = previous
+
+
+def remote(path: Path) -> tuple[str, str | None] | None:
+    """(repo, revision) of a headers_only placeholder path, else None."""
+    text = str(path)
+    if not text.startswith(_REMOTE_PREFIX):
+        return None
+    repo, _, revision = text[len(_REMOTE_PREFIX):].partition("@")
+    return repo, revision or None
+
+
+def header_tensors(path: Path, label: str) -> dict:
+    """A placeholder path's tensors (checkpoint.TensorInfo by name) from the Hub's safetensors
+    headers: only the first bytes of each shard are fetched."""
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    from .checkpoint import DTYPES, TensorInfo
+
+    repo, revision = remote(path)
+    try:
+        meta = huggingface_hub.get_safetensors_metadata(repo, revision=revision)
+    except (hub_errors.HfHubHTTPError, hub_errors.NotASafetensorsRepoError, OSError) as err:
+        raise MergeInputError(f"{label}: reading the safetensors headers of {repo} from the Hub failed "
+                              f"({str(err).splitlines()[0]}).") from None
+    tensors = {}
+    for file, info in sorted(meta.files_metadata.items()):
+        for name, t in sorted(info.tensors.items(), key=lambda item: item[1].data_offsets):
+            if meta.weight_map and meta.weight_map.get(name, file) != file:
+                continue
+            begin, end = t.data_offsets
+            tensors[name] = TensorInfo(name, DTYPES[t.dtype], tuple(t.shape), Path(file), begin, end - begin)
+    return tensors
+
+
 def resolve(reference: str, where: str) -> Path:
     """The local directory of model reference `reference` (config key `where`, for messages): the
-    path itself when it exists or is not a Hub name, else the Hub snapshot, fetched if needed."""
+    path itself when it exists or is not a Hub name, else the Hub snapshot, fetched if needed
+    (within headers_only(), a cached snapshot or a placeholder for header_tensors)."""
     path = Path(reference).expanduser()
     if "+" in reference and not path.exists():
         raise MergeInputError(f"{where}: {reference!r} is mergekit's model+LoRA syntax, which lines_fast does not "
@@ -49,6 +101,12 @@ def resolve(reference: str, where: str) -> Path:
                               "needs huggingface_hub: pip install \"lines_fast[hub]\" (or give a local path)."
                               ) from None
     name = f"{repo}@{revision}" if revision else repo
+    if _headers_only:
+        try:
+            return Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=SAFETENSORS_FILES,
+                                                          local_files_only=True))
+        except hub_errors.LocalEntryNotFoundError:
+            return Path(_REMOTE_PREFIX + name)
     try:
         folder = Path(huggingface_hub.snapshot_download(repo, revision=revision, allow_patterns=SAFETENSORS_FILES))
         if not any(folder.glob("*.safetensors")):

@@ -106,3 +106,50 @@ def test_what_reads_as_a_hub_name():
     assert parse("org/name@refs/pr/1") == ("org/name", "refs/pr/1")
     assert parse("./local/dir") is None and parse("/abs/path") is None and parse("name") is None
     assert parse("a/b/c") is None   # three components: a local path
+
+
+def test_plan_reads_only_the_headers_of_models_not_in_the_cache(hub, tmp_path, monkeypatch, capsys):
+    """`lines-fast plan` on Hub names that are not cached: the safetensors headers come from the
+    Hub (huggingface_hub.get_safetensors_metadata, faked here from local files), nothing is
+    downloaded, and the plan equals the one of the same models on disk."""
+    import huggingface_hub
+    from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
+
+    from lines_fast import cli
+    from lines_fast.checkpoint import DTYPE_NAMES, Checkpoint
+
+    root, fam, _ = hub
+    local = {"acme/base": fam.base, "acme/ft1": fam.finetunes[0]}
+    fetched = []
+
+    def headers(repo_id, *, revision=None, **_):
+        fetched.append(repo_id)
+        with Checkpoint.open(local[repo_id]) as ckpt:
+            file = ckpt.files[0].name
+            tensors = {n: TensorInfo(DTYPE_NAMES[i.dtype], list(i.shape), (i.offset, i.offset + i.nbytes))
+                       for n, i in ckpt.tensors.items()}
+        return SafetensorsRepoMetadata(None, False, {n: file for n in tensors},
+                                       {file: SafetensorsFileMetadata({}, tensors)})
+
+    def no_download(*args, local_files_only=False, **kwargs):
+        assert local_files_only, "plan must not download weights"
+        return real_snapshot(*args, local_files_only=True, **kwargs)
+
+    real_snapshot = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", headers)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    remote_cfg = tmp_path / "remote.yml"
+    remote_cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": "acme/base",
+                                          "models": [{"model": "acme/ft1"}], "parameters": {"density": 0.3}}))
+    local_cfg = tmp_path / "local.yml"
+    local_cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(fam.base),
+                                         "models": [{"model": str(fam.finetunes[0])}], "parameters": {"density": 0.3}}))
+    capsys.readouterr()
+    assert cli.main(["plan", str(remote_cfg)]) == 0
+    remote_plan = capsys.readouterr().out
+    assert cli.main(["plan", str(local_cfg)]) == 0
+    local_plan = capsys.readouterr().out
+    assert sorted(fetched) == ["acme/base", "acme/ft1"]
+    strip = lambda text: text.split("\n", 1)[1]   # noqa: E731  (the first line names the config)
+    assert strip(remote_plan) == strip(local_plan) and "21 tensors" in remote_plan
