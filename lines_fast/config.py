@@ -211,16 +211,56 @@ def _model_path(value: Any, source: str, where: str) -> Path:
     return hub.resolve(value, f"{source}: {where}")
 
 
-def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None) -> MergeConfig:
-    """Read a mergekit-format config document (already parsed from YAML)."""
+def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths: bool) -> None:
+    """The problems a config shows before any parameter is read, all at once: keys lines_fast
+    refuses or does not know, the method, and (check_paths) local model paths that do not exist."""
+    problems = [f"'{key}': {reason}" for key, reason in _REFUSED_TOP_KEYS.items() if key in doc]
+    unknown = set(doc) - _TOP_KEYS - set(_REFUSED_TOP_KEYS)
+    if unknown:
+        problems.append(f"the config: unknown key(s) {', '.join(sorted(unknown))}; lines_fast reads "
+                        f"{', '.join(sorted(_TOP_KEYS))}")
+    if "merge_method" not in doc:
+        problems.append(f"merge_method is missing; one of {', '.join(methods.names())}")
+    elif doc["merge_method"] not in methods.REGISTRY:
+        problems.append(f"unknown merge method {doc['merge_method']!r}; lines_fast has {', '.join(methods.names())} "
+                        "(mergekit's other methods are not implemented yet)")
+    if doc.get("models") is None and doc.get("slices") is None:
+        problems.append("models: is missing; give a list of {model: PATH, parameters: {...}} (or slices:)")
+    references = [("base_model", doc.get("base_model"))]
+    models = doc.get("models")
+    if isinstance(models, list):
+        references += [(f"models[{i}].model", m.get("model") if isinstance(m, dict) else m) for i, m in enumerate(models)]
+    slices = doc.get("slices")
+    if isinstance(slices, list):
+        references += [(f"slices[{s}].sources[{j}].model", src.get("model"))
+                       for s, sl in enumerate(slices) if isinstance(sl, dict) and isinstance(sl.get("sources"), list)
+                       for j, src in enumerate(sl["sources"]) if isinstance(src, dict)]
+    if doc.get("tokenizer_source") not in (None, "base", "union"):
+        references.append(("tokenizer_source", doc.get("tokenizer_source")))
+    for where, value in references if check_paths else ():
+        if not isinstance(value, str):
+            continue   # refused with its type where it is read
+        path = Path(value).expanduser()
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if path.exists() or ("+" not in value and hub.parse(value) is not None):
+            continue   # a Hub name is fetched (or refused) where it is read
+        problems.append(f"{where}: {value!r} is mergekit's model+LoRA syntax, which lines_fast does not read (list "
+                        "the adapter as a model of its own)" if "+" in value else
+                        f"{where}: {value} does not exist (a local path, or a Hub name org/name)")
+    if len(problems) == 1:
+        raise _fail(source, problems[0] + ".")
+    if problems:
+        raise _fail(source, f"{len(problems)} problems: " + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(problems))
+                    + ".")
+
+
+def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_paths: bool = False) -> MergeConfig:
+    """Read a mergekit-format config document (already parsed from YAML). check_paths: also list
+    local model paths that do not exist with the other first problems (a config file's check)."""
     if not isinstance(doc, dict):
         raise _fail(source, "the config must be a YAML mapping with merge_method, base_model and models.")
-    for key, reason in _REFUSED_TOP_KEYS.items():
-        if key in doc:
-            raise _fail(source, f"'{key}': {reason}.")
-    _refuse_unknown(doc, _TOP_KEYS, "the config", source)
-    if "merge_method" not in doc:
-        raise _fail(source, f"merge_method is missing; one of {', '.join(methods.names())}.")
+    _refuse_problems(doc, source, base_dir, check_paths)
     method = methods.get(doc["merge_method"], source)
 
     def resolve(p: Path) -> Path:
@@ -357,7 +397,7 @@ def load_yaml(path: Path) -> MergeConfig:
                               "format. `lines-fast merge CONFIG OUT_DIR` runs them all in order; other commands take "
                               "one merge: put it in a file of its own.")
     # Relative model paths in a config are relative to the working directory, as in mergekit.
-    return from_yaml_dict(docs[0] if docs else None, str(path))
+    return from_yaml_dict(docs[0] if docs else None, str(path), check_paths=True)
 
 
 def _resolved_spec(config: MergeConfig, name: str | None, t: float, slice_index: int | None = None) -> MethodSpec:
