@@ -73,8 +73,8 @@ def new_gram(view: GroupView, n_inputs: int, device=None) -> torch.Tensor:
 
 
 def add_gram(gram: torch.Tensor, xs: list[torch.Tensor], start: int, view: GroupView) -> None:
-    """Add sum_j x_a[j] x_b[j] per group into gram[g, a, b] for flat float32 chunks xs (elements
-    start.. of the tensor, any device).
+    """Add sum_j x_a[j] x_b[j] per group into gram[g, a, b] for flat chunks xs (float32, or the
+    models' own dtype where x is the model itself; elements start.. of the tensor, any device).
 
     A chunk need not align with the rows: it is cut into a partial first row, whole rows and a
     partial last row, each a batched float64 product (no atomics), so the result depends only
@@ -82,7 +82,11 @@ def add_gram(gram: torch.Tensor, xs: list[torch.Tensor], start: int, view: Group
     n = xs[0].numel()
     if n == 0:
         return
-    stacked = torch.stack([x.reshape(-1) for x in xs]).to(F64)   # [M, n]
+    # [M, n] float64, each row widened once as it is copied in (no float32 stack in between); xs
+    # may be of any float dtype, since every float32 / bf16 / fp16 value is exact in float64.
+    stacked = torch.empty((len(xs), n), dtype=F64, device=xs[0].device)
+    for row, x in zip(stacked, xs):
+        row.copy_(x.reshape(-1))
     L = view.cols
     at, stop = start, start + n
     while at < stop:

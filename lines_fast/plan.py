@@ -282,7 +282,9 @@ def add_gram(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Te
     """Add one flat chunk's products into the Gram statistic (lines_fast/gram.py) of the plan's
     inputs x_i (the task vectors, or the models), on any device."""
     b = base.to(torch.float32) if plan.deltas else None
-    xs = [m.to(torch.float32) - b if b is not None else m.to(torch.float32) for m in models]
+    # Task vectors in float32 (their rounding is the method's); the models themselves as they are
+    # (add_gram widens them exactly).
+    xs = [m.to(torch.float32) - b for m in models] if b is not None else list(models)
     gram_stats.add_gram(gram, xs, start, view)
 
 
