@@ -32,7 +32,11 @@ def _add_merge_parser(sub) -> None:
     p = sub.add_parser(
         "merge", help="merge checkpoints (main job)", epilog=_MERGE_EPILOG.format(methods=methods.help_text()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Merge a base and N fine-tuned checkpoints (HF directories or .safetensors files).")
+        description="Merge a base and N fine-tuned checkpoints: HF directories, .safetensors or PyTorch .bin\n"
+                    "files, Hugging Face Hub names (org/name[@revision], with lines_fast[hub]) or PEFT LoRA\n"
+                    "adapter directories. A CONFIG is mergekit's YAML: models: or slices: (layer ranges;\n"
+                    "passthrough for frankenmerges), per-layer parameter lists and filters, or several\n"
+                    "documents (mergekit-multi), run in order.")
     p.add_argument("paths", nargs="*", metavar="CONFIG.yml OUT_DIR",
                    help="a mergekit-format YAML config and the output directory")
     p.add_argument("-o", "--out", metavar="OUT_DIR", help="output directory (instead of the positional)")
