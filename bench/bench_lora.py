@@ -14,17 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import gnu_time, machine, write_result  # noqa: E402
 from lines_fast.checkpoint import Checkpoint  # noqa: E402
 from lines_fast.synth import recipe, write_checkpoint_family  # noqa: E402
 from lines_fast.writer import ShardedWriter  # noqa: E402
@@ -72,15 +70,6 @@ def write_adapter(folder: Path, base: Checkpoint, rank: int, seed: int) -> None:
         {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": [t.split(".")[-1] for t in TARGETS]}))
 
 
-def run(argv: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of one child process, measured by GNU time."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "LINES_FAST_TIME %e %M"] + argv, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{argv} failed: {proc.stderr[-2000:]}")
-    seconds, kb = proc.stderr.strip().splitlines()[-1].split()[1:]
-    return float(seconds), int(kb) / 1e6
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", default="llama-336m")
@@ -99,13 +88,13 @@ def main(argv=None) -> int:
                 adapters.append(tmp / f"adapter{i}")
         merge_args = ["merge", "--method", "ties", "--density", "0.2", "--base", str(fam.base), "--device", "cpu",
                       "--no-progress", "-q"]
-        adapter_run = run(cli + merge_args + [a for p in adapters for a in ("--model", str(p))] + ["-o", str(tmp / "m1")])
+        adapter_run = gnu_time(cli + merge_args + [a for p in adapters for a in ("--model", str(p))] + ["-o", str(tmp / "m1")])
         materialised, mat_seconds, mat_peak = [], 0.0, 0.0
         for i, adapter in enumerate(adapters):
-            seconds, peak = run([sys.executable, "-c", MATERIALISE, str(fam.base), str(adapter), str(tmp / f"full{i}")])
+            seconds, peak = gnu_time([sys.executable, "-c", MATERIALISE, str(fam.base), str(adapter), str(tmp / f"full{i}")])
             mat_seconds, mat_peak = mat_seconds + seconds, max(mat_peak, peak)
             materialised.append(tmp / f"full{i}")
-        full_run = run(cli + merge_args + [a for p in materialised for a in ("--model", str(p))] + ["-o", str(tmp / "m2")])
+        full_run = gnu_time(cli + merge_args + [a for p in materialised for a in ("--model", str(p))] + ["-o", str(tmp / "m2")])
         disk = {"adapters_gb": sum(f.stat().st_size for p in adapters for f in p.iterdir()) / 1e9,
                 "materialised_gb": sum(f.stat().st_size for p in materialised for f in p.iterdir()) / 1e9}
     result = {
@@ -116,15 +105,10 @@ def main(argv=None) -> int:
                                    "total_seconds": round(mat_seconds + full_run[0], 2),
                                    "peak_rss_gb": round(max(mat_peak, full_run[1]), 2)},
         "disk_gb": {k: round(v, 3) for k, v in disk.items()},
-        "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **machine(),
     }
     print(json.dumps(result, indent=1))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"lora-{args.recipe}-{time.strftime('%Y%m%dT%H%M')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"lora-{args.recipe}", result)
     return 0
 
 

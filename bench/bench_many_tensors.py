@@ -12,9 +12,7 @@ one), the ratio small / large, and the cost per small tensor.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import machine, write_result  # noqa: E402
 from lines_fast.engine import merge  # noqa: E402
 from lines_fast.writer import ShardedWriter  # noqa: E402
 
@@ -83,17 +82,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         result = measure(args.tensors, Path(tmp))
-    result.update({"machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                   "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "when": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    result.update({**machine(), "threads": torch.get_num_threads()})
     for method, row in result["methods"].items():
         print(f"{method}: {row['seconds']['small']:.2f} s for {args.tensors} tensors vs {row['seconds']['large']:.2f} s "
               f"for 20 (x{row['ratio_small_over_large']:.1f}); {row['ms_per_small_tensor']:.3f} ms per small tensor")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"many-tensors-cpu-{time.strftime('%Y%m%dT%H%M')}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, "many-tensors-cpu", result)
     return 0
 
 

@@ -12,13 +12,9 @@ and ft1; ft1 and ft2), the others all three; passthrough is a frankenmerge of tw
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +22,7 @@ import yaml
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.common import gnu_time, machine, write_result  # noqa: E402
 from lines_fast.synth import recipe, write_checkpoint_family  # noqa: E402
 
 
@@ -55,16 +52,6 @@ def configs(base: Path, fts: list[Path], layers: int) -> dict[str, dict]:
     }
 
 
-def timed(argv: list[str], log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one process, by GNU time."""
-    proc = subprocess.run(["/usr/bin/time", "-f", "LINES_FAST_TIME %e %M", *argv], capture_output=True, text=True)
-    log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode:
-        raise RuntimeError(f"{argv[0]} failed ({proc.returncode}); see {log}")
-    seconds, kb = proc.stderr.strip().splitlines()[-1].split()[1:]
-    return float(seconds), int(kb) / 1e6
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mergekit", required=True)
@@ -73,8 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     r = recipe(args.recipe)
-    results = {"recipe": args.recipe, "machine": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-               "torch": torch.__version__, "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "methods": {}}
+    results = {"recipe": args.recipe, **machine(), "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         fam = write_checkpoint_family(tmp / "fam", r, n_finetunes=3, dtype=torch.bfloat16)
@@ -90,18 +76,14 @@ def main(argv=None) -> int:
                                      "--device", "cpu", "--no-progress", "-q"]),
                      ("mergekit", [args.mergekit, str(cfg), str(tmp / f"{name}-mk"), "--no-copy-tokenizer"])]
             for tool, cmd in (tools if k % 2 == 0 else tools[::-1]):   # alternate who goes first
-                seconds, rss = timed(cmd, tmp / f"{name}-{tool}.log")
+                seconds, rss = gnu_time(cmd, tmp / f"{name}-{tool}.log")
                 row[tool] = {"seconds": seconds, "peak_rss_gb": round(rss, 3)}
             row["speedup"] = round(row["mergekit"]["seconds"] / row["lines_fast"]["seconds"], 2)
             results["methods"][name] = row
             print(f"{name}: lines_fast {row['lines_fast']['seconds']:.1f} s {row['lines_fast']['peak_rss_gb']:.2f} GB, "
                   f"mergekit {row['mergekit']['seconds']:.1f} s {row['mergekit']['peak_rss_gb']:.2f} GB "
                   f"(x{row['speedup']})", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"new-methods-vs-mergekit-{args.recipe}-{time.strftime('%Y%m%dT%H%M')}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_result(args.out, f"new-methods-vs-mergekit-{args.recipe}", results)
     return 0
 
 

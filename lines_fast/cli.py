@@ -151,8 +151,6 @@ def _scalar(text: str):
 
 def _params_from_args(args) -> dict:
     """--param NAME=VALUE pairs; VALUE is read as a YAML scalar (0.3, true, inverse)."""
-    import yaml
-
     found = {}
     for item in args.param:
         name, sep, text = item.partition("=")
