@@ -81,3 +81,26 @@ def test_peak_memory_stays_far_below_one_tensor(tmp_path, method):
     peak = _peak_kb(big, tmp_path / "out-big", method)
     tensor_kb = (64 << 20) * 2 // 1024
     assert peak - baseline < tensor_kb // 2, f"peak {peak} KB vs {baseline} KB for a 1M-element tensor"
+
+
+@pytest.mark.parametrize("method, params", [("ties", {"density": 0.3}), ("della", {"density": 0.5})])
+def test_the_triton_backend_streams_parts_with_the_same_bytes(tmp_path, monkeypatch, method, params):
+    """--device interpret with every tensor streamed (STREAM_MIN lowered) and parts of 40K elements:
+    the same bytes as its whole-tensor path and as the CPU backend."""
+    pytest.importorskip("triton")
+    import lines_fast.backends.triton_backend as tb
+
+    fam = one_tensor_family(tmp_path / "fam", 1 << 17)
+    doc = {"merge_method": method, "base_model": str(fam / "base"), "parameters": params,
+           "models": [{"model": str(fam / "ft1")}, {"model": str(fam / "ft2")}]}
+    original = tb.TritonBackend.__init__
+    monkeypatch.setattr(tb.TritonBackend, "__init__",
+                        lambda self, *a, **k: original(self, *a, **{**k, "chunk_elements": 40_000}))
+    monkeypatch.setattr(engine, "STREAM_MIN", 1 << 10)
+    merge(doc, tmp_path / "streamed", device="interpret", progress=False, log=lambda s: None)
+    merge(doc, tmp_path / "cpu", device="cpu", progress=False, log=lambda s: None)
+    monkeypatch.setattr(engine, "STREAM_MIN", 1 << 40)
+    merge(doc, tmp_path / "whole", device="interpret", progress=False, log=lambda s: None)
+    streamed = (tmp_path / "streamed" / "model.safetensors").read_bytes()
+    assert streamed == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert streamed == (tmp_path / "cpu" / "model.safetensors").read_bytes()

@@ -244,6 +244,7 @@ class _Part:
     stats: TensorStats | None = None  # the job's complete stats, once found
     slot: _Slot | None = None
     views: dict | None = None
+    piece: torch.Tensor | None = None  # a streamed job's (MergeJob.stream): this part's own output
 
 
 def _touch_pages(tensors) -> None:
@@ -260,7 +261,8 @@ def _read_ahead(jobs: Iterable[MergeJob], enabled: bool) -> Iterator[MergeJob]:
     while current is not None:
         following = next(jobs, None)
         reader = None
-        if enabled and following is not None:
+        # Not for a streamed job: touching all its pages would map the whole tensor at once.
+        if enabled and following is not None and not following.stream:
             reader = threading.Thread(target=_touch_pages, args=([following.base, *following.models],), daemon=True)
             reader.start()
         try:
@@ -440,7 +442,8 @@ class TritonBackend:
 
     def releasing(self, job: MergeJob):
         """Nothing to do here: this backend reads a tensor's inputs once per pass, in parts, and
-        the engine releases them after the tensor (jobs are not streamed: job.stream is ignored)."""
+        the engine releases them after the tensor; a streamed job's merge releases each part
+        once it is uploaded (_streamed_parts)."""
         return contextlib.nullcontext()
 
     def _streamed_thresholds(self, job: MergeJob, plan: ElementPlan) -> list[tuple[float, ...]]:
@@ -614,9 +617,22 @@ class TritonBackend:
         for job in _read_ahead(jobs, self.read_ahead):
             plan = job.plan or call_plan
             reference = job.base if job.base is not None else job.models[0]
-            out = torch.empty(reference.shape, dtype=job.out_dtype)
             ranges = self._part_ranges(reference.numel(), self._bytes_per_element(job, plan), self._row(job, plan))
             stats = job.stats
+            if job.stream:
+                # The output goes back part by part, each written before the next is downloaded:
+                # host memory follows a part, not the tensor (the caller consumes the pieces
+                # before asking for the next job).
+                if inflight is not None:
+                    done = self._finish(inflight)
+                    inflight = None
+                    if done is not None:
+                        yield done
+                if any(plan.missing(stats)):
+                    stats = self.tensor_stats(job, plan)
+                yield job, self._streamed_parts(job, plan, ranges, stats), stats
+                continue
+            out = torch.empty(reference.shape, dtype=job.out_dtype)
             if any(plan.missing(stats)) and len(ranges) > 1:
                 # Statistics need the whole tensor before any merge: finish what is in flight,
                 # then statistics passes over the parts (the only case that reads inputs twice).
@@ -648,6 +664,27 @@ class TritonBackend:
             if done is not None:
                 yield done
 
+    def _streamed_parts(self, job: MergeJob, plan, ranges, stats: TensorStats | None) -> Iterator[torch.Tensor]:
+        """A streamed job's output, part by part (each a CPU piece of job.out_dtype), with part t+1
+        uploading and computing while part t comes back; its inputs are released behind each part."""
+        with self._mover.computing():
+            table = plan.table(stats, self._mover.device)
+        inflight = None
+        for k, (start, stop) in enumerate(ranges):
+            part = _Part(job, None, start, stop, last=k == len(ranges) - 1, stats=stats or TensorStats(),
+                         piece=torch.empty(stop - start, dtype=job.out_dtype))
+            self._start(part, plan)
+            if job.release is not None:
+                job.release(start, stop)   # uploaded: the host pages can go
+            if inflight is not None:
+                self._finish(inflight)
+                yield inflight.piece
+            self._compute(part, plan, table)
+            inflight = part
+        if inflight is not None:
+            self._finish(inflight)
+            yield inflight.piece
+
     def _start(self, part: _Part, plan) -> None:
         """Upload stage: the part's inputs into the next slot, with room for its output and flags."""
         job = part.job
@@ -672,8 +709,10 @@ class TritonBackend:
         self._release(part.slot)
 
     def _finish(self, part: _Part):
-        """Download stage: the part's output into the job's CPU tensor; (job, output) after its last part."""
-        self._mover.download(part.out.view(-1)[part.start:part.stop], part.views["out"], part.slot.released)
+        """Download stage: the part's output into the job's CPU tensor (or its own piece); (job, output)
+        after its last part."""
+        target = part.piece if part.piece is not None else part.out.view(-1)[part.start:part.stop]
+        self._mover.download(target, part.views["out"], part.slot.released)
         if self.check_finite:
             with self._mover.computing():
                 bad = int(part.views["flags"].item())
