@@ -146,9 +146,8 @@ def open_inputs(config: MergeConfig) -> _Inputs:
     virtual checkpoints (each role's layer ranges renumbered into the output's layers)."""
     if config.slices:
         from .slices import views
-        base, models, depths, layers, slice_of = views(config.slices, lambda p: Checkpoint.open(p, label=str(p)),
-                                                       config.source)
-        return _Inputs(base, models, depths, layers, slice_of)
+        sliced = views(config.slices, lambda p: Checkpoint.open(p, label=str(p)), config.source)
+        return _Inputs(sliced.base, sliced.models, sliced.depths, sliced.layers, sliced.slice_of)
     opened: list[Checkpoint] = []
     try:
         base = None

@@ -230,12 +230,22 @@ def _renamed(name: str, index: int) -> str:
     return f"{name[:head]}{index}{name[head + len(str(block.index)):]}"
 
 
-def views(slices: tuple[Slice, ...], open_checkpoint: Callable[[Path], Checkpoint], source: str
-          ) -> tuple[SlicedCheckpoint | None, list[SlicedCheckpoint], dict[str, float], int, dict[str, int]]:
-    """The base's and each model's virtual checkpoint, every output tensor's mergekit position t
-    (offset / (n - 1) within its slice; 1 in a one-layer slice; 0 outside the layers), the
-    output's layer count, and each output tensor's slice (tensors outside the layers: the first
-    slice for embeddings, the last for the rest, whose parameters mergekit uses for them)."""
+@dataclass
+class SlicedInputs:
+    """A sliced merge's inputs: the base's and each model's virtual checkpoint; each output
+    tensor's mergekit position t (offset / (n - 1) within its slice; 1 in a one-layer slice; 0
+    outside the layers) and its slice (outside the layers: the first slice for embeddings, the
+    last for the rest, whose parameters mergekit uses for them); the output's layer count."""
+
+    base: SlicedCheckpoint | None
+    models: list[SlicedCheckpoint]
+    depths: dict[str, float]
+    slice_of: dict[str, int]
+    layers: int
+
+
+def views(slices: tuple[Slice, ...], open_checkpoint: Callable[[Path], Checkpoint], source: str) -> SlicedInputs:
+    """The sliced merge's inputs (SlicedInputs), every range checked against its model's layers."""
     layers: dict[str, dict[int, list[str]]] = {}
     opened: dict[str, Checkpoint] = {}
 
@@ -290,4 +300,4 @@ def views(slices: tuple[Slice, ...], open_checkpoint: Callable[[Path], Checkpoin
         for ckpt in opened.values():
             ckpt.close()
         raise
-    return base, models, depths, sum(s.length for s in slices), slice_of
+    return SlicedInputs(base, models, depths, slice_of, sum(s.length for s in slices))
