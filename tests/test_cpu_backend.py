@@ -78,3 +78,35 @@ def test_fused_norms_equal_the_separate_ones_bitwise(method):
     assert fused == separate
     task_sum = sum(m.float() - base.float() for m in models).double().abs().sum().item()
     assert fused[0] == pytest.approx(task_sum, rel=1e-12) and 0 < fused[1] < 3 * task_sum
+
+
+def test_drop_masks_are_drawn_once_per_merge_and_give_the_same_bytes(monkeypatch):
+    """dare_ties and della with L1 rescale: the merge reuses the keep masks its rescale
+    statistics drew (no second draw, nor second ranking), with the same output as drawing them
+    again (KEEP_BUDGET 0)."""
+    import lines_fast.backends.cpu as cpu
+    from lines_fast.backends.base import MergeJob
+    from lines_fast.plan import ElementPlan
+    from lines_fast.spec import make_spec
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(40, 300, generator=g).to(torch.bfloat16)
+    models = [(base.float() + 0.01 * torch.randn(40, 300, generator=g)).to(torch.bfloat16) for _ in range(3)]
+    real, draws = cpu.dare_uniform, []
+
+    def counted(*args, **kwargs):
+        draws.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu, "dare_uniform", counted)   # the merge's own draws (statistics draw in plan.py)
+    for method in ("dare_ties", "della"):
+        plan = ElementPlan.from_spec(make_spec(method, 3, values={"density": 0.5}))
+        job = MergeJob("model.layers.0.mlp.up_proj.weight", base, models, None, 1.0, torch.bfloat16)
+        draws.clear()
+        ((_, reused, _),) = list(CpuBackend(chunk=3000).merge_many([job], plan))
+        assert not draws, method
+        monkeypatch.setattr(cpu, "KEEP_BUDGET", 0)
+        ((_, redrawn, _),) = list(CpuBackend(chunk=3000).merge_many([job], plan))
+        assert len(draws) == 3 * 4, method   # 3 models x 4 chunks of 3000
+        assert torch.equal(reused.view(torch.int16), redrawn.view(torch.int16)), method
+        monkeypatch.setattr(cpu, "KEEP_BUDGET", 64 << 20)

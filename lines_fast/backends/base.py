@@ -61,7 +61,7 @@ class MergeJob:
     plan: ElementPlan | None = None   # this tensor's own plan (per-layer or filtered parameters), else the call's
     # stream: the backend may return the output as an iterator of consecutive flat pieces (each
     # valid until the next is asked for) instead of one tensor, so a huge tensor is never held
-    # whole. release(start, end): called once elements start..end of every input have been read
+    # whole; its stats may then be found while the pieces are produced (merge_many yields None). release(start, end): called once elements start..end of every input have been read
     # for the last time in a pass over them, so their pages can go (the engine unmaps them).
     stream: bool = False
     release: Any = None

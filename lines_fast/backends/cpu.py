@@ -58,6 +58,7 @@ class _Buffers:
 
 
 READ_AHEAD_MIN = 1 << 20
+KEEP_BUDGET = 64 << 20   # bytes of DARE / DELLA keep masks kept between a job's statistics and its merge
 
 
 def _input_bytes(job: MergeJob) -> int:
@@ -80,6 +81,11 @@ class CpuBackend:
         self.check_finite = check_finite
         self.read_ahead = read_ahead
         self._release = None   # the current job's release(start, end), set by releasing()
+        # DARE / DELLA keep masks of the job being merged, by chunk start, as its L1 rescale
+        # statistics drew them, so the merge does not draw (and rank) them again: None outside a
+        # merge, and only up to KEEP_BUDGET bytes (the rest are drawn again, to the same values).
+        self._kept: dict[int, list[torch.Tensor]] | None = None
+        self._kept_bytes = 0
         self._buffers: dict[int, _Buffers] = {}
 
     def supports(self, plan: ElementPlan) -> str | None:
@@ -211,9 +217,28 @@ class CpuBackend:
             models = [m.reshape(-1) for m in job.models]
             step, row = self._step(job, plan)
             for s, e in self._spans(base.numel(), step):
-                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s, totals, kepts, row)
+                keep = self._keep_slot(len(models) * (e - s))
+                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s, totals, kepts, row, keep)
+                if keep is not None:
+                    self._kept[s] = keep
             stats = replace(stats, factors=factors_from_sums(totals, kepts))
         return stats
+
+    def _keep_slot(self, nbytes: int) -> list | None:
+        """A list to keep one chunk's masks in, while merging and within KEEP_BUDGET; else None."""
+        if self._kept is None or self._kept_bytes + nbytes > KEEP_BUDGET:
+            return None
+        self._kept_bytes += nbytes
+        return []
+
+    @contextlib.contextmanager
+    def _keeping_masks(self):
+        """Within it, the L1 statistics' keep masks are kept for the merge of the same job."""
+        self._kept, self._kept_bytes = {}, 0
+        try:
+            yield
+        finally:
+            self._kept, self._kept_bytes = None, 0
 
     def elected_sign_sum(self, job: MergeJob, plan: ElementPlan) -> int:
         """sum_j sign(sum_i w_i trim(tau_i)[j]) over the tensor (the official rule's majority sign)."""
@@ -267,12 +292,15 @@ class CpuBackend:
                 task_sum.add_(x if plan.deltas else torch.sub(x, b, out=bufs.tmp[:n]))
             xs.append(x)
         keep = self._tall_keep(xs, plan, n, bufs) if plan.tall_k else None
+        kept = self._kept.get(s) if self._kept is not None else None
         contributions = []
         for i, x in enumerate(xs):
             if plan.trims:
                 self._zero_below(x, x, stats.thresholds[i], bufs.tmp[:n])
                 if plan.band:
                     self._zero_at_or_above(x, stats.ceilings[i], bufs.tmp[:n])
+            elif kept is not None and plan.drops:   # the masks the rescale statistics drew
+                x.masked_fill_(~kept[i], 0.0)
             elif plan.ranked:   # DELLA: per-element drop probabilities from the row ranks (whole rows here)
                 drop_p = plan.ranked_drop_p(x.view(-1, self._step(job, plan)[1]), i).reshape(-1)
                 u = dare_uniform(plan.seed, i, job.name, n, start=s, stream=DELLA_STREAM)
@@ -372,21 +400,24 @@ class CpuBackend:
         return num.div_(den.add_(empty))
 
     def _merge_one(self, job: MergeJob, plan: ElementPlan) -> tuple[torch.Tensor | Iterator[torch.Tensor], TensorStats]:
-        stats = self.tensor_stats(job, plan)
         if job.stream:
-            return self._pieces(job, plan, stats), stats
-        out = torch.empty(job.models[0].shape, dtype=job.out_dtype)
-        out_flat = out.reshape(-1)
-        with self.releasing(job):
-            for s, e, piece in self._merged_chunks(job, plan, stats):
-                out_flat[s:e].copy_(piece)
+            return self._pieces(job, plan), None
+        with self._keeping_masks():
+            stats = self.tensor_stats(job, plan)
+            out = torch.empty(job.models[0].shape, dtype=job.out_dtype)
+            out_flat = out.reshape(-1)
+            with self.releasing(job):
+                for s, e, piece in self._merged_chunks(job, plan, stats):
+                    out_flat[s:e].copy_(piece)
         return out, stats
 
-    def _pieces(self, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> Iterator[torch.Tensor]:
+    def _pieces(self, job: MergeJob, plan: ElementPlan) -> Iterator[torch.Tensor]:
         """The output as consecutive flat pieces of job.out_dtype, one chunk each (job.stream)."""
-        with self.releasing(job):
-            for _, _, piece in self._merged_chunks(job, plan, stats):
-                yield piece.to(job.out_dtype)
+        with self._keeping_masks():
+            stats = self.tensor_stats(job, plan)
+            with self.releasing(job):
+                for _, _, piece in self._merged_chunks(job, plan, stats):
+                    yield piece.to(job.out_dtype)
 
     def _merged_chunks(self, job: MergeJob, plan: ElementPlan, stats: TensorStats):
         """(start, end, float32 values) of the merged output, chunk by chunk (a reused buffer)."""
