@@ -58,7 +58,21 @@ class _Buffers:
 
 
 READ_AHEAD_MIN = 1 << 20
-KEEP_BUDGET = 64 << 20   # bytes of DARE / DELLA keep masks kept between a job's statistics and its merge
+KEEP_BUDGET = 64 << 20   # bytes of DARE / DELLA keep masks (8 per byte) kept from a job's statistics to its merge
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+
+
+def _pack_bits(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A flat bool mask into `out` (uint8, ceil(n / 8)): 8 elements a byte, the last zero-padded."""
+    n = mask.numel()
+    padded = torch.zeros(out.numel() * 8, dtype=torch.uint8)
+    padded[:n] = mask.reshape(-1)
+    return torch.sum(padded.view(-1, 8) * _BITS, dim=1, dtype=torch.uint8, out=out)
+
+
+def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n elements of a _pack_bits mask, as bool."""
+    return (packed.unsqueeze(1).bitwise_and(_BITS) != 0).reshape(-1)[:n]
 
 
 def _input_bytes(job: MergeJob) -> int:
@@ -86,6 +100,7 @@ class CpuBackend:
         # merge, and only up to KEEP_BUDGET bytes (the rest are drawn again, to the same values).
         self._kept: dict[int, list[torch.Tensor]] | None = None
         self._kept_bytes = 0
+        self._kept_store: torch.Tensor | None = None
         self._buffers: dict[int, _Buffers] = {}
 
     def supports(self, plan: ElementPlan) -> str | None:
@@ -217,19 +232,28 @@ class CpuBackend:
             models = [m.reshape(-1) for m in job.models]
             step, row = self._step(job, plan)
             for s, e in self._spans(base.numel(), step):
-                keep = self._keep_slot(len(models) * (e - s))
+                slots = self._keep_slots(len(models), e - s)
+                keep = [] if slots is not None else None
                 add_kept_l1(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s, totals, kepts, row, keep)
-                if keep is not None:
-                    self._kept[s] = keep
+                if slots is not None:
+                    for mask, slot in zip(keep, slots):
+                        _pack_bits(mask, slot)
+                    self._kept[s] = slots
             stats = replace(stats, factors=factors_from_sums(totals, kepts))
         return stats
 
-    def _keep_slot(self, nbytes: int) -> list | None:
-        """A list to keep one chunk's masks in, while merging and within KEEP_BUDGET; else None."""
-        if self._kept is None or self._kept_bytes + nbytes > KEEP_BUDGET:
+    def _keep_slots(self, n_models: int, n: int) -> list[torch.Tensor] | None:
+        """Room for one chunk's packed masks (one uint8 view per model) in the backend's one mask
+        store, while merging and within KEEP_BUDGET; else None. One store, allocated once: many
+        small long-lived tensors between the chunks' big temporaries would fragment the heap."""
+        size = -(-n // 8)
+        if self._kept is None or self._kept_bytes + n_models * size > KEEP_BUDGET:
             return None
-        self._kept_bytes += nbytes
-        return []
+        if self._kept_store is None:
+            self._kept_store = torch.empty(KEEP_BUDGET, dtype=torch.uint8)
+        at = self._kept_bytes
+        self._kept_bytes += n_models * size
+        return [self._kept_store[at + k * size:at + (k + 1) * size] for k in range(n_models)]
 
     @contextlib.contextmanager
     def _keeping_masks(self):
@@ -300,7 +324,7 @@ class CpuBackend:
                 if plan.band:
                     self._zero_at_or_above(x, stats.ceilings[i], bufs.tmp[:n])
             elif kept is not None and plan.drops:   # the masks the rescale statistics drew
-                x.masked_fill_(~kept[i], 0.0)
+                x.masked_fill_(~_unpack_bits(kept[i], n), 0.0)
             elif plan.ranked:   # DELLA: per-element drop probabilities from the row ranks (whole rows here)
                 drop_p = plan.ranked_drop_p(x.view(-1, self._step(job, plan)[1]), i).reshape(-1)
                 u = dare_uniform(plan.seed, i, job.name, n, start=s, stream=DELLA_STREAM)
