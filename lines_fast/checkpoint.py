@@ -277,7 +277,7 @@ class Checkpoint:
                 f"Re-download the index file."
             )
         shards = sorted(set(weight_map.values()))
-        outside = [sh for sh in shards if Path(sh).is_absolute() or ".." in Path(sh).parts]
+        outside = [sh for sh in shards if not shard_name_is_inside(sh)]
         if outside:
             raise MergeInputError(
                 f"{where} names shard file '{outside[0]}', which is outside '{index.parent}'. An index names "
@@ -441,6 +441,11 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
+
+
+def shard_name_is_inside(name) -> bool:
+    """An index's shard names a file within the model's directory (not absolute, no '..')."""
+    return isinstance(name, str) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def _identity(file: Path) -> tuple[int, int] | None:

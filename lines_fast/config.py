@@ -245,8 +245,7 @@ def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths:
             path = base_dir / path
         if path.exists() or ("+" not in value and hub.parse(value) is not None):
             continue   # a Hub name is fetched (or refused) where it is read
-        problems.append(f"{where}: {value!r} is mergekit's model+LoRA syntax, which lines_fast does not read (list "
-                        "the adapter as a model of its own)" if "+" in value else
+        problems.append(f"{where}: {hub.lora_syntax(value)}" if "+" in value else
                         f"{where}: {value} does not exist (a local path, or a Hub name org/name)")
     if len(problems) == 1:
         raise _fail(source, problems[0] + ".")

@@ -118,9 +118,18 @@ def _tensors_from_headers(config: MergeConfig) -> list[TensorCost]:
         else:
             with Checkpoint.open(path) as ckpt:
                 tables.append(dict(ckpt.tensors))
-    return [TensorCost(name, info.numel, sum(t[name].nbytes for t in tables if name in t),
-                       info.numel * (config.out_dtype if (config.out_dtype and info.is_float) else info.dtype).itemsize)
-            for name, info in tables[0].items()]
+    return _costs(tables, config)
+
+
+def _costs(tables: list[dict], config: MergeConfig) -> list[TensorCost]:
+    """Each tensor of the first input (the output's), its bytes read over every input's table
+    (name -> TensorInfo) and written in the output dtype."""
+    out = []
+    for name, info in tables[0].items():
+        out_dtype = config.out_dtype if (config.out_dtype and info.is_float) else info.dtype
+        out.append(TensorCost(name, info.numel, sum(t[name].nbytes for t in tables if name in t),
+                              info.numel * out_dtype.itemsize))
+    return out
 
 
 def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
@@ -131,14 +140,7 @@ def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
         return _tensors_from_headers(config)
     inputs = open_inputs(config)
     try:
-        opened = inputs.all()
-        reference = opened[0]
-        out = []
-        for name, info in reference.tensors.items():
-            in_bytes = sum(c.tensors[name].nbytes for c in opened if name in c.tensors)
-            out_dtype = config.out_dtype if (config.out_dtype and info.is_float) else info.dtype
-            out.append(TensorCost(name, info.numel, in_bytes, info.numel * out_dtype.itemsize))
-        return out
+        return _costs([c.tensors for c in inputs.all()], config)
     finally:
         inputs.close()
 

@@ -22,6 +22,12 @@ SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json", "config.js
 BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
 
 
+def lora_syntax(reference: str) -> str:
+    """Why mergekit's `model+lora` reference is refused, and what to do instead."""
+    return (f"{reference!r} is mergekit's model+LoRA syntax, which lines_fast does not read; list the adapter "
+            "as a model of its own (a PEFT adapter directory is merged on top of the base)")
+
+
 def parse(reference: str) -> tuple[str, str | None] | None:
     """(repo id, revision) when `reference` reads as a Hub name, else None."""
     if "+" in reference:
@@ -86,9 +92,7 @@ def resolve(reference: str, where: str) -> Path:
     (within headers_only(), a cached snapshot or a placeholder for header_tensors)."""
     path = Path(reference).expanduser()
     if "+" in reference and not path.exists():
-        raise MergeInputError(f"{where}: {reference!r} is mergekit's model+LoRA syntax, which lines_fast does not "
-                              "read; list the adapter as a model of its own (a PEFT adapter directory is merged "
-                              "on top of the base).")
+        raise MergeInputError(f"{where}: {lora_syntax(reference)}.")
     parsed = parse(reference)
     if path.exists() or parsed is None:
         return path

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo, shard_name_is_inside
 from .errors import MergeInputError
 
 BIN_FILE = "pytorch_model.bin"
@@ -69,7 +69,7 @@ class PickledCheckpoint(Checkpoint):
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
                 raise MergeInputError(f"checkpoint '{label}': {index} is not a valid index ({err}). Re-download "
                                       "it.") from None
-            outside = [s for s in shards if not isinstance(s, str) or Path(s).is_absolute() or ".." in Path(s).parts]
+            outside = [s for s in shards if not shard_name_is_inside(s)]
             missing = [s for s in shards if s not in outside and not (folder / s).is_file()]
             if outside or missing:
                 raise MergeInputError(f"checkpoint '{label}': {index} names shard "
