@@ -276,7 +276,9 @@ def _cmd_merge(args) -> int:
         results = multimerge.run(path, steps, resume=args.resume, log=say, merge_one=lambda config, where: Engine(
             config, where, device=args.device, max_shard_size=args.max_shard_size, force=args.force,
             resume=args.resume, progress=progress, log=log).run())
-        for result in results:
+        from .distributed import current_world
+
+        for result in results if current_world().is_root else []:
             print(result.summary())
         return 0
     if args.intermediate_dir:
@@ -291,7 +293,8 @@ def _cmd_merge(args) -> int:
         print(f"lines-fast: interrupted. Finished shards are kept in {out}.lines-fast-partial (not a usable "
               "checkpoint); rerun the same command with --resume to continue.", file=sys.stderr)
         return 130
-    print(result.summary())
+    if engine.world.is_root:
+        print(result.summary())
     return 0
 
 
@@ -441,8 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except MergeInputError as err:
-        print(f"lines-fast {args.command}: error: {err}", file=sys.stderr)
+        from .distributed import rank_label
+
+        if not getattr(err, "shown_by_rank0", False):   # a distributed run: said once, by rank 0
+            print(f"lines-fast {args.command}{rank_label()}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        from .distributed import leave_world
+
+        leave_world()
 
 
 if __name__ == "__main__":

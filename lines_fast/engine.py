@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,6 +28,7 @@ from . import __version__
 from .backends.base import STREAM_MIN, MergeJob
 from .checkpoint import Checkpoint, TensorInfo
 from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
+from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput
 from .layers import depth_fractions, lines_scales
 from .lora import AdapterCheckpoint, is_adapter
@@ -35,7 +37,8 @@ from .plan import ElementPlan
 from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
 from .progress import Progress
 from .spec import MethodSpec
-from .writer import PARTIAL_SUFFIX, OutputLock, ShardedWriter, check_output_dir, different_merge_error, parse_size
+from .writer import (PARTIAL_SUFFIX, OutputLock, ShardedWriter, check_output_dir, different_merge_error, parse_size,
+                     plan_shards)
 
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
 
@@ -57,6 +60,7 @@ class MergeResult:
     seconds: float
     alpha: float | None = None
     global_thresholds: tuple[float, ...] | None = None
+    ranks: list[dict] | None = None   # a distributed merge: each rank's tensors, bytes read, seconds
 
     @property
     def read_gbps(self) -> float:
@@ -69,6 +73,12 @@ class MergeResult:
                 f"in {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''} -> {self.out_dir}")
         if self.alpha is not None:
             text += f"; LiNeS alpha = {self.alpha:.6g}"
+        if self.ranks:
+            slowest = max(r["seconds"] for r in self.ranks)
+            text += f"\n{len(self.ranks)} ranks (the slowest took {slowest:.2f} s):"
+            for r, share in enumerate(self.ranks):
+                text += (f"\n  rank {r} on {share['device']}: {share['shards']} shard(s), {share['tensors']} tensors, "
+                         f"read {human_bytes(share['bytes_read'])}, {share['seconds']:.2f} s")
         return text
 
 
@@ -105,8 +115,8 @@ def _log_to_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def make_backend(device: str, allow_nonfinite: bool = False, log: Callable[[str], None] = _log_to_stderr):
-    """The backend for --device auto|cpu|cuda|interpret."""
+def resolve_device(device: str, log: Callable[[str], None] = _log_to_stderr) -> str:
+    """cpu, cuda or interpret for --device auto|cpu|cuda|interpret."""
     if device not in ("auto", "cpu", "cuda", "interpret"):
         raise MergeInputError(f"--device must be auto, cpu, cuda or interpret, got {device!r}.")
     if device == "auto":
@@ -114,6 +124,13 @@ def make_backend(device: str, allow_nonfinite: bool = False, log: Callable[[str]
         if device == "cuda" and importlib.util.find_spec("triton") is None:
             log("a GPU is visible but triton is not installed: merging on the CPU (pip install triton for the GPU)")
             device = "cpu"
+    return device
+
+
+def make_backend(device: str, allow_nonfinite: bool = False, log: Callable[[str], None] = _log_to_stderr,
+                 local_rank: int | None = None):
+    """The backend for --device auto|cpu|cuda|interpret; local_rank: a distributed rank's GPU."""
+    device = resolve_device(device, log)
     if device == "cpu":
         from .backends.cpu import CpuBackend
         return CpuBackend(check_finite=not allow_nonfinite)
@@ -122,6 +139,8 @@ def make_backend(device: str, allow_nonfinite: bool = False, log: Callable[[str]
                               "(or auto), or --device interpret to run the Triton kernels on the CPU.")
     try:
         from .backends.triton_backend import TritonBackend
+        if device == "cuda" and local_rank is not None:
+            device = f"cuda:{local_rank}"
         return TritonBackend(device, check_finite=not allow_nonfinite)
     except ImportError as err:
         raise MergeInputError(f"--device {device} needs triton ({err}); pip install triton, "
@@ -282,7 +301,8 @@ def _shape_message(name: str, reference: Checkpoint, info: TensorInfo, model: Ch
 class Engine:
     def __init__(self, config: MergeConfig, out_dir: Path, *, device: str = "auto",
                  max_shard_size: int | str = "5GB", force: bool = False, resume: bool = False,
-                 progress: bool | None = None, log: Callable[[str], None] | None = None):
+                 progress: bool | None = None, log: Callable[[str], None] | None = None,
+                 world: World | None = None):
         self.config = config
         self.out_dir = Path(out_dir)
         self.device = device
@@ -291,6 +311,10 @@ class Engine:
         self.resume = resume
         self.progress = progress
         self.log = log or _log_to_stderr
+        # torchrun's world (size 1 without it): rank 0 speaks for the run, the others are quiet.
+        self.world = world or current_world()
+        if not self.world.is_root:
+            self.log, self.progress = (lambda message: None), False
         self.spec: MethodSpec = config.method_spec()
         self.plan = ElementPlan.from_spec(self.spec)
         self._tensor_specs: dict[str, MethodSpec] = {}
@@ -423,9 +447,9 @@ class Engine:
                      f"{', '.join(skipped)} skipped")
         return stats
 
-    def _stats_passes(self, passes: list[Pass], inputs: _Inputs, plan: _Plan, backend) -> RunStats:
-        """Run every pass before the merge pass: each reads every merged tensor once and leaves
-        what it produces in the RunStats."""
+    def _stats_passes(self, passes: list[Pass], inputs: _Inputs, plan: _Plan, backend, names: list[str]) -> RunStats:
+        """Run every pass before the merge pass: each reads every merged tensor of `names` (this
+        rank's) once, combines what every rank found, and leaves what it produces in the RunStats."""
         stats = RunStats()
         total_elements = sum(int(torch.Size(plan.shapes[name]).numel()) for name in plan.merged)
         for index, p in enumerate(passes):
@@ -437,11 +461,12 @@ class Engine:
                 self.log(f"{label} ({p.name}) not needed: {reason}")
                 continue
             t0 = time.perf_counter()
-            bar = Progress(f"{label} {p.name}", self._input_bytes(inputs, plan.merged), enabled=self.progress,
-                           tensors=len(plan.merged))
+            bar = Progress(f"{label} {p.name}", self._input_bytes(inputs, names), enabled=self.progress,
+                           tensors=len(names))
             p.start(stats, self.plan)
-            for k, name in enumerate(plan.merged):
-                self._prefetch(inputs, plan.merged[k + 1] if k + 1 < len(plan.merged) else None)
+            for k, name in enumerate(names):
+                self.world.phase = f"pass {p.name}, tensor '{name}'"
+                self._prefetch(inputs, names[k + 1] if k + 1 < len(names) else None)
                 job = MergeJob(name, self._base_tensor(inputs, name), self._model_tensors(inputs, plan, name),
                                stats.for_tensor(name), 1.0, torch.float32, release=self._releaser(inputs, name))
                 try:
@@ -452,6 +477,8 @@ class Engine:
                 self._release(inputs, name)
                 bar.advance(self._input_bytes(inputs, [name]))
             bar.close()
+            self.world.phase = f"pass {p.name}, combining the ranks' statistics"
+            p.gather(stats, self.world)
             p.finish(stats, self.plan, total_elements, self.log)
             stats.passes_run += 1
             self.log(f"{label} ({p.name}) took {time.perf_counter() - t0:.2f} s")
@@ -463,11 +490,23 @@ class Engine:
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> MergeResult:
         started = time.perf_counter()
-        with OutputLock(self.out_dir):
-            return self._run(started)
+        world = self.world
+        try:
+            if world.size > 1:
+                world.join(use_cuda=resolve_device(self.device, self.log) == "cuda")
+            # One lock for the run, held by rank 0, which alone creates, cleans and publishes.
+            with OutputLock(self.out_dir) if world.is_root else nullcontext():
+                return self._run(started)
+        except RankFailure:
+            raise   # the group knows already
+        except Exception as err:
+            where = f" ({world.phase})" if world.size > 1 else ""
+            if world.fail(str(err) if isinstance(err, MergeInputError) else f"{type(err).__name__}: {err}{where}"):
+                err.shown_by_rank0 = True   # the CLI prints it once, on rank 0
+            raise
 
     def _run(self, started: float) -> MergeResult:
-        config, spec = self.config, self.spec
+        config, spec, world = self.config, self.spec, self.world
         inputs = open_inputs(config)
         writer = None
         try:
@@ -481,7 +520,8 @@ class Engine:
             plan = _plan_tensors(config, inputs, self.log)
             self._slice_of = inputs.slice_of
             self._resolve_tensor_specs(plan.merged, inputs.depths)
-            backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log)
+            backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log,
+                                   local_rank=world.local_rank if world.size > 1 else None)
             reason = backend.supports(self.plan)
             if reason is not None:
                 raise MergeInputError(f"--device {self.device}: the {backend.name} backend cannot run {config.method} "
@@ -493,13 +533,21 @@ class Engine:
             self._check_disk(out_bytes)
             # Everything that decides the output and is known before any pass: a resume of
             # another merge is refused here, before the statistics passes, not after them.
+            merge_parts = {"config": config.recipe(), "inputs": _inputs_key(inputs),
+                           "layout": [str(self.max_shard_size), [[n, str(d), list(s)] for n, d, s in entries]]}
             merge_key = hashlib.sha256(json.dumps(
-                [__version__, config.recipe(), _inputs_key(inputs), str(self.max_shard_size),
-                 [[n, str(d), list(s)] for n, d, s in entries]], sort_keys=True, default=str,
-            ).encode("utf-8")).hexdigest()
+                [__version__, merge_parts["config"], merge_parts["inputs"], *merge_parts["layout"]],
+                sort_keys=True, default=str).encode("utf-8")).hexdigest()
+            self._agree(merge_parts, backend.name)
+            owners, mine = self._assign_shards(inputs, plan, entries)
+            my_merged = [n for n in plan.merged if n in mine]
             stats = self._resumed_stats(merge_key, passes) if self.resume else None
+            # Every rank read the same journal; rank 0's reading decides for all.
+            world.phase = "reading the journal" if self.resume else "starting"
+            chosen = world.exchange(None if stats is None else stats.to_json())[0]
+            stats = None if chosen is None else RunStats.from_json(chosen)
             if stats is None:
-                stats = self._stats_passes(passes, inputs, plan, backend)
+                stats = self._stats_passes(passes, inputs, plan, backend, my_merged)
             scales = self._scales(plan, stats)
             metadata = {
                 "lines_fast_version": __version__,
@@ -510,27 +558,70 @@ class Engine:
             writer = ShardedWriter(self.out_dir, entries, max_shard_size=self.max_shard_size,
                                    metadata=metadata, resume=self.resume, overwrite=self.force,
                                    resume_key=_inputs_key(inputs),
-                                   notes={"merge": merge_key, "stats": stats.to_json()})
+                                   notes={"merge": merge_key, "stats": stats.to_json()},
+                                   world=world, owners=owners)
             pending = writer.pending_names()
             if self.resume:
-                self.log(f"--resume: {len(plan.order) - len(pending)} of {len(plan.order)} tensors already "
-                         "written and verified; continuing")
+                done = sum(len(s.names) for s in writer.shards if s.file in writer.done_shards)
+                self.log(f"--resume: {done} of {len(plan.order)} tensors ({len(writer.done_shards)} of "
+                         f"{len(writer.shards)} shards) already written and verified; continuing")
             bytes_read = self._merge_pass(passes, inputs, plan, backend, writer, pending, stats, scales)
+            bytes_read += self._input_bytes(inputs, my_merged) * stats.passes_run
+            world.phase = "reporting its share"
+            shares = world.exchange({"device": str(getattr(backend, "device", backend.name)),
+                                     "shards": owners.count(world.rank), "tensors": len(mine),
+                                     "bytes_read": bytes_read, "seconds": time.perf_counter() - started})
             with tempfile.TemporaryDirectory() as tmp:
                 writer.finish(self._aux_files(inputs, plan, Path(tmp), tok_files))
-            bytes_read += self._input_bytes(inputs, plan.merged) * stats.passes_run
             return MergeResult(
                 out_dir=self.out_dir, method=config.method, backend=backend.name,
                 passes=[p.name for p in passes], merged_tensors=len(plan.merged),
-                copied_tensors=list(plan.copied), bytes_read=bytes_read, bytes_written=out_bytes,
-                seconds=time.perf_counter() - started, alpha=stats.alpha,
-                global_thresholds=stats.global_thresholds)
+                copied_tensors=list(plan.copied), bytes_read=sum(s["bytes_read"] for s in shares),
+                bytes_written=out_bytes, seconds=time.perf_counter() - started, alpha=stats.alpha,
+                global_thresholds=stats.global_thresholds, ranks=shares if world.size > 1 else None)
         except BaseException:
             if writer is not None:
                 writer.abort()
             raise
         finally:
             inputs.close()
+
+    def _agree(self, parts: dict, backend: str) -> None:
+        """Refuse a distributed run whose ranks were not started with the same merge."""
+        world = self.world
+        world.phase = "checking that every rank runs the same merge"
+        views = world.exchange({**parts, "version": __version__, "resume": self.resume, "force": self.force,
+                                "backend": backend})
+        what = {"config": "the config (method, parameters, models, options)",
+                "inputs": "the input files (paths, sizes or modification times)",
+                "layout": "the output's tensors or --max-shard-size", "version": "the lines_fast version",
+                "resume": "--resume", "force": "--force", "backend": "the backend (--device)"}
+        for rank, view in enumerate(views):
+            differ = [text for key, text in what.items() if view[key] != views[0][key]]
+            if differ:
+                raise MergeInputError(
+                    f"rank {rank} of {world.size} was started with another merge than rank 0: they differ in "
+                    f"{', '.join(differ)}. Every rank must run the same command on the same files (on several "
+                    "nodes: the inputs on one shared filesystem, at the same paths).")
+
+    def _assign_shards(self, inputs: _Inputs, plan: _Plan, entries) -> tuple[list[int], set[str]]:
+        """Each output shard's rank (byte-balanced over what reading it costs) and this rank's
+        tensors. The shards are the writer's (plan_shards' grouping does not depend on metadata)."""
+        shards = plan_shards(entries, self.max_shard_size, {})
+        reference = inputs.base or inputs.models[0]
+        merged = set(plan.merged)
+        costs = [sum(self._input_bytes(inputs, [n]) if n in merged else reference.tensors[n].nbytes
+                     for n in shard.names) for shard in shards]
+        owners = assign_shards(costs, self.world.size)
+        mine = {n for shard, owner in zip(shards, owners) if owner == self.world.rank for n in shard.names}
+        if self.world.size > 1:
+            load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(self.world.size)]
+            self.log(f"{self.world.size} ranks share {len(shards)} shard(s): "
+                     + ", ".join(f"rank {r} reads {human_bytes(b)} a pass" for r, b in enumerate(load)))
+            if len(shards) < self.world.size:
+                self.log(f"warning: only {len(shards)} shard(s) for {self.world.size} ranks, so some ranks idle; "
+                         "a smaller --max-shard-size spreads the work (the layout then differs from a larger one's)")
+        return owners, mine
 
     def _scales(self, plan: _Plan, stats: RunStats) -> dict[str, float]:
         """The factor on each tensor's merged task vector: λ, or LiNeS's λ(ℓ) that replaces it."""
@@ -573,6 +664,7 @@ class Engine:
         try:
             for job, output, _stats in backend.merge_many(jobs(), self.plan):
                 current = job.name
+                self.world.phase = f"merging tensor '{job.name}'"
                 write_copies_before(position[job.name])
                 for piece in [output] if isinstance(output, torch.Tensor) else output:
                     if piece.dtype == torch.float16 and not self.config.allow_nonfinite:

@@ -92,6 +92,10 @@ class Pass:
     def tensor(self, backend, plan: ElementPlan, job: MergeJob, stats: RunStats) -> None:
         pass
 
+    def gather(self, stats: RunStats, world) -> None:
+        """Combine what every rank's tensors gave (a distributed merge; one exchange, on every
+        rank): integer counts add exactly, L1 norms are pooled for one math.fsum."""
+
     def finish(self, stats: RunStats, plan: ElementPlan, total_elements: int, log: Callable[[str], None]) -> None:
         pass
 
@@ -120,6 +124,11 @@ class MagnitudesPass(Pass):
         if self.with_task_sum:
             stats.task_sum_l1.add(backend.task_vector_sum_l1(job.base, job.models))
 
+    def gather(self, stats, world):
+        parts = world.exchange((self.hists, stats.task_sum_l1.parts))
+        self.hists = sum(hists for hists, _ in parts)
+        stats.task_sum_l1.parts = [v for _, values in parts for v in values]
+
     def finish(self, stats, plan, total_elements, log):
         # Global scope is a trim's (one rank per model); k >= 1 for a non-empty model.
         stats.located = [locate_kth(self.hists[i], ranks[0]) if total_elements else None
@@ -141,6 +150,9 @@ class RefinePass(Pass):
             if found is not None and not found.settled:
                 self.hists[i] += backend.magnitude_histogram(job.base, model, found.bucket)
 
+    def gather(self, stats, world):
+        self.hists = sum(world.exchange(self.hists))
+
     def finish(self, stats, plan, total_elements, log):
         stats.global_thresholds = _thresholds(stats.located, self.hists)
 
@@ -154,6 +166,9 @@ class SignsPass(Pass):
 
     def tensor(self, backend, plan, job, stats):
         self.total += backend.elected_sign_sum(job, plan)
+
+    def gather(self, stats, world):
+        self.total = sum(world.exchange(self.total))
 
     def finish(self, stats, plan, total_elements, log):
         stats.majority_sign = -1.0 if self.total < 0 else 1.0
@@ -173,6 +188,12 @@ class NormsPass(Pass):
             stats.task_sum_l1.add(task_sum)
         self.delta.add(delta)
         stats.tensor_stats[job.name] = tensor_stats
+
+    def gather(self, stats, world):
+        parts = world.exchange((self.delta.parts, stats.task_sum_l1.parts if self.with_task_sum else None))
+        self.delta.parts = [v for values, _ in parts for v in values]
+        if self.with_task_sum:
+            stats.task_sum_l1.parts = [v for _, values in parts for v in values]
 
     def finish(self, stats, plan, total_elements, log):
         sum_l1, delta_l1, n = stats.task_sum_l1.value(), self.delta.value(), plan.n_models

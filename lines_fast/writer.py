@@ -29,11 +29,15 @@ from pathlib import Path
 import torch
 
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from .distributed import World
 from .errors import MergeInputError
 
 PARTIAL_SUFFIX = ".lines-fast-partial"
 OLD_SUFFIX = ".lines-fast-old"
 JOURNAL = "lines-fast-journal.json"
+# A distributed merge: rank r > 0 journals its own shards here (rank 0 keeps JOURNAL).
+RANK_JOURNAL = "lines-fast-journal-rank{rank}.json"
+_RANK_JOURNALS = re.compile(r"lines-fast-journal-rank\d+\.json")
 # Bumped whenever the bytes written for a given plan change, so old partial output is
 # never mixed with new.
 LAYOUT_VERSION = 1
@@ -308,6 +312,12 @@ class ShardedWriter:
     output is then safe against a crash of this process but not against a power loss or an OS
     crash. Meant for data that can be regenerated (synthetic checkpoints), where fsync would
     make writing disk-bound.
+
+    world / owners (a distributed merge, lines_fast/distributed.py): this writer writes only
+    the shards owners[i] == world.rank assigns it, into the one partial directory all ranks
+    share; rank 0 prepares that directory (verifying every rank's journal on resume) and
+    publishes it once every rank's finish() has reported its shards done. Every rank must call
+    the constructor and finish(): both exchange with the other ranks.
     """
 
     def __init__(
@@ -322,6 +332,8 @@ class ShardedWriter:
         resume_key: str = "",
         durable: bool = True,
         notes: dict | None = None,
+        world: World | None = None,
+        owners: list[int] | None = None,
     ):
         if max_shard_size <= 0:
             raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
@@ -347,7 +359,31 @@ class ShardedWriter:
         self.plan_hash = hashlib.sha256(json.dumps(plan, ensure_ascii=False).encode("utf-8")).hexdigest()
 
         self.notes = notes
+        self.world = world or World()
+        self.owners = owners if owners is not None else [0] * len(self.shards)
+        if len(self.owners) != len(self.shards) or not all(0 <= o < self.world.size for o in self.owners):
+            raise ValueError(f"owners must give a rank in 0..{self.world.size - 1} for each of {len(self.shards)} shards")
+        self.journal = JOURNAL if self.world.is_root else RANK_JOURNAL.format(rank=self.world.rank)
         self._done: dict[str, dict[str, int]] = {}  # shard file -> {"size", "crc32"}
+        if self.world.is_root:
+            self._prepare(resume)
+        self._done = self.world.exchange(self._done)[0]   # rank 0's verified shards
+        if not self.world.is_root:
+            self._save_journal()
+        mine = {s.file for s, owner in zip(self.shards, self.owners) if owner == self.world.rank}
+        self._mine = [s for s in self.shards if s.file in mine]
+        self._pending = [(i, name) for i, s in enumerate(self.shards)
+                         if s.file in mine and s.file not in self._done for name in s.names]
+        self._pos = 0
+        self._piece_elems = 0  # elements of the current tensor written so far by write_piece
+        self._file = None
+        self._crc = 0
+        self._state = "open"
+        self._check_space()
+
+    def _prepare(self, resume: bool) -> None:
+        """Makes the partial directory: a fresh one, or on resume the old one less every file
+        that does not verify against a journal."""
         try:
             aside = sibling(self.out_dir, OLD_SUFFIX)
             if aside.exists() or aside.is_symlink():
@@ -366,6 +402,7 @@ class ShardedWriter:
                     _remove(self.partial)
             self.partial.mkdir(parents=True, exist_ok=True)
             # Anything not verified (a half-written shard, a copied config) is rewritten.
+            # Other ranks' journals are folded into this one (their shards were verified above).
             for p in self.partial.iterdir():
                 if p.name not in self._done and p.name != JOURNAL:
                     _remove(p)
@@ -375,14 +412,6 @@ class ShardedWriter:
                 f"Cannot create the output's temporary directory '{self.partial}': "
                 f"{e.strerror or e}. Check that the output location is writable."
             ) from e
-
-        self._pending = [(i, name) for i, s in enumerate(self.shards) if s.file not in self._done for name in s.names]
-        self._pos = 0
-        self._piece_elems = 0  # elements of the current tensor written so far by write_piece
-        self._file = None
-        self._crc = 0
-        self._state = "open"
-        self._check_space()
 
     def _partial_is_ours(self) -> bool:
         """A partial directory this writer may reuse or delete: a directory (not a link) that is
@@ -402,14 +431,20 @@ class ShardedWriter:
         return notes if isinstance(notes, dict) else None
 
     def _verify_journal(self) -> None:
-        """Keeps the journal's shards whose size and CRC-32 still match; refuses another plan."""
-        try:
-            journal = json.loads((self.partial / JOURNAL).read_text(encoding="utf-8"))
-            plan, done = journal["plan"], dict(journal["done"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return  # no usable journal: nothing is known complete, so rewrite everything
-        if plan != self.plan_hash:
-            raise different_merge_error(self.partial)
+        """Keeps the journals' shards whose size and CRC-32 still match (every rank's journal, so a
+        resume may use another world size); refuses another plan."""
+        done: dict = {}
+        for path in sorted(self.partial.iterdir()):
+            if path.name != JOURNAL and not _RANK_JOURNALS.fullmatch(path.name):
+                continue
+            try:
+                journal = json.loads(path.read_text(encoding="utf-8"))
+                plan, found = journal["plan"], dict(journal["done"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # no usable journal: nothing it lists is known complete, so rewrite it
+            if plan != self.plan_hash:
+                raise different_merge_error(self.partial)
+            done.update(found)
         files = {s.file: s for s in self.shards}
         for file, record in done.items():
             path = self.partial / file
@@ -425,13 +460,13 @@ class ShardedWriter:
 
     def _save_journal(self) -> None:
         # Write-then-rename, so the journal is always either the old or the new version.
-        tmp = self.partial / (JOURNAL + ".tmp")
+        tmp = self.partial / (self.journal + ".tmp")
         record = {"plan": self.plan_hash, "done": self._done}
         if self.notes is not None:
             record["notes"] = self.notes
         journal = json.dumps(record, indent=1).encode("utf-8")
         _write_synced(tmp, journal, self.durable)
-        os.replace(tmp, self.partial / JOURNAL)
+        os.replace(tmp, self.partial / self.journal)
         self._sync_dir(self.partial)
 
     def _sync_dir(self, path: Path) -> None:
@@ -439,7 +474,7 @@ class ShardedWriter:
             _fsync_dir(path)
 
     def _check_space(self) -> None:
-        needed = sum(s.size for s in self.shards if s.file not in self._done)
+        needed = sum(s.size for s in self._mine if s.file not in self._done)
         try:
             free = shutil.disk_usage(self.partial).free
         except OSError:
@@ -449,6 +484,11 @@ class ShardedWriter:
                 f"The output needs {needed / 1e9:.2f} GB more but only {free / 1e9:.2f} GB are "
                 f"free at '{self.partial.parent}'. Free some space or choose another output path."
             )
+
+    @property
+    def done_shards(self) -> set[str]:
+        """The shard files verified complete (on resume, by any rank's journal)."""
+        return set(self._done)
 
     def pending_names(self) -> list[str]:
         """The names still to write, in the order write() must receive them."""
@@ -549,6 +589,24 @@ class ShardedWriter:
         clash = ours & ({Path(p).name for p in aux_files} | set(extra))
         if clash:
             raise ValueError(f"extra output files would replace the weights or index: {sorted(clash)}")
+        try:
+            for shard in self._mine:
+                if shard.file not in self._done:
+                    self._close_shard(shard)   # a shard without tensors
+        except OSError as e:
+            self.abort()
+            raise MergeInputError(f"Writing '{self.partial}' failed: {e.strerror or e}. Fix the output location, "
+                                  "then rerun with --resume to keep finished shards.") from e
+        self.world.phase = "publishing the output"
+        for done in self.world.exchange(self._done):
+            self._done.update(done)
+        if not self.world.is_root:
+            self.world.exchange(None)   # rank 0 has published (or its failure is raised here)
+            self._state = "finished"
+            return self.out_dir
+        unwritten = [s.file for s in self.shards if s.file not in self._done]
+        if unwritten:
+            raise RuntimeError(f"no rank wrote {unwritten}")
         if (self.out_dir.exists() or self.out_dir.is_symlink()) and not self.overwrite:
             self.abort()
             raise MergeInputError(
@@ -557,9 +615,6 @@ class ShardedWriter:
                 f"'{self.partial}'."
             )
         try:
-            for shard in self.shards:
-                if shard.file not in self._done:
-                    self._close_shard(shard)
             if len(self.shards) > 1:
                 total = sum(s.size - len(s.header) for s in self.shards)
                 weight_map = {name: s.file for s in self.shards for name in s.names}
@@ -585,7 +640,9 @@ class ShardedWriter:
                 aside = sibling(self.out_dir, OLD_SUFFIX)   # absent: checked at the start
                 os.rename(self.out_dir, aside)
             os.rename(self.partial, self.out_dir)
-            (self.out_dir / JOURNAL).unlink()
+            for p in self.out_dir.iterdir():
+                if p.name == JOURNAL or _RANK_JOURNALS.fullmatch(p.name):
+                    p.unlink()
             self._sync_dir(self.out_dir)
             self._sync_dir(self.out_dir.parent)
             if aside is not None:
@@ -597,6 +654,7 @@ class ShardedWriter:
                 f"output location, then rerun with --resume to keep finished shards."
             ) from e
         self._state = "finished"
+        self.world.exchange(None)   # the other ranks wait for the publish
         return self.out_dir
 
     def abort(self) -> None:

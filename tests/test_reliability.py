@@ -185,7 +185,7 @@ def test_kill_9_then_resume_is_byte_identical(family, tmp_path, capsys):
     # α auto was journaled: the resume skips the norms pass and reuses it (the bytes below prove it exact).
     assert "--resume: reusing the α of the interrupted run; statistics pass(es) norms skipped" in err
     assert "(norms) took" not in err
-    line = next(l for l in err.splitlines() if l.startswith("--resume:") and "tensors already" in l)
+    line = next(l for l in err.splitlines() if l.startswith("--resume:") and "already written" in l)
     kept = int(line.split()[1])
     assert kept > 0, line
     assert not partial.exists()
@@ -274,7 +274,7 @@ DETERMINISM_CASES = {
 
 
 def with_chunk(monkeypatch, chunk):
-    monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False, log=None:
+    monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False, log=None, local_rank=None:
                         CpuBackend(chunk=chunk, check_finite=not allow_nonfinite))
 
 
@@ -390,7 +390,7 @@ class VagueBackend(CpuBackend):
 @pytest.mark.parametrize("poisoned", ["model.embed_tokens.weight", Q1])
 @pytest.mark.parametrize("scope", ["tensor", "global"])
 def test_nonfinite_is_traced_to_its_file(own_family, tmp_path, capsys, monkeypatch, poisoned, scope):
-    monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False, log=None: VagueBackend())
+    monkeypatch.setattr(engine, "make_backend", lambda device, allow_nonfinite=False, log=None, local_rank=None: VagueBackend())
     fam = own_family
     ft2 = fam.finetunes[1]
     poison(ft2, poisoned, (0, 3), float("inf"))
