@@ -398,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcie-gbps", type=float, default=None, help="host-to-device bandwidth, GB/s")
     p.add_argument("--hbm-gbps", type=float, default=None, help="GPU memory bandwidth, GB/s")
     p.add_argument("--cpu-gbps", type=float, default=None, help="CPU backend throughput per input GB, GB/s")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="price a distributed run over N ranks (torchrun): each rank's shards, bytes and time")
+    p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="the merge's --max-shard-size (whole shards are what ranks share; default 5GB)")
 
     p = sub.add_parser("generate", help="write a synthetic base + fine-tunes from a shape recipe (for tests and benchmarks)",
                        description="Writes OUT/base and OUT/ft1..ftN in Hugging Face layout: realistic fine-tunes "

@@ -17,6 +17,7 @@ from .backends.base import STREAM_MIN
 
 from .config import DTYPES, MergeConfig, load_yaml
 from .errors import MergeInputError
+from .writer import group_by_size, parse_size
 from .plan import ElementPlan
 from .planning import Pass, plan_passes
 from .spec import LinesSpec, MethodSpec, make_spec
@@ -150,6 +151,8 @@ def _gb(n: int) -> str:
 
 
 def plan_command(args) -> int:
+    if args.world_size < 1:
+        raise MergeInputError(f"--world-size must be at least 1 (the number of torchrun ranks), got {args.world_size}.")
     lines_alpha = getattr(args, "lines_alpha", None)
     if args.config:
         from . import hub
@@ -205,4 +208,31 @@ def plan_command(args) -> int:
         print(f"  without the refine pass (skipped when the magnitudes pass settles every threshold, "
               f"usual for bf16): {without:,.0f} s ({without / 60:.1f} min)")
     print(f"  peak host memory ~{_gb(host)}" + (f", peak GPU memory ~{_gb(gpu)}" if device == "cuda" else ""))
+    if args.world_size > 1:
+        _print_world(spec, tensors, device, (read, pcie, hbm, cpu), args.world_size, parse_size(args.max_shard_size))
     return 0
+
+
+def _print_world(spec: MethodSpec, tensors: list[TensorCost], device: str, bandwidths, world: int,
+                 max_shard_size: int) -> None:
+    """A distributed run: whole shards per rank (the engine's assignment); every pass ends when its
+    slowest rank does (the ranks exchange statistics there)."""
+    from .distributed import assign_shards
+
+    shards = group_by_size([t.out_bytes for t in tensors], max_shard_size)
+    owners = assign_shards([sum(tensors[i].in_bytes for i in shard) for shard in shards], world)
+    per_rank = []
+    for rank in range(world):
+        mine = [tensors[i] for shard, owner in zip(shards, owners) if owner == rank for i in shard]
+        costs = _estimate(spec, mine, device, *bandwidths)[0] if mine else []
+        per_rank.append((mine, costs, owners.count(rank)))
+    print(f"  torchrun over {world} ranks ({len(shards)} output shard(s) of at most {_gb(max_shard_size)}, whole "
+          "shards per rank; bandwidths are each rank's own: ranks sharing one drive or link share its bandwidth)")
+    for rank, (mine, costs, n_shards) in enumerate(per_rank):
+        print(f"    rank {rank}: {n_shards} shard(s), {len(mine)} tensors, reads "
+              f"{_gb(sum(c.read_bytes for c in costs))}, predicted {sum(c.seconds for c in costs):,.1f} s")
+    n_passes = max(len(c) for _, c, _ in per_rank)
+    total = sum(max((c[p].seconds for _, c, _ in per_rank if c), default=0.0) for p in range(n_passes))
+    slowest = max(range(world), key=lambda r: sum(c.seconds for c in per_rank[r][1]))
+    print(f"  distributed total: predicted {total:,.1f} s ({total / 60:.1f} min); the slowest rank is rank {slowest}"
+          + ("; some ranks have no shard: a smaller --max-shard-size spreads the work" if len(shards) < world else ""))

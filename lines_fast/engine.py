@@ -608,10 +608,9 @@ class Engine:
         """Each output shard's rank (byte-balanced over what reading it costs) and this rank's
         tensors. The shards are the writer's (plan_shards' grouping does not depend on metadata)."""
         shards = plan_shards(entries, self.max_shard_size, {})
-        reference = inputs.base or inputs.models[0]
-        merged = set(plan.merged)
-        costs = [sum(self._input_bytes(inputs, [n]) if n in merged else reference.tensors[n].nbytes
-                     for n in shard.names) for shard in shards]
+        # A shard's cost: its tensors' bytes in every input (the rule `lines-fast plan` prices).
+        costs = [sum(c.tensors[n].nbytes for n in shard.names for c in inputs.all() if n in c.tensors)
+                 for shard in shards]
         owners = assign_shards(costs, self.world.size)
         mine = {n for shard, owner in zip(shards, owners) if owner == self.world.rank for n in shard.names}
         if self.world.size > 1:

@@ -84,6 +84,20 @@ class Shard:
     size: int
 
 
+def group_by_size(sizes: list[int], max_shard_size: int) -> list[list[int]]:
+    """The entries (indices, in order) of each shard: a new shard starts where the next tensor
+    would take the current one past max_shard_size bytes (plan_shards; `lines-fast plan`)."""
+    groups: list[list[int]] = [[]]
+    filled = 0
+    for i, nbytes in enumerate(sizes):
+        if groups[-1] and filled + nbytes > max_shard_size:
+            groups.append([])
+            filled = 0
+        groups[-1].append(i)
+        filled += nbytes
+    return groups
+
+
 def plan_shards(
     entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int, metadata: dict[str, str]
 ) -> list[Shard]:
@@ -92,17 +106,9 @@ def plan_shards(
     A new shard starts when the next tensor would take the current one's tensor bytes past
     max_shard_size; a tensor larger than the limit gets a shard of its own.
     """
-    groups: list[list[tuple[str, str, list[int], int]]] = [[]]
-    filled = 0
-    for name, dtype, shape in entries:
-        nbytes = dtype.itemsize
-        for d in shape:
-            nbytes *= d
-        if groups[-1] and filled + nbytes > max_shard_size:
-            groups.append([])
-            filled = 0
-        groups[-1].append((name, DTYPE_NAMES[dtype], list(shape), nbytes))
-        filled += nbytes
+    sizes = [dtype.itemsize * math.prod(shape) for _, dtype, shape in entries]
+    groups = [[(entries[i][0], DTYPE_NAMES[entries[i][1]], list(entries[i][2]), sizes[i]) for i in group]
+              for group in group_by_size(sizes, max_shard_size)]
     n = len(groups)
     shards = []
     for i, group in enumerate(groups):

@@ -170,6 +170,21 @@ def test_torchrun_launches_it(fam, tmp_path):
     assert files_of(out) == expected
 
 
+def test_plan_prices_the_shares_the_ranks_really_get(fam, tmp_path, capsys):
+    import re
+
+    from lines_fast import cli
+
+    cfg = config(fam, "ties", tmp_path)
+    results = run_ranks(3, lambda rank: merge_args(cfg, tmp_path / "out"))
+    assert all(rc == 0 for rc, _, _ in results), results[0][2]
+    ran = re.findall(r"rank (\d) on cpu: (\d+) shard\(s\), (\d+) tensors", results[0][1])
+    assert cli.main(["plan", str(cfg), "--world-size", "3", "--max-shard-size", SHARD, "--device", "cpu"]) == 0
+    planned = re.findall(r"rank (\d): (\d+) shard\(s\), (\d+) tensors", capsys.readouterr().out)
+    assert planned == ran and len(ran) == 3
+    assert sum(int(n) for _, n, _ in ran) == 10
+
+
 def test_shards_are_assigned_largest_first_to_the_least_loaded_rank():
     # By hand, largest first: 9 -> r0; 7 -> r1; 5 -> r2; 4 -> r2 (loads 9, 7, 5); 3 -> r1 (9, 7, 9);
     # 1 -> r0 (loads 9, 10, 9: the tie goes to the lower rank).
