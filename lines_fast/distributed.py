@@ -65,7 +65,9 @@ class World:
         return cls(rank, size, local)
 
     def join(self, use_cuda: bool) -> None:
-        """Join the process group: NCCL between GPUs, gloo between CPU processes."""
+        """Join the process group: gloo between CPU processes; with GPUs, NCCL for CUDA tensors and
+        gloo for CPU ones. Exchanges carry only small CPU objects, so they take gloo either way:
+        no GPU synchronisation, a dead peer noticed at once, and the same path CI tests."""
         if self.size == 1 or self._group is not None:
             return
         import torch
@@ -79,7 +81,7 @@ class World:
             raise MergeInputError(f"WORLD_SIZE={self.size} but {' and '.join(missing)} not set: launch a distributed "
                                   "merge with torchrun (torchrun --nproc-per-node N -m lines_fast merge ...).")
         try:
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=self.rank, world_size=self.size,
+            dist.init_process_group("cpu:gloo,cuda:nccl" if use_cuda else "gloo", rank=self.rank, world_size=self.size,
                                     timeout=timeout)
         except (RuntimeError, ValueError) as err:
             raise MergeInputError(f"rank {self.rank} of {self.size}: cannot join the process group at "
@@ -95,7 +97,7 @@ class World:
 
         gathered: list[Any] = [None] * self.size
         try:
-            dist.all_gather_object(gathered, (None, payload))
+            dist.all_gather_object(gathered, (None, payload))   # on the CPU: gloo (see join)
         except RuntimeError as err:
             raise RankFailure(
                 f"rank {self.rank} of {self.size} lost contact with the other ranks while {self.phase} ({err}). "
