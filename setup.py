@@ -10,7 +10,7 @@ setup(
     name="lines_fast",
     version="0.1.0",
     description="Fast, reference-exact model merging (TIES, DARE, task arithmetic, soups, WiSE-FT, LiNeS) for sharded safetensors checkpoints",
-    packages=["lines_fast", "lines_fast.backends", "lines_fast.kernels"],
+    packages=["lines_fast", "lines_fast.backends", "lines_fast.benchmark", "lines_fast.kernels"],
     package_dir={"lines_fast.kernels": "kernels"},
     python_requires=">=3.10",
     install_requires=[
