@@ -223,6 +223,7 @@ class Checkpoint:
         self.tensors = tensors
         self.files = files
         self._maps: dict[Path, mmap.mmap] = {}
+        self._bytes: dict[Path, torch.Tensor] = {}
         # Each file's size and mtime when its header was read: a file replaced or truncated
         # later (a re-download) would make the header's offsets lie, and reading past a
         # truncated end of a memory map kills the process (SIGBUS). tensor() checks first.
@@ -339,14 +340,21 @@ class Checkpoint:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         self._check_unchanged(info.file)
-        mm = self._map(info.file)
-        with warnings.catch_warnings():
-            # frombuffer warns that the buffer is not writable: read-only is the point.
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(mm, dtype=info.dtype, count=info.numel, offset=info.offset)
+        raw = self._file_bytes(info.file)[info.offset:info.offset + info.nbytes]
         if info.offset % info.dtype.itemsize:
-            t = t.clone()
-        return t.view(info.shape)
+            raw = raw.clone()
+        return raw.view(info.dtype).view(info.shape)
+
+    def _file_bytes(self, file: Path) -> torch.Tensor:
+        """The whole mapped file as one read-only uint8 tensor, made once per file: a tensor is a
+        slice of it (one frombuffer per tensor cost more than a 64-element merge)."""
+        whole = self._bytes.get(file)
+        if whole is None:
+            with warnings.catch_warnings():
+                # frombuffer warns that the buffer is not writable: read-only is the point.
+                warnings.simplefilter("ignore", UserWarning)
+                whole = self._bytes[file] = torch.frombuffer(self._map(file), dtype=torch.uint8)
+        return whole
 
     def _check_unchanged(self, file: Path) -> None:
         then, now = self._identity.get(file), _identity(file)
@@ -432,6 +440,7 @@ class Checkpoint:
         """Drops the maps. Never munmaps directly: views still alive keep their map (and
         unmapping under them would crash), so each map goes when its last view does."""
         self._maps.clear()
+        self._bytes.clear()
 
     def __enter__(self) -> "Checkpoint":
         return self

@@ -212,6 +212,15 @@ class ElementPlan:
         """The weights come per group from a Gram statistic (not the given weights)."""
         return self.coefficients is not Coefficients.GIVEN
 
+    @property
+    def elementwise(self) -> bool:
+        """Each output element depends only on the same element of the inputs and on numbers
+        shared by every tensor: no per-tensor statistic (tensor-scope thresholds, L1 factors, Gram
+        weights) and no draw keyed by the tensor's name and position. Then tensors may be merged
+        packed end to end, to the same bits (the engine packs small ones)."""
+        return (not self.drops and not self.grouped and self.rescale is not Rescale.L1
+                and not (self.trims and self.threshold_scope == "tensor"))
+
     def missing(self, stats: TensorStats | None) -> tuple[bool, bool, bool]:
         """(needs thresholds, needs factors, needs group weights) that `stats` does not have yet."""
         stats = stats or TensorStats()

@@ -17,9 +17,9 @@ class Progress:
             self._bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True,
                              unit_divisor=1000, file=sys.stderr, leave=False, dynamic_ncols=True)
 
-    def advance(self, nbytes: int) -> None:
-        """One more tensor done, nbytes of input read for it."""
-        self._tensors_done += 1
+    def advance(self, nbytes: int, tensors: int = 1) -> None:
+        """`tensors` more tensors done, nbytes of input read for them."""
+        self._tensors_done += tensors
         if self._bar is not None:
             if self._tensors_total:
                 self._bar.set_postfix_str(f"tensors {self._tensors_done}/{self._tensors_total}", refresh=False)
