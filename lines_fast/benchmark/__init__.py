@@ -28,7 +28,7 @@ What it does, and why each step is there:
    medians) and, when matplotlib is importable, a PNG bar chart, all under --out.
 
 The "reference" tool is `python -m lines_fast.benchmark reference CONFIG OUT`: a plain script
-that loads whole state dicts with safetensors, calls lines_fast.reference.merge_state_dicts
+that loads whole state dicts with safetensors, calls lines_fast.reference.merge_with_spec
 and saves the result with safetensors -- what a user without lines_fast would write.
 
 The harness, one concern a module:
