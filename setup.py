@@ -20,6 +20,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "pyyaml>=6",
         "tqdm>=4.60",
+        # numba: DARE / DELLA's Philox draws and the exact L1 sums compiled (lines_fast/jit.py,
+        # ~20x the torch code's speed, bit for bit); optional at run time, so a Python numba
+        # has no wheel for yet only loses the speed.
+        "numba>=0.59; python_version < '3.14'",
     ],
     extras_require={
         # huggingface_hub: Hub model names (org/name) as models; the tests run its real offline path.

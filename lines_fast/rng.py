@@ -104,6 +104,20 @@ def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int 
 
 
 def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device, stream: int) -> torch.Tensor:
+    if torch.device(device).type == "cpu":
+        from . import jit
+
+        fast = jit.compiled(numel)
+        if fast is not None:   # the same u, compiled (lines_fast/jit.py)
+            u = torch.empty(numel, dtype=torch.float32)
+            if numel:
+                fast.fill_uniform(start, u.numpy(), tensor_stream_id(name), model_index + (stream << 16),
+                                  seed & _MASK32, (seed >> 32) & _MASK32)
+            return u
+    return _draw_torch(seed, model_index, name, numel, start, device, stream)
+
+
+def _draw_torch(seed: int, model_index: int, name: str, numel: int, start: int, device, stream: int) -> torch.Tensor:
     j = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     c0 = j & _MASK32
     c1 = j >> 32

@@ -24,3 +24,26 @@ def test_empty_and_zero():
     assert s.value() == 0.0
     s.add(torch.zeros(5))
     assert s.value() == 0.0
+
+
+def test_compiled_sums_are_the_torch_sums(monkeypatch):
+    """lines_fast/jit.py's add_abs_bins: the same integer bins (so the same value) as the torch code."""
+    import pytest
+
+    from lines_fast import jit
+
+    if jit.kernels() is None:
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(50_000, generator=g) * torch.logspace(-44, 38, 50_000)
+    x[:6] = torch.tensor([0.0, -0.0, 1e-45, -3e38, 1.17549435e-38, 5e-40])
+    monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
+    torch_sum = AbsSum()
+    torch_sum.add(x)
+    monkeypatch.setattr(jit, "JIT_AFTER", 0)
+    compiled = AbsSum()
+    compiled.add(x[::2])       # a strided view: made contiguous first
+    compiled.add(x[1::2])
+    assert torch.equal(compiled.bins, torch_sum.bins)
+    exact = sum(Fraction(v) for v in x.abs().double().tolist())
+    assert compiled.value() == float(exact)

@@ -142,3 +142,21 @@ def test_float16_overflow_in_a_packed_tensor_names_it(fam, tmp_path):
     cfg["models"][0]["model"] = str(big)
     with pytest.raises(MergeInputError, match=f"tensor '{victim}'.*float16"):
         merge(cfg, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
+
+
+def test_dare_with_compiled_draws_and_sums_writes_the_same_bytes(fam, tmp_path, monkeypatch):
+    """The engine end to end with the compiled draws and L1 sums from the start (JIT_AFTER = 0)."""
+    from lines_fast import jit
+
+    if jit.kernels() is None:
+        pytest.skip("numba is not installed")
+    cfg = {**config(fam, "dare_ties"), "parameters": {"seed": 3}}
+    for m in cfg["models"]:
+        m["parameters"]["density"] = 0.4
+    options = dict(device="cpu", progress=False, log=lambda m: None)
+    monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)   # torch only
+    merge(cfg, tmp_path / "torch", **options)
+    monkeypatch.setattr(jit, "JIT_AFTER", 0)
+    merge(cfg, tmp_path / "jit", **options)
+    for f in sorted(p.name for p in (tmp_path / "torch").iterdir()):
+        assert (tmp_path / "jit" / f).read_bytes() == (tmp_path / "torch" / f).read_bytes(), f

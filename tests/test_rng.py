@@ -60,3 +60,33 @@ def test_dare_constants_are_float32_values():
     p, divisor = dare_constants(0.3)
     assert p == float(torch.tensor(0.7, dtype=torch.float32))
     assert divisor == float(torch.tensor(1.0 - p, dtype=torch.float32))
+
+
+# -- the compiled draws (lines_fast/jit.py) ----------------------------------------------------
+from lines_fast import jit, rng  # noqa: E402
+
+needs_numba = pytest.mark.skipif(jit.kernels() is None, reason="numba is not installed")
+
+
+@needs_numba
+@pytest.mark.parametrize("seed, model_index, name, start, numel, stream", [
+    (0, 0, "x", 0, 1 << 16, rng.DARE_STREAM),
+    (12345, 2, "model.layers.3.mlp.up_proj.weight", 999, 4097, rng.DARE_STREAM),
+    ((1 << 62) + 77, 1, "lm_head.weight", (1 << 32) - 50, 300, rng.DELLA_STREAM),   # c1 and k1 non-zero
+    ((1 << 63) - 1, 65535, "é", 1 << 40, 1000, rng.DELLA_STREAM),
+    (5, 0, "t", 7, 1, rng.DARE_STREAM),
+    (5, 0, "t", 7, 0, rng.DARE_STREAM),
+])
+def test_compiled_draws_are_the_torch_draws_bit_for_bit(seed, model_index, name, start, numel, stream, monkeypatch):
+    expected = rng._draw_torch(seed, model_index, name, numel, start, "cpu", stream)
+    monkeypatch.setattr(jit, "JIT_AFTER", 0)
+    got = rng._draw(seed, model_index, name, numel, start, "cpu", stream)
+    assert got.dtype == torch.float32 and got.shape == (numel,)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+def test_small_merges_never_load_the_compiler(monkeypatch):
+    monkeypatch.setattr(jit, "_work_in_torch", 0)
+    monkeypatch.setattr(jit, "kernels", lambda: pytest.fail("numba loaded for a small draw"))
+    rng._draw(0, 0, "x", 1000, 0, "cpu", rng.DARE_STREAM)
+    assert jit._work_in_torch == 1000
