@@ -88,7 +88,10 @@ def _add_merge_parser(sub) -> None:
     g.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32"],
                    help="output dtype (default: the base's); math is always float32")
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
-    g.add_argument("--tokenizer-source", metavar="DIR", help="copy tokenizer files from this model (default: base)")
+    g.add_argument("--tokenizer-source", metavar="SOURCE",
+                   help="the output's vocabulary, as the YAML's tokenizer_source: union (every model's tokens), "
+                        "base, or a model DIR; embedding and lm_head rows follow it (default: none, the base's "
+                        "tokenizer files copied as they are)")
     g.add_argument("--missing", choices=["error", "copy-base"],
                    help="a tensor the base has and a model lacks: error (default) or use the base's value")
     g.add_argument("--allow-nonfinite", action="store_true", default=None,
@@ -207,7 +210,7 @@ def _config_from_args(args):
             allow_nonfinite=args.allow_nonfinite,
             exclude=(config.exclude + args.exclude) if args.exclude else None,
             densities=list(args.density) if args.density else None, params=_params_from_args(args),
-            tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None)
+            tokenizer=_tokenizer_from_args(args))
         return config, Path(out)
     if not args.method:
         raise MergeInputError("no CONFIG.yml and no --method: give a config file, or --method, --base and "
@@ -228,9 +231,17 @@ def _config_from_args(args):
         base=model_path(args.base, "--base") if args.base else None, params=params, model_params=model_params,
         base_weight=args.base_weight, lines=_lines_from_args(args, None),
         out_dtype=out_dtype, exclude=list(args.exclude or []),
-        tokenizer_source=Path(args.tokenizer_source) if args.tokenizer_source else None,
+        tokenizer=_tokenizer_from_args(args),
         missing=args.missing or "error", allow_nonfinite=bool(args.allow_nonfinite))
     return validate(config), Path(out)
+
+
+def _tokenizer_from_args(args):
+    """--tokenizer-source as the YAML's tokenizer_source (a model given as a path or a Hub name)."""
+    if not args.tokenizer_source:
+        return None
+    from .config import parse_tokenizer
+    return parse_tokenizer({"tokenizer_source": args.tokenizer_source}, "--tokenizer-source")
 
 
 def _multi_config(args):

@@ -2,7 +2,8 @@
 
 What both tools share reads exactly as mergekit reads it: merge_method, base_model,
 models[].model, models[].parameters (per-model parameters), parameters (the method's own,
-and defaults for the per-model ones), dtype, out_dtype, tokenizer_source. Which parameters
+and defaults for the per-model ones), dtype, out_dtype, tokenizer_source, the tokenizer: block
+and chat_template (lines_fast/vocabulary.py). Which parameters
 a method takes, their defaults and ranges come from the method registry
 (lines_fast/methods.py) through spec.make_spec, the one validator; a key the method does
 not take is refused by name, never ignored. Our additions have keys of their own:
@@ -24,6 +25,7 @@ from .errors import MergeInputError
 from .methods import Inputs
 from .settings import check as check_setting, evaluate as evaluate_setting, filters as filters_of, is_setting
 from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, make_spec
+from .vocabulary import TokenizerSpec, TokenSource
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -33,18 +35,10 @@ DTYPES = {
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-             "tokenizer_source", "seed", "exclude", "lines", "name"}
+             "tokenizer_source", "tokenizer", "chat_template", "seed", "exclude", "lines", "name"}
 # mergekit keys we know and deliberately do not implement: refused with this reason.
 _REFUSED_TOP_KEYS = {
     "modules": "per-module configs (modules) are not supported",
-    "tokenizer": "the tokenizer: block is not supported. mergekit builds a new vocabulary there (the union of "
-                 "the models' tokens, or one model's) and rebuilds every embedding and lm_head row to follow it, "
-                 "taking a new token's row from the model that has it. lines_fast merges models of one vocabulary: "
-                 "give tokenizer_source: base (or a model path) to copy one model's tokenizer, or align the "
-                 "vocabularies first (resize the embeddings, then merge)",
-    "chat_template": "chat_template is not supported. mergekit writes it into the output's "
-                     "tokenizer_config.json; here, set it there after the merge (the file is copied from the base "
-                     "or tokenizer_source), e.g. tokenizer.chat_template = ... then tokenizer.save_pretrained(OUT)",
     "experts": "this is a mergekit-moe config (it builds a mixture-of-experts model out of dense ones); MoE "
                "construction is out of scope for lines_fast, which merges models of one architecture: use "
                "mergekit-moe for it",
@@ -76,7 +70,10 @@ class MergeConfig:
     lines: LinesSpec | None = None
     out_dtype: torch.dtype | None = None
     exclude: list[str] = field(default_factory=list)
-    tokenizer_source: Path | None = None
+    # tokenizer_source / the tokenizer: block: the output's vocabulary, every embedding row
+    # realigned to it (lines_fast/vocabulary.py); None: the base's tokenizer files, copied.
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None   # as given: auto, a built-in name, or the template
     missing: str = "error"          # or "copy-base": a tensor a model lacks takes the base's value
     allow_nonfinite: bool = False
     source: str = "command line"    # where this config came from, for messages
@@ -119,6 +116,10 @@ class MergeConfig:
             "out_dtype": DTYPE_NAMES.get(self.out_dtype) if self.out_dtype else None,
             "exclude": self.exclude,
         }
+        if self.tokenizer is not None:
+            out["tokenizer"] = self.tokenizer.as_dict()
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         if self.slices:
             out["slices"] = [{"base": [str(s.base.path), s.base.start, s.base.end] if s.base else None,
                               "models": [[str(r.path), r.start, r.end] for r in s.models]} for s in self.slices]
@@ -237,6 +238,9 @@ def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths:
                        for j, src in enumerate(sl["sources"]) if isinstance(src, dict)]
     if doc.get("tokenizer_source") not in (None, "base", "union"):
         references.append(("tokenizer_source", doc.get("tokenizer_source")))
+    block = doc.get("tokenizer")
+    if isinstance(block, dict) and block.get("source") not in (None, "base", "union"):
+        references.append(("tokenizer.source", block.get("source")))
     for where, value in references if check_paths else ():
         if not isinstance(value, str):
             continue   # refused with its type where it is read
@@ -310,14 +314,11 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_pa
                                 "a soup of the listed models only.")
         base_weight = params["weight"]
     out_dtype = doc.get("out_dtype") or doc.get("dtype")  # mergekit: the output takes dtype without out_dtype
-    tokenizer_source = doc.get("tokenizer_source")
-    if tokenizer_source is not None and not isinstance(tokenizer_source, str):
-        raise _fail(source, "tokenizer_source must be 'base' or a model path ('union' is not supported).")
-    if tokenizer_source == "union":
-        raise _fail(source, "tokenizer_source: union is not supported. mergekit would build the union of the models' "
-                            "vocabularies and rebuild every embedding and lm_head row to follow it; lines_fast merges "
-                            "models of one vocabulary. Use tokenizer_source: base (or a model path), or align the "
-                            "vocabularies first.")
+    tokenizer = parse_tokenizer(doc, source, resolve)
+    chat_template = doc.get("chat_template")
+    if chat_template is not None and not isinstance(chat_template, str):
+        raise _fail(source, f"chat_template must be a string (auto, a template's name, or the Jinja template), "
+                            f"got {chat_template!r}.")
     exclude = doc.get("exclude") or []
     if isinstance(exclude, str):
         exclude = [exclude]
@@ -335,11 +336,74 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_pa
         lines=parse_lines(doc["lines"], source) if doc.get("lines") is not None else None,
         out_dtype=parse_dtype(out_dtype, source, "out_dtype") if out_dtype else None,
         exclude=list(exclude),
-        tokenizer_source=(None if tokenizer_source in (None, "base")
-                          else resolve(_model_path(tokenizer_source, source, "tokenizer_source"))),
+        tokenizer=tokenizer,
+        chat_template=chat_template,
         source=source,
     )
     return validate(config)
+
+
+def parse_tokenizer(doc: dict, source: str, resolve=lambda p: p) -> TokenizerSpec | None:
+    """tokenizer_source or the tokenizer: block (mergekit's TokenizerConfig), as one TokenizerSpec."""
+    given, block = doc.get("tokenizer_source"), doc.get("tokenizer")
+    if given is not None and block is not None:
+        raise _fail(source, "give tokenizer_source or a tokenizer: block, not both (mergekit refuses both too); "
+                            "tokenizer: {source: ...} says the same as tokenizer_source.")
+    dtype = parse_dtype(doc["dtype"], source, "dtype") if doc.get("dtype") else None
+
+    def source_of(value: Any, where: str) -> str | Path:
+        if value in ("union", "base"):
+            return value
+        if not isinstance(value, (str, Path)):
+            raise _fail(source, f"{where} must be union, base or a model path, got {value!r}.")
+        return resolve(_model_path(value, source, where))
+
+    if block is None:
+        return None if given is None else TokenizerSpec(source_of(given, "tokenizer_source"), dtype=dtype)
+    if not isinstance(block, dict):
+        raise _fail(source, f"tokenizer: must be a mapping (source, tokens, pad_to_multiple_of), got {block!r}.")
+    _refuse_unknown(block, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer", source)
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise _fail(source, f"tokenizer.pad_to_multiple_of must be a positive integer, got {pad!r}.")
+    tokens_doc = block.get("tokens") or {}
+    if not isinstance(tokens_doc, dict):
+        raise _fail(source, "tokenizer.tokens must map each token to {source: ..., force: ...}.")
+    tokens = []
+    for token, entry in tokens_doc.items():
+        where = f"tokenizer.tokens[{token!r}]"
+        entry = entry or {}
+        if not isinstance(entry, dict):
+            raise _fail(source, f"{where} must be a mapping with source (a model path, {{kind: zero}} or "
+                                "{kind: model_token, model: PATH, token: T | token_id: N}) and force.")
+        _refuse_unknown(entry, {"source", "force"}, where, source)
+        force = entry.get("force", False)
+        if not isinstance(force, bool):
+            raise _fail(source, f"{where}.force must be true or false, got {force!r}.")
+        src = entry.get("source")
+        if src is None:
+            tokens.append((str(token), TokenSource(force=force)))
+        elif isinstance(src, dict):
+            kind = src.get("kind")
+            if kind == "zero":
+                _refuse_unknown(src, {"kind"}, f"{where}.source", source)
+                tokens.append((str(token), TokenSource("zero", force=force)))
+            elif kind == "model_token":
+                _refuse_unknown(src, {"kind", "model", "token", "token_id"}, f"{where}.source", source)
+                if (src.get("token") is None) == (src.get("token_id") is None):
+                    raise _fail(source, f"{where}.source: give exactly one of token and token_id (as mergekit).")
+                tid = src.get("token_id")
+                if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int)):
+                    raise _fail(source, f"{where}.source.token_id must be an integer, got {tid!r}.")
+                tokens.append((str(token), TokenSource(
+                    "model_token", resolve(_model_path(src.get("model"), source, f"{where}.source.model")),
+                    None if src.get("token") is None else str(src["token"]), tid, force)))
+            else:
+                raise _fail(source, f"{where}.source.kind must be zero or model_token, got {kind!r}.")
+        else:
+            tokens.append((str(token), TokenSource("model", resolve(_model_path(src, source, f"{where}.source")),
+                                                                    force=force)))
+    return TokenizerSpec(source_of(block.get("source", "union"), "tokenizer.source"), tuple(tokens), pad, dtype)
 
 
 def _models_list(models_doc: Any, source: str, resolve) -> tuple[list[Path], dict[str, list]]:

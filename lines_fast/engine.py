@@ -31,6 +31,7 @@ from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_override
 from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput
 from .layers import depth_fractions, lines_scales
+from . import vocabulary
 from .lora import AdapterCheckpoint, is_adapter
 from .settings import filters as filters_of
 from .plan import ElementPlan
@@ -98,6 +99,8 @@ class _Inputs:
     depths: dict[str, float] | None = None
     layers: int | None = None
     slice_of: dict[str, int] | None = None   # each output tensor's slice
+    # With tokenizer_source / tokenizer: the output vocabulary (None: the source's tokenizer is copied).
+    vocabulary: "vocabulary.Built | None" = None
 
     def all(self) -> list[Checkpoint]:
         return ([self.base] if self.base else []) + self.models
@@ -166,9 +169,57 @@ def load_config(config_or_path: Any) -> MergeConfig:
 
 
 # -- opening and checking the inputs ------------------------------------------------------
-def open_inputs(config: MergeConfig) -> _Inputs:
+def open_inputs(config: MergeConfig, log: Callable[[str], None] = _log_to_stderr) -> _Inputs:
     """The config's checkpoints, headers read: the base and the models, or with slices their
-    virtual checkpoints (each role's layer ranges renumbered into the output's layers)."""
+    virtual checkpoints (each role's layer ranges renumbered into the output's layers); with a
+    tokenizer_source, every vocabulary tensor's rows in the output vocabulary's order."""
+    inputs = _open(config)
+    if config.tokenizer is not None:
+        try:
+            _realign_vocabulary(config, inputs, log)
+        except BaseException:
+            inputs.close()
+            raise
+    return inputs
+
+
+def _realign_vocabulary(config: MergeConfig, inputs: _Inputs, log: Callable[[str], None]) -> None:
+    """Build the output vocabulary (lines_fast/vocabulary.py) and wrap the inputs whose rows move."""
+    from .slices import same_model
+
+    every = inputs.all()
+    base_index = 0 if inputs.base is not None else None
+    try:
+        built = vocabulary.build(config.tokenizer, [c.path for c in every], [c.label for c in every], base_index, log)
+    except MergeInputError as err:
+        raise MergeInputError(f"{config.source}: {err}") from None
+    if built is None:
+        log(f"tokenizer_source: {config.tokenizer.source}: no model has a tokenizer.json, so there is no vocabulary "
+            "to realign to: copying its tokenizer files as they are")
+        return
+    inputs.vocabulary = built
+
+    def model_index(path: Path) -> int | None:
+        return next((j for j, c in enumerate(every) if same_model(c.path, path)), None)
+
+    for _, token in config.tokenizer.tokens:
+        if token.model is not None and model_index(token.model) is None:
+            raise MergeInputError(f"{config.source}: tokenizer.tokens takes a row from {token.model}, which is not "
+                                  "among this merge's models; name one of them.")
+    aligned = vocabulary.realigned(every, built, config.tokenizer, base_index, model_index)
+    if aligned is every:
+        return
+    if config.slices:
+        raise MergeInputError(f"{config.source}: the models' vocabularies differ, and realigning embedding rows "
+                              "of sliced inputs is not supported; merge whole models (models:), or give models "
+                              "of one vocabulary.")
+    if inputs.base is not None:
+        inputs.base, inputs.models = aligned[0], aligned[1:]
+    else:
+        inputs.models = aligned
+
+
+def _open(config: MergeConfig) -> _Inputs:
     if config.slices:
         from .slices import views
         sliced = views(config.slices, lambda p: Checkpoint.open(p, label=str(p)), config.source)
@@ -513,16 +564,16 @@ class Engine:
 
     def _run(self, started: float) -> MergeResult:
         config, spec, world = self.config, self.spec, self.world
-        inputs = open_inputs(config)
+        inputs = open_inputs(config, self.log)
         writer = None
         try:
             # Every path the merge reads, links resolved by check_output_dir: nothing it reads may
             # be where it writes.
             read = [p for c in inputs.all() for p in [*c.paths, *c.files]]
-            if config.tokenizer_source is not None:
-                read.append(config.tokenizer_source)
+            if config.tokenizer is not None and isinstance(config.tokenizer.source, Path):
+                read.append(config.tokenizer.source)
             check_output_dir(self.out_dir, read, force=self.force)
-            tok_files = self._tokenizer_files()
+            tok_files = self._tokenizer_files(inputs)
             plan = _plan_tensors(config, inputs, self.log)
             self._slice_of = inputs.slice_of
             self._resolve_tensor_specs(plan.merged, inputs.depths)
@@ -789,25 +840,40 @@ class Engine:
                 f"index and the copied files), but {human_bytes(free)} are free. Free some space or choose "
                 "another OUT_DIR.")
 
-    def _tokenizer_files(self) -> list[Path] | None:
-        """The tokenizer files of tokenizer_source (None without one); read before merging, so a
-        bad path fails at the start, not after the last shard."""
-        if self.config.tokenizer_source is None:
-            return None
-        tok = Checkpoint.open(self.config.tokenizer_source, label=f"tokenizer_source {self.config.tokenizer_source}")
-        try:
-            return [f for f in tok.aux_files() if f.name.startswith(("tokenizer", "special_tokens", "vocab",
-                                                                     "merges", "added_tokens", "chat_template"))]
-        finally:
-            tok.close()
+    def _tokenizer_files(self, inputs: _Inputs) -> list[Path]:
+        """The output's tokenizer files: the tokenizer source's (the base's, or the first model's),
+        rewritten for the built vocabulary and the chat template (lines_fast/vocabulary.py) in a
+        scratch directory. Read before merging, so a bad path or template fails at the start."""
+        config = self.config
+        if config.tokenizer is not None and isinstance(config.tokenizer.source, Path):
+            folder = config.tokenizer.source
+            tok = Checkpoint.open(folder, label=f"tokenizer_source {folder}")
+            try:
+                files = tok.aux_files()
+            finally:
+                tok.close()
+        else:
+            files = (inputs.base or inputs.models[0]).aux_files()
+            folder = (inputs.base or inputs.models[0]).path
+        files = [f for f in files if f.name.startswith(vocabulary.TOKENIZER_PREFIXES)]
+        template = None
+        if config.chat_template is not None:
+            template = vocabulary.chat_template(config.chat_template, [c.path for c in inputs.all()], config.source)
+            if template is None:
+                self.log("chat_template: auto: no model has a chat template; the output keeps its source's (none)")
+            elif not files:
+                raise MergeInputError(f"{config.source}: chat_template is given, but {folder} has no tokenizer files "
+                                      "to write it into (mergekit would skip it with a warning). Give a "
+                                      "tokenizer_source that has a tokenizer, or drop chat_template.")
+        self._scratch = tempfile.TemporaryDirectory(prefix="lines-fast-tokenizer-")
+        return vocabulary.output_files(files, inputs.vocabulary, template, Path(self._scratch.name), self.log)
 
-    def _aux_files(self, inputs: _Inputs, plan: _Plan, scratch: Path, tok_files: list[Path] | None) -> list[Path]:
-        """config.json etc. from the base (or first model); tokenizer files from tokenizer_source."""
+    def _aux_files(self, inputs: _Inputs, plan: _Plan, scratch: Path, tok_files: list[Path]) -> list[Path]:
+        """config.json etc. from the base (or first model); tokenizer files from _tokenizer_files."""
         source = inputs.base or inputs.models[0]
-        files = list(source.aux_files())
-        if tok_files is not None:
-            names = {f.name for f in tok_files}
-            files = [f for f in files if f.name not in names] + tok_files
+        names = {f.name for f in tok_files}
+        files = [f for f in source.aux_files()
+                 if f.name not in names and not f.name.startswith(vocabulary.TOKENIZER_PREFIXES)] + tok_files
         updates = {}
         if self.config.out_dtype is not None:
             # The model's declared dtype should describe the merged weights: transformers 4 reads
@@ -815,6 +881,8 @@ class Engine:
             updates["torch_dtype"] = updates["dtype"] = DTYPE_NAMES[self.config.out_dtype]
         if inputs.layers is not None:
             updates["num_hidden_layers"] = inputs.layers   # slices: the output's own depth
+        if inputs.vocabulary is not None:
+            updates["vocab_size"] = inputs.vocabulary.rows   # the built vocabulary's (mergekit sets it too)
         patched = []
         for f in files:
             if f.name == "config.json" and updates:
@@ -829,6 +897,10 @@ class Engine:
                         del updates["num_hidden_layers"]
                     if "dtype" in updates and "dtype" not in cfg and "torch_dtype" not in cfg:
                         del updates["dtype"]
+                    if "vocab_size" in updates and "vocab_size" not in cfg:
+                        rows = updates.pop("vocab_size")
+                        if isinstance(cfg.get("text_config"), dict) and "vocab_size" in cfg["text_config"]:
+                            cfg["text_config"]["vocab_size"] = rows
                     cfg.update(updates)
                     f = scratch / "config.json"
                     f.write_text(json.dumps(cfg, indent=2) + "\n")

@@ -175,11 +175,11 @@ def test_a_config_lists_all_its_first_problems_at_once(fam, capsys):
     """Refused keys, unknown keys, an unknown method and missing model paths: one paragraph with
     every one of them, numbered, instead of one per attempt."""
     cfg = fam / "c.yml"
-    cfg.write_text(f"merge_method: karcher\nbase_model: {fam / 'base'}\ntokenizer: {{source: union}}\n"
+    cfg.write_text(f"merge_method: karcher\nbase_model: {fam / 'base'}\nmodules: {{text: {{}}}}\n"
                    f"frobnicate: 1\nmodels:\n  - model: {fam / 'nope1'}\n  - model: {fam / 'ft1'}\n"
                    f"  - model: {fam / 'nope2'}\n")
     msg = refused(capsys, fam, ["merge", cfg, fam / "out"])
     assert "5 problems" in msg and "(5)" in msg
-    for words in ("'tokenizer'", "frobnicate", "karcher", "models[0].model", "models[2].model"):
+    for words in ("'modules'", "frobnicate", "karcher", "models[0].model", "models[2].model"):
         assert words in msg, words
     assert "models[1]" not in msg

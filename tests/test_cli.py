@@ -433,9 +433,6 @@ def test_unknown_yaml_keys(fam, capsys, edit, words):
 
 @pytest.mark.parametrize("edit,words", [
     (lambda d: d.update(modules={"text_decoder": {"models": []}}), ["modules"]),
-    (lambda d: d.update(tokenizer_source="union"), ["union"]),
-    (lambda d: d.update(tokenizer={"source": "union"}), ["tokenizer", "union"]),
-    (lambda d: d.update(chat_template="chatml"), ["chat_template"]),
     (lambda d: d["parameters"].update(rescale="l2"), ["rescale", "true | false"]),
 ])
 def test_unsupported_mergekit_features_refused_by_name(fam, capsys, edit, words):
