@@ -202,11 +202,10 @@ def _realign_vocabulary(config: MergeConfig, inputs: _Inputs, log: Callable[[str
     def model_index(path: Path) -> int | None:
         return next((j for j, c in enumerate(every) if same_model(c.path, path)), None)
 
-    for _, token in config.tokenizer.tokens:
-        if token.model is not None and model_index(token.model) is None:
-            raise MergeInputError(f"{config.source}: tokenizer.tokens takes a row from {token.model}, which is not "
-                                  "among this merge's models; name one of them.")
-    aligned = vocabulary.realigned(every, built, config.tokenizer, base_index, model_index)
+    try:
+        aligned = vocabulary.realigned(every, built, config.tokenizer, base_index, model_index)
+    except MergeInputError as err:
+        raise MergeInputError(f"{config.source}: {err}") from None
     if aligned is every:
         return
     if config.slices:

@@ -273,11 +273,17 @@ def build(spec: TokenizerSpec, folders: list[Path], labels: list[str], base_inde
             for idx in sorted(v.added):
                 if idx < limit:
                     entry = v.added[idx]
-                    if entry["content"] in added and any(added[entry["content"]].get(f) != entry.get(f)
-                                                         for f in _FLAGS):
+                    first_seen = added.setdefault(entry["content"], entry)
+                    if bool(first_seen.get("special")) != bool(entry.get("special")):
+                        raise MergeInputError(
+                            f"token {entry['content']!r} is a special token in one model's tokenizer and an "
+                            f"ordinary one in another's ({labels[i]}, {v.file}): a union of the two cannot "
+                            "tokenize it both ways (mergekit keeps the first model's setting with a warning). "
+                            "Use tokenizer_source: base (or a model's path) to take one tokenizer as it is, or "
+                            "fix the tokenizer whose setting is wrong.")
+                    if any(first_seen.get(f) != entry.get(f) for f in _FLAGS):
                         log(f"token {entry['content']!r} is added with other settings in {labels[i]}; "
                             "the first model's settings are kept (as mergekit)")
-                    added.setdefault(entry["content"], entry)
         for token in plain:
             if token not in added and token not in base.ids:
                 out.add_plain(token)
@@ -480,6 +486,25 @@ class RealignedCheckpoint:
         self._inner.close()
 
 
+def _check_token_sources(built: Built, spec: TokenizerSpec, model_index: Callable[[Path], int | None],
+                         labels: list[str]) -> None:
+    """The tokens: entries that name a model's row, checked before any row is read."""
+    for token, cfg in spec.tokens:
+        if cfg.model is None:
+            continue
+        j = model_index(cfg.model)
+        where = f"tokenizer.tokens[{token!r}]"
+        if j is None:
+            raise MergeInputError(f"{where} takes its row from {cfg.model}, which is not among this merge's models; "
+                                  "name one of them.")
+        if cfg.kind == "model" and built.row_maps[j][built.ids[token]] < 0:
+            raise MergeInputError(f"{where} takes its row from {labels[j]}, whose vocabulary lacks that token (mergekit "
+                                  "stops there too); pick a model that has it, or a {kind: model_token, model: ..., "
+                                  "token: ...} source.")
+        if cfg.kind == "model_token" and cfg.token is not None and cfg.token not in built.originals[j]:
+            raise MergeInputError(f"{where}: token {cfg.token!r} is not in the vocabulary of {labels[j]}.")
+
+
 def realigned(inputs: list, built: Built, spec: TokenizerSpec, base_index: int | None,
               model_index: Callable[[Path], int | None]) -> list:
     """The inputs, their vocabulary tensors realigned (unchanged inputs when nothing moves)."""
@@ -494,6 +519,7 @@ def realigned(inputs: list, built: Built, spec: TokenizerSpec, base_index: int |
             if info.shape[0] <= top:
                 raise MergeInputError(f"tensor '{n}' of {c.label} has {info.shape[0]} rows, but its vocabulary "
                                       f"has token ids up to {top}: the tokenizer does not belong to these weights.")
+    _check_token_sources(built, spec, model_index, [c.label for c in inputs])
     rows = [c.tensors[n].shape[0] for c in inputs for n in names if n in c.tensors]
     if not names or built.is_identity(rows):
         return inputs
@@ -518,7 +544,7 @@ def chat_template(value: str, folders: list[Path], source: str) -> str | None:
     """The chat template to write: `auto` (the most common among the inputs, mergekit's choice), a
     built-in name (chatml), or the template itself; None when auto finds none."""
     if value == "auto":
-        found = [t for t in (_template_of(f) for f in folders) if t]
+        found = [t for t in (template_of(f) for f in folders) if t]
         return Counter(found).most_common(1)[0][0] if found else None
     if len(value) < 256 and "\n" not in value and "{" not in value:
         if value in BUILT_IN_TEMPLATES:
@@ -532,7 +558,7 @@ def chat_template(value: str, folders: list[Path], source: str) -> str | None:
     return value
 
 
-def _template_of(folder: Path) -> str | None:
+def template_of(folder: Path) -> str | None:
     """A model's chat template: chat_template.jinja, or tokenizer_config.json's chat_template
     (its `default` entry when it lists several), stripped (mergekit compares them stripped)."""
     folder = Path(folder)
