@@ -146,6 +146,26 @@ def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
         inputs.close()
 
 
+def _realigned_bytes(config: MergeConfig) -> int:
+    """Host memory of the realigned vocabulary rows (tokenizer_source): one vocabulary tensor of
+    every input, held whole while it is merged (lines_fast/vocabulary.py)."""
+    from . import hub
+    from .engine import open_inputs
+    from .vocabulary import RealignedCheckpoint
+
+    if any(hub.remote(p) for p in ([config.base] if config.base else []) + list(config.models)):
+        return 0   # headers only: no tokenizer to read yet
+    inputs = open_inputs(config, log=lambda _: None)
+    try:
+        held = [c for c in inputs.all() if isinstance(c, RealignedCheckpoint)]
+        if not held:
+            return 0
+        names = held[0].realigned_names
+        return max(sum(c.tensors[n].nbytes for c in held) for n in names)
+    finally:
+        inputs.close()
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
@@ -189,6 +209,8 @@ def plan_command(args) -> int:
     hbm = args.hbm_gbps or DEFAULT_HBM_GBPS
     cpu = args.cpu_gbps or DEFAULT_CPU_GBPS
     costs, host, gpu = _estimate(spec, tensors, device, read, pcie, hbm, cpu)
+    realigned = _realigned_bytes(config) if args.config and config.tokenizer is not None else 0
+    host += realigned
     params = sum(t.numel for t in tensors)
     print(f"plan for {what}")
     print(f"  {len(tensors)} tensors, {params / 1e9:.2f} B parameters per model; "
@@ -207,7 +229,8 @@ def plan_command(args) -> int:
         without = total_s - refine[0].seconds
         print(f"  without the refine pass (skipped when the magnitudes pass settles every threshold, "
               f"usual for bf16): {without:,.0f} s ({without / 60:.1f} min)")
-    print(f"  peak host memory ~{_gb(host)}" + (f", peak GPU memory ~{_gb(gpu)}" if device == "cuda" else ""))
+    print(f"  peak host memory ~{_gb(host)}" + (f", peak GPU memory ~{_gb(gpu)}" if device == "cuda" else "")
+          + (f" (of which {_gb(realigned)}: every input's realigned embedding rows, held whole)" if realigned else ""))
     if args.world_size > 1:
         _print_world(spec, tensors, device, (read, pcie, hbm, cpu), args.world_size, parse_size(args.max_shard_size))
     return 0

@@ -11,7 +11,7 @@
       - model: code-ft
 
 As mergekit-multi: every document but at most one has a `name`; a model reference (`model`,
-`base_model`, `tokenizer_source`) equal to a merge's name is that merge's output; merges run
+`base_model`, `tokenizer_source`, the tokenizer: block's `source`) equal to a merge's name is that merge's output; merges run
 after the ones they use (a cycle is refused). Named merges go to the intermediate directory
 (--intermediate-dir, default OUT_DIR-intermediate) and the unnamed one to OUT_DIR; when every
 document is named, OUT_DIR is the intermediate directory. Each merge is published atomically by
@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from .errors import MergeInputError
 
-_REFERENCE_KEYS = ("model", "base_model", "tokenizer_source")
+_REFERENCE_KEYS = ("model", "base_model", "tokenizer_source", "source")   # source: the tokenizer: block
 
 
 @dataclass

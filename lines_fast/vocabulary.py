@@ -460,6 +460,10 @@ class RealignedCheckpoint:
                 numel *= d
             self.tensors[name] = replace(info, shape=shape, dtype=dtype, nbytes=numel * dtype.itemsize)
 
+    @property
+    def realigned_names(self) -> list[str]:
+        return sorted(self._realigner.names)
+
     def __getattr__(self, attr):   # label, path, paths, files, aux_files, ... are the input's
         return getattr(self._inner, attr)
 

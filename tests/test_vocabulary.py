@@ -326,3 +326,16 @@ def test_the_triton_path_merges_realigned_rows_alike(family, capsys):
     a, b = load(f["root"] / "cpu"), load(f["root"] / "interp")
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_plan_counts_the_realigned_rows(family, capsys):
+    f = family
+    cfg = f["root"] / "p.yml"
+    cfg.write_text(yaml.safe_dump(ta_doc(f["base"], [f["ft1"], f["ft2"]], tokenizer_source="union")))
+    assert main(["plan", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "realigned embedding rows" in out
+    from lines_fast.config import load_yaml
+    from lines_fast.cost import _realigned_bytes
+    # 3 inputs x 17 rows x 8 x 2 bytes (bfloat16) for one vocabulary tensor at a time.
+    assert _realigned_bytes(load_yaml(cfg)) == 3 * 17 * H * 2
