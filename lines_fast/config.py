@@ -135,6 +135,26 @@ def _fail(source: str, message: str) -> MergeInputError:
     return MergeInputError(f"{source}: {message}")
 
 
+def problems_of(err: MergeInputError, source: str) -> list[str]:
+    """The problems an error reports (several where it lists them), without the file's name."""
+    listed = getattr(err, "problems", None)
+    if listed:
+        return list(listed)
+    text = str(err)
+    return [text[len(source) + 2:].rstrip(".") if text.startswith(f"{source}: ") else text.rstrip(".")]
+
+
+def refusal(source: str, problems: list[str]) -> MergeInputError:
+    """One paragraph for all of a config's problems, numbered when there are several."""
+    if len(problems) == 1:
+        err = MergeInputError(f"{source}: {problems[0]}.")
+    else:
+        err = MergeInputError(f"{source}: {len(problems)} problems: "
+                              + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(problems)) + ".")
+    err.problems = problems
+    return err
+
+
 def parse_dtype(name: Any, source: str, key: str) -> torch.dtype:
     if isinstance(name, torch.dtype) and name in DTYPE_NAMES:
         return name
@@ -212,14 +232,17 @@ def _model_path(value: Any, source: str, where: str) -> Path:
     return hub.resolve(value, f"{source}: {where}")
 
 
-def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths: bool) -> None:
+def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths: bool) -> list[str]:
     """The problems a config shows before any parameter is read, all at once: keys lines_fast
-    refuses or does not know, the method, and (check_paths) local model paths that do not exist."""
+    refuses or does not know, the method, and (check_paths) local model paths that do not exist.
+    Raised at once where the rest cannot be read (no method, no models, a missing path); keys
+    alone are returned, to be listed with the problems found further on."""
     problems = [f"'{key}': {reason}" for key, reason in _REFUSED_TOP_KEYS.items() if key in doc]
     unknown = set(doc) - _TOP_KEYS - set(_REFUSED_TOP_KEYS)
     if unknown:
         problems.append(f"the config: unknown key(s) {', '.join(sorted(unknown))}; lines_fast reads "
                         f"{', '.join(sorted(_TOP_KEYS))}")
+    keys_only = len(problems)   # problems that leave the rest of the file readable
     if "merge_method" not in doc:
         problems.append(f"merge_method is missing; one of {', '.join(methods.names())}")
     elif doc["merge_method"] not in methods.REGISTRY:
@@ -251,11 +274,9 @@ def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths:
             continue   # a Hub name is fetched (or refused) where it is read
         problems.append(f"{where}: {hub.lora_syntax(value)}" if "+" in value else
                         f"{where}: {value} does not exist (a local path, or a Hub name org/name)")
-    if len(problems) == 1:
-        raise _fail(source, problems[0] + ".")
-    if problems:
-        raise _fail(source, f"{len(problems)} problems: " + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(problems))
-                    + ".")
+    if len(problems) > keys_only:
+        raise refusal(source, problems)
+    return problems
 
 
 def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_paths: bool = False) -> MergeConfig:
@@ -263,7 +284,17 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_pa
     local model paths that do not exist with the other first problems (a config file's check)."""
     if not isinstance(doc, dict):
         raise _fail(source, "the config must be a YAML mapping with merge_method, base_model and models.")
-    _refuse_problems(doc, source, base_dir, check_paths)
+    key_problems = _refuse_problems(doc, source, base_dir, check_paths)
+    try:
+        return _read_document(doc, source, base_dir, key_problems)
+    except MergeInputError as err:
+        if getattr(err, "complete", False) or not key_problems:
+            raise
+        raise refusal(source, key_problems + problems_of(err, source)) from None
+
+
+def _read_document(doc: dict, source: str, base_dir: Path | None, key_problems: list[str]) -> MergeConfig:
+    """from_yaml_dict past the first checks; its final refusal lists key_problems too."""
     method = methods.get(doc["merge_method"], source)
 
     def resolve(p: Path) -> Path:
@@ -313,17 +344,32 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_pa
                                 "default weight of every model, the base included), or remove base_model for "
                                 "a soup of the listed models only.")
         base_weight = params["weight"]
+    # From here on each part is read on its own, and all their problems are reported together.
+    problems: list[str] = list(key_problems)
+
+    def attempt(read, default=None):
+        try:
+            return read()
+        except MergeInputError as err:
+            problems.extend(problems_of(err, source))
+            return default
+
+    def read_chat_template():
+        value = doc.get("chat_template")
+        if value is not None and not isinstance(value, str):
+            raise _fail(source, f"chat_template must be a string (auto, a template's name, or the Jinja template), "
+                                f"got {value!r}.")
+        return value
+
+    def read_exclude():
+        exclude = doc.get("exclude") or []
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
+            raise _fail(source, f"exclude must be a regex or a list of regexes (strings), got {exclude!r}.")
+        return exclude
+
     out_dtype = doc.get("out_dtype") or doc.get("dtype")  # mergekit: the output takes dtype without out_dtype
-    tokenizer = parse_tokenizer(doc, source, resolve)
-    chat_template = doc.get("chat_template")
-    if chat_template is not None and not isinstance(chat_template, str):
-        raise _fail(source, f"chat_template must be a string (auto, a template's name, or the Jinja template), "
-                            f"got {chat_template!r}.")
-    exclude = doc.get("exclude") or []
-    if isinstance(exclude, str):
-        exclude = [exclude]
-    if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
-        raise _fail(source, f"exclude must be a regex or a list of regexes (strings), got {exclude!r}.")
     config = MergeConfig(
         method=method.name,
         models=models,
@@ -333,14 +379,19 @@ def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_pa
         params=params,
         model_params=model_params,
         base_weight=base_weight,
-        lines=parse_lines(doc["lines"], source) if doc.get("lines") is not None else None,
-        out_dtype=parse_dtype(out_dtype, source, "out_dtype") if out_dtype else None,
-        exclude=list(exclude),
-        tokenizer=tokenizer,
-        chat_template=chat_template,
+        lines=attempt(lambda: parse_lines(doc["lines"], source) if doc.get("lines") is not None else None),
+        out_dtype=attempt(lambda: parse_dtype(out_dtype, source, "out_dtype") if out_dtype else None),
+        exclude=list(attempt(read_exclude, [])),
+        tokenizer=attempt(lambda: parse_tokenizer(doc, source, resolve)),
+        chat_template=attempt(read_chat_template),
         source=source,
     )
-    return validate(config)
+    config = attempt(lambda: validate(config), config)
+    if problems:
+        err = refusal(source, problems)
+        err.complete = True
+        raise err
+    return config
 
 
 def parse_tokenizer(doc: dict, source: str, resolve=lambda p: p) -> TokenizerSpec | None:

@@ -183,50 +183,71 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
             return f"{labels[first]}: "
         return ""
 
+    # Every problem with the parameters is collected and reported at once, not the first alone.
+    problems: list[str] = []
+
+    def problem(text: str) -> None:
+        problems.append(text[len(prefix):] if prefix and text.startswith(prefix) else text)
+
     for name in list(values) + list(model_values):
         if not definition.takes(name):
             taken = ", ".join(p.name for p in definition.params) or "none"
             source = given_by(name) if name in model_values else ""
-            raise MergeInputError(f"{prefix}{source}{name} is not a parameter of {method}, so it would be ignored; "
-                                  f"remove it (the parameters of {method} are: {taken}).")
+            problem(f"{source}{name} is not a parameter of {method}, so it would be ignored; "
+                    f"remove it (the parameters of {method} are: {taken})")
     for name in model_values:
-        if not definition.param(name).per_model:
-            raise MergeInputError(f"{prefix}{given_by(name)}{name} is one value for the whole {method} merge, not "
-                                  "a per-model parameter; give it under the top-level parameters.")
+        if definition.takes(name) and not definition.param(name).per_model:
+            problem(f"{given_by(name)}{name} is one value for the whole {method} merge, not "
+                    "a per-model parameter; give it under the top-level parameters")
     if lines is not None and values.get("lambda") is not None:
-        raise MergeInputError(f"{prefix}lambda {values['lambda']!r} is given with LiNeS, which replaces it (the update "
-                              "of each block is scaled by alpha + beta * l / (L - 1) instead); remove lambda, or "
-                              "fold it into alpha and beta.")
+        problem(f"lambda {values['lambda']!r} is given with LiNeS, which replaces it (the update "
+                "of each block is scaled by alpha + beta * l / (L - 1) instead); remove lambda, or "
+                "fold it into alpha and beta")
     resolved: list[tuple[str, Any]] = []
     for p in definition.params:
-        if p.per_model:
-            if p.name in values:  # checked even where every model overrides it: refused, never ignored
-                for v in (values[p.name] if isinstance(values[p.name], (list, tuple)) else [values[p.name]]):
-                    p.check(v, f"{where or method}: parameters")
-            fallback = values.get(p.name, p.default)
-            per = list(fallback) if isinstance(fallback, (list, tuple)) else [fallback] * n_models
-            if p.name in model_values:  # None: that model gives no value (the default applies)
-                given = model_values[p.name]
-                given = list(given) if isinstance(given, (list, tuple)) else [given] * n_models
-                if len(given) == len(per):
-                    per = [f if v is None else v for v, f in zip(given, per)]
-                else:
-                    per = given
-            if len(per) != n_models:
-                raise MergeInputError(f"{prefix}{len(per)} {p.name} values for {n_models} models; give one, or "
-                                      "one per model in order.")
-            checked = tuple(p.check(v, f"{where or method}: {labels[i]}") for i, v in enumerate(per))
-            resolved.append((p.name, checked))
+        try:
+            resolved.append((p.name, _resolve(p, values, model_values, n_models, labels, where, method, prefix)))
+        except MergeInputError as err:
+            problem(str(err).rstrip("."))
+    if problems:
+        if len(problems) == 1:
+            err = MergeInputError(f"{prefix}{problems[0]}.")
         else:
-            if p.required and values.get(p.name) is None:
-                raise MergeInputError(f"{prefix}{method} needs {p.name} ({p.help}; {p.range_text()}); add it under "
-                                      f"the top-level parameters (on the command line: --param {p.name}=VALUE).")
-            resolved.append((p.name, p.check(values.get(p.name, p.default), where or method)))
+            err = MergeInputError(f"{prefix}{len(problems)} problems with the parameters: "
+                                  + "; ".join(f"({i + 1}) {text}" for i, text in enumerate(problems)) + ".")
+        err.problems = problems   # a caller listing more problems adds these one by one
+        raise err
     spec = MethodSpec(method, n_models, tuple(resolved), lines, with_base)
     _check_divisors(spec, prefix)
     for check in definition.checks:
         check(spec, prefix)
     return spec
+
+
+def _resolve(p, values: dict, model_values: dict, n_models: int, labels: list[str], where: str, method: str,
+             prefix: str) -> Any:
+    """One parameter's value (per model: a tuple, one per model), checked; MergeInputError if bad."""
+    if p.per_model:
+        if p.name in values:  # checked even where every model overrides it: refused, never ignored
+            for v in (values[p.name] if isinstance(values[p.name], (list, tuple)) else [values[p.name]]):
+                p.check(v, f"{where or method}: parameters")
+        fallback = values.get(p.name, p.default)
+        per = list(fallback) if isinstance(fallback, (list, tuple)) else [fallback] * n_models
+        if p.name in model_values:  # None: that model gives no value (the default applies)
+            given = model_values[p.name]
+            given = list(given) if isinstance(given, (list, tuple)) else [given] * n_models
+            if len(given) == len(per):
+                per = [f if v is None else v for v, f in zip(given, per)]
+            else:
+                per = given
+        if len(per) != n_models:
+            raise MergeInputError(f"{prefix}{len(per)} {p.name} values for {n_models} models; give one, or "
+                                  "one per model in order.")
+        return tuple(p.check(v, f"{where or method}: {labels[i]}") for i, v in enumerate(per))
+    if p.required and values.get(p.name) is None:
+        raise MergeInputError(f"{prefix}{method} needs {p.name} ({p.help}; {p.range_text()}); add it under "
+                              f"the top-level parameters (on the command line: --param {p.name}=VALUE).")
+    return p.check(values.get(p.name, p.default), where or method)
 
 
 def _check_divisors(spec: MethodSpec, prefix: str) -> None:

@@ -183,3 +183,22 @@ def test_a_config_lists_all_its_first_problems_at_once(fam, capsys):
     for words in ("'modules'", "frobnicate", "karcher", "models[0].model", "models[2].model"):
         assert words in msg, words
     assert "models[1]" not in msg
+
+
+def test_a_config_lists_its_key_block_and_parameter_problems_together(fam, capsys):
+    """An unknown key, a bad lines: block, a bad exclude and three bad parameters (one per model,
+    one shared): one paragraph listing all six, not the first alone."""
+    cfg = fam / "c.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {fam / 'base'}\nfrobnicate: 1\nexclude: 5\n"
+                   "lines: {alpha: 0.5, colour: 1}\nparameters: {lambda: big}\n"
+                   f"models:\n  - model: {fam / 'ft1'}\n    parameters: {{density: 1.5}}\n"
+                   f"  - model: {fam / 'ft2'}\n    parameters: {{weight: x}}\n")
+    msg = refused(capsys, fam, ["merge", cfg, fam / "out"])
+    assert "6 problems" in msg and "(6)" in msg, msg
+    for words in ("frobnicate", "colour", "exclude", "density 1.5", "weight must be a number", "lambda"):
+        assert words in msg, words
+    # One problem alone reads as before: no count.
+    cfg.write_text(f"merge_method: ties\nbase_model: {fam / 'base'}\nparameters: {{lambda: big}}\n"
+                   f"models:\n  - model: {fam / 'ft1'}\n")
+    msg = refused(capsys, fam, ["merge", cfg, fam / "out"])
+    assert "problems" not in msg and "lambda must be a number" in msg
