@@ -210,8 +210,8 @@ def _realign_vocabulary(config: MergeConfig, inputs: _Inputs, log: Callable[[str
         return
     if config.slices:
         raise MergeInputError(f"{config.source}: the models' vocabularies differ, and realigning embedding rows "
-                              "of sliced inputs is not supported; merge whole models (models:), or give models "
-                              "of one vocabulary.")
+                              "of sliced inputs is not supported (mergekit realigns the rows of each slice's "
+                              "sources); merge whole models (models:), or give models of one vocabulary.")
     if inputs.base is not None:
         inputs.base, inputs.models = aligned[0], aligned[1:]
     else:

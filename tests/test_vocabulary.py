@@ -339,3 +339,14 @@ def test_plan_counts_the_realigned_rows(family, capsys):
     from lines_fast.cost import _realigned_bytes
     # 3 inputs x 17 rows x 8 x 2 bytes (bfloat16) for one vocabulary tensor at a time.
     assert _realigned_bytes(load_yaml(cfg)) == 3 * 17 * H * 2
+
+
+def test_sliced_inputs_of_two_vocabularies_are_refused(family, capsys):
+    f = family
+    doc = {"merge_method": "slerp", "base_model": str(f["base"]), "parameters": {"t": 0.5},
+           "tokenizer_source": "union",
+           "slices": [{"sources": [{"model": str(f["base"]), "layer_range": [0, 1]},
+                                   {"model": str(f["ft1"]), "layer_range": [0, 1]}]}]}
+    rc, err = merge(capsys, f["root"], doc, f["root"] / "out")
+    assert rc == 2 and "vocabularies differ" in err and "sliced" in err, err
+    assert not (f["root"] / "out").exists()
