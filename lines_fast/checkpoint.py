@@ -14,6 +14,8 @@ tensors.
 from __future__ import annotations
 
 import fnmatch
+import math
+import operator
 import json
 import mmap
 import os
@@ -164,43 +166,43 @@ def read_header(file: Path, label: str | None = None) -> tuple[dict[str, TensorI
     data_len = size - data_start
     infos = []
     for name, entry in header.items():
-        bad = f"{where}, tensor '{name}':"
+        # The checks are written out for the common case first: a header of 10^5 entries is
+        # read in well under a second (messages are built only for a bad entry).
         if not isinstance(entry, dict):
-            raise MergeInputError(f"{bad} the header entry is not an object; the file is corrupt. {redo}")
+            raise MergeInputError(f"{where}, tensor '{name}': the header entry is not an object; the file is "
+                                  f"corrupt. {redo}")
         dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype_name not in DTYPES:
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
             raise MergeInputError(
-                f"{bad} unsupported dtype {dtype_name!r} (this build reads "
+                f"{where}, tensor '{name}': unsupported dtype {dtype_name!r} (this build reads "
                 f"{', '.join(DTYPES)}). Convert the model to one of these dtypes first."
             )
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise MergeInputError(f"{bad} the shape {shape!r} is not a list of non-negative integers; the file is corrupt. {redo}")
-        if not (
-            isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(o) is int for o in offsets)
-            and 0 <= offsets[0] <= offsets[1]
-        ):
+        if not (type(shape) is list and all(type(d) is int and d >= 0 for d in shape)):
+            raise MergeInputError(f"{where}, tensor '{name}': the shape {shape!r} is not a list of non-negative "
+                                  f"integers; the file is corrupt. {redo}")
+        if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int
+                and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
             raise MergeInputError(
-                f"{bad} data_offsets {offsets!r} is not an ordered [begin, end] pair of "
+                f"{where}, tensor '{name}': data_offsets {offsets!r} is not an ordered [begin, end] pair of "
                 f"non-negative integers; the file is corrupt. {redo}"
             )
-        dtype = DTYPES[dtype_name]
-        info = TensorInfo(name, dtype, tuple(shape), file, data_start + offsets[0], offsets[1] - offsets[0])
-        if info.numel * dtype.itemsize != info.nbytes:
+        begin, end = offsets
+        needed = math.prod(shape) * dtype.itemsize
+        if needed != end - begin:
             raise MergeInputError(
-                f"{bad} dtype {dtype_name} and shape {list(shape)} need "
-                f"{info.numel * dtype.itemsize} bytes but data_offsets {offsets} span "
-                f"{info.nbytes}; the header is corrupt. {redo}"
+                f"{where}, tensor '{name}': dtype {dtype_name} and shape {list(shape)} need "
+                f"{needed} bytes but data_offsets {offsets} span "
+                f"{end - begin}; the header is corrupt. {redo}"
             )
-        if offsets[1] > data_len:
+        if end > data_len:
             raise MergeInputError(
-                f"{bad} the data ends at byte {data_start + offsets[1]} but the file is only "
+                f"{where}, tensor '{name}': the data ends at byte {data_start + end} but the file is only "
                 f"{size} bytes long; the file is truncated or corrupt. {redo}"
             )
-        infos.append(info)
+        infos.append(TensorInfo(name, dtype, tuple(shape), file, data_start + begin, end - begin))
 
-    infos.sort(key=lambda i: (i.offset, i.nbytes))
+    infos.sort(key=operator.attrgetter("offset", "nbytes"))
     for prev, cur in zip(infos, infos[1:]):
         if cur.offset < prev.offset + prev.nbytes:
             raise MergeInputError(
@@ -228,6 +230,7 @@ class Checkpoint:
         # later (a re-download) would make the header's offsets lie, and reading past a
         # truncated end of a memory map kills the process (SIGBUS). tensor() checks first.
         self._identity = {f: _identity(f) for f in files}
+        self._path_strings: dict[Path, str] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike, label: str | None = None) -> "Checkpoint":
@@ -345,6 +348,23 @@ class Checkpoint:
             raw = raw.clone()
         return raw.view(info.dtype).view(info.shape)
 
+    def flat_span(self, names: list[str]) -> torch.Tensor | None:
+        """Tensors `names`, stored back to back in this order in one file with one dtype, as one
+        flat read-only view of their bytes (one check of the file); None if they are not."""
+        first = self.tensors.get(names[0])
+        if first is None or first.offset % first.dtype.itemsize:
+            return None
+        end = first.offset
+        for name in names:
+            info = self.tensors.get(name)
+            if info is None or info.offset != end or info.file != first.file or info.dtype != first.dtype:
+                return None
+            end += info.nbytes
+        if end == first.offset:
+            return None
+        self._check_unchanged(first.file)
+        return self._file_bytes(first.file)[first.offset:end].view(first.dtype)
+
     def _file_bytes(self, file: Path) -> torch.Tensor:
         """The whole mapped file as one read-only uint8 tensor, made once per file: a tensor is a
         slice of it (one frombuffer per tensor cost more than a 64-element merge)."""
@@ -357,13 +377,26 @@ class Checkpoint:
         return whole
 
     def _check_unchanged(self, file: Path) -> None:
-        then, now = self._identity.get(file), _identity(file)
+        then = self._identity.get(file)
+        if then is not None:
+            try:   # the common case first: one stat of a path string (a Path costs twice that)
+                st = os.stat(self._path_strings.get(file) or self._path_string(file))
+                if st.st_size == then[0] and st.st_mtime_ns == then[1]:
+                    return
+            except OSError:
+                pass
+        now = _identity(file)
         if then is not None and now != then:
-            what = (f"is now {now[0]} bytes, was {then[0]}" if now[0] != then[0] else "was modified")
+            what = ("was removed" if now is None else f"is now {now[0]} bytes, was {then[0]}" if now[0] != then[0]
+                    else "was modified")
             raise MergeInputError(
                 f"'{file}' of {self.label} changed while lines_fast was reading it (it {what}); the merge "
                 "stops and publishes nothing. Rerun once the file is complete and stable (with --resume to "
                 "keep the finished shards).")
+
+    def _path_string(self, file: Path) -> str:
+        text = self._path_strings[file] = os.fspath(file)
+        return text
 
     def prefetch(self, name: str) -> None:
         """Asks the kernel to start reading the tensor's pages now (MADV_WILLNEED); a hint only."""
@@ -377,6 +410,18 @@ class Checkpoint:
         resident set that stays bounded instead of growing to the size of every input.
         """
         self._advise(name, "MADV_DONTNEED")
+
+    def release_many(self, names: list[str]) -> None:
+        """release() of tensors stored back to back (flat_span): one madvise for all of them."""
+        first, last = self.info(names[0]), self.info(names[-1])
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if advice is None:
+            return
+        start = first.offset - first.offset % mmap.PAGESIZE
+        try:
+            self._map(first.file).madvise(advice, start, last.offset + last.nbytes - start)
+        except OSError:
+            pass
 
     def release_range(self, name: str, start: int, end: int) -> None:
         """Unmaps the whole pages holding elements start..end of the tensor (MADV_DONTNEED): a

@@ -457,12 +457,9 @@ class Engine:
                 ckpt.release(name)
 
     def _input_bytes(self, inputs: _Inputs, names: list[str]) -> int:
-        total = 0
-        for name in names:
-            for ckpt in ([inputs.base] if inputs.base is not None and self._reads_base else []) + inputs.models:
-                info = ckpt.tensors.get(name)
-                total += info.nbytes if info else 0
-        return total
+        tables = [c.tensors for c in ([inputs.base] if inputs.base is not None and self._reads_base else [])
+                  + inputs.models]
+        return sum(info.nbytes for table in tables for info in map(table.get, names) if info is not None)
 
     def _nonfinite(self, err: NonFiniteInput, inputs: _Inputs, plan: _Plan, name: str) -> MergeInputError:
         # A backend may not know which input it was reading (a histogram has no model index):
@@ -724,10 +721,18 @@ class Engine:
         """One job for tensors `group`: each input's tensors flattened end to end (a copy, small)."""
         name = group[0]
 
-        def packed(tensors: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([t.reshape(-1) for t in tensors])
-        base = packed([self._base_tensor(inputs, n) for n in group]) if self.spec.uses_base else None
-        models = [packed(list(ts)) for ts in zip(*(self._model_tensors(inputs, plan, n) for n in group))]
+        def packed(ckpt) -> torch.Tensor:
+            # Tensors stored back to back (the usual layout): one view of their bytes, no copy.
+            span = ckpt.flat_span(group) if isinstance(ckpt, Checkpoint) else None
+            return span if span is not None else torch.cat([ckpt.tensor(n).reshape(-1) for n in group])
+
+        base = packed(inputs.base) if self.spec.uses_base and inputs.base is not None else None
+        sources = ([inputs.base] if self.config.base_is_input else []) + list(inputs.models)
+        if any((i, n) in plan.substitutes for i in range(len(inputs.models)) for n in group):
+            models = [torch.cat([t.reshape(-1) for t in ts])
+                      for ts in zip(*(self._model_tensors(inputs, plan, n) for n in group))]
+        else:
+            models = [packed(ckpt) for ckpt in sources]
         return MergeJob(f"{len(group)} tensors from {name}", base, models, stats.for_tensor(name), scales[name],
                         plan.out_dtypes[name], plan=self._plan_for(name), stream=False)
 
@@ -792,8 +797,16 @@ class Engine:
                         write(name, output[at:at + n].view(plan.shapes[name]))
                         at += n
                 del output
-                for name in group:
-                    self._release(inputs, name)
+                if len(group) == 1:
+                    self._release(inputs, group[0])
+                else:
+                    for ckpt in inputs.all():
+                        if isinstance(ckpt, Checkpoint) and ckpt.flat_span(group) is not None:
+                            ckpt.release_many(group)   # one madvise for the pack's bytes
+                        else:
+                            for name in group:
+                                if name in ckpt.tensors:
+                                    ckpt.release(name)
                 bar.advance(self._input_bytes(inputs, group), len(group))
                 done += 1
         except NonFiniteInput as err:

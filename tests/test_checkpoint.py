@@ -284,3 +284,18 @@ def test_release_keeps_views_valid(tmp_path):
     assert torch.equal(a, ref)
     ckpt.release("a")  # pages leave the resident set; the view faults them back in
     assert torch.equal(a, ref) and torch.equal(ckpt.tensor("b"), torch.ones(3))
+
+
+def test_flat_span_views_tensors_stored_back_to_back(tmp_path):
+    from helpers import write_safetensors
+    a, b = torch.arange(5, dtype=torch.float32), torch.arange(3, dtype=torch.float32) + 10
+    c, h = torch.ones(2, 2, dtype=torch.float32), torch.zeros(4, dtype=torch.bfloat16)
+    write_safetensors(tmp_path / "m.safetensors", {"a": a, "b": b, "c": c, "h": h})
+    with Checkpoint.open(tmp_path / "m.safetensors") as ckpt:
+        span = ckpt.flat_span(["a", "b", "c"])
+        assert span is not None and torch.equal(span, torch.cat([a, b, c.reshape(-1)]))
+        assert ckpt.flat_span(["a", "c"]) is None            # not adjacent: b lies between
+        assert ckpt.flat_span(["b", "a"]) is None            # not in file order
+        assert ckpt.flat_span(["c", "h"]) is None            # two dtypes
+        ckpt.release_many(["a", "b", "c"])                   # pages go; a later read faults them back
+        assert torch.equal(ckpt.tensor("b"), b)
