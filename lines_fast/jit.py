@@ -6,6 +6,9 @@
   one core). The arithmetic is rng.py's (uint64 products of 32-bit words, their high and low
   halves), then Triton's uint_to_uniform_float, every constant a uint64 or float32 so numba
   never widens to float64.
+- della_drop_p: DELLA's per-row ranks and drop probabilities (plan.ranked_drop_p): a sort per
+  row, the first-equal position of each magnitude, and the same float64 formula, one loop per
+  row and rows over all cores, instead of ten whole-array operations.
 - add_abs_bins: exactsum.AbsSum's per-exponent integer sums of significands (L1 norms: DARE's
   rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount.
 
@@ -86,8 +89,30 @@ def _compile() -> SimpleNamespace:
             e = b >> shift
             bins[e] += (b & significand) | (min(e, hidden) << shift)
 
+    f64 = np.float64
+
+    def della_drop_p(magnitudes, density, eps, out):
+        """out[r, j] = 1 - ((density - eps) + rank / top * (2 eps)) rounded to float32, rank: how many
+        magnitudes of row r are strictly smaller than [r, j], top: the row's largest rank (0: 0.5)."""
+        rows, length = magnitudes.shape
+        low, spread = f64(density) - f64(eps), f64(2.0) * f64(eps)
+        for r in numba.prange(rows):
+            row = magnitudes[r]
+            order = np.argsort(row)
+            rank = np.empty(length, dtype=np.float64)
+            first = 0
+            for p in range(length):
+                if p > 0 and row[order[p]] != row[order[p - 1]]:
+                    first = p
+                rank[order[p]] = first
+            top = f64(first)
+            for j in range(length):
+                normalized = rank[j] / top if top > 0 else f64(0.5)
+                out[r, j] = f32(f64(1.0) - (low + normalized * spread))
+
     with warnings.catch_warnings():
         # An unwritable package directory only costs the on-disk cache of the compiled code.
         warnings.simplefilter("ignore")
         jit = numba.njit(cache=True, nogil=True)
-        return SimpleNamespace(fill_uniform=jit(fill_uniform), add_abs_bins=jit(add_abs_bins))
+        return SimpleNamespace(fill_uniform=jit(fill_uniform), add_abs_bins=jit(add_abs_bins),
+                               della_drop_p=numba.njit(cache=True, nogil=True, parallel=True)(della_drop_p))

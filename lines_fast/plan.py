@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from . import rng
+from . import jit, rng
 from . import gram as gram_stats
 from .errors import MergeInputError
 from .methods import Coefficients, Consensus, Inputs, Rescale, Sparsify
@@ -162,6 +162,11 @@ class ElementPlan:
         if density >= 1:
             return torch.zeros_like(rows)
         magnitudes = rows.abs()
+        fast = jit.compiled(rows.numel()) if rows.device.type == "cpu" else None
+        if fast is not None and bool(torch.isfinite(magnitudes).all()):   # compiled (lines_fast/jit.py), same bits
+            out = torch.empty(rows.shape, dtype=torch.float32)
+            fast.della_drop_p(magnitudes.contiguous().numpy(), float(density), float(eps), out.numpy())
+            return out
         # rank = the sorted position of the first equal magnitude: a running max of the positions
         # where the sorted value changes, scattered back to where each magnitude came from (the
         # same counts a searchsorted gives, in O(L) after the sort instead of O(L log L)).

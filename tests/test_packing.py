@@ -144,13 +144,15 @@ def test_float16_overflow_in_a_packed_tensor_names_it(fam, tmp_path):
         merge(cfg, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
 
 
-def test_dare_with_compiled_draws_and_sums_writes_the_same_bytes(fam, tmp_path, monkeypatch):
-    """The engine end to end with the compiled draws and L1 sums from the start (JIT_AFTER = 0)."""
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_dare_with_compiled_draws_and_sums_writes_the_same_bytes(fam, tmp_path, monkeypatch, method):
+    """The engine end to end with the compiled draws, L1 sums and DELLA ranks from the start
+    (JIT_AFTER = 0)."""
     from lines_fast import jit
 
     if jit.kernels() is None:
         pytest.skip("numba is not installed")
-    cfg = {**config(fam, "dare_ties"), "parameters": {"seed": 3}}
+    cfg = {**config(fam, method), "parameters": {"seed": 3}}
     for m in cfg["models"]:
         m["parameters"]["density"] = 0.4
     options = dict(device="cpu", progress=False, log=lambda m: None)

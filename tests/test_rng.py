@@ -90,3 +90,26 @@ def test_small_merges_never_load_the_compiler(monkeypatch):
     monkeypatch.setattr(jit, "kernels", lambda: pytest.fail("numba loaded for a small draw"))
     rng._draw(0, 0, "x", 1000, 0, "cpu", rng.DARE_STREAM)
     assert jit._work_in_torch == 1000
+
+
+@needs_numba
+@pytest.mark.parametrize("density, eps", [(0.3, 0.1), (0.9, 0.05), (0.5, 0.0)])
+def test_compiled_della_drop_probabilities_are_the_torch_ones(density, eps, monkeypatch):
+    """plan.ranked_drop_p through lines_fast/jit.py: the same float32 bits as the torch code, with
+    ties (first-equal ranks), a row of equal magnitudes (0.5) and signs that cancel in |x|."""
+    from lines_fast.plan import ElementPlan
+    from lines_fast.spec import make_spec
+
+    plan = ElementPlan.from_spec(make_spec("della", 2, values={"density": density, "epsilon": eps}))
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(40, 257, generator=g).to(torch.bfloat16).float()   # bf16 values: many ties
+    rows[1] = -2.0
+    rows[2, 1::2] = -rows[2, 0:256:2]
+    rows[3, :3] = 0.0
+    monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
+    expected = plan.ranked_drop_p(rows, 1)
+    monkeypatch.setattr(jit, "JIT_AFTER", 0)
+    got = plan.ranked_drop_p(rows, 1)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    # By hand, row 1 (all equal): keep 0.5 everywhere, so drop = 1 - ((d - e) + 0.5 * 2e) = 1 - d.
+    assert torch.equal(got[1], torch.full((257,), 1 - density, dtype=torch.float64).float())
