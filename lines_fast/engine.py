@@ -684,23 +684,27 @@ class Engine:
         return lines_scales(plan.merged, alpha, lines.beta, lines.outside, lines.layer_pattern)
 
     def _packs(self, merged: list[str], inputs: _Inputs, plan: _Plan, stats: RunStats,
-               scales: dict[str, float]) -> list[list[str]]:
+               scales: dict[str, float], segments: bool = False) -> list[list[str]]:
         """The merge pass's jobs as lists of tensors: one each, except runs of small tensors that
         an elementwise plan (ElementPlan.elementwise) merges packed end to end in one job, which
         gives the same bits at a fraction of the per-tensor cost. A pack holds tensors adjacent in
         the output (no copied tensor between them), with one plan, scale (LiNeS: one block), input
-        and output dtypes, and statistics."""
+        and output dtypes, and statistics. segments: the backend takes packs of equal-sized tensors
+        with a threshold each (MergeJob.segments), so TIES's tensor scope packs too."""
         position = {n: i for i, n in enumerate(plan.order)}
 
         def key(name: str):
             el = self._plan_for(name)
-            if not el.elementwise or int(torch.Size(plan.shapes[name]).numel()) >= PACK_TENSOR_MAX:
+            numel = int(torch.Size(plan.shapes[name]).numel())
+            segmented = segments and el.segment_packable   # one threshold per tensor: equal sizes only
+            if not (el.elementwise or segmented) or numel >= PACK_TENSOR_MAX or numel == 0:
                 return None
             # The inputs' dtypes (torch.cat needs one per input): from the headers, not the data.
             holders = [inputs.base if (i, name) in plan.substitutes else m for i, m in enumerate(inputs.models)]
             dtypes = tuple(c.tensors[name].dtype for c in ([inputs.base] if inputs.base else []) + holders)
             # An elementwise plan's statistics are whole-model numbers, the same for every tensor.
-            return (id(el), scales[name], plan.out_dtypes[name], dtypes, stats.for_tensor(name))
+            return (id(el), scales[name], plan.out_dtypes[name], dtypes, stats.for_tensor(name),
+                    numel if segmented else None)
 
         groups: list[list[str]] = []
         last_key, size = None, 0
@@ -733,8 +737,11 @@ class Engine:
                       for ts in zip(*(self._model_tensors(inputs, plan, n) for n in group))]
         else:
             models = [packed(ckpt) for ckpt in sources]
+        el = self._plan_for(name)
+        numel = int(torch.Size(plan.shapes[name]).numel())
         return MergeJob(f"{len(group)} tensors from {name}", base, models, stats.for_tensor(name), scales[name],
-                        plan.out_dtypes[name], plan=self._plan_for(name), stream=False)
+                        plan.out_dtypes[name], plan=el, stream=False,
+                        segments=(len(group), numel) if not el.elementwise else None)
 
     def _merge_pass(self, passes, inputs, plan, backend, writer, pending, stats, scales) -> int:
         pending_set = set(pending)
@@ -745,7 +752,7 @@ class Engine:
         t0 = time.perf_counter()
         spec = self.spec
         source = inputs.base or inputs.models[0]
-        groups = self._packs(merged, inputs, plan, stats, scales)
+        groups = self._packs(merged, inputs, plan, stats, scales, getattr(backend, "packs_segments", False))
 
         def jobs() -> Iterator[MergeJob]:
             for k, group in enumerate(groups):

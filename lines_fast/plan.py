@@ -226,6 +226,13 @@ class ElementPlan:
         return (not self.drops and not self.grouped and self.rescale is not Rescale.L1
                 and not (self.trims and self.threshold_scope == "tensor"))
 
+    @property
+    def segment_packable(self) -> bool:
+        """Elementwise but for tensor-scope thresholds (TIES, breadcrumbs): equal-sized tensors may be
+        packed with one threshold per tensor (MergeJob.segments), to the same bits."""
+        return (not self.drops and not self.grouped and self.rescale is not Rescale.L1 and not self.official
+                and self.trims and self.threshold_scope == "tensor")
+
     def missing(self, stats: TensorStats | None) -> tuple[bool, bool, bool]:
         """(needs thresholds, needs factors, needs group weights) that `stats` does not have yet."""
         stats = stats or TensorStats()

@@ -59,7 +59,7 @@ CASES = {
     "linear": ("linear", {}),
     "ties_global": ("ties", {"parameters": {"trim_scope": "global"}}),
     "ties_global+lines_auto": ("ties", {"parameters": {"trim_scope": "global"}, "lines": {"beta": 1.0}}),
-    "ties_tensor": ("ties", {}),   # per-tensor thresholds: never packed
+    "ties_tensor": ("ties", {}),   # per-tensor thresholds: packed only with tensors of its size (none here)
 }
 
 
@@ -162,3 +162,61 @@ def test_dare_with_compiled_draws_and_sums_writes_the_same_bytes(fam, tmp_path, 
     merge(cfg, tmp_path / "jit", **options)
     for f in sorted(p.name for p in (tmp_path / "torch").iterdir()):
         assert (tmp_path / "jit" / f).read_bytes() == (tmp_path / "torch" / f).read_bytes(), f
+
+
+# -- tensor-scope thresholds: packs of equal-sized tensors, a threshold each (MergeJob.segments) --
+def equal_tensors_of(seed: int) -> dict[str, torch.Tensor]:
+    """3 layers of 10 experts of 96 elements and 2 norms of 33 (bf16), many exact ties in |tau|."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for layer in range(3):
+        for e in range(10):
+            out[f"model.layers.{layer}.mlp.experts.{e}.weight"] = torch.randn(96, generator=g).bfloat16()
+        for k in range(2):
+            out[f"model.layers.{layer}.norm{k}.weight"] = torch.randn(33, generator=g).bfloat16()
+    noise = torch.Generator().manual_seed(seed)
+    return {n: t if seed == 0 else (t.float() + 0.05 * torch.randn(t.shape, generator=noise)).to(t.dtype)
+            for n, t in out.items()}
+
+
+@pytest.fixture(scope="module")
+def equal_fam(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("packing-equal")
+    for i, model in enumerate(("base", "ft1", "ft2", "ft3")):
+        (root / model).mkdir()
+        write_safetensors(root / model / "model.safetensors", equal_tensors_of(i))
+    return root
+
+
+@pytest.mark.parametrize("method,top", [
+    ("ties", {}),
+    ("ties", {"lines": {"alpha": 0.3, "beta": 0.9}}),
+    ("breadcrumbs_ties", {"parameters": {"gamma": 0.05}}),
+    ("breadcrumbs", {"parameters": {"gamma": 0.1}}),
+])
+def test_tensor_scope_thresholds_pack_equal_sized_tensors_to_the_same_bytes(equal_fam, tmp_path, monkeypatch,
+                                                                             method, top):
+    cfg = config(equal_fam, method, **top)
+    for m in cfg["models"]:
+        m["parameters"]["density"] = 0.4
+    options = dict(device="cpu", progress=False, log=lambda m: None)
+    jobs = jobs_counted(monkeypatch)
+    merge(cfg, tmp_path / "packed", **options)
+    packed_jobs = list(jobs)
+    jobs.clear()
+    monkeypatch.setattr(engine, "PACK_TENSOR_MAX", 0)
+    merge(cfg, tmp_path / "single", **options)
+    assert len(jobs) == 36 and len(packed_jobs) <= 12, packed_jobs   # runs of experts and of norms
+    for f in sorted(p.name for p in (tmp_path / "single").iterdir()):
+        assert (tmp_path / "packed" / f).read_bytes() == (tmp_path / "single" / f).read_bytes(), f
+
+
+def test_packed_ties_tensor_scope_equals_the_reference(equal_fam, tmp_path):
+    cfg = config(equal_fam, "ties")
+    merge(cfg, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
+    base = load(equal_fam / "base")
+    expected = merge_state_dicts(base, [load(equal_fam / f"ft{i}") for i in (1, 2, 3)], "ties",
+                                 weight=[1.0, 0.6, 0.3], density=0.3)
+    got = load(tmp_path / "out")
+    for name in got:
+        assert torch.equal(got[name], expected[name]), name

@@ -65,6 +65,9 @@ class MergeJob:
     # for the last time in a pass over them, so their pages can go (the engine unmaps them).
     stream: bool = False
     release: Any = None
+    # segments (S, L): the job is S tensors of L elements packed end to end, each with its own
+    # tensor-scope thresholds (a backend with packs_segments = True takes such jobs).
+    segments: tuple[int, int] | None = None
 
 
 class Backend(Protocol):

@@ -87,8 +87,33 @@ def _touch_pages(tensors: list[torch.Tensor]) -> None:
             raw[::_PAGE].sum()
 
 
+def segment_thresholds(job: MergeJob, plan: ElementPlan) -> list[tuple[torch.Tensor, ...]]:
+    """Per model, per rank, the tensor-scope threshold of each of the job's S packed tensors of L
+    elements (float32 [S]): the k-th largest |f32(theta_i) - f32(theta_0)| of each, as
+    selection.sorted_thresholds finds it for one tensor (inf for k = 0), one sort for all S."""
+    count, length = job.segments
+    base32 = job.base.reshape(-1).float()
+    found = []
+    for model, ranks in zip(job.models, plan.magnitude_ranks(length)):
+        ordered = (model.reshape(-1).float() - base32).abs_().view(count, length).sort(dim=1, descending=True).values
+        found.append(tuple(torch.full((count,), float("inf")) if k == 0 else ordered[:, k - 1].contiguous()
+                           for k in ranks))
+    return found
+
+
+def _bits_of(threshold, job: MergeJob, start: int, end: int):
+    """A threshold for elements start..end: a float as it is, or per packed tensor (float32 [S])
+    the bits of each element's own tensor's threshold (int32)."""
+    if not isinstance(threshold, torch.Tensor):
+        return float(threshold)
+    length = job.segments[1]
+    which = torch.arange(start, end) // length
+    return threshold.view(torch.int32).index_select(0, which)
+
+
 class CpuBackend:
     name = "cpu"
+    packs_segments = True   # takes packs of equal-sized tensors with a threshold each (MergeJob.segments)
 
     def __init__(self, chunk: int = DEFAULT_CHUNK, check_finite: bool = True, read_ahead: bool = True):
         self.chunk = chunk
@@ -215,7 +240,9 @@ class CpuBackend:
     def _tensor_stats(self, job: MergeJob, plan: ElementPlan) -> TensorStats:
         stats = job.stats or TensorStats()
         need_thresholds, need_factors, need_weights = plan.missing(stats)
-        if need_thresholds:
+        if need_thresholds and job.segments is not None:
+            stats = plan.stats_from_thresholds(segment_thresholds(job, plan), stats)
+        elif need_thresholds:
             found = tensor_thresholds(self, job.base, job.models, plan.magnitude_ranks(job.base.numel()))
             stats = plan.stats_from_thresholds(found, stats)
         if need_weights:
@@ -320,9 +347,9 @@ class CpuBackend:
         contributions = []
         for i, x in enumerate(xs):
             if plan.trims:
-                self._zero_below(x, x, stats.thresholds[i], bufs.tmp[:n])
+                self._zero_below(x, x, _bits_of(stats.thresholds[i], job, s, e), bufs.tmp[:n])
                 if plan.band:
-                    self._zero_at_or_above(x, stats.ceilings[i], bufs.tmp[:n])
+                    self._zero_at_or_above(x, _bits_of(stats.ceilings[i], job, s, e), bufs.tmp[:n])
             elif kept is not None and plan.drops:   # the masks the rescale statistics drew
                 x.masked_fill_(~_unpack_bits(kept[i], n), 0.0)
             elif plan.ranked:   # DELLA: per-element drop probabilities from the row ranks (whole rows here)
@@ -375,25 +402,28 @@ class CpuBackend:
         return count.ge_(plan.tall_k).neg_()   # True -> -1 (all bits), False -> 0
 
     @staticmethod
-    def _zero_below(x: torch.Tensor, key: torch.Tensor, threshold: float, scratch: torch.Tensor | None) -> None:
+    def _zero_below(x: torch.Tensor, key: torch.Tensor, threshold, scratch: torch.Tensor | None) -> None:
         """Set x to +0 where |key| < threshold (keep |key| >= threshold: ties kept; inf keeps nothing).
 
         Done on the bit patterns, which order as the magnitudes: (|key|bits - t bits) >> 31 is
         all ones where |key| < t, and ANDing x with its complement zeroes exactly those. No
         bool tensors: comparisons and masked_fill cost 4-7x a float op per chunk on CPU.
         `key` is x itself (TIES trim, |x| into scratch) or DARE's u >= 0 (modified in place).
+        threshold: a float, its float32 bits (int), or per-element bits (int32, packed tensors).
         """
         magnitude = key if scratch is None else torch.abs(key, out=scratch)
         drop = magnitude.view(torch.int32)
-        drop.sub_(float_to_bits(threshold)).bitwise_right_shift_(31).bitwise_not_()
+        drop.sub_(float_to_bits(threshold) if isinstance(threshold, float) else threshold)
+        drop.bitwise_right_shift_(31).bitwise_not_()
         x.view(torch.int32).bitwise_and_(drop)
 
     @staticmethod
-    def _zero_at_or_above(x: torch.Tensor, ceiling: float, scratch: torch.Tensor) -> None:
+    def _zero_at_or_above(x: torch.Tensor, ceiling, scratch: torch.Tensor) -> None:
         """Set x to +0 where |x| >= ceiling (inf zeroes nothing): the complement of _zero_below's
-        rule on the same bit patterns, so (|x|bits - c bits) >> 31 is all ones exactly where |x| < c."""
+        rule on the same bit patterns, so (|x|bits - c bits) >> 31 is all ones exactly where |x| < c.
+        ceiling: as _zero_below's threshold."""
         keep = torch.abs(x, out=scratch).view(torch.int32)
-        keep.sub_(float_to_bits(ceiling)).bitwise_right_shift_(31)
+        keep.sub_(float_to_bits(ceiling) if isinstance(ceiling, float) else ceiling).bitwise_right_shift_(31)
         x.view(torch.int32).bitwise_and_(keep)
 
     @staticmethod
