@@ -280,6 +280,7 @@ def test_each_pass_asks_the_kernel_to_read_the_next_tensor_ahead(family, tmp_pat
 
     asked = []
     monkeypatch.setattr(Checkpoint, "prefetch", lambda self, name: asked.append((self.label, name)))
+    monkeypatch.setattr(lines_fast.engine, "PACK_TENSOR_MAX", 0)   # a job per tensor (a pack prefetches its first)
     paths, _ = family
     doc = _config(paths, "ties", dict(density=0.2, lines=LinesSpec("auto", 1.0)))  # norms + merge passes
     result = lines_fast.merge(doc, tmp_path / "out", device="cpu", progress=False, log=lambda m: None)
