@@ -37,13 +37,17 @@ def tensors_of(seed: int) -> dict[str, torch.Tensor]:
             (t.float() + 0.05 * torch.randn(t.shape, generator=noise)).to(t.dtype) for n, t in out.items()}
 
 
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("packing")
+def write_family(root: Path, tensors) -> Path:
+    """base, ft1..ft3 from tensors(seed) (seed 0: the base)."""
     for i, model in enumerate(("base", "ft1", "ft2", "ft3")):
         (root / model).mkdir()
-        write_safetensors(root / model / "model.safetensors", tensors_of(i))
+        write_safetensors(root / model / "model.safetensors", tensors(i))
     return root
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> Path:
+    return write_family(tmp_path_factory.mktemp("packing"), tensors_of)
 
 
 def config(fam: Path, method: str, **top) -> dict:
@@ -181,11 +185,7 @@ def equal_tensors_of(seed: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def equal_fam(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("packing-equal")
-    for i, model in enumerate(("base", "ft1", "ft2", "ft3")):
-        (root / model).mkdir()
-        write_safetensors(root / model / "model.safetensors", equal_tensors_of(i))
-    return root
+    return write_family(tmp_path_factory.mktemp("packing-equal"), equal_tensors_of)
 
 
 @pytest.mark.parametrize("method,top", [
