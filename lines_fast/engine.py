@@ -741,7 +741,8 @@ class Engine:
         numel = int(torch.Size(plan.shapes[name]).numel())
         return MergeJob(f"{len(group)} tensors from {name}", base, models, stats.for_tensor(name), scales[name],
                         plan.out_dtypes[name], plan=el, stream=False,
-                        segments=(len(group), numel) if not el.elementwise else None)
+                        segments=(len(group), numel) if not el.elementwise else None,
+                        segment_names=tuple(group) if not el.elementwise else ())
 
     def _merge_pass(self, passes, inputs, plan, backend, writer, pending, stats, scales) -> int:
         pending_set = set(pending)

@@ -46,3 +46,22 @@ class AbsSum:
     def value(self) -> float:
         total = sum(int(count) << max(e, 1) - 1 for e, count in enumerate(self.bins.tolist()) if count)
         return total / (1 << 149)   # correctly rounded
+
+
+def row_abs_sums(x: torch.Tensor) -> list[float]:
+    """sum |x[r]| of each row of a float32 [R, L] CPU tensor without NaN/Inf, each exactly as
+    AbsSum gives it: per-exponent integer sums of significands (L < 2^39), each times its power of
+    two an exact float64 term, the terms added by math.fsum (correctly rounded, as AbsSum.value)."""
+    import math
+
+    rows, length = x.shape
+    bits = x.abs().view(torch.int32)
+    exponent = bits >> 23
+    significand = (bits & 0x7FFFFF) | (exponent.clamp(max=1) << 23)
+    low, high = int(exponent.min()) if x.numel() else 0, int(exponent.max()) if x.numel() else 0
+    width = high - low + 1
+    index = (torch.arange(rows).unsqueeze(1) * width + (exponent - low)).reshape(-1)
+    bins = torch.zeros(rows * width, dtype=torch.int64).index_add_(0, index, significand.reshape(-1).long())
+    scale = torch.tensor([2.0 ** (max(e, 1) - 150) for e in range(low, high + 1)], dtype=torch.float64)
+    terms = (bins.view(rows, width).double() * scale).tolist()
+    return [math.fsum(t) for t in terms]

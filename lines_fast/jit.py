@@ -13,9 +13,10 @@
   rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount.
 
 Loading numba, LLVM and the cached machine code costs ~0.7 s, so a process uses them only once
-it has done JIT_AFTER elements of such work in torch (`compiled(work)`): small merges never pay
-it, large ones (10^9-10^11 elements) run several times faster. numba is optional: without it, or
-with LINES_FAST_NO_NUMBA=1, the torch code runs, and the tests check that the two agree.
+it has done JIT_AFTER elements of such work in torch (`compiled(work)`; a small draw counts as
+CALL_WORK): small merges never pay it, large ones (10^9-10^11 elements, or 10^4 tiny tensors)
+run several times faster. numba is optional: without it, or with LINES_FAST_NO_NUMBA=1, the
+torch code runs, and the tests check that the two agree.
 """
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ import warnings
 from types import SimpleNamespace
 
 JIT_AFTER = 1 << 24
+# What one small call costs in torch, in elements of work: a Philox draw is ~80 whole-array
+# operations whatever its size, so 10^4 draws for tiny tensors count as the large draw they cost.
+CALL_WORK = 1 << 14
 _work_in_torch = 0
 _kernels: SimpleNamespace | None = None
 _tried = False

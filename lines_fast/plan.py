@@ -228,10 +228,11 @@ class ElementPlan:
 
     @property
     def segment_packable(self) -> bool:
-        """Elementwise but for tensor-scope thresholds (TIES, breadcrumbs): equal-sized tensors may be
-        packed with one threshold per tensor (MergeJob.segments), to the same bits."""
-        return (not self.drops and not self.grouped and self.rescale is not Rescale.L1 and not self.official
-                and self.trims and self.threshold_scope == "tensor")
+        """Elementwise but for per-tensor numbers: tensor-scope thresholds (TIES, breadcrumbs), DARE's
+        draws keyed by the tensor's name and its L1 rescale factors. Equal-sized tensors may then be
+        packed with those numbers per tensor (MergeJob.segments), to the same bits."""
+        thresholds = self.trims and self.threshold_scope == "tensor" and self.rescale is not Rescale.L1
+        return (thresholds or self.sparsify is Sparsify.RANDOM) and not self.grouped and not self.official
 
     def missing(self, stats: TensorStats | None) -> tuple[bool, bool, bool]:
         """(needs thresholds, needs factors, needs group weights) that `stats` does not have yet."""

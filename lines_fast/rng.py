@@ -107,7 +107,7 @@ def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device
     if torch.device(device).type == "cpu":
         from . import jit
 
-        fast = jit.compiled(numel)
+        fast = jit.compiled(max(numel, jit.CALL_WORK))   # a torch Philox call costs ~80 operations
         if fast is not None:   # the same u, compiled (lines_fast/jit.py)
             u = torch.empty(numel, dtype=torch.float32)
             if numel:

@@ -47,3 +47,21 @@ def test_compiled_sums_are_the_torch_sums(monkeypatch):
     assert torch.equal(compiled.bins, torch_sum.bins)
     exact = sum(Fraction(v) for v in x.abs().double().tolist())
     assert compiled.value() == float(exact)
+
+
+def test_row_sums_are_the_exact_sums_of_each_row():
+    """exactsum.row_abs_sums: per row, the value AbsSum gives (zeros, subnormals, huge and
+    cancelling magnitudes, a row of zeros)."""
+    from lines_fast.exactsum import row_abs_sums
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 300, generator=g) * torch.logspace(-30, 30, 300)
+    x[1] = 0.0
+    x[2, :10] = 1.4e-45                       # the smallest subnormal
+    x[3, ::2], x[3, 1::2] = 3.0e38, -3.0e38   # |x| sums past float32's range
+    x[4] = torch.tensor(1.0) + torch.arange(300) * 2.0 ** -23
+    for row, got in zip(x, row_abs_sums(x)):
+        one = AbsSum()
+        one.add(row)
+        assert got == one.value()
+    assert row_abs_sums(torch.zeros(3, 4)) == [0.0, 0.0, 0.0]

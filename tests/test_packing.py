@@ -193,6 +193,10 @@ def equal_fam(tmp_path_factory) -> Path:
     ("ties", {"lines": {"alpha": 0.3, "beta": 0.9}}),
     ("breadcrumbs_ties", {"parameters": {"gamma": 0.05}}),
     ("breadcrumbs", {"parameters": {"gamma": 0.1}}),
+    ("dare_ties", {"parameters": {"seed": 11}}),                       # L1 rescale: a factor per tensor
+    ("dare_linear", {"parameters": {"rescale": "inverse", "seed": 2}}),
+    ("dare_ties", {"parameters": {"rescale": False}, "lines": {"alpha": 0.2, "beta": 1.0}}),
+    ("ties", {"parameters": {"rescale": True}}),   # trims + L1 rescale: not packed, same bytes
 ])
 def test_tensor_scope_thresholds_pack_equal_sized_tensors_to_the_same_bytes(equal_fam, tmp_path, monkeypatch,
                                                                              method, top):
@@ -206,7 +210,8 @@ def test_tensor_scope_thresholds_pack_equal_sized_tensors_to_the_same_bytes(equa
     jobs.clear()
     monkeypatch.setattr(engine, "PACK_TENSOR_MAX", 0)
     merge(cfg, tmp_path / "single", **options)
-    assert len(jobs) == 36 and len(packed_jobs) <= 12, packed_jobs   # runs of experts and of norms
+    packs = top.get("parameters", {}).get("rescale") is not True or method != "ties"
+    assert len(jobs) == 36 and (len(packed_jobs) <= 12 if packs else len(packed_jobs) == 36), packed_jobs
     for f in sorted(p.name for p in (tmp_path / "single").iterdir()):
         assert (tmp_path / "packed" / f).read_bytes() == (tmp_path / "single" / f).read_bytes(), f
 

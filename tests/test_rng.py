@@ -89,7 +89,9 @@ def test_small_merges_never_load_the_compiler(monkeypatch):
     monkeypatch.setattr(jit, "_work_in_torch", 0)
     monkeypatch.setattr(jit, "kernels", lambda: pytest.fail("numba loaded for a small draw"))
     rng._draw(0, 0, "x", 1000, 0, "cpu", rng.DARE_STREAM)
-    assert jit._work_in_torch == 1000
+    assert jit._work_in_torch == jit.CALL_WORK   # a small draw counts what a torch call costs
+    rng._draw(0, 0, "x", 1 << 20, 0, "cpu", rng.DARE_STREAM)
+    assert jit._work_in_torch == jit.CALL_WORK + (1 << 20)
 
 
 @needs_numba

@@ -66,8 +66,10 @@ class MergeJob:
     stream: bool = False
     release: Any = None
     # segments (S, L): the job is S tensors of L elements packed end to end, each with its own
-    # tensor-scope thresholds (a backend with packs_segments = True takes such jobs).
+    # tensor-scope thresholds, DARE draws (keyed by its name, in segment_names) and L1 rescale
+    # factors (a backend with packs_segments = True takes such jobs).
     segments: tuple[int, int] | None = None
+    segment_names: tuple[str, ...] = ()
 
 
 class Backend(Protocol):

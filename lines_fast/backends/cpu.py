@@ -18,11 +18,11 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import NonFiniteInput
-from ..exactsum import AbsSum
+from ..exactsum import AbsSum, row_abs_sums
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..gram import group_index, group_view, new_gram
 from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sign_sum, factors_from_sums,
-                    group_weights, unsupported_steps)
+                    group_weights, rescale_factor, unsupported_steps)
 from ..rng import DELLA_STREAM, dare_uniform
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
@@ -101,14 +101,19 @@ def segment_thresholds(job: MergeJob, plan: ElementPlan) -> list[tuple[torch.Ten
     return found
 
 
+def _per_element(value, job: MergeJob, start: int, end: int):
+    """A per-tensor number for elements start..end: a float as it is, or, per packed tensor
+    (float32 [S]), each element's own tensor's value."""
+    if not isinstance(value, torch.Tensor):
+        return float(value)
+    return value.index_select(0, torch.arange(start, end) // job.segments[1])
+
+
 def _bits_of(threshold, job: MergeJob, start: int, end: int):
-    """A threshold for elements start..end: a float as it is, or per packed tensor (float32 [S])
-    the bits of each element's own tensor's threshold (int32)."""
-    if not isinstance(threshold, torch.Tensor):
-        return float(threshold)
-    length = job.segments[1]
-    which = torch.arange(start, end) // length
-    return threshold.view(torch.int32).index_select(0, which)
+    """A threshold for elements start..end: a float, or per element the float32 bits (int32) of
+    its own packed tensor's threshold."""
+    value = _per_element(threshold, job, start, end)
+    return value if isinstance(value, float) else value.view(torch.int32)
 
 
 class CpuBackend:
@@ -127,6 +132,7 @@ class CpuBackend:
         self._kept_bytes = 0
         self._kept_store: torch.Tensor | None = None
         self._buffers: dict[int, _Buffers] = {}
+        self._seg_draws: tuple | None = None   # (job, its packed DARE draws per model)
 
     def supports(self, plan: ElementPlan) -> str | None:
         return unsupported_steps(plan, SUPPORTED)
@@ -240,6 +246,9 @@ class CpuBackend:
     def _tensor_stats(self, job: MergeJob, plan: ElementPlan) -> TensorStats:
         stats = job.stats or TensorStats()
         need_thresholds, need_factors, need_weights = plan.missing(stats)
+        if need_factors and job.segments is not None:   # packed tensors: a factor each, exact
+            stats = replace(stats, factors=self._segment_factors(job, plan))
+            need_factors = False
         if need_thresholds and job.segments is not None:
             stats = plan.stats_from_thresholds(segment_thresholds(job, plan), stats)
         elif need_thresholds:
@@ -268,6 +277,31 @@ class CpuBackend:
                     self._kept[s] = slots
             stats = replace(stats, factors=factors_from_sums(totals, kepts))
         return stats
+
+    def _segment_draws(self, job: MergeJob, plan: ElementPlan) -> list[torch.Tensor]:
+        """DARE's u of a packed job, per model: each tensor's own draws (keyed by its name) end to
+        end; drawn once for its rescale statistics and its merge."""
+        if self._seg_draws is None or self._seg_draws[0] is not job:
+            draws = [torch.cat([dare_uniform(plan.seed, i, name, job.segments[1]) for name in job.segment_names])
+                     for i in range(len(job.models))]
+            self._seg_draws = (job, draws)
+        return self._seg_draws[1]
+
+    def _segment_factors(self, job: MergeJob, plan: ElementPlan) -> tuple[torch.Tensor, ...]:
+        """The L1 rescale factor of each packed tensor, per model (float32 [S]): the exact sums of
+        |x_i| and of its kept values per tensor, as add_kept_l1 and AbsSum give them for one."""
+        count, length = job.segments
+        base = job.base.reshape(-1).float() if plan.deltas else None
+        draws = self._segment_draws(job, plan)
+        factors = []
+        for i, model in enumerate(job.models):
+            x = model.reshape(-1).float()
+            if base is not None:
+                x = x - base
+            kept = torch.where(draws[i] >= plan.drop_p[i], x, torch.zeros((), dtype=torch.float32))
+            totals, kepts = row_abs_sums(x.view(count, length)), row_abs_sums(kept.view(count, length))
+            factors.append(torch.tensor([rescale_factor(t, k) for t, k in zip(totals, kepts)], dtype=torch.float32))
+        return tuple(factors)
 
     def _keep_slots(self, n_models: int, n: int) -> list[torch.Tensor] | None:
         """Room for one chunk's packed masks (one uint8 view per model) in the backend's one mask
@@ -358,12 +392,13 @@ class CpuBackend:
                 x.masked_fill_(u < drop_p, 0.0)
             elif plan.sparsify is Sparsify.RANDOM:
                 # Drop where u < p: u, p >= 0 order as their bit patterns.
-                u = dare_uniform(plan.seed, i, job.name, n, start=s)
+                u = (self._segment_draws(job, plan)[i][s:e].clone() if job.segments is not None
+                     else dare_uniform(plan.seed, i, job.name, n, start=s))
                 self._zero_below(x, u, plan.drop_p[i], None)
             if plan.rescale is Rescale.INVERSE:
                 x.div_(plan.divisors[i])
             elif plan.rescale is Rescale.L1:
-                x.mul_(stats.factors[i])
+                x.mul_(_per_element(stats.factors[i], job, s, e))
             if plan.grouped:
                 weights = stats.group_weights[i]
                 contributions.append(x.mul_(weights.index_select(0, groups) if groups is not None
