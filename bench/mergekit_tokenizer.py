@@ -5,7 +5,8 @@
 mergekit 0.1.5 lives in its own venv (never our dependency). The inputs are tiny Llamas with
 tokenizers (lines_fast/synth_vocabulary.py): a base of 14 tokens, one fine-tune adding kk and
 ll, one adding ll and mm (and a chat template), one numbering the base's tokens in another
-order. Every config merges with task_arithmetic in float32 (dtype: float32), where the merge
+order; and three with byte-level BPE tokenizers trained by the tokenizers library (merges, other
+special tokens, other ids). Every config merges with task_arithmetic in float32 (dtype: float32), where the merge
 itself is exact in both tools, so any difference comes from the vocabulary.
 
 Compared per config: the output vocabulary as a set of tokens, and the ids (mergekit numbers a
@@ -52,7 +53,34 @@ def tokenizer(folder: Path) -> tuple[dict[str, int], dict[str, dict]]:
     return {**vocab, **{e["content"]: e["id"] for e in doc["added_tokens"]}}, added
 
 
-def configs(m: dict[str, Path]) -> dict[str, dict]:
+_TRAIN = """
+import json, sys
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+def train(text, size, specials):
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([text] * 50, trainers.BpeTrainer(vocab_size=size, special_tokens=specials,
+                                                             show_progress=False))
+    return json.loads(tok.to_str())
+print(json.dumps([train("the quick brown fox jumps over the lazy dog merging models", 120, ["<unk>", "<s>", "</s>"]),
+                  train("the quick brown cat sleeps under the warm sun lines scales layers", 140,
+                        ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])]))
+"""
+
+
+def trained_models(root: Path, python: str) -> dict[str, Path]:
+    """A base, a fine-tune of its tokenizer and one of another: byte-level BPE tokenizers trained by
+    the tokenizers library (in mergekit's venv) on two texts, with merges and other special tokens."""
+    a, b = json.loads(subprocess.run([python, "-c", _TRAIN], capture_output=True, text=True, check=True).stdout)
+
+    def rows(doc):
+        return max([*doc["model"]["vocab"].values(), *[e["id"] for e in doc["added_tokens"]]]) + 1
+    return {"base": write_model(root / "tbase", None, 4, rows=rows(a), tok_doc=a),
+            "ft1": write_model(root / "tft1", None, 5, rows=rows(a), tok_doc=a),
+            "ft2": write_model(root / "tft2", None, 6, rows=rows(b), tok_doc=b)}
+
+
+def configs(m: dict[str, Path], trained: dict[str, Path]) -> dict[str, dict]:
     def ta(**extra):
         return {"merge_method": "task_arithmetic", "base_model": str(m["base"]), "dtype": "float32",
                 "out_dtype": "bfloat16",
@@ -69,6 +97,10 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
             chat_template="auto"),
         "tokenizer_source: a model": ta(tokenizer_source=str(m["ft2"])),
         "tokenizer_source: base, ids in another order": shuffled,
+        "union of trained byte-level BPE tokenizers": {
+            **ta(tokenizer_source="union"), "base_model": str(trained["base"]),
+            "models": [{"model": str(trained["ft1"]), "parameters": {"weight": 0.7}},
+                       {"model": str(trained["ft2"]), "parameters": {"weight": 0.5}}]},
     }
 
 
@@ -133,7 +165,8 @@ def main(argv=None) -> int:
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     results = {}
-    for i, (name, doc) in enumerate(configs(models).items()):
+    trained = trained_models(root, str(Path(args.mergekit).parent / "python"))
+    for i, (name, doc) in enumerate(configs(models, trained).items()):
         cfg = root / f"c{i}.yml"
         cfg.write_text(yaml.safe_dump(doc))
         ours, theirs = root / f"ours{i}", root / f"mergekit{i}"
