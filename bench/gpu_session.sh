@@ -4,7 +4,8 @@
 #          engine's --device cuda path against the reference (several hundred kernel
 #          compilations: minutes)
 #   bench  the kernel benchmark (GB/s vs the device-to-device copy of the same run, the hot-bin
-#          tuning sweep) and end-to-end merges on cuda vs cpu vs the reference
+#          tuning sweep), end-to-end merges on cuda vs cpu vs the reference, and the CPU
+#          backend's scaling over 1-16 threads (bench/cpu_threads.py)
 # The device tool stops a command after 10 minutes, so give each stage its own command:
 #   bash bench/gpu_session.sh "$OUT" tests        then        bash bench/gpu_session.sh "$OUT" bench
 # (no stage: both, for a machine without that limit). Then commit "$OUT"/*.json under
@@ -38,4 +39,7 @@ if [[ $stage == bench || $stage == all ]]; then
     python3 bench/bench_kernels.py --json "$out/kernels.json" 2>&1 | tee -a "$log"
     lines-fast bench --workload llama-336m --methods ties,task_arithmetic --devices cuda,cpu --compare reference \
         --repeats 3 --out "$out" 2>&1 | tee -a "$log"
+    # The CPU backend's thread scaling on this machine's 16 cores (issue 15's target: >= 0.8 x
+    # linear); one run per count, ~2 minutes.
+    python3 bench/cpu_threads.py --threads 1,2,4,8,16 --repeats 1 --out "$out" 2>&1 | tee -a "$log"
 fi
