@@ -34,7 +34,7 @@ import yaml
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from lines_fast.checkpoint import Checkpoint  # noqa: E402
-from lines_fast.vocabulary import template_of  # noqa: E402
+from lines_fast.tokenizer_files import template_of  # noqa: E402
 from lines_fast.synth_vocabulary import BASE, SPECIAL, write_model  # noqa: E402
 
 VOCABULARY_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")

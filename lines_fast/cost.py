@@ -151,7 +151,7 @@ def _realigned_bytes(config: MergeConfig) -> int:
     every input, held whole while it is merged (lines_fast/vocabulary.py)."""
     from . import hub
     from .engine import open_inputs
-    from .vocabulary import RealignedCheckpoint
+    from .realign import RealignedCheckpoint
 
     if any(hub.remote(p) for p in ([config.base] if config.base else []) + list(config.models)):
         return 0   # headers only: no tokenizer to read yet

@@ -31,7 +31,7 @@ from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_override
 from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput
 from .layers import depth_fractions, lines_scales
-from . import vocabulary
+from . import realign, tokenizer_files, vocabulary
 from .lora import AdapterCheckpoint, is_adapter
 from .settings import filters as filters_of
 from .plan import ElementPlan
@@ -203,7 +203,7 @@ def _realign_vocabulary(config: MergeConfig, inputs: _Inputs, log: Callable[[str
         return next((j for j, c in enumerate(every) if same_model(c.path, path)), None)
 
     try:
-        aligned = vocabulary.realigned(every, built, config.tokenizer, base_index, model_index)
+        aligned = realign.realigned(every, built, config.tokenizer, base_index, model_index)
     except MergeInputError as err:
         raise MergeInputError(f"{config.source}: {err}") from None
     if aligned is every:
@@ -875,10 +875,10 @@ class Engine:
         else:
             files = (inputs.base or inputs.models[0]).aux_files()
             folder = (inputs.base or inputs.models[0]).path
-        files = [f for f in files if f.name.startswith(vocabulary.TOKENIZER_PREFIXES)]
+        files = [f for f in files if f.name.startswith(tokenizer_files.TOKENIZER_PREFIXES)]
         template = None
         if config.chat_template is not None:
-            template = vocabulary.chat_template(config.chat_template, [c.path for c in inputs.all()], config.source)
+            template = tokenizer_files.chat_template(config.chat_template, [c.path for c in inputs.all()], config.source)
             if template is None:
                 self.log("chat_template: auto: no model has a chat template; the output keeps its source's (none)")
             elif not files:
@@ -886,14 +886,14 @@ class Engine:
                                       "to write it into (mergekit would skip it with a warning). Give a "
                                       "tokenizer_source that has a tokenizer, or drop chat_template.")
         self._scratch = tempfile.TemporaryDirectory(prefix="lines-fast-tokenizer-")
-        return vocabulary.output_files(files, inputs.vocabulary, template, Path(self._scratch.name), self.log)
+        return tokenizer_files.output_files(files, inputs.vocabulary, template, Path(self._scratch.name), self.log)
 
     def _aux_files(self, inputs: _Inputs, plan: _Plan, scratch: Path, tok_files: list[Path]) -> list[Path]:
         """config.json etc. from the base (or first model); tokenizer files from _tokenizer_files."""
         source = inputs.base or inputs.models[0]
         names = {f.name for f in tok_files}
         files = [f for f in source.aux_files()
-                 if f.name not in names and not f.name.startswith(vocabulary.TOKENIZER_PREFIXES)] + tok_files
+                 if f.name not in names and not f.name.startswith(tokenizer_files.TOKENIZER_PREFIXES)] + tok_files
         updates = {}
         if self.config.out_dtype is not None:
             # The model's declared dtype should describe the merged weights: transformers 4 reads
