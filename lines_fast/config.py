@@ -3,7 +3,7 @@
 What both tools share reads exactly as mergekit reads it: merge_method, base_model,
 models[].model, models[].parameters (per-model parameters), parameters (the method's own,
 and defaults for the per-model ones), dtype, out_dtype, tokenizer_source, the tokenizer: block
-and chat_template (lines_fast/vocabulary.py). Which parameters
+and chat_template (lines_fast/vocabulary.py, realign.py, tokenizer_files.py). Which parameters
 a method takes, their defaults and ranges come from the method registry
 (lines_fast/methods.py) through spec.make_spec, the one validator; a key the method does
 not take is refused by name, never ignored. Our additions have keys of their own:

@@ -148,7 +148,7 @@ def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
 
 def _realigned_bytes(config: MergeConfig) -> int:
     """Host memory of the realigned vocabulary rows (tokenizer_source): one vocabulary tensor of
-    every input, held whole while it is merged (lines_fast/vocabulary.py)."""
+    every input, held whole while it is merged (lines_fast/realign.py)."""
     from . import hub
     from .engine import open_inputs
     from .realign import RealignedCheckpoint

@@ -184,7 +184,8 @@ def open_inputs(config: MergeConfig, log: Callable[[str], None] = _log_to_stderr
 
 
 def _realign_vocabulary(config: MergeConfig, inputs: _Inputs, log: Callable[[str], None]) -> None:
-    """Build the output vocabulary (lines_fast/vocabulary.py) and wrap the inputs whose rows move."""
+    """Build the output vocabulary (lines_fast/vocabulary.py) and wrap the inputs whose rows move
+    (lines_fast/realign.py)."""
     from .slices import same_model
 
     every = inputs.all()
@@ -862,7 +863,7 @@ class Engine:
 
     def _tokenizer_files(self, inputs: _Inputs) -> list[Path]:
         """The output's tokenizer files: the tokenizer source's (the base's, or the first model's),
-        rewritten for the built vocabulary and the chat template (lines_fast/vocabulary.py) in a
+        rewritten for the built vocabulary and the chat template (lines_fast/tokenizer_files.py) in a
         scratch directory. Read before merging, so a bad path or template fails at the start."""
         config = self.config
         if config.tokenizer is not None and isinstance(config.tokenizer.source, Path):
