@@ -1,4 +1,5 @@
-"""tokenizer_source / the tokenizer: block / chat_template (lines_fast/vocabulary.py, realign.py, tokenizer_files.py).
+"""tokenizer_source / the tokenizer: block / chat_template (lines_fast/vocabulary.py,
+realign.py, tokenizer_files.py).
 
 The expected outputs are built here independently: each model's rows are realigned by token
 string with plain loops (mergekit's rules written out), the realigned checkpoints are saved,
