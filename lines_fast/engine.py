@@ -339,6 +339,12 @@ def _inputs_key(inputs: _Inputs) -> str:
         for f in ckpt.files:
             st = f.stat()
             files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    if inputs.vocabulary is not None:   # a tokenizer edited in between moves the rows: not the same merge
+        built = inputs.vocabulary
+        digest = hashlib.sha256(json.dumps(sorted(built.ids.items()), ensure_ascii=False).encode("utf-8"))
+        for m in built.row_maps:
+            digest.update(m.numpy().tobytes())
+        files.append(["vocabulary", built.rows, digest.hexdigest()])
     return json.dumps(files)
 
 

@@ -351,3 +351,20 @@ def test_sliced_inputs_of_two_vocabularies_are_refused(family, capsys):
     rc, err = merge(capsys, f["root"], doc, f["root"] / "out")
     assert rc == 2 and "vocabularies differ" in err and "sliced" in err, err
     assert not (f["root"] / "out").exists()
+
+
+def test_resume_refuses_a_partial_merge_made_with_another_vocabulary(family, capsys):
+    """--resume keeps finished shards only if the realigned rows would be the same: a tokenizer
+    edited between the runs makes it another merge."""
+    f = family
+    doc = ta_doc(f["base"], [f["ft1"], f["ft2"]], tokenizer_source="union")
+    out = f["root"] / "out"
+    partial = out.with_name(out.name + ".lines-fast-partial")
+    rc, err = merge(capsys, f["root"], doc, out)
+    assert rc == 0, err
+    out.rename(partial)   # as if interrupted after the last shard
+    tokenizer = json.loads((f["ft2"] / "tokenizer.json").read_text())
+    tokenizer["model"]["vocab"]["nn"] = tokenizer["model"]["vocab"].pop("mm")
+    (f["ft2"] / "tokenizer.json").write_text(json.dumps(tokenizer))
+    rc, err = merge(capsys, f["root"], doc, out, "--resume")
+    assert rc == 2 and "resume" in err.lower(), err
