@@ -468,18 +468,10 @@ class Checkpoint:
     def aux_files(self) -> list[Path]:
         """Config, tokenizer and similar non-weight files of a directory checkpoint, by name."""
         if self.path.is_dir():
-            folder = self.path
-        elif self.path.name.endswith(".index.json"):
-            folder = self.path.parent
-        else:
-            return []  # a lone .safetensors file: its neighbours need not belong to it
-        return sorted(
-            p
-            for p in folder.iterdir()
-            if p.is_file()
-            and not p.name.endswith((".safetensors", ".index.json", ".bin"))
-            and any(fnmatch.fnmatchcase(p.name, pat) for pat in AUX_PATTERNS)
-        )
+            return aux_files_in(self.path)
+        if self.path.name.endswith(".index.json"):
+            return aux_files_in(self.path.parent)
+        return []  # a lone .safetensors file: its neighbours need not belong to it
 
     def close(self) -> None:
         """Drops the maps. Never munmaps directly: views still alive keep their map (and
@@ -495,6 +487,17 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.label!r}, {len(self.tensors)} tensors in {len(self.files)} files)"
+
+
+def aux_files_in(folder: Path) -> list[Path]:
+    """A folder's config, tokenizer and similar non-weight files (AUX_PATTERNS), by name."""
+    return sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.is_file()
+        and not p.name.endswith((".safetensors", ".index.json", ".bin"))
+        and any(fnmatch.fnmatchcase(p.name, pat) for pat in AUX_PATTERNS)
+    )
 
 
 def shard_name_is_inside(name) -> bool:

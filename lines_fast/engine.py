@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .backends.base import STREAM_MIN, MergeJob
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo, aux_files_in
 from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
 from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput
@@ -873,12 +873,11 @@ class Engine:
         scratch directory. Read before merging, so a bad path or template fails at the start."""
         config = self.config
         if config.tokenizer is not None and isinstance(config.tokenizer.source, Path):
-            folder = config.tokenizer.source
-            tok = Checkpoint.open(folder, label=f"tokenizer_source {folder}")
-            try:
-                files = tok.aux_files()
-            finally:
-                tok.close()
+            folder = config.tokenizer.source   # a model, or a folder holding only a tokenizer
+            if not folder.is_dir():
+                raise MergeInputError(f"{config.source}: tokenizer_source {folder} is not a directory; give the "
+                                      "folder that holds the tokenizer files (tokenizer.json, ...).")
+            files = aux_files_in(folder)
         else:
             files = (inputs.base or inputs.models[0]).aux_files()
             folder = (inputs.base or inputs.models[0]).path

@@ -207,8 +207,14 @@ def realigned(inputs: list, built: Built, spec: TokenizerSpec, base_index: int |
                                       f"has token ids up to {top}: the tokenizer does not belong to these weights.")
     _check_token_sources(built, spec, model_index, [c.label for c in inputs])
     rows = [c.tensors[n].shape[0] for c in inputs for n in names if n in c.tensors]
-    if not names or built.is_identity(rows):
+    if built.is_identity(rows):
         return inputs
+    if not names:
+        raise MergeInputError(f"the output vocabulary differs from the models' (or moves their rows), but "
+                              f"{reference.label} has no tensor lines_fast knows as an embedding or output head "
+                              "(names with embed_tokens, lm_head, wte, word_embeddings, embed_out, tok_embeddings, "
+                              "output.weight); its rows cannot follow. Merge without tokenizer_source, or rename "
+                              "the tensors.")
     missing = [(c.label, n) for c in inputs for n in names if n not in c.tensors]
     if missing:
         raise MergeInputError(f"{missing[0][0]} has no tensor '{missing[0][1]}', a vocabulary tensor of the base.")

@@ -38,6 +38,8 @@ def template_of(folder: Path) -> str | None:
     """A model's chat template: chat_template.jinja, or tokenizer_config.json's chat_template
     (its `default` entry when it lists several), stripped (mergekit compares them stripped)."""
     folder = Path(folder)
+    if folder.name.endswith(".index.json"):
+        folder = folder.parent
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text(encoding="utf-8").strip() or None
@@ -87,8 +89,8 @@ def output_files(files: list[Path], built: Built | None, template: str | None, s
                                   "is made from it. Fix the file.") from None
         if built is not None and built.tokenizer_json and isinstance(cfg.get("added_tokens_decoder"), dict):
             cfg["added_tokens_decoder"] = {
-                str(e["id"]): {k: e[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word",
-                                                  "special")}
+                str(e["id"]): {"content": e["content"], **{k: bool(e.get(k, False)) for k in (
+                    "lstrip", "normalized", "rstrip", "single_word", "special")}}
                 for e in built.tokenizer_json["added_tokens"]}
         if template is not None:
             cfg["chat_template"] = template

@@ -40,6 +40,9 @@ import torch
 
 from .errors import MergeInputError
 
+# Tokenizer files of other formats: a model that has one has a vocabulary of its own.
+SLOW_FORMATS = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json", "vocab.txt",
+                "merges.txt")
 _FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
 
 
@@ -117,14 +120,43 @@ def read(folder: Path, label: str) -> Vocabulary | None:
         else:
             raise TypeError("model.vocab is neither a mapping nor a list")
         added = {int(e["id"]): dict(e) for e in doc.get("added_tokens") or []}
+        ids = dict(own)
+        for i, entry in added.items():
+            ids[str(entry["content"])] = i   # an added token's id wins, as in the tokenizers library
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
         raise MergeInputError(f"{file} (tokenizer of {label}) is not a tokenizer.json lines_fast can read ({err}); "
                               "re-save the tokenizer with transformers (AutoTokenizer.from_pretrained(...)"
                               ".save_pretrained(...)) or fix the file.") from None
-    ids = dict(own)
-    for i, entry in added.items():
-        ids[str(entry["content"])] = i   # an added token's id wins, as in the tokenizers library
+    unlisted = [t for t in _configured_special_tokens(folder) if t not in ids]
+    if unlisted:
+        # transformers adds these when it loads the tokenizer (mergekit's vocabulary has them).
+        raise MergeInputError(f"{folder / 'tokenizer_config.json'} (tokenizer of {label}) names special token(s) "
+                              f"{', '.join(map(repr, unlisted[:5]))} that its tokenizer.json lacks; transformers adds "
+                              "them on loading, so the vocabulary would differ from mergekit's. Re-save the "
+                              "tokenizer (AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)) to write them in.")
     return Vocabulary(file, doc, ids, added, len(own), _config_vocab_size(folder))
+
+
+def _configured_special_tokens(folder: Path) -> list[str]:
+    """The special tokens tokenizer_config.json names (bos/eos/unk/pad/... tokens, additional ones,
+    added_tokens_decoder)."""
+    try:
+        cfg = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(cfg, dict):
+        return []
+
+    def content(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    found = [content(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token",
+                                            "cls_token", "mask_token")]
+    extra = cfg.get("additional_special_tokens")
+    found += [content(v) for v in extra] if isinstance(extra, list) else []
+    decoder = cfg.get("added_tokens_decoder")
+    found += [content(v) for v in decoder.values()] if isinstance(decoder, dict) else []
+    return list(dict.fromkeys(t for t in found if isinstance(t, str) and t))
 
 
 def _config_vocab_size(folder: Path) -> int | None:
@@ -215,13 +247,15 @@ class Built:
     row_maps: list[torch.Tensor]     # per input (the merge's order), int64 [rows of the vocabulary]
     originals: list[dict[str, int]]  # per input, its own vocabulary (for `token:` sources)
     new_tokens: list[str] = field(default_factory=list)
+    forced: bool = False             # some tokens: entry forces its row in every model
 
     def is_identity(self, rows: list[int]) -> bool:
         """Whether every input's rows (`rows`: every vocabulary tensor's row count) are already in
         the output's order: nothing to realign."""
         n = len(self.ids)
         want = torch.arange(n)
-        return self.rows == n and all(r == n for r in rows) and all(torch.equal(m, want) for m in self.row_maps)
+        return (not self.forced and self.rows == n and all(r == n for r in rows)
+                and all(torch.equal(m, want) for m in self.row_maps))
 
 
 def build(spec: TokenizerSpec, folders: list[Path], labels: list[str], base_index: int | None,
@@ -250,6 +284,12 @@ def build(spec: TokenizerSpec, folders: list[Path], labels: list[str], base_inde
     base = _stripped(base, labels[first])
     for i, v in enumerate(vocabs):
         if v is None and i != first:
+            slow = [n for n in SLOW_FORMATS if (Path(folders[i]) / n).is_file()]
+            if slow:
+                raise MergeInputError(
+                    f"{labels[i]} has a tokenizer ({', '.join(slow)}) but no tokenizer.json, which lines_fast reads "
+                    "(mergekit converts it through transformers). Save a fast tokenizer there first "
+                    "(AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes tokenizer.json).")
             log(f"{labels[i]} has no tokenizer.json: its vocabulary is taken to be {labels[first]}'s, as mergekit does")
     # A model without a tokenizer has the base's vocabulary and its own config's vocab_size.
     own = [base if i == first else (v if v is not None else replace(base, size=_config_vocab_size(Path(folders[i]))))
@@ -316,7 +356,7 @@ def build(spec: TokenizerSpec, folders: list[Path], labels: list[str], base_inde
         log(f"output vocabulary: {n} tokens ({len(out.new)} new: {', '.join(repr(t) for t in out.new[:8])}"
             f"{' ...' if len(out.new) > 8 else ''})")
     return Built(ids, rows, doc if changed else None, source_folder, maps,
-                 [v.ids for v in own], out.new)
+                 [v.ids for v in own], out.new, any(t.force for _, t in spec.tokens))
 
 
 _VOCABULARY_TENSOR = re.compile(r"embed_tokens|lm_head|wte|word_embeddings|embed_out|tok_embeddings|shared\.weight"

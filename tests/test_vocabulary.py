@@ -372,3 +372,59 @@ def test_resume_refuses_a_partial_merge_made_with_another_vocabulary(tmp_path, c
     (ft2 / "tokenizer.json").write_text(json.dumps(tokenizer))
     rc, err = merge(capsys, tmp_path, doc, out, "--resume", "--max-shard-size", "1KB")
     assert rc == 2 and "written for a different merge" in err, err
+
+
+def test_a_forced_row_applies_even_where_every_vocabulary_is_the_same(tmp_path, capsys):
+    base = write_model(tmp_path / "base", BASE, 0)
+    ft = write_model(tmp_path / "ft", BASE, 1)
+    doc = ta_doc(base, [ft], weights=(1.0,), tokenizer={"source": "base",
+                                                          "tokens": {"a": {"source": {"kind": "zero"}, "force": True}}})
+    rc, err = merge(capsys, tmp_path, doc, tmp_path / "out")
+    assert rc == 0, err
+    got = load(tmp_path / "out")
+    assert torch.equal(got["model.embed_tokens.weight"][BASE.index("a")], torch.zeros(H))
+    assert torch.equal(got["lm_head.weight"][BASE.index("b")],
+                       load(ft)["lm_head.weight"][BASE.index("b")].float())   # the others: the fine-tune's
+
+
+def test_a_tokenizer_folder_without_weights_is_a_source(family, capsys):
+    f = family
+    only = f["root"] / "tokenizer-only"
+    only.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (only / name).write_bytes((f["ft2"] / name).read_bytes())
+    rc, err = merge(capsys, f["root"], ta_doc(f["base"], [f["ft1"], f["ft2"]], tokenizer_source=str(only)),
+                    f["root"] / "out")
+    assert rc == 0, err
+    assert vocab_of(f["root"] / "out") == vocab_of(f["ft2"])
+
+
+@pytest.mark.parametrize("spoil,words", [
+    (lambda d: (d / "tokenizer.json").unlink() or (d / "tokenizer.model").write_bytes(b"spm"),
+     ["tokenizer.model", "no tokenizer.json"]),
+    (lambda d: (d / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"})),
+     ["'<pad>'", "lacks"]),
+    (lambda d: (d / "tokenizer.json").write_text(json.dumps(
+        {**json.loads((d / "tokenizer.json").read_text()), "added_tokens": [{"id": 0}]})), ["not a tokenizer.json"]),
+])
+def test_fine_tune_tokenizers_lines_fast_cannot_read_as_mergekit_would_are_refused(family, capsys, spoil, words):
+    f = family
+    spoil(f["ft2"])
+    rc, err = merge(capsys, f["root"], ta_doc(f["base"], [f["ft1"], f["ft2"]], tokenizer_source="union"),
+                    f["root"] / "out")
+    assert rc == 2 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    assert not (f["root"] / "out").exists()
+
+
+def test_a_vocabulary_change_without_known_embedding_names_is_refused(tmp_path, capsys):
+    base = write_model(tmp_path / "base", BASE, 0)
+    ft = write_model(tmp_path / "ft", SPECIAL + ["ab"] + list("jihgfedcba"), 1)   # the same tokens, other ids
+    for folder in (base, ft):
+        tensors = load(folder)
+        renamed = {n.replace("model.embed_tokens", "backbone.embeddings").replace("lm_head", "head.proj"): t
+                   for n, t in tensors.items()}
+        write_safetensors(folder / "model.safetensors", renamed, {"format": "pt"})
+    rc, err = merge(capsys, tmp_path, ta_doc(base, [ft], weights=(1.0,), tokenizer_source="base"), tmp_path / "out")
+    assert rc == 2 and "embedding or output head" in err, err
