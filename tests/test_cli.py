@@ -648,3 +648,22 @@ def test_normalized_ties_refuses_non_positive_weights(weights, tmp_path, capsys)
     assert "weights must be positive" in err and "--no-normalize" in err
     # A weighted sum (no division) takes any weights.
     assert cli.main(args + ["--no-normalize"]) == 0
+
+
+def test_merge_steadies_the_allocator_first(fam, capsys, monkeypatch):
+    """glibc's mmap threshold and trim are set before a merge (cli._steady_allocator), with the
+    values it documents; `plan` leaves them alone."""
+    import ctypes
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, option, value):
+            calls.append((option, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: FakeLibc())
+    monkeypatch.setattr(sys, "platform", "linux")
+    rc, _, err = run(capsys, *fam.args())
+    assert rc == 0, err
+    assert calls == [(-3, 64 << 20), (-1, 128 << 20)]
