@@ -582,6 +582,12 @@ class Engine:
             self._resolve_tensor_specs(plan.merged, inputs.depths)
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log,
                                    local_rank=world.local_rank if world.size > 1 else None)
+            device = torch.device(getattr(backend, "device", "cpu"))
+            if device.type == "cuda":   # adapters' B A as GEMMs on the merge's GPU
+                for model in inputs.models:
+                    adapter = getattr(model, "_inner", model)
+                    if isinstance(adapter, AdapterCheckpoint):
+                        adapter.compute_device = device
             reason = backend.supports(self.plan)
             if reason is not None:
                 raise MergeInputError(f"--device {self.device}: the {backend.name} backend cannot run {config.method} "

@@ -53,6 +53,8 @@ class AdapterCheckpoint:
     """The fine-tune a LoRA adapter encodes on top of `base`, as a checkpoint (see the module doc)."""
 
     def __init__(self, path: Path, base: Checkpoint, label: str):
+        # Where B A is computed: the CPU, or the merge's GPU (the engine sets it for --device cuda).
+        self.compute_device: str | torch.device = "cpu"
         self.path = Path(path)
         self.label = label
         self._base = base
@@ -165,16 +167,20 @@ class AdapterCheckpoint:
         if name not in self._lora:
             return self._base.tensor(name)
         a_key, b_key, scaling, embedding = self._lora[name]
-        a = self._adapter.tensor(a_key).float()
-        b = self._adapter.tensor(b_key).float()
-        out = self._base.tensor(name).float()   # a float32 copy: the fine-tune's values go here
+        device = torch.device(self.compute_device)
+        a = self._adapter.tensor(a_key).to(device, torch.float32)
+        b = self._adapter.tensor(b_key).to(device, torch.float32)
+        out = self._base.tensor(name).float()   # a float32 copy on the host: the fine-tune's values go here
         transpose = embedding or self._fan_in_fan_out
         rows = out.shape[0]
         for s in range(0, rows, _ROWS):
             e = min(rows, s + _ROWS)
             # Rows s..e of B A, or of (B A)^T = A^T B^T: columns s..e of A times B^T.
             block = (a[:, s:e].t() @ b.t()) if transpose else (b[s:e] @ a)
-            out[s:e].add_(block.mul_(scaling))
+            if device.type == "cpu":
+                out[s:e].add_(block.mul_(scaling))
+            else:   # the GEMM and the add on the GPU, the rows back to the host
+                out[s:e].copy_(out[s:e].to(device).add_(block.mul_(scaling)))
         return out
 
     def prefetch(self, name: str) -> None:

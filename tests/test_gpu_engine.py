@@ -59,3 +59,35 @@ def test_cuda_runs_are_bitwise_identical(tmp_path):
     assert files == sorted(p.name for p in outs[1].iterdir())
     for name in files:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties"])
+def test_cuda_merges_adapters_with_their_products_on_the_gpu(method, tmp_path, monkeypatch):
+    """LoRA adapters with --device cuda: B A computed on the GPU (AdapterCheckpoint.compute_device),
+    the merge equal to that of the materialised fine-tunes within tolerance."""
+    from test_lora import adapter_family
+    from lines_fast.lora import AdapterCheckpoint
+
+    base, adapters, fulls = adapter_family(tmp_path / "fam")
+    devices = []
+    real = AdapterCheckpoint.tensor
+
+    def spy(self, name):
+        devices.append(torch.device(self.compute_device).type)
+        return real(self, name)
+    monkeypatch.setattr(AdapterCheckpoint, "tensor", spy)
+
+    params = {"ties": {"density": 0.5}, "task_arithmetic": {}, "dare_ties": {"density": 0.5, "seed": 1}}[method]
+
+    def doc(models):
+        return {"merge_method": method, "base_model": str(base), "parameters": params,
+                "models": [{"model": str(m)} for m in models]}
+    options = dict(device="cuda", progress=False, log=lambda m: None)
+    got_doc, want_doc = doc(adapters), doc(fulls)
+    lines_fast.merge(want_doc, tmp_path / "want", **options)
+    lines_fast.merge(got_doc, tmp_path / "got", **options)
+    assert devices and set(devices) == {"cuda"}
+    got, want = load(tmp_path / "got"), load(tmp_path / "want")
+    for name in want:
+        verdict = compare(got[name], want[name])
+        assert verdict.ok, (name, verdict.why)

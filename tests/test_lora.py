@@ -83,9 +83,12 @@ def materialise(folder: Path, base_dir: Path, adapter: dict, config: dict) -> No
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
+    return adapter_family(tmp_path_factory.mktemp("lora"))
+
+
+def adapter_family(root: Path):
     """A tiny base, three adapters (plain + modules_to_save; rsLoRA + patterns + embedding;
-    fan_in_fan_out) and each one's materialised fine-tune."""
-    root = tmp_path_factory.mktemp("lora")
+    fan_in_fan_out) and each one's materialised fine-tune: (base, adapters, fulls)."""
     fam = write_checkpoint_family(root / "fam", recipe("tiny"), n_finetunes=1, dtype=torch.bfloat16)
     base = load(fam.base)
     attn = {f"model.layers.{i}.self_attn.{p}": "linear" for i in range(2) for p in ("q_proj", "v_proj")}
