@@ -230,7 +230,7 @@ class Checkpoint:
         # later (a re-download) would make the header's offsets lie, and reading past a
         # truncated end of a memory map kills the process (SIGBUS). tensor() checks first.
         self._identity = {f: _identity(f) for f in files}
-        self._path_strings: dict[Path, str] = {}
+        self._path_strings = {f: os.fspath(f) for f in files}
 
     @classmethod
     def open(cls, path: str | os.PathLike, label: str | None = None) -> "Checkpoint":
@@ -348,11 +348,11 @@ class Checkpoint:
             raw = raw.clone()
         return raw.view(info.dtype).view(info.shape)
 
-    def flat_span(self, names: list[str]) -> torch.Tensor | None:
-        """Tensors `names`, stored back to back in this order in one file with one dtype, as one
-        flat read-only view of their bytes (one check of the file); None if they are not."""
+    def _span(self, names: list[str]) -> tuple[TensorInfo, int] | None:
+        """(the first's info, the end offset) of tensors stored back to back in this order in one
+        file with one dtype; None if they are not."""
         first = self.tensors.get(names[0])
-        if first is None or first.offset % first.dtype.itemsize:
+        if first is None:
             return None
         end = first.offset
         for name in names:
@@ -360,8 +360,15 @@ class Checkpoint:
             if info is None or info.offset != end or info.file != first.file or info.dtype != first.dtype:
                 return None
             end += info.nbytes
-        if end == first.offset:
+        return first, end
+
+    def flat_span(self, names: list[str]) -> torch.Tensor | None:
+        """Tensors `names`, stored back to back in this order in one file with one dtype, as one
+        flat read-only view of their bytes (one check of the file); None if they are not."""
+        span = self._span(names)
+        if span is None or span[1] == span[0].offset or span[0].offset % span[0].dtype.itemsize:
             return None
+        first, end = span
         self._check_unchanged(first.file)
         return self._file_bytes(first.file)[first.offset:end].view(first.dtype)
 
@@ -380,7 +387,7 @@ class Checkpoint:
         then = self._identity.get(file)
         if then is not None:
             try:   # the common case first: one stat of a path string (a Path costs twice that)
-                st = os.stat(self._path_strings.get(file) or self._path_string(file))
+                st = os.stat(self._path_strings.get(file) or os.fspath(file))
                 if st.st_size == then[0] and st.st_mtime_ns == then[1]:
                     return
             except OSError:
@@ -393,10 +400,6 @@ class Checkpoint:
                 f"'{file}' of {self.label} changed while lines_fast was reading it (it {what}); the merge "
                 "stops and publishes nothing. Rerun once the file is complete and stable (with --resume to "
                 "keep the finished shards).")
-
-    def _path_string(self, file: Path) -> str:
-        text = self._path_strings[file] = os.fspath(file)
-        return text
 
     def prefetch(self, name: str) -> None:
         """Asks the kernel to start reading the tensor's pages now (MADV_WILLNEED); a hint only."""
@@ -412,14 +415,18 @@ class Checkpoint:
         self._advise(name, "MADV_DONTNEED")
 
     def release_many(self, names: list[str]) -> None:
-        """release() of tensors stored back to back (flat_span): one madvise for all of them."""
-        first, last = self.info(names[0]), self.info(names[-1])
+        """release() of every tensor `names`: one madvise where they are stored back to back."""
+        span = self._span(names)
         advice = getattr(mmap, "MADV_DONTNEED", None)
-        if advice is None:
+        if span is None or advice is None:
+            for name in names:
+                if name in self.tensors:
+                    self.release(name)
             return
+        first, end = span
         start = first.offset - first.offset % mmap.PAGESIZE
         try:
-            self._map(first.file).madvise(advice, start, last.offset + last.nbytes - start)
+            self._map(first.file).madvise(advice, start, end - start)
         except OSError:
             pass
 

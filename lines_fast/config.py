@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import hub, methods, slices as slicing
-from .errors import MergeInputError
+from .errors import MergeInputError, listing
 from .methods import Inputs
 from .settings import check as check_setting, evaluate as evaluate_setting, filters as filters_of, is_setting
 from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, make_spec
@@ -146,13 +146,7 @@ def problems_of(err: MergeInputError, source: str) -> list[str]:
 
 def refusal(source: str, problems: list[str]) -> MergeInputError:
     """One paragraph for all of a config's problems, numbered when there are several."""
-    if len(problems) == 1:
-        err = MergeInputError(f"{source}: {problems[0]}.")
-    else:
-        err = MergeInputError(f"{source}: {len(problems)} problems: "
-                              + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(problems)) + ".")
-    err.problems = problems
-    return err
+    return listing(f"{source}: ", problems)
 
 
 def parse_dtype(name: Any, source: str, key: str) -> torch.dtype:

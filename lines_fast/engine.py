@@ -822,8 +822,8 @@ class Engine:
                     self._release(inputs, group[0])
                 else:
                     for ckpt in inputs.all():
-                        if isinstance(ckpt, Checkpoint) and ckpt.flat_span(group) is not None:
-                            ckpt.release_many(group)   # one madvise for the pack's bytes
+                        if isinstance(ckpt, Checkpoint):
+                            ckpt.release_many(group)   # one madvise for a pack stored back to back
                         else:
                             for name in group:
                                 if name in ckpt.tensors:

@@ -13,6 +13,18 @@ class MergeInputError(Exception):
     """Bad input the user can fix; `str(err)` is the whole message shown to them."""
 
 
+def listing(prefix: str, problems: list[str], what: str = "problems") -> MergeInputError:
+    """One paragraph for several problems (numbered; one alone reads as itself), each kept in
+    `.problems` so a caller that finds more can list them all together."""
+    if len(problems) == 1:
+        err = MergeInputError(f"{prefix}{problems[0]}.")
+    else:
+        err = MergeInputError(f"{prefix}{len(problems)} {what}: "
+                              + "; ".join(f"({i + 1}) {p}" for i, p in enumerate(problems)) + ".")
+    err.problems = list(problems)
+    return err
+
+
 class NonFiniteInput(Exception):
     """A backend met NaN or Inf in an input tensor (model_index -1 is the base).
 

@@ -14,6 +14,13 @@ _EXPONENTS = 256
 _MAX_ADD = 1 << 28  # elements per bincount: each float64 bin sum stays below 2^52, exact
 
 
+def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(E, m) of |x| for float32 x: exponent bits and significand, hidden bit included for normals."""
+    bits = x.abs().view(torch.int32)
+    exponent = bits >> 23
+    return exponent, (bits & 0x7FFFFF) | (exponent.clamp(max=1) << 23)
+
+
 class AbsSum:
     def __init__(self) -> None:
         self.bins = torch.zeros(_EXPONENTS, dtype=torch.int64)
@@ -36,9 +43,7 @@ class AbsSum:
             for start in range(0, flat.numel(), _MAX_ADD):
                 self.add(flat[start:start + _MAX_ADD])
             return
-        bits = flat.abs().view(torch.int32)
-        exponent = bits >> 23
-        significand = (bits & 0x7FFFFF) | (exponent.clamp(max=1) << 23)
+        exponent, significand = _split(flat)
         # Each bin's float64 sum is exact: fewer than 2^29 significands of < 2^24 per call.
         self.bins += torch.bincount(exponent.reshape(-1), weights=significand.reshape(-1).double(),
                                     minlength=_EXPONENTS).to(torch.int64).cpu()
@@ -55,9 +60,7 @@ def row_abs_sums(x: torch.Tensor) -> list[float]:
     import math
 
     rows, length = x.shape
-    bits = x.abs().view(torch.int32)
-    exponent = bits >> 23
-    significand = (bits & 0x7FFFFF) | (exponent.clamp(max=1) << 23)
+    exponent, significand = _split(x)
     low, high = int(exponent.min()) if x.numel() else 0, int(exponent.max()) if x.numel() else 0
     width = high - low + 1
     index = (torch.arange(rows).unsqueeze(1) * width + (exponent - low)).reshape(-1)

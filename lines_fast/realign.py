@@ -47,26 +47,15 @@ def realign(tensors: list[torch.Tensor], built: Built, spec: TokenizerSpec, base
             if cfg.kind == "zero":
                 defaults[token_id] = torch.zeros(shape, dtype=dtype)
                 continue
-            j = model_index(cfg.model)
-            if j is None:
-                raise MergeInputError(f"tokenizer.tokens[{token!r}] takes its row from {cfg.model}, which is not "
-                                      f"among this merge's models; name one of them.")
+            j = model_index(cfg.model)   # the model and its token were checked (_check_token_sources)
             if cfg.kind == "model_token":
-                src = cfg.token_id if cfg.token is None else built.originals[j].get(cfg.token)
-                if src is None:
-                    raise MergeInputError(f"tokenizer.tokens[{token!r}]: token {cfg.token!r} is not in the "
-                                          f"vocabulary of {labels[j]}.")
-                if not 0 <= src < tensors[j].shape[0]:
+                src = cfg.token_id if cfg.token is None else built.originals[j][cfg.token]
+                if not 0 <= src < tensors[j].shape[0]:   # an id is known against the rows only
                     raise MergeInputError(f"tokenizer.tokens[{token!r}]: token id {src} is outside {name} of "
                                           f"{labels[j]} ({tensors[j].shape[0]} rows).")
                 defaults[token_id] = tensors[j][src]
             else:
-                src = int(maps[j][token_id])
-                if src < 0:
-                    raise MergeInputError(f"tokenizer.tokens[{token!r}] takes its row from {labels[j]}, whose "
-                                          "vocabulary lacks that token; pick a model that has it, or a "
-                                          "{kind: model_token, ...} source.")
-                defaults[token_id] = tensors[j][src]
+                defaults[token_id] = tensors[j][int(maps[j][token_id])]
             continue
         have = [j for j in range(len(maps)) if maps[j][token_id] >= 0]
         if len(have) == 1:

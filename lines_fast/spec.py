@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from . import methods
-from .errors import MergeInputError
+from .errors import MergeInputError, listing
 from .methods import Consensus, Inputs, Rescale
 
 LINES_OUTSIDE = ("alpha", "last")
@@ -210,13 +210,7 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
         except MergeInputError as err:
             problem(str(err).rstrip("."))
     if problems:
-        if len(problems) == 1:
-            err = MergeInputError(f"{prefix}{problems[0]}.")
-        else:
-            err = MergeInputError(f"{prefix}{len(problems)} problems with the parameters: "
-                                  + "; ".join(f"({i + 1}) {text}" for i, text in enumerate(problems)) + ".")
-        err.problems = problems   # a caller listing more problems adds these one by one
-        raise err
+        raise listing(prefix, problems, "problems with the parameters")
     spec = MethodSpec(method, n_models, tuple(resolved), lines, with_base)
     _check_divisors(spec, prefix)
     for check in definition.checks:

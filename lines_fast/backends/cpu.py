@@ -101,18 +101,18 @@ def segment_thresholds(job: MergeJob, plan: ElementPlan) -> list[tuple[torch.Ten
     return found
 
 
-def _per_element(value, job: MergeJob, start: int, end: int):
-    """A per-tensor number for elements start..end: a float as it is, or, per packed tensor
-    (float32 [S]), each element's own tensor's value."""
+def _per_element(value, segment: torch.Tensor | None):
+    """A per-tensor number for a chunk's elements: a float as it is, or, per packed tensor (float32
+    [S]), each element's own tensor's value (segment: each element's tensor)."""
     if not isinstance(value, torch.Tensor):
         return float(value)
-    return value.index_select(0, torch.arange(start, end) // job.segments[1])
+    return value.index_select(0, segment)
 
 
-def _bits_of(threshold, job: MergeJob, start: int, end: int):
-    """A threshold for elements start..end: a float, or per element the float32 bits (int32) of
-    its own packed tensor's threshold."""
-    value = _per_element(threshold, job, start, end)
+def _bits_of(threshold, segment: torch.Tensor | None):
+    """A threshold for a chunk's elements: a float, or per element the float32 bits (int32) of its
+    own packed tensor's threshold."""
+    value = _per_element(threshold, segment)
     return value if isinstance(value, float) else value.view(torch.int32)
 
 
@@ -377,13 +377,15 @@ class CpuBackend:
                 task_sum.add_(x if plan.deltas else torch.sub(x, b, out=bufs.tmp[:n]))
             xs.append(x)
         keep = self._tall_keep(xs, plan, n, bufs) if plan.tall_k else None
+        # Packed tensors (job.segments): each element's tensor, for its own threshold and factor.
+        segment = torch.arange(s, e) // job.segments[1] if job.segments is not None else None
         kept = self._kept.get(s) if self._kept is not None else None
         contributions = []
         for i, x in enumerate(xs):
             if plan.trims:
-                self._zero_below(x, x, _bits_of(stats.thresholds[i], job, s, e), bufs.tmp[:n])
+                self._zero_below(x, x, _bits_of(stats.thresholds[i], segment), bufs.tmp[:n])
                 if plan.band:
-                    self._zero_at_or_above(x, _bits_of(stats.ceilings[i], job, s, e), bufs.tmp[:n])
+                    self._zero_at_or_above(x, _bits_of(stats.ceilings[i], segment), bufs.tmp[:n])
             elif kept is not None and plan.drops:   # the masks the rescale statistics drew
                 x.masked_fill_(~_unpack_bits(kept[i], n), 0.0)
             elif plan.ranked:   # DELLA: per-element drop probabilities from the row ranks (whole rows here)
@@ -398,7 +400,7 @@ class CpuBackend:
             if plan.rescale is Rescale.INVERSE:
                 x.div_(plan.divisors[i])
             elif plan.rescale is Rescale.L1:
-                x.mul_(_per_element(stats.factors[i], job, s, e))
+                x.mul_(_per_element(stats.factors[i], segment))
             if plan.grouped:
                 weights = stats.group_weights[i]
                 contributions.append(x.mul_(weights.index_select(0, groups) if groups is not None
