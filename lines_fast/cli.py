@@ -88,6 +88,11 @@ def _add_merge_parser(sub) -> None:
     g.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32"],
                    help="output dtype (default: the base's); math is always float32")
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="CPU: merge with N processes of this machine, each with its share of whole output shards "
+                        "and cores/N threads (default 1). Faster than one process's threads where there are "
+                        "several shards per worker (see --max-shard-size); same bytes as one process. For "
+                        "several GPUs or nodes use torchrun")
     g.add_argument("--tokenizer-source", metavar="SOURCE",
                    help="the output's vocabulary, as the YAML's tokenizer_source: union (every model's tokens), "
                         "base, or a model DIR; embedding and lm_head rows follow it (default: none, the base's "
@@ -409,8 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcie-gbps", type=float, default=None, help="host-to-device bandwidth, GB/s")
     p.add_argument("--hbm-gbps", type=float, default=None, help="GPU memory bandwidth, GB/s")
     p.add_argument("--cpu-gbps", type=float, default=None, help="CPU backend throughput per input GB, GB/s")
-    p.add_argument("--world-size", type=int, default=1, metavar="N",
-                   help="price a distributed run over N ranks (torchrun): each rank's shards, bytes and time")
+    p.add_argument("--world-size", "--workers", dest="world_size", type=int, default=1, metavar="N",
+                   help="price a run over N ranks (torchrun, or merge --workers N): each rank's shards, bytes "
+                        "and time")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="the merge's --max-shard-size (whole shards are what ranks share; default 5GB)")
 
@@ -463,6 +469,21 @@ def _steady_allocator() -> None:
     mallopt(m_trim_threshold, 128 << 20)
 
 
+def _workers(args, argv: list[str]):
+    """merge --workers N: this process becomes rank 0 of N local ones (lines_fast/workers.py)."""
+    import contextlib
+
+    from . import workers
+
+    count = getattr(args, "workers", 1)
+    if args.command != "merge" or count == 1:
+        return contextlib.nullcontext()
+    if args.device == "auto":
+        args.device = "cpu"   # workers are CPU processes (one GPU per rank is torchrun's job)
+    workers.check(count, args.device)
+    return workers.Workers(count, argv) if workers.is_launcher(count) else contextlib.nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -478,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"merge": _cmd_merge, "demo": _cmd_demo, "layers": _cmd_layers, "plan": _cmd_plan,
                 "generate": _cmd_generate, "bench": _cmd_bench}
     try:
-        return handlers[args.command](args)
+        with _workers(args, sys.argv[1:] if argv is None else argv):
+            return handlers[args.command](args)
     except MergeInputError as err:
         from .distributed import rank_label
 

@@ -249,7 +249,7 @@ def _print_world(spec: MethodSpec, tensors: list[TensorCost], device: str, bandw
         mine = [tensors[i] for shard, owner in zip(shards, owners) if owner == rank for i in shard]
         costs = _estimate(spec, mine, device, *bandwidths)[0] if mine else []
         per_rank.append((mine, costs, owners.count(rank)))
-    print(f"  torchrun over {world} ranks ({len(shards)} output shard(s) of at most {_gb(max_shard_size)}, whole "
+    print(f"  {world} ranks, torchrun or merge --workers ({len(shards)} output shard(s) of at most {_gb(max_shard_size)}, whole "
           "shards per rank; bandwidths are each rank's own: ranks sharing one drive or link share its bandwidth)")
     for rank, (mine, costs, n_shards) in enumerate(per_rank):
         print(f"    rank {rank}: {n_shards} shard(s), {len(mine)} tensors, reads "

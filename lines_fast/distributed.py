@@ -101,8 +101,8 @@ class World:
         except RuntimeError as err:
             raise RankFailure(
                 f"rank {self.rank} of {self.size} lost contact with the other ranks while {self.phase} ({err}). "
-                "Another rank exited or was killed: see its log. Nothing was published; rerun the same torchrun "
-                "command with --resume to keep the shards already written.") from None
+                "Another rank exited or was killed: see its log. Nothing was published; rerun the same command "
+                "(torchrun, or merge --workers) with --resume to keep the shards already written.") from None
         failed = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
         if failed:
             ranks = ", ".join(str(r) for r, _ in failed)
