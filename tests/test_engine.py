@@ -289,3 +289,28 @@ def test_each_pass_asks_the_kernel_to_read_the_next_tensor_ahead(family, tmp_pat
     order = [name for label, name in asked if label == base_label]
     assert order == merged[1:] * 2  # every tensor but the first, once per pass, in merge order
     assert len(asked) == 4 * len(order)  # on the base and each of the 3 models
+
+
+def test_a_merge_leaves_the_garbage_collector_as_it_found_it(family, tmp_path):
+    """The engine freezes the objects alive at its start and collects less often while it runs
+    (a 10^4-tensor header set off full collections); a library user's process gets its settings
+    back, after a failed merge too."""
+    import gc
+
+    paths, _ = family
+    before = gc.get_threshold()
+    seen = {}
+    doc = _config(paths, "ties", {"density": 0.2})
+
+    def log(message):
+        seen.setdefault("during", (gc.get_threshold(), gc.get_freeze_count()))
+    lines_fast.merge(doc, tmp_path / "out", device="cpu", progress=False, log=log)
+    assert seen["during"][0][0] >= 70_000 and seen["during"][1] > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+    from lines_fast.errors import MergeInputError
+
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("not a merge")   # refused inside the run
+    with pytest.raises(MergeInputError, match="taken"):
+        lines_fast.merge(doc, tmp_path / "taken", device="cpu", progress=False, force=True, log=lambda m: None)
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
