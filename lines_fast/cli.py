@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="write a synthetic base + fine-tunes from a shape recipe (for tests and benchmarks)",
                        description="Writes OUT/base and OUT/ft1..ftN in Hugging Face layout: realistic fine-tunes "
-                                   "(depth-dependent deltas, ~30%% exact zeros, quantized by the dtype). Recipes: "
+                                   "(depth-dependent deltas, ~30% exact zeros, quantized by the dtype). Recipes: "
                                    "tiny, llama-336m, llama-1b, llama3-70b (exact Llama-3-70B names and shapes; "
                                    "--layers K writes its first K layers).")
     p.add_argument("recipe", help="tiny, llama-336m, llama-1b, llama3-70b")

@@ -667,3 +667,14 @@ def test_merge_steadies_the_allocator_first(fam, capsys, monkeypatch):
     rc, _, err = run(capsys, *fam.args())
     assert rc == 0, err
     assert calls == [(-3, 64 << 20), (-1, 128 << 20)]
+
+
+@pytest.mark.parametrize("command", [[], ["merge"], ["plan"], ["demo"], ["generate"], ["layers"], ["bench"]])
+def test_help_reads_as_written(command, capsys):
+    """Every --help renders: no argparse formatting left in the text (a description is printed
+    as written, so "%%" there shows as two characters; a help= string is %-formatted)."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*command, "--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: lines-fast" in text and "%%" not in text and "%(" not in text
