@@ -342,13 +342,15 @@ def _cmd_plan(args) -> int:
 def _cmd_generate(args) -> int:
     import time
 
-    from .synth import checkpoint_bytes, generate, param_count, recipe
+    from .synth import check_request, checkpoint_bytes, generate, param_count, recipe
+    from .engine import human_bytes
     from .writer import parse_size
 
     shape = recipe(args.recipe, layers=args.layers)
+    check_request(args.models, args.config)
     size = checkpoint_bytes(shape, args.dtype) * (args.models + 1)
-    print(f"writing {shape.name}: base + {args.models} fine-tune(s), {param_count(shape) / 1e9:.3g} B parameters "
-          f"each, {args.dtype}, {size / 1e9:.2f} GB in all -> {args.out}")
+    print(f"writing {shape.name}: base + {args.models} fine-tune(s), {_count(param_count(shape))} parameters "
+          f"each, {args.dtype}, {human_bytes(size)} in all -> {args.out}")
     t0 = time.perf_counter()
     family = generate(shape, args.out, n_finetunes=args.models, dtype=args.dtype, seed=args.seed,
                       max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
@@ -357,6 +359,14 @@ def _cmd_generate(args) -> int:
           + ", ".join(str(p) for p in family.finetunes)
           + (f"; config {args.out}/{args.config}.yaml" if args.config else ""))
     return 0
+
+
+def _count(n: int) -> str:
+    """336M, 70.6B, 103K: a parameter count as people say it."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
 
 
 def _cmd_bench(args) -> int:

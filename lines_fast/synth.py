@@ -468,35 +468,66 @@ def _per_model(value: float | Sequence[float], n: int, what: str) -> list[float]
     return values
 
 
+def check_request(n_finetunes: int, yaml_method: str | None) -> None:
+    """Refuse, before any file is written, a family generate could not write or whose config
+    would not run."""
+    if n_finetunes < 1:
+        raise MergeInputError(f"{n_finetunes} fine-tuned models: generate at least 1 (--models N, default 3).")
+    if yaml_method is not None:
+        _config_models(yaml_method, n_finetunes)
+
+
+def _config_models(method: str, n: int) -> tuple[bool, int]:
+    """(whether the config lists the base among its models, how many of n fine-tunes it merges);
+    a MergeInputError if the method is unknown or needs more than n."""
+    from . import methods
+
+    definition = methods.get(method)
+    with_base = definition.inputs is methods.Inputs.BASE_AND_MODELS   # slerp: the base is a model
+    needed = definition.min_models - with_base
+    if n < needed:
+        raise MergeInputError(f"{method} merges {definition.models_text()} model(s): its config needs at least "
+                              f"{needed} fine-tune(s) (--models {needed}), not {n}.")
+    return with_base, n if definition.max_models is None else min(n, definition.max_models - with_base)
+
+
 def write_yaml_config(
     path: str | Path,
     family: FamilyPaths,
     method: str = "ties",
     density: float | Sequence[float] = 0.2,
     weight: float | Sequence[float] = 1.0,
-    lam: float = 1.0,
+    lam: float | None = None,
     normalize: bool | None = None,
     dtype: str = "float32",
     out_dtype: str = "bfloat16",
     extra: dict | None = None,
 ) -> Path:
-    """Write a mergekit-format YAML merging the family's fine-tunes into its base.
+    """Write a mergekit-format YAML merging the family's fine-tunes into its base, one that
+    `lines-fast merge` runs as written, whatever the method (the registry says how):
 
-    Each value goes only where the method takes it (the registry says which): a density to
-    each model of a sparsifying method, lambda where there is one, normalize only when given
-    (None: the method's default). Paths are absolute, so the YAML works from any directory.
-    `extra` adds or overrides top-level keys.
+    - as many fine-tunes as the method merges (the first ones; slerp: the base and ft1, as
+      mergekit's slerp configs list them), and an error naming the count if there are too few;
+    - each value only where the method takes it: a density to each model of a sparsifying
+      method, lambda and normalize only when given (None: the method's default), a required
+      parameter (slerp's t) at the middle of its range.
+
+    Paths are absolute, so the YAML works from any directory. `extra` adds or overrides
+    top-level keys.
     """
     from . import methods
 
     definition = methods.get(method)
     n = len(family.finetunes)
     given = {"weight": _per_model(weight, n, "weight"), "density": _per_model(density, n, "density")}
-    models = []
-    for i, ft in enumerate(family.finetunes):
+    with_base, used = _config_models(method, n)
+    chosen = family.finetunes[:used]
+    models = [{"model": str(family.base.resolve())}] if with_base else []
+    for i, ft in enumerate(chosen):
         mp = {p.name: given[p.name][i] for p in definition.model_params() if p.name in given}
-        models.append({"model": str(ft.resolve()), "parameters": mp})
-    parameters = {"lambda": float(lam), "normalize": normalize}
+        models.append({"model": str(ft.resolve()), **({"parameters": mp} if mp else {})})
+    parameters = {"lambda": None if lam is None else float(lam), "normalize": normalize,
+                  **{p.name: (p.low + p.high) / 2 for p in definition.shared_params() if p.required}}
     config: dict = {
         "merge_method": method,
         "base_model": str(family.base.resolve()),
@@ -533,10 +564,17 @@ def generate(
     """Scripts' one-call entry: resolve the recipe, write the family, and optionally a merge
     YAML for `yaml_method` at out_dir/<method>.yaml (yaml_options go to write_yaml_config)."""
     r = recipe(recipe_name, layers)
+    check_request(n_finetunes, yaml_method)
     family = write_checkpoint_family(
         out_dir, r, n_finetunes=n_finetunes, dtype=dtype, seed=seed,
         max_shard_size=max_shard_size, zero_fraction=zero_fraction, int_tensor=int_tensor,
     )
     if yaml_method is not None:
+        yaml_options.setdefault("out_dtype", _dtype_name(dtype))
         write_yaml_config(Path(out_dir) / f"{yaml_method}.yaml", family, method=yaml_method, **yaml_options)
     return family
+
+
+def _dtype_name(dtype: torch.dtype | str) -> str:
+    """'bfloat16' for torch.bfloat16 or 'bfloat16': a generated config's out_dtype is the family's."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")

@@ -12,7 +12,8 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lines_fast import synth
+import lines_fast
+from lines_fast import methods, synth
 from lines_fast.errors import MergeInputError
 
 
@@ -351,7 +352,7 @@ def test_yaml_config(tmp_path, tiny_family):
     assert cfg["base_model"] == str(tiny_family.base.resolve())
     assert [m["model"] for m in cfg["models"]] == [str(p.resolve()) for p in tiny_family.finetunes]
     assert all(m["parameters"] == {"weight": 1.0, "density": 0.2} for m in cfg["models"])
-    assert cfg["parameters"] == {"lambda": 1.0}   # normalize only when given: the method's default
+    assert cfg["parameters"] == {}   # lambda and normalize only when given: the method's defaults
     soup = yaml.safe_load(synth.write_yaml_config(tmp_path / "l.yaml", tiny_family, method="linear",
                                                   normalize=False).read_text())
     # only what linear takes, and no base_model (mergekit would average it in)
@@ -374,3 +375,26 @@ def test_generate_writes_yaml(tmp_path):
     assert cfg["models"][0]["parameters"]["density"] == 0.5
     assert load_model(fam.base)["lm_head.weight"].dtype == torch.float16
     assert re.fullmatch(r"ft\d", fam.finetunes[1].name)
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_every_generated_config_merges_as_written(method, tmp_path):
+    """`lines-fast generate --config M` writes a YAML that `lines-fast merge` runs unchanged, for
+    every registered method: the model count it takes, its required parameters, the family's
+    dtype as out_dtype; and refuses, before writing anything, a count the method cannot take."""
+    fam = synth.generate("tiny", tmp_path / "fam", n_finetunes=3, dtype="float16", yaml_method=method)
+    config = yaml.safe_load((tmp_path / "fam" / f"{method}.yaml").read_text())
+    definition = methods.get(method)
+    assert config["out_dtype"] == "float16"
+    listed = [m["model"] for m in config["models"]]
+    if definition.inputs is methods.Inputs.BASE_AND_MODELS:
+        assert listed[0] == str(fam.base.resolve())
+    assert definition.min_models <= len(listed) <= (definition.max_models or 3)
+    result = lines_fast.merge(tmp_path / "fam" / f"{method}.yaml", tmp_path / "out", device="cpu", progress=False,
+                              log=lambda m: None)
+    assert result.merged_tensors > 0
+    needed = definition.min_models - (definition.inputs is methods.Inputs.BASE_AND_MODELS)
+    if needed > 1:
+        with pytest.raises(MergeInputError, match=f"--models {needed}"):
+            synth.generate("tiny", tmp_path / "few", n_finetunes=needed - 1, yaml_method=method)
+        assert not (tmp_path / "few").exists()
