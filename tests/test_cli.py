@@ -678,3 +678,20 @@ def test_help_reads_as_written(command, capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     assert "usage: lines-fast" in text and "%%" not in text and "%(" not in text
+
+
+def test_a_reader_gone_does_not_stop_the_work(fam):
+    """`... | head -1`: the command goes on to the end, exit 0, no BrokenPipeError traceback."""
+    base = [sys.executable, "-m", "lines_fast"]
+    layers = subprocess.Popen([*base, "layers", str(fam.base)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    layers.stdout.readline()
+    layers.stdout.close()   # as head does after its line
+    assert layers.wait(timeout=120) == 0
+    assert b"Traceback" not in layers.stderr.read()
+
+    merge = subprocess.Popen([*base, "merge", *map(str, fam.args("ties")), "--density", "0.5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    merge.stdout.readline()
+    merge.stdout.close()
+    assert merge.wait(timeout=120) == 0
+    assert (fam.out / SINGLE_FILE).exists() and not Path(f"{fam.out}{PARTIAL_SUFFIX}").exists()
