@@ -17,6 +17,7 @@ from .checkpoint import Checkpoint
 from .config import MergeConfig, validate
 from .engine import Engine
 from .reference import merge_state_dicts
+from .errors import MergeInputError
 from .spec import LinesSpec
 from .synth import recipe as get_recipe, write_checkpoint_family
 from .tolerance import compare
@@ -32,6 +33,9 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
 
 def run_demo(recipe: str = "tiny", device: str = "auto", keep: str | None = None) -> int:
     shape = get_recipe(recipe)
+    if keep and Path(keep).exists() and not Path(keep).is_dir():
+        raise MergeInputError(f"demo --keep {keep}: that is a file; give a directory to keep the example's "
+                              "checkpoints and merge in (it is created if missing).")
     with tempfile.TemporaryDirectory(prefix="lines-fast-demo-") as tmp:
         work = Path(keep) if keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -45,7 +49,7 @@ def run_demo(recipe: str = "tiny", device: str = "auto", keep: str | None = None
         out = work / "merged"
         print(f"merging: ties, density {DENSITY}, tensor scope, LiNeS alpha auto, beta {LINES.beta} ...")
         result = Engine(config, out, device=device, force=True).run()
-        print(result.summary())
+        print(result.summary() + ("" if keep else "\n  (a temporary directory, removed at the end: --keep DIR keeps it)"))
 
         print("checking against the pure-PyTorch reference ...")
         base = _load(family.base)
@@ -61,7 +65,7 @@ def run_demo(recipe: str = "tiny", device: str = "auto", keep: str | None = None
             if not verdict.ok:
                 failures.append(f"{name}: {verdict.why}")
         total = sum(t.numel() for t in expected.values())
-        print(f"  {len(expected)} tensors, {total:,} elements: {different} differ from the reference, "
+        print(f"  all {len(expected)} output tensors (the merged ones and those copied from the base), {total:,} elements: {different} differ from the reference, "
               f"largest deviation {worst:.3g}" + (f" ({worst_name})" if worst_name else ""))
         if failures:
             print("  OUTSIDE TOLERANCE:\n    " + "\n    ".join(failures))
