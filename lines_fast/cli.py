@@ -85,7 +85,7 @@ def _add_merge_parser(sub) -> None:
     g = p.add_argument_group("output and execution")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "interpret"],
                    help="auto: cuda if a GPU is visible, else cpu; interpret: the Triton kernels on CPU (slow, for checking)")
-    g.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32"],
+    g.add_argument("--out-dtype", choices=["bfloat16", "float16", "float32", "bf16", "fp16", "fp32"],
                    help="output dtype (default: the base's); math is always float32")
     g.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="e.g. 5GB, 2GiB, 500MB (default 5GB)")
     g.add_argument("--workers", type=int, default=1, metavar="N",

@@ -84,6 +84,8 @@ class MergeConfig:
     # Slices whose parameters differ: per slice (params, model_params) over the top-level ones.
     slice_params: tuple | None = None
     slice_inputs: tuple | None = field(default=None, repr=False)   # spec_inputs per slice (validate())
+    # Each model's key in the YAML, for messages, where it is not models[i] (the base was listed).
+    model_keys: tuple | None = None
 
     def method_spec(self) -> MethodSpec:
         return self.spec if self.spec is not None else validate(self).spec
@@ -153,9 +155,10 @@ def parse_dtype(name: Any, source: str, key: str) -> torch.dtype:
     if isinstance(name, torch.dtype) and name in DTYPE_NAMES:
         return name
     try:
-        return DTYPES[str(name).lower()]
+        return DTYPES[str(name).lower().removeprefix("torch.")]   # mergekit reads torch.bfloat16 too
     except KeyError:
-        raise _fail(source, f"{key} '{name}' is not one of bfloat16, float16, float32.") from None
+        raise _fail(source, f"{key} '{name}' is not one of bfloat16 (bf16), float16 (fp16), float32 (fp32); "
+                            "the math is float32 whatever the inputs are.") from None
 
 
 def _number(value: Any, source: str, what: str) -> float:
@@ -322,8 +325,11 @@ def _read_document(doc: dict, source: str, base_dir: Path | None, key_problems: 
     if listed and method.inputs is not Inputs.MODELS:
         # mergekit lists the base among the models freely; it is the base, not a task vector
         # (its parameters, if any, are ignored, as mergekit ignores them).
+        model_keys = tuple(f"models[{i}]" for i in range(len(models)) if i not in listed)
         models = [m for i, m in enumerate(models) if i not in listed]
         model_params = {k: [v for i, v in enumerate(vs) if i not in listed] for k, vs in model_params.items()}
+    else:
+        model_keys = None
     base_weight = None
     if base_path is not None and method.inputs is Inputs.MODELS and not listed:
         # mergekit 0.1.5 averages a models: config's base_model in as one more input, with the
@@ -363,18 +369,20 @@ def _read_document(doc: dict, source: str, base_dir: Path | None, key_problems: 
             raise _fail(source, f"exclude must be a regex or a list of regexes (strings), got {exclude!r}.")
         return exclude
 
-    out_dtype = doc.get("out_dtype") or doc.get("dtype")  # mergekit: the output takes dtype without out_dtype
+    # mergekit: the output takes dtype without out_dtype (a bad dtype is then reported once, as dtype)
+    out_dtype, out_key = (doc["out_dtype"], "out_dtype") if doc.get("out_dtype") else (doc.get("dtype"), "dtype")
     config = MergeConfig(
         method=method.name,
         models=models,
         base=base_path,
         slices=parsed.slices if parsed is not None else None,
         slice_params=slice_params,
+        model_keys=model_keys if parsed is None else None,
         params=params,
         model_params=model_params,
         base_weight=base_weight,
         lines=attempt(lambda: parse_lines(doc["lines"], source) if doc.get("lines") is not None else None),
-        out_dtype=attempt(lambda: parse_dtype(out_dtype, source, "out_dtype") if out_dtype else None),
+        out_dtype=attempt(lambda: parse_dtype(out_dtype, source, out_key) if out_dtype else None),
         exclude=list(attempt(read_exclude, [])),
         tokenizer=attempt(lambda: parse_tokenizer(doc, source, resolve)),
         chat_template=attempt(read_chat_template),
@@ -394,6 +402,8 @@ def parse_tokenizer(doc: dict, source: str, resolve=lambda p: p) -> TokenizerSpe
     if given is not None and block is not None:
         raise _fail(source, "give tokenizer_source or a tokenizer: block, not both (mergekit refuses both too); "
                             "tokenizer: {source: ...} says the same as tokenizer_source.")
+    if given is None and block is None:
+        return None
     dtype = parse_dtype(doc["dtype"], source, "dtype") if doc.get("dtype") else None
 
     def source_of(value: Any, where: str) -> str | Path:
@@ -559,6 +569,13 @@ def _spec_inputs(config: MergeConfig, method, params: dict, model_params: dict, 
     return (n, model_values, values, labels), settings
 
 
+def _model_key(config: MergeConfig, i: int) -> str:
+    """How the user named model i: --model, or its models[j] in the YAML."""
+    if config.source == "command line":
+        return "--model"
+    return config.model_keys[i] if config.model_keys else f"models[{i}]"
+
+
 def validate(config: MergeConfig) -> MergeConfig:
     """Check a config and resolve its MethodSpec; raise MergeInputError naming the problem."""
     src = config.source
@@ -577,7 +594,7 @@ def validate(config: MergeConfig) -> MergeConfig:
             raise _fail(src, "a base weight needs a base model.")
     n = len(config.merge_inputs)
     labels = ([f"base_model ({config.base})"] if config.base_is_input else []) + [
-        f"{'--model' if src == 'command line' else f'models[{i}]'} ({path})" for i, path in enumerate(config.models)]
+        f"{_model_key(config, i)} ({path})" for i, path in enumerate(config.models)]
     sets = config.slice_params or ((config.params, config.model_params),)
     per_set = [_spec_inputs(config, method, params, model_params, n, labels) for params, model_params in sets]
     config.per_tensor = any(settings for _, settings in per_set) or len(per_set) > 1

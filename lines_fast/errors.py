@@ -15,7 +15,9 @@ class MergeInputError(Exception):
 
 def listing(prefix: str, problems: list[str], what: str = "problems") -> MergeInputError:
     """One paragraph for several problems (numbered; one alone reads as itself), each kept in
-    `.problems` so a caller that finds more can list them all together."""
+    `.problems` so a caller that finds more can list them all together. A problem found twice
+    (one key read by two parts) is listed once."""
+    problems = list(dict.fromkeys(problems))
     if len(problems) == 1:
         err = MergeInputError(f"{prefix}{problems[0]}.")
     else:

@@ -147,6 +147,13 @@ class Param:
             raise MergeInputError(
                 f"{where}: {self.name} is a {type(value).__name__}; give one number here (per-layer lists "
                 "and filtered settings go in a YAML config's parameters).")
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-2, without a dot, as a string; mergekit's pydantic
+            # turns such strings into numbers, and so do we.
+            try:
+                value = float(value)
+            except ValueError:
+                raise MergeInputError(f"{where}: {self.name} must be a number, got the text {value!r}.") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MergeInputError(f"{where}: {self.name} must be a number, got {value!r}.")
         number = float(value)

@@ -202,3 +202,41 @@ def test_a_config_lists_its_key_block_and_parameter_problems_together(fam, capsy
                    f"models:\n  - model: {fam / 'ft1'}\n")
     msg = refused(capsys, fam, ["merge", cfg, fam / "out"])
     assert "problems" not in msg and "lambda must be a number" in msg
+
+
+# -- configs as mergekit users write them (a new user's review, session 8) -------------------
+def test_a_model_is_named_by_its_own_index_when_the_base_is_listed_too(fam, capsys):
+    cfg = fam / "c.yml"
+    cfg.write_text(f"merge_method: ties\nbase_model: {fam / 'base'}\nmodels:\n  - model: {fam / 'base'}\n"
+                   f"  - model: {fam / 'ft1'}\n    parameters: {{densty: 0.5}}\n")
+    msg = refused(capsys, fam, ["merge", cfg, fam / "out"])
+    assert f"models[1] ({fam / 'ft1'}): densty is not a parameter" in msg and "models[0] (" not in msg
+
+
+def test_numbers_in_scientific_notation_are_numbers(fam, capsys):
+    """PyYAML reads 1e-2 (no dot) as a string; mergekit takes it as a number, so do we."""
+    import yaml
+
+    assert yaml.safe_load("x: 1e-2")["x"] == "1e-2"
+    text = f"merge_method: ties\nbase_model: {fam / 'base'}\nparameters: {{lambda: 1e0}}\nmodels:\n" + "".join(
+        f"  - model: {fam / m}\n    parameters: {{density: 5e-1, weight: 1E0}}\n" for m in ("ft1", "ft2"))
+    (fam / "sci.yml").write_text(text)
+    (fam / "dec.yml").write_text(text.replace("1e0", "1.0").replace("5e-1", "0.5").replace("1E0", "1.0"))
+    assert cli.main(["merge", str(fam / "sci.yml"), str(fam / "a"), "-q", "--no-progress"]) == 0
+    assert cli.main(["merge", str(fam / "dec.yml"), str(fam / "b"), "-q", "--no-progress"]) == 0
+    assert load(fam / "a").keys() == load(fam / "b").keys()
+    assert all(torch.equal(x, load(fam / "b")[k]) for k, x in load(fam / "a").items())
+    msg = refused(capsys, fam, ["merge", config(fam, "    parameters: {density: half}\n"), fam / "out"])
+    assert "density must be a number, got the text 'half'" in msg
+
+
+@pytest.mark.parametrize("spelling", ["torch.bfloat16", "bf16", "BFloat16"])
+def test_dtype_spellings_mergekit_reads(fam, spelling):
+    assert cli.main(["merge", str(config(fam, f"    parameters: {{density: 0.5}}\ndtype: {spelling}\n")),
+                     str(fam / "out"), "-q", "--no-progress"]) == 0
+    assert {t.dtype for t in load(fam / "out").values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_a_bad_dtype_is_reported_once(fam, capsys):
+    msg = refused(capsys, fam, ["merge", config(fam, "dtype: int8\ntokenizer_source: base\n"), fam / "out"])
+    assert "problems" not in msg and msg.count("int8") == 1 and "bf16" in msg and "out_dtype" not in msg
