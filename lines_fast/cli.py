@@ -342,6 +342,7 @@ def _cmd_plan(args) -> int:
 def _cmd_generate(args) -> int:
     import time
 
+    from .cost import count_text
     from .synth import check_request, checkpoint_bytes, generate, param_count, recipe
     from .engine import human_bytes
     from .writer import parse_size
@@ -349,7 +350,7 @@ def _cmd_generate(args) -> int:
     shape = recipe(args.recipe, layers=args.layers)
     check_request(args.models, args.config)
     size = checkpoint_bytes(shape, args.dtype) * (args.models + 1)
-    print(f"writing {shape.name}: base + {args.models} fine-tune(s), {_count(param_count(shape))} parameters "
+    print(f"writing {shape.name}: base + {args.models} fine-tune(s), {count_text(param_count(shape))} parameters "
           f"each, {args.dtype}, {human_bytes(size)} in all -> {args.out}")
     t0 = time.perf_counter()
     family = generate(shape, args.out, n_finetunes=args.models, dtype=args.dtype, seed=args.seed,
@@ -359,14 +360,6 @@ def _cmd_generate(args) -> int:
           + ", ".join(str(p) for p in family.finetunes)
           + (f"; config {args.out}/{args.config}.yaml" if args.config else ""))
     return 0
-
-
-def _count(n: int) -> str:
-    """336M, 70.6B, 103K: a parameter count as people say it."""
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g}{unit}"
-    return str(n)
 
 
 def _cmd_bench(args) -> int:
@@ -412,14 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from a shape recipe (no data at all), e.g. "
                                    "`lines-fast plan --recipe llama3-70b --method ties --models 3`.")
     p.add_argument("config", nargs="?", metavar="CONFIG.yml")
-    p.add_argument("--recipe", help="tiny, llama-336m, llama-1b, llama3-70b")
-    p.add_argument("--method", default="ties", metavar="METHOD",
-                   help=" | ".join(methods.names()) + " (default ties; with --recipe)")
-    p.add_argument("--models", type=int, default=3, help="number of fine-tuned models (with --recipe)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--trim-scope", choices=["tensor", "global"], default="tensor")
-    p.add_argument("--lines-alpha", metavar="A|auto")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    g = p.add_argument_group("a merge without a config (with --recipe)")
+    g.add_argument("--recipe", help="the checkpoints' shapes: tiny, llama-336m, llama-1b, llama3-70b")
+    g.add_argument("--method", metavar="METHOD", help=" | ".join(methods.names()) + " (default ties)")
+    g.add_argument("--models", type=int,
+                   help="number of fine-tuned models (default: as many as the method takes, up to 3)")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                   help="the checkpoints' dtype (default bfloat16)")
+    g.add_argument("--trim-scope", choices=["tensor", "global"],
+                   help="ties: thresholds per tensor (default) or over the whole model (one more pass)")
+    g.add_argument("--lines-alpha", metavar="A|auto",
+                   help="price LiNeS too: a given alpha, or auto (its L1 norms take one more pass)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="the backend to price (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--read-gbps", type=float, default=None, help="storage read bandwidth, GB/s")
     p.add_argument("--pcie-gbps", type=float, default=None, help="host-to-device bandwidth, GB/s")
     p.add_argument("--hbm-gbps", type=float, default=None, help="GPU memory bandwidth, GB/s")

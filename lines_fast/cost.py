@@ -170,10 +170,26 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
+def count_text(n: int) -> str:
+    """336M, 70.6B, 103K: a count of parameters or elements as people say it."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
 def plan_command(args) -> int:
     if args.world_size < 1:
         raise MergeInputError(f"--world-size must be at least 1 (the number of torchrun ranks), got {args.world_size}.")
     lines_alpha = getattr(args, "lines_alpha", None)
+    recipe_only = [flag for flag, value in (("--recipe", args.recipe), ("--method", args.method),
+                                            ("--models", args.models), ("--dtype", args.dtype),
+                                            ("--trim-scope", args.trim_scope), ("--lines-alpha", lines_alpha))
+                   if value is not None]
+    if args.config and recipe_only:
+        raise MergeInputError(f"plan {args.config}: {', '.join(recipe_only)} describe a merge without a config "
+                              "(with --recipe); the config already says what it merges. Edit the config, or "
+                              "drop it and price a recipe: lines-fast plan --recipe llama3-70b --method ties.")
     if args.config:
         from . import hub
 
@@ -185,20 +201,26 @@ def plan_command(args) -> int:
     elif args.recipe:
         from . import methods
 
-        method = methods.get(args.method, "--method")
+        method = methods.get(args.method or "ties", "--method")
+        with_base = method.inputs is methods.Inputs.BASE_AND_MODELS   # slerp's base is one of its models
+        # By default as many fine-tunes as the method takes, up to 3.
+        models = args.models if args.models is not None else max(method.min_models - with_base,
+                                                                 min(3, (method.max_models or 3) - with_base))
+        dtype = args.dtype or "bfloat16"
+        trim_scope = args.trim_scope or "tensor"
         lines = None
         if lines_alpha is not None:
             lines = LinesSpec(alpha="auto" if lines_alpha == "auto" else float(lines_alpha), beta=1.0)
         values = {"density": 0.2} if method.takes("density") else {}
         values.update({p.name: 0.5 for p in method.params if p.required})   # priced at a midpoint (slerp's t)
         if method.takes("trim_scope"):
-            values["trim_scope"] = args.trim_scope
-        elif args.trim_scope != "tensor":
+            values["trim_scope"] = trim_scope
+        elif trim_scope != "tensor":
             raise MergeInputError(f"--trim-scope: {method.name} does not trim by magnitude.")
-        inputs = args.models + (1 if method.inputs is methods.Inputs.BASE_AND_MODELS else 0)
+        inputs = models + with_base
         spec = make_spec(method.name, inputs, values=values, lines=lines, where="plan")
-        tensors = _tensors_from_recipe(args.recipe, inputs, DTYPES[args.dtype], spec.uses_base)
-        what = f"recipe {args.recipe}: {args.method}, {args.models} fine-tuned models, {args.dtype}"
+        tensors = _tensors_from_recipe(args.recipe, inputs, DTYPES[dtype], spec.uses_base)
+        what = f"recipe {args.recipe}: {method.name}, {models} fine-tuned model{'s' if models != 1 else ''}, {dtype}"
     else:
         raise MergeInputError("plan needs a CONFIG.yml or --recipe NAME (tiny, llama-336m, llama-1b, llama3-70b).")
     device = args.device
@@ -213,8 +235,8 @@ def plan_command(args) -> int:
     host += realigned
     params = sum(t.numel for t in tensors)
     print(f"plan for {what}")
-    print(f"  {len(tensors)} tensors, {params / 1e9:.2f} B parameters per model; "
-          f"largest tensor {max(t.numel for t in tensors) / 1e6:,.0f} M elements")
+    print(f"  {len(tensors)} tensors, {count_text(params)} parameters per model; "
+          f"largest tensor {count_text(max(t.numel for t in tensors))} elements")
     print(f"  device {device}; bandwidths: read {read:g} GB/s"
           + (f", PCIe {pcie:g} GB/s, HBM {hbm:g} GB/s" if device == "cuda" else f", CPU backend {cpu:g} GB/s of input"))
     print(f"  {'pass':<12} {'reads':>12} {'writes':>12} {'predicted':>11}  bottleneck / why")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 
 from lines_fast.checkpoint import Checkpoint
@@ -28,7 +29,7 @@ def test_plan_llama3_70b_from_shapes_alone(capsys):
     reads = PARAMS_70B * 2 * 4                         # bf16, base + 3 models, read once
     assert rows[0][1:3] == [f"{reads / 1e9:,.1f}", "GB"]
     assert rows[0][3:5] == [f"{PARAMS_70B * 2 / 1e9:,.1f}", "GB"]   # one bf16 output
-    assert "70.55 B parameters" in out and "peak GPU memory" in out
+    assert "70.6B parameters" in out and "peak GPU memory" in out
 
 
 def test_plan_global_trim_with_auto_alpha_takes_four_passes(capsys):
@@ -61,3 +62,19 @@ def test_generate_writes_a_family_and_a_config_plan_reads(tmp_path, capsys):
 def test_plan_without_a_config_or_recipe_is_a_clear_error(capsys):
     assert main(["plan"]) == 2
     assert "--recipe" in capsys.readouterr().err
+
+
+def test_plan_of_a_config_refuses_the_recipe_options_it_would_ignore(tmp_path, capsys):
+    out = tmp_path / "fam"
+    assert main(["generate", "tiny", str(out), "--models", "2", "--config", "ties"]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(out / "ties.yaml"), "--recipe", "llama3-70b", "--models", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--recipe, --models describe a merge without a config" in err
+
+
+@pytest.mark.parametrize("method, models", [("slerp", 1), ("wise_ft", 1), ("nuslerp", 2), ("ties", 3)])
+def test_plan_of_a_recipe_prices_as_many_models_as_the_method_takes(method, models, capsys):
+    assert main(["plan", "--recipe", "tiny", "--method", method]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"{method}, {models} fine-tuned model" in first
