@@ -131,8 +131,14 @@ def read_header(file: Path, label: str | None = None) -> tuple[dict[str, TensorI
                     f"{where} is {size} bytes long, too short for a safetensors header; "
                     f"the file is truncated or not a safetensors file. {redo}"
                 )
-            n = int.from_bytes(f.read(8), "little")
+            first = f.read(8)
+            n = int.from_bytes(first, "little")
             if n > MAX_HEADER_SIZE or 8 + n > size:
+                if all(32 <= b < 127 or b in (9, 10, 13) for b in first):
+                    raise MergeInputError(
+                        f"{where} starts with text ({first.decode('ascii')!r}...), so it is not a safetensors "
+                        "file (its first 8 bytes would be the header's length): a YAML config or another text "
+                        "file given as a model? Point at the checkpoint's .safetensors file or directory.")
                 raise MergeInputError(
                     f"{where}: the header length field says {n} bytes but the file is {size} "
                     f"bytes long; the file is truncated or not a safetensors file. {redo}"
@@ -543,6 +549,7 @@ def _only_safetensors(folder: Path, label: str) -> Path:
             f"convert them to safetensors (e.g. transformers' save_pretrained(dir, safe_serialization=True))."
         )
     raise MergeInputError(
-        f"{where}: the directory has no .safetensors weights ({SINGLE_FILE} or {INDEX_FILE}). "
-        f"Point at a model directory or a .safetensors file."
+        f"{where}: the directory has no weights: no .safetensors ({SINGLE_FILE} or {INDEX_FILE}) and no "
+        f"pytorch_model.bin (or its index). Point at a model directory, a .safetensors or .bin file, or a PEFT "
+        f"adapter directory (adapter_config.json)."
     )

@@ -50,24 +50,27 @@ def _add_merge_parser(sub) -> None:
                    help="a fine-tuned model; repeat, in order")
     g = p.add_argument_group("method parameters")
     g.add_argument("--weight", type=float, action="append", metavar="W",
-                   help="model weight, once per --model in order (default 1)")
+                   help="model weight: once for every model, or once per --model in order (default 1)")
     g.add_argument("--density", type=float, action="append", metavar="D",
-                   help="fraction of each task vector kept (ties, dare_*): once, or once per model "
-                        "(default 1: keep everything)")
+                   help=f"fraction of each task vector kept ({methods.takers('density')}): once, or once per "
+                        "model (default 1: keep everything)")
     g.add_argument("--lambda", dest="lam", type=float, metavar="L",
-                   help="scale of the merged task vector (default 1); wise_ft's mixing coefficient (default 0.5)")
+                   help=f"scale of the merged task vector (wise_ft: the mixing coefficient); default "
+                        f"{methods.defaults_text('lambda')}")
     g.add_argument("--trim-scope", choices=["tensor", "global"],
-                   help="ties: trim per tensor (mergekit) or over the whole model (the TIES paper); default tensor")
+                   help=f"{methods.takers('trim_scope')}: trim per tensor (mergekit, the default) or over the whole "
+                        "model (the TIES paper)")
     g.add_argument("--normalize", dest="normalize", action="store_true", default=None,
-                   help="divide by the sum of the (agreeing) weights; defaults as mergekit: on for linear "
-                        "and ties, off for task_arithmetic and dare_*")
+                   help=f"divide by the sum of the (agreeing) weights; defaults as mergekit: "
+                        f"{methods.defaults_text('normalize')}")
     g.add_argument("--no-normalize", dest="normalize", action="store_false")
     g.add_argument("--rescale", choices=["true", "false", "inverse"],
-                   help="kept values of a sparsified task vector: true matches each tensor's L1 norm (mergekit; "
-                        "default for dare_*), inverse divides by the keep probability (the DARE paper), false "
-                        "leaves them (default for ties)")
-    g.add_argument("--seed", type=int, help="DARE's seed (default 0): masks are a pure function of (seed, model, tensor, element), "
-                        "the same on CPU and GPU")
+                   help="kept values of a sparsified task vector: true matches each tensor's L1 norm (mergekit), "
+                        "inverse divides by the keep probability (the DARE paper), false leaves them; default "
+                        f"{methods.defaults_text('rescale')}")
+    g.add_argument("--seed", type=int,
+                   help=f"the drop masks' seed ({methods.takers('seed')}; default 0): masks are a pure function "
+                        "of (seed, model, tensor, element), the same on CPU and GPU")
     g.add_argument("--param", action="append", metavar="NAME=VALUE", default=[],
                    help="any parameter of the method, as in the YAML's top-level parameters (one value for "
                         "every model): --param t=0.3 (slerp), --param gamma=0.01 (breadcrumbs), "
@@ -166,8 +169,17 @@ def _params_from_args(args) -> dict:
             raise MergeInputError(f"--param {item!r}: expected NAME=VALUE, e.g. --param t=0.3.")
         if name in found:
             raise MergeInputError(f"--param {name} is given twice; give it once.")
+        own = _OWN_OPTIONS.get(name)
+        if own is not None and getattr(args, own[1]) is not None:
+            raise MergeInputError(f"--param {name}={text} and {own[0]} both set {name}; give it once.")
         found[name] = _scalar(text)
     return found
+
+
+# Parameters that have an option of their own: (the option, its argparse dest).
+_OWN_OPTIONS = {"lambda": ("--lambda", "lam"), "trim_scope": ("--trim-scope", "trim_scope"), "seed": ("--seed", "seed"),
+                "normalize": ("--normalize", "normalize"), "rescale": ("--rescale", "rescale"),
+                "weight": ("--weight", "weight"), "density": ("--density", "density")}
 
 
 def _float(text: str, flag: str) -> float:
@@ -223,10 +235,7 @@ def _config_from_args(args):
     params = {name: value for name, value in (
         ("lambda", args.lam), ("trim_scope", args.trim_scope), ("seed", args.seed), ("normalize", args.normalize),
         ("rescale", _rescale(args.rescale))) if value is not None}
-    for name, value in _params_from_args(args).items():
-        if name in params:
-            raise MergeInputError(f"--param {name} is also given by its own option; give it once.")
-        params[name] = value
+    params.update(_params_from_args(args))
     model_params = {name: list(values) for name, values in (("weight", args.weight), ("density", args.density))
                     if values}
     from .hub import resolve as model_path   # a local path, or a Hub name (org/name[@revision])

@@ -600,7 +600,7 @@ class Engine:
             read = [p for c in inputs.all() for p in [*c.paths, *c.files]]
             if config.tokenizer is not None and isinstance(config.tokenizer.source, Path):
                 read.append(config.tokenizer.source)
-            check_output_dir(self.out_dir, read, force=self.force)
+            check_output_dir(self.out_dir, read, force=self.force, resume=self.resume)
             tok_files = self._tokenizer_files(inputs)
             plan = _plan_tensors(config, inputs, self.log)
             self._slice_of = inputs.slice_of

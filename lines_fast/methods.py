@@ -441,6 +441,21 @@ def get(name: Any, where: str = "") -> Method:
     return method
 
 
+def takers(param: str) -> str:
+    """The methods that take `param`, for option help: 'ties, dare_linear, ...'."""
+    return ", ".join(m.name for m in REGISTRY.values() if m.takes(param))
+
+
+def defaults_text(param: str) -> str:
+    """`param`'s default in each method that takes it, for option help: 'true for linear, ties;
+    false for task_arithmetic, ...'."""
+    by_default: dict[str, list[str]] = {}
+    for m in REGISTRY.values():
+        if m.takes(param):
+            by_default.setdefault(m.param(param).default_text(), []).append(m.name)
+    return "; ".join(f"{default} for {', '.join(names)}" for default, names in by_default.items())
+
+
 def help_text() -> str:
     """The methods and their parameters, for `lines-fast merge --help` (generated from the registry)."""
     lines = ["methods (parameters; defaults):"]

@@ -240,3 +240,29 @@ def test_dtype_spellings_mergekit_reads(fam, spelling):
 def test_a_bad_dtype_is_reported_once(fam, capsys):
     msg = refused(capsys, fam, ["merge", config(fam, "dtype: int8\ntokenizer_source: base\n"), fam / "out"])
     assert "problems" not in msg and msg.count("int8") == 1 and "bf16" in msg and "out_dtype" not in msg
+
+
+def test_a_parameter_set_twice_on_the_command_line_is_refused(fam, capsys):
+    msg = refused(capsys, fam, args(fam, "--density", "0.2", "--param", "density=0.3", method="ties"))
+    assert "--param density=0.3 and --density both set density" in msg
+
+
+def test_a_text_file_given_as_a_model_is_named_as_such(fam, capsys):
+    cfg = config(fam, "")
+    msg = refused(capsys, fam, ["merge", "--method", "ties", "--base", fam / "base", "--model", cfg,
+                                "-o", fam / "out", "--no-progress"])
+    assert "starts with text ('merge_me'...)" in msg and "not a safetensors file" in msg
+
+
+def test_an_empty_model_directory_names_every_format_read(fam, capsys):
+    (fam / "empty").mkdir()
+    msg = refused(capsys, fam, ["merge", "--method", "ties", "--base", fam / "base", "--model", fam / "empty",
+                                "-o", fam / "out", "--no-progress"])
+    assert "no .safetensors" in msg and "pytorch_model.bin" in msg and "adapter" in msg
+
+
+def test_resume_of_a_finished_merge_says_it_is_finished(fam, capsys):
+    assert cli.main(args(fam, "-q")) == 0
+    capsys.readouterr()
+    assert cli.main(args(fam, "--resume")) == 2
+    assert "a finished merge: there is nothing to resume" in capsys.readouterr().err
