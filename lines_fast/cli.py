@@ -20,9 +20,12 @@ examples:
 
 {methods}
 
-A parameter the method does not take is an error. Options given with a CONFIG override its values. Output: HF layout (shards + index.json,
-config and tokenizer files from the base), written under OUT_DIR.lines-fast-partial and
-renamed only when complete; --resume continues an interrupted merge.
+A parameter the method does not take is an error. With a CONFIG, the method parameter,
+LiNeS and output options override its values; the models, the method and their weights
+come from the config only. Output: HF layout (model.safetensors, or shards +
+model.safetensors.index.json; config and tokenizer files from the base), written under
+OUT_DIR.lines-fast-partial and renamed only when complete; --resume continues an
+interrupted merge.
 """
 
 
@@ -377,13 +380,22 @@ def _cmd_bench(args) -> int:
     return bench_command(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (and where to read more) instead of the whole
+    usage block first; exit status 2 as before."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import methods
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lines-fast",
-        description="Fast, reference-exact model merging for sharded safetensors checkpoints: task "
-                    "arithmetic, TIES (tensor or global trim), DARE, model soups, WiSE-FT, and LiNeS.",
+        description="Fast, reference-exact model merging of Hugging Face checkpoints (sharded safetensors, "
+                    "PyTorch .bin, PEFT LoRA adapters), from mergekit's YAML configs. Methods: "
+                    + ", ".join(methods.names()) + "; LiNeS on top of any that adds task vectors.",
         epilog="Start with `lines-fast demo`. Each command has its own --help.")
     from . import __version__
 
@@ -396,18 +408,21 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory, merges them with TIES + LiNeS on the best backend here, and "
                                    "checks the result against the pure-PyTorch reference.")
     p.add_argument("--recipe", default="tiny", help="shape recipe: tiny (default), llama-336m, llama-1b")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "interpret"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "interpret"],
+                   help="auto (default): cuda if a GPU is visible, else cpu; interpret: the Triton kernels on the CPU")
     p.add_argument("--keep", metavar="DIR", help="keep the example checkpoints and the merge in DIR")
 
     p = sub.add_parser("layers", help="show how LiNeS sees a checkpoint: tensor -> stack, block, L, scale",
                        description="Reads only the headers of MODEL (a directory or .safetensors file) and "
                                    "prints each float tensor's residual stack, block index, stack depth L and, "
                                    "with --alpha/--beta, its LiNeS scale alpha + beta*l/(L-1).")
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--beta", type=float)
-    p.add_argument("--outside", choices=["alpha", "last"], default="alpha")
-    p.add_argument("--layer-pattern", metavar="REGEX")
+    p.add_argument("model", metavar="MODEL", help="a checkpoint directory or .safetensors file")
+    p.add_argument("--alpha", type=float, help="LiNeS alpha, to show each tensor's scale (with --beta)")
+    p.add_argument("--beta", type=float, help="LiNeS beta, to show each tensor's scale (with --alpha)")
+    p.add_argument("--outside", choices=["alpha", "last"], default="alpha",
+                   help="scale of tensors outside every block: alpha (default) or alpha+beta")
+    p.add_argument("--layer-pattern", metavar="REGEX",
+                   help="regex with one integer group giving the block index (default: the usual HF names)")
 
     p = sub.add_parser("plan", help="dry run: passes, bytes, memory and predicted time of a merge",
                        description="Prices a merge without running it: from a CONFIG (reads headers only) or "
@@ -455,13 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generates a workload, runs merges end to end as separate processes and "
                                    "prints a table of seconds, GB/s and peak memory; writes JSON (and a PNG "
                                    "chart with matplotlib) under bench/results/.")
-    p.add_argument("--workload", default="llama-336m")
-    p.add_argument("--methods", default="ties,task_arithmetic")
-    p.add_argument("--devices", default="cpu")
+    p.add_argument("--workload", default="llama-336m",
+                   help="a shape recipe to generate and merge: tiny, llama-336m (default, 2.7 GB), llama-1b")
+    p.add_argument("--methods", default="ties,task_arithmetic", help="comma list of methods (default ties,task_arithmetic)")
+    p.add_argument("--devices", default="cpu", help="comma list of backends: cpu (default), cuda")
     p.add_argument("--compare", default="", help="comma list: reference, mergekit")
     p.add_argument("--mergekit", metavar="PATH", help="mergekit-yaml to compare with (default: $LINES_FAST_MERGEKIT, "
                                                       "then PATH); install it in its own venv, never as our dependency")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=1, help="runs of each merge, tools alternating (default 1)")
     p.add_argument("--workdir", default=None, help="where the generated checkpoints go (default: a temp dir)")
     p.add_argument("--out", default="bench/results", help="directory for the JSON and PNG")
     return parser

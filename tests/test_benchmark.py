@@ -95,3 +95,14 @@ def test_bad_arguments_are_input_errors(tmp_path):
         benchmark.run_benchmark("tiny", compare="reference,mergekt", workdir=str(tmp_path))
     with pytest.raises(MergeInputError, match="--repeats"):
         benchmark.run_benchmark("tiny", repeats=0, workdir=str(tmp_path))
+
+
+def test_compare_mergekit_without_mergekit_is_refused(tmp_path, monkeypatch, capsys):
+    """Asked for by name, a missing mergekit stops the bench (exit 2) before anything is generated."""
+    from lines_fast.cli import main
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("LINES_FAST_MERGEKIT", raising=False)
+    assert main(["bench", "--workload", "tiny", "--compare", "mergekit", "--workdir", str(tmp_path / "w")]) == 2
+    assert "mergekit-yaml was not found" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -695,3 +695,11 @@ def test_a_reader_gone_does_not_stop_the_work(fam):
     merge.stdout.close()
     assert merge.wait(timeout=120) == 0
     assert (fam.out / SINGLE_FILE).exists() and not Path(f"{fam.out}{PARTIAL_SUFFIX}").exists()
+
+
+def test_a_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["merge", "--density", "abc"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--density" in err and "lines-fast merge --help" in err

@@ -138,8 +138,8 @@ def run_benchmark(workload: str = "llama-336m", methods: str = "ties,task_arithm
     mergekit_path = None
     if "mergekit" in compare_list:
         mergekit_path = find_mergekit(mergekit)
-        if mergekit_path is None:
-            print(_MERGEKIT_INSTALL.format(env=MERGEKIT_ENV), file=sys.stderr)
+        if mergekit_path is None:   # asked for by name: a table without it would answer another question
+            raise MergeInputError(_MERGEKIT_INSTALL.format(env=MERGEKIT_ENV).rstrip())
 
     temp = None
     if workdir is None:

@@ -16,8 +16,8 @@ MERGEKIT_ENV = "LINES_FAST_MERGEKIT"
 MERGEKIT_FLAGS = ("--out-shard-size", "5B")
 _REPORT_ENV = "LINES_FAST_BENCH_REPORT"
 _MERGEKIT_INSTALL = """\
-mergekit-yaml was not found (looked at --mergekit, ${env}, and PATH), so its column is skipped.
-To compare, install it in a virtualenv of its own, so it never becomes a dependency of this
+--compare mergekit: mergekit-yaml was not found (looked at --mergekit, ${env}, and PATH).
+Drop mergekit from --compare, or install it in a virtualenv of its own, so it never becomes a dependency of this
 environment; --system-site-packages reuses this torch, and the constraint stops pip from
 pulling another (e.g. a CUDA) build:
   python3 -m venv /tmp/mk-venv --system-site-packages
