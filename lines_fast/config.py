@@ -229,7 +229,8 @@ def _model_path(value: Any, source: str, where: str) -> Path:
     return hub.resolve(value, f"{source}: {where}")
 
 
-def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths: bool) -> list[str]:
+def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths: bool,
+                     pending: frozenset = frozenset()) -> list[str]:
     """The problems a config shows before any parameter is read, all at once: keys lines_fast
     refuses or does not know, the method, and (check_paths) local model paths that do not exist.
     Raised at once where the rest cannot be read (no method, no models, a missing path); keys
@@ -267,7 +268,7 @@ def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths:
         path = Path(value).expanduser()
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        if path.exists() or ("+" not in value and hub.parse(value) is not None):
+        if path.exists() or path in pending or ("+" not in value and hub.parse(value) is not None):
             continue   # a Hub name is fetched (or refused) where it is read
         problems.append(f"{where}: {hub.lora_syntax(value)}" if "+" in value else
                         f"{where}: {value} does not exist (a local path, or a Hub name org/name)")
@@ -276,12 +277,14 @@ def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths:
     return problems
 
 
-def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_paths: bool = False) -> MergeConfig:
+def from_yaml_dict(doc: Any, source: str, base_dir: Path | None = None, check_paths: bool = False,
+                   pending: frozenset = frozenset()) -> MergeConfig:
     """Read a mergekit-format config document (already parsed from YAML). check_paths: also list
-    local model paths that do not exist with the other first problems (a config file's check)."""
+    local model paths that do not exist with the other first problems (a config file's check),
+    except those in `pending` (a multi-document config's merges not run yet)."""
     if not isinstance(doc, dict):
         raise _fail(source, "the config must be a YAML mapping with merge_method, base_model and models.")
-    key_problems = _refuse_problems(doc, source, base_dir, check_paths)
+    key_problems = _refuse_problems(doc, source, base_dir, check_paths, pending)
     try:
         return _read_document(doc, source, base_dir, key_problems)
     except MergeInputError as err:

@@ -128,11 +128,13 @@ def run(path: Path, steps: list[Step], *, resume: bool, log: Callable[[str], Non
     skip those already published from the same recipe."""
     from .config import from_yaml_dict
 
+    # Every document is read before any merge runs: a typo in the last one (a model path, a
+    # name no merge has, a parameter) stops the run before the first has spent its time.
+    pending = frozenset(step.out for step in steps)
+    configs = [from_yaml_dict(step.doc, f"{path} ({step.label})", check_paths=True, pending=pending) for step in steps]
     results = []
     log(f"{path}: {len(steps)} merges: " + ", ".join(f"{s.name or 'final'} -> {s.out}" for s in steps))
-    for k, step in enumerate(steps):
-        source = f"{path} ({step.label})"
-        config = from_yaml_dict(step.doc, source)
+    for k, (step, config) in enumerate(zip(steps, configs)):
         if resume and _already_merged(step.out, config):
             log(f"[{k + 1}/{len(steps)}] {step.label}: already merged in {step.out} (same recipe); skipped")
             continue

@@ -110,3 +110,14 @@ def test_a_mergekit_moe_config_is_named_as_such(fam, tmp_path, capsys):
                                    "experts": [{"source_model": str(fam.finetunes[0]), "positive_prompts": ["x"]}]}))
     rc, _, err = run(capsys, cfg, tmp_path / "out")
     assert rc == 2 and "mergekit-moe config" in err and "out of scope" in err
+
+
+def test_every_document_is_checked_before_the_first_merge_runs(fam, tmp_path, capsys):
+    """A typo in the final merge (a name no merge has) stops the run before the soup is merged."""
+    typo = dict(final(fam), models=[{"model": "sopu"}, {"model": str(fam.finetunes[0])}])
+    cfg = write_docs(tmp_path / "multi.yml", [soup(fam), typo])
+    rc, out, err = run(capsys, cfg, tmp_path / "out")
+    assert rc == 2, err
+    assert "(the final (unnamed) merge)" in err
+    assert "models[0].model: sopu does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "out-intermediate").exists() and not (tmp_path / "out").exists()
