@@ -167,10 +167,11 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
     if n_models < definition.min_models or (definition.max_models is not None and n_models > definition.max_models):
         exactly = "exactly " if definition.min_models == definition.max_models else ""
         if definition.inputs is Inputs.BASE_AND_MODELS:
-            raise MergeInputError(f"{prefix}{method} merges {definition.models_text()} model; {n_models - 1} other "
-                                  f"model(s) were given.")
+            others = n_models - 1
+            raise MergeInputError(f"{prefix}{method} merges {definition.models_text()} model; {others} other "
+                                  f"{'model was' if others == 1 else 'models were'} given.")
         raise MergeInputError(f"{prefix}{method} merges {exactly}{definition.models_text()} fine-tuned model(s); "
-                              f"{n_models} were given.")
+                              f"{n_models} {'was' if n_models == 1 else 'were'} given.")
     values = dict(values or {})
     model_values = dict(model_values or {})
     labels = model_labels or [f"model {i + 1}" for i in range(n_models)]
