@@ -209,7 +209,7 @@ def test_model_stock_hand_example():
 def test_slerp_needs_t_and_exactly_one_other_model():
     with pytest.raises(MergeInputError, match="slerp needs t"):
         make_spec("slerp", 2)
-    with pytest.raises(MergeInputError, match=r"slerp merges the base and 1 other model; 2 other model\(s\)"):
+    with pytest.raises(MergeInputError, match=r"slerp merges the base and 1 other model; 2 other models were given"):
         make_spec("slerp", 3, values={"t": 0.5})
     with pytest.raises(MergeInputError, match=r"t 1.5 is outside \[0, 1\]"):
         make_spec("slerp", 2, values={"t": 1.5})
