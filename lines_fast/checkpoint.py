@@ -21,8 +21,8 @@ import mmap
 import os
 import stat
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple, NoReturn
 
 import torch
 
@@ -82,9 +82,11 @@ AUX_PATTERNS = (
 )
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: its file and the absolute byte range of its data there."""
+class TensorInfo(NamedTuple):
+    """Where one tensor lives: its file and the absolute byte range of its data there.
+
+    A named tuple rather than a frozen dataclass: a header of 10^5 entries makes 10^5 of
+    them, and a tuple is built in less than half the time."""
 
     name: str
     dtype: torch.dtype
@@ -108,6 +110,26 @@ class TensorInfo:
 def _describe(label: str, file: Path) -> str:
     """'label' (file) for messages, or just the file when the label is its path."""
     return f"'{file}'" if label == str(file) else f"checkpoint '{label}' ({file})"
+
+
+def _bad_entry(where: str, name: str, entry, redo: str) -> NoReturn:
+    """The message for a header entry that is not {dtype, shape, data_offsets} of the right types."""
+    if not isinstance(entry, dict):
+        raise MergeInputError(f"{where}, tensor '{name}': the header entry is not an object; the file is "
+                              f"corrupt. {redo}")
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(dtype_name, str) and dtype_name in DTYPES):
+        raise MergeInputError(
+            f"{where}, tensor '{name}': unsupported dtype {dtype_name!r} (this build reads "
+            f"{', '.join(DTYPES)}). Convert the model to one of these dtypes first."
+        )
+    if not (type(shape) is list and all(type(d) is int and d >= 0 for d in shape)):
+        raise MergeInputError(f"{where}, tensor '{name}': the shape {shape!r} is not a list of non-negative "
+                              f"integers; the file is corrupt. {redo}")
+    raise MergeInputError(
+        f"{where}, tensor '{name}': data_offsets {offsets!r} is not an ordered [begin, end] pair of "
+        f"non-negative integers; the file is corrupt. {redo}"
+    )
 
 
 def read_header(file: Path, label: str | None = None) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -171,34 +193,26 @@ def read_header(file: Path, label: str | None = None) -> tuple[dict[str, TensorI
     data_start = 8 + n
     data_len = size - data_start
     infos = []
+    append = infos.append
+    dtypes = DTYPES
     for name, entry in header.items():
-        # The checks are written out for the common case first: a header of 10^5 entries is
-        # read in well under a second (messages are built only for a bad entry).
-        if not isinstance(entry, dict):
-            raise MergeInputError(f"{where}, tensor '{name}': the header entry is not an object; the file is "
-                                  f"corrupt. {redo}")
-        dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
-        if dtype is None:
-            raise MergeInputError(
-                f"{where}, tensor '{name}': unsupported dtype {dtype_name!r} (this build reads "
-                f"{', '.join(DTYPES)}). Convert the model to one of these dtypes first."
-            )
-        if not (type(shape) is list and all(type(d) is int and d >= 0 for d in shape)):
-            raise MergeInputError(f"{where}, tensor '{name}': the shape {shape!r} is not a list of non-negative "
-                                  f"integers; the file is corrupt. {redo}")
-        if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int
-                and type(offsets[1]) is int and 0 <= offsets[0] <= offsets[1]):
-            raise MergeInputError(
-                f"{where}, tensor '{name}': data_offsets {offsets!r} is not an ordered [begin, end] pair of "
-                f"non-negative integers; the file is corrupt. {redo}"
-            )
-        begin, end = offsets
-        needed = math.prod(shape) * dtype.itemsize
+        # Written for the common case: a header of 10^5 entries is read in a fraction of a second.
+        # The happy path is a few type checks per entry; a message is built only for a bad one.
+        try:
+            dtype, shape, (begin, end) = dtypes[entry["dtype"]], entry["shape"], entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            _bad_entry(where, name, entry, redo)
+        needed = dtype.itemsize
+        if type(shape) is not list or type(begin) is not int or type(end) is not int or not 0 <= begin <= end:
+            _bad_entry(where, name, entry, redo)
+        for d in shape:
+            if type(d) is not int or d < 0:
+                _bad_entry(where, name, entry, redo)
+            needed *= d
         if needed != end - begin:
             raise MergeInputError(
-                f"{where}, tensor '{name}': dtype {dtype_name} and shape {list(shape)} need "
-                f"{needed} bytes but data_offsets {offsets} span "
+                f"{where}, tensor '{name}': dtype {entry['dtype']} and shape {list(shape)} need "
+                f"{needed} bytes but data_offsets {[begin, end]} span "
                 f"{end - begin}; the header is corrupt. {redo}"
             )
         if end > data_len:
@@ -206,7 +220,7 @@ def read_header(file: Path, label: str | None = None) -> tuple[dict[str, TensorI
                 f"{where}, tensor '{name}': the data ends at byte {data_start + end} but the file is only "
                 f"{size} bytes long; the file is truncated or corrupt. {redo}"
             )
-        infos.append(TensorInfo(name, dtype, tuple(shape), file, data_start + begin, end - begin))
+        append(TensorInfo(name, dtype, tuple(shape), file, data_start + begin, end - begin))
 
     infos.sort(key=operator.attrgetter("offset", "nbytes"))
     for prev, cur in zip(infos, infos[1:]):

@@ -42,7 +42,7 @@ from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
 from .progress import Progress
 from .spec import MethodSpec
 from .writer import (PARTIAL_SUFFIX, OutputLock, ShardedWriter, check_output_dir, different_merge_error, parse_size,
-                     plan_shards)
+                     group_by_size)
 
 # Tensors under PACK_TENSOR_MAX elements are merged packed, up to PACK_ELEMENTS a job, where the
 # plan is elementwise: below ~64K elements a tensor's fixed cost (Python, the ops' dispatch)
@@ -697,13 +697,16 @@ class Engine:
 
     def _assign_shards(self, inputs: _Inputs, plan: _Plan, entries) -> tuple[list[int], set[str]]:
         """Each output shard's rank (byte-balanced over what reading it costs) and this rank's
-        tensors. The shards are the writer's (plan_shards' grouping does not depend on metadata)."""
-        shards = plan_shards(entries, self.max_shard_size, {})
+        tensors. The shards are the writer's: plan_shards groups entries by group_by_size."""
+        shards = [[entries[i][0] for i in group] for group in
+                  group_by_size([dtype.itemsize * math.prod(shape) for _, dtype, shape in entries],
+                                self.max_shard_size)]
         # A shard's cost: its tensors' bytes in every input (the rule `lines-fast plan` prices).
-        costs = [sum(c.tensors[n].nbytes for n in shard.names for c in inputs.all() if n in c.tensors)
-                 for shard in shards]
+        tables = [c.tensors for c in inputs.all()]
+        costs = [sum(info.nbytes for table in tables for info in map(table.get, names) if info is not None)
+                 for names in shards]
         owners = assign_shards(costs, self.world.size)
-        mine = {n for shard, owner in zip(shards, owners) if owner == self.world.rank for n in shard.names}
+        mine = {n for names, owner in zip(shards, owners) if owner == self.world.rank for n in names}
         if self.world.size > 1:
             load = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(self.world.size)]
             self.log(f"{self.world.size} ranks share {len(shards)} shard(s): "
@@ -730,32 +733,44 @@ class Engine:
         and output dtypes, and statistics. segments: the backend takes packs of equal-sized tensors
         with a threshold each (MergeJob.segments), so TIES's tensor scope packs too."""
         position = {n: i for i, n in enumerate(plan.order)}
+        # Looked up once, not per tensor: a checkpoint of 10^5 small tensors spends its time here.
+        packable: dict[int, tuple[bool, bool]] = {}   # id(plan) -> (elementwise, segmented)
+        tables = [c.tensors for c in ([inputs.base] if inputs.base else [])]
+        model_tables = [m.tensors for m in inputs.models]
+        base_table = inputs.base.tensors if inputs.base else None
 
-        def key(name: str):
+        def key(name: str, numel: int):
             el = self._plan_for(name)
-            numel = math.prod(plan.shapes[name])
-            segmented = segments and el.segment_packable   # one threshold per tensor: equal sizes only
-            if not (el.elementwise or segmented) or numel >= PACK_TENSOR_MAX or numel == 0:
+            kinds = packable.get(id(el))
+            if kinds is None:
+                kinds = packable[id(el)] = (el.elementwise, segments and el.segment_packable)
+            elementwise, segmented = kinds   # segmented: one threshold per tensor, equal sizes only
+            if not (elementwise or segmented) or numel >= PACK_TENSOR_MAX or numel == 0:
                 return None
             # The inputs' dtypes (torch.cat needs one per input): from the headers, not the data.
-            holders = [inputs.base if (i, name) in plan.substitutes else m for i, m in enumerate(inputs.models)]
-            dtypes = tuple(c.tensors[name].dtype for c in ([inputs.base] if inputs.base else []) + holders)
+            if plan.substitutes:
+                holders = [base_table if (i, name) in plan.substitutes else t for i, t in enumerate(model_tables)]
+            else:
+                holders = model_tables
+            dtypes = tuple(t[name].dtype for t in tables) + tuple(t[name].dtype for t in holders)
             # An elementwise plan's statistics are whole-model numbers, the same for every tensor.
             return (id(el), scales[name], plan.out_dtypes[name], dtypes, stats.for_tensor(name),
                     numel if segmented else None)
 
         groups: list[list[str]] = []
-        last_key, size = None, 0
+        last_key, size, last_position = None, 0, -2
+        shapes = plan.shapes
         for name in merged:
-            k = key(name)
-            numel = math.prod(plan.shapes[name])
-            if (k is not None and k == last_key and size + numel <= PACK_ELEMENTS
-                    and position[name] == position[groups[-1][-1]] + 1):
+            numel = math.prod(shapes[name])
+            k = key(name, numel)
+            at = position[name]
+            if k is not None and k == last_key and size + numel <= PACK_ELEMENTS and at == last_position + 1:
                 groups[-1].append(name)
                 size += numel
             else:
                 groups.append([name])
                 last_key, size = k, numel
+            last_position = at
         return groups
 
     def _pack_job(self, group: list[str], inputs: _Inputs, plan: _Plan, stats: RunStats,
@@ -836,12 +851,15 @@ class Engine:
                 write_copies_before(position[group[0]])
                 if len(group) == 1:
                     write(group[0], output)
-                else:
-                    at = 0
-                    for name in group:
-                        n = int(torch.Size(plan.shapes[name]).numel())
-                        write(name, output[at:at + n].view(plan.shapes[name]))
-                        at += n
+                else:   # a pack: its tensors end to end in output, written in one go
+                    if (output.dtype == torch.float16 and not self.config.allow_nonfinite
+                            and bool(torch.isinf(output).any())):
+                        at = 0
+                        for name in group:   # name the first tensor that overflows
+                            n = math.prod(plan.shapes[name])
+                            self._refuse_overflow(name, output[at:at + n])
+                            at += n
+                    writer.write_run(group, output)
                 del output
                 if len(group) == 1:
                     self._release(inputs, group[0])

@@ -1,6 +1,7 @@
 """Hot CPU loops compiled by numba, bit for bit the torch code they stand in for.
 
-- fill_uniform: DARE / DELLA's draws (rng.py). Philox4x32-10 in torch is ~80 whole-array int64
+- fill_uniform, fill_uniform_rows: DARE / DELLA's draws (rng.py), of a tensor or of a pack of
+  equal-sized tensors (one row each). Philox4x32-10 in torch is ~80 whole-array int64
   operations per draw (~50 M draws/s on 2 cores), which made DARE and DELLA merges several times
   slower than TIES on the CPU; compiled, one element's ten rounds stay in registers (~300 M/s on
   one core). The arithmetic is rng.py's (uint64 products of 32-bit words, their high and low
@@ -67,24 +68,37 @@ def _compile() -> SimpleNamespace:
     scale = f32(4.6566127342e-10)
     abs_mask, significand, hidden, shift = i64(0x7FFFFFFF), i64(0x7FFFFF), i64(1), i64(23)
 
+    def uniform_at(j, c2, c3, k0, k1):
+        """u of flat index j (uint64) in stream (c2, c3) under key (k0, k1): rng.py's derivation."""
+        x0, x1, x2, x3 = j & mask, j >> s32, c2, c3
+        a, b = k0, k1
+        for _ in range(10):
+            pb = round_b * x2
+            pa = round_a * x0
+            x0 = (pb >> s32) ^ x1 ^ a
+            x2 = (pa >> s32) ^ x3 ^ b
+            x1 = pb & mask
+            x3 = pa & mask
+            a = (a + key_a) & mask
+            b = (b + key_b) & mask
+        if x0 >> s31:
+            x0 = x0 ^ mask          # int32 reading: negatives become ~x
+        return f32(i64(x0)) * scale
+
+    uniform_at = numba.njit(inline="always")(uniform_at)
+
     def fill_uniform(start, out, c2, c3, k0, k1):
-        """out[t] = u of flat index start + t (rng.py's derivation)."""
+        """out[t] = u of flat index start + t of the tensor whose stream id is c2."""
         for t in range(out.shape[0]):
-            j = u64(start) + u64(t)
-            x0, x1, x2, x3 = j & mask, j >> s32, u64(c2), u64(c3)
-            a, b = u64(k0), u64(k1)
-            for _ in range(10):
-                pb = round_b * x2
-                pa = round_a * x0
-                x0 = (pb >> s32) ^ x1 ^ a
-                x2 = (pa >> s32) ^ x3 ^ b
-                x1 = pb & mask
-                x3 = pa & mask
-                a = (a + key_a) & mask
-                b = (b + key_b) & mask
-            if x0 >> s31:
-                x0 = x0 ^ mask          # int32 reading: negatives become ~x
-            out[t] = f32(i64(x0)) * scale
+            out[t] = uniform_at(u64(start) + u64(t), u64(c2), u64(c3), u64(k0), u64(k1))
+
+    def fill_uniform_rows(out, c2s, c3, k0, k1):
+        """out[r, t] = u of flat index t of the tensor whose stream id is c2s[r] (a pack of
+        equal-sized tensors, one per row)."""
+        for r in range(out.shape[0]):
+            c2 = u64(c2s[r])
+            for t in range(out.shape[1]):
+                out[r, t] = uniform_at(u64(t), c2, u64(c3), u64(k0), u64(k1))
 
     def add_abs_bins(bits, bins):
         """bins[E] += significand of |x| for the float32 bit patterns `bits` (exactsum.py)."""
@@ -118,5 +132,6 @@ def _compile() -> SimpleNamespace:
         # An unwritable package directory only costs the on-disk cache of the compiled code.
         warnings.simplefilter("ignore")
         jit = numba.njit(cache=True, nogil=True)
-        return SimpleNamespace(fill_uniform=jit(fill_uniform), add_abs_bins=jit(add_abs_bins),
+        return SimpleNamespace(fill_uniform=jit(fill_uniform), fill_uniform_rows=jit(fill_uniform_rows),
+                               add_abs_bins=jit(add_abs_bins),
                                della_drop_p=numba.njit(cache=True, nogil=True, parallel=True)(della_drop_p))

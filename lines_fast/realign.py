@@ -6,7 +6,6 @@ engine, the planner and the backends merge it like any other.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -129,7 +128,7 @@ class RealignedCheckpoint:
             numel = 1
             for d in shape:
                 numel *= d
-            self.tensors[name] = replace(info, shape=shape, dtype=dtype, nbytes=numel * dtype.itemsize)
+            self.tensors[name] = info._replace(shape=shape, dtype=dtype, nbytes=numel * dtype.itemsize)
 
     @property
     def realigned_names(self) -> list[str]:

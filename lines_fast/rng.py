@@ -103,6 +103,29 @@ def dare_uniform(seed: int, model_index: int, name: str, numel: int, start: int 
     return u.clone()
 
 
+def dare_uniform_rows(seed: int, model_index: int, names: list[str], length: int,
+                      stream: int = DARE_STREAM) -> torch.Tensor:
+    """u of every element of tensors `names`, each of `length` elements, end to end (float32,
+    CPU): the same values as dare_uniform for each name, drawn in one call for a pack of small
+    tensors instead of one call (~80 torch operations) per tensor."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be in [0, 2^63), got {seed}")
+    ids = [tensor_stream_id(name) for name in names]
+    c3, k0, k1 = model_index + (stream << 16), seed & _MASK32, (seed >> 32) & _MASK32
+    from . import jit
+
+    fast = jit.compiled(max(len(names) * length, jit.CALL_WORK))
+    if fast is not None:   # the same u, compiled (lines_fast/jit.py)
+        u = torch.empty(len(names), length, dtype=torch.float32)
+        if u.numel():
+            fast.fill_uniform_rows(u.numpy(), np.array(ids, dtype=np.uint32), c3, k0, k1)
+        return u.reshape(-1)
+    j = torch.arange(length, dtype=torch.int64).repeat(len(names))
+    c2 = torch.tensor(ids, dtype=torch.int64).repeat_interleave(length)
+    r0, _, _, _ = philox4x32_10(j & _MASK32, j >> 32, c2, torch.full_like(j, c3), k0, k1)
+    return uniform_from_bits(r0)
+
+
 def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device, stream: int) -> torch.Tensor:
     if torch.device(device).type == "cpu":
         from . import jit

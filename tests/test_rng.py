@@ -85,6 +85,23 @@ def test_compiled_draws_are_the_torch_draws_bit_for_bit(seed, model_index, name,
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_numba)])
+@pytest.mark.parametrize("seed, model_index, names, length, stream", [
+    (0, 0, [f"model.layers.{i}.experts.{i}.weight" for i in range(50)], 64, rng.DARE_STREAM),
+    ((1 << 62) + 77, 3, ["a", "é", "lm_head.bias"], 5, rng.DELLA_STREAM),   # k1 non-zero
+    (7, 1, ["only"], 1, rng.DARE_STREAM),
+    (7, 1, ["x", "y"], 0, rng.DARE_STREAM),
+])
+def test_a_pack_draws_what_each_of_its_tensors_draws(compiled, seed, model_index, names, length, stream, monkeypatch):
+    """dare_uniform_rows (one call for a pack of small tensors) == each tensor's own draws end to end."""
+    expected = torch.cat([rng._draw_torch(seed, model_index, n, length, 0, "cpu", stream) for n in names])
+    monkeypatch.setattr(jit, "JIT_AFTER", 0 if compiled else 1 << 62)
+    monkeypatch.setattr(jit, "_work_in_torch", 0)
+    got = rng.dare_uniform_rows(seed, model_index, names, length, stream)
+    assert got.dtype == torch.float32 and got.shape == (len(names) * length,)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
 def test_small_merges_never_load_the_compiler(monkeypatch):
     monkeypatch.setattr(jit, "_work_in_torch", 0)
     monkeypatch.setattr(jit, "kernels", lambda: pytest.fail("numba loaded for a small draw"))

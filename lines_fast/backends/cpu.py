@@ -23,7 +23,7 @@ from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..gram import group_index, group_view, new_gram
 from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sign_sum, factors_from_sums,
                     group_weights, rescale_factor, unsupported_steps)
-from ..rng import DELLA_STREAM, dare_uniform
+from ..rng import DELLA_STREAM, dare_uniform, dare_uniform_rows
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
 
@@ -282,7 +282,7 @@ class CpuBackend:
         """DARE's u of a packed job, per model: each tensor's own draws (keyed by its name) end to
         end; drawn once for its rescale statistics and its merge."""
         if self._seg_draws is None or self._seg_draws[0] is not job:
-            draws = [torch.cat([dare_uniform(plan.seed, i, name, job.segments[1]) for name in job.segment_names])
+            draws = [dare_uniform_rows(plan.seed, i, list(job.segment_names), job.segments[1])
                      for i in range(len(job.models))]
             self._seg_draws = (job, draws)
         return self._seg_draws[1]
