@@ -439,7 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trim-scope", choices=["tensor", "global"],
                    help="ties: thresholds per tensor (default) or over the whole model (one more pass)")
     g.add_argument("--lines-alpha", metavar="A|auto",
-                   help="price LiNeS too: a given alpha, or auto (its L1 norms take one more pass)")
+                   help="price LiNeS too: a given alpha, or auto (its L1 norms take one more pass); beta "
+                        "changes no cost, so plan takes none (merge needs --lines-beta)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="the backend to price (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--read-gbps", type=float, default=None, help="storage read bandwidth, GB/s")

@@ -159,6 +159,43 @@ def test_write_piece_matches_write(tmp_path):
     assert files_of(tmp_path / "out") == reference
 
 
+def test_write_run_matches_write_across_shards(tmp_path):
+    """A run of same-dtype tensors written from one flat tensor: the files write() gives, also
+    where the run crosses shard boundaries (40 float32 tensors of 30 elements, 1000-byte shards)."""
+    g = torch.Generator().manual_seed(3)
+    tensors = {"embed": torch.randn(5, generator=g).half()}
+    tensors.update({f"layers.{i}.w": torch.randn(3, 10, generator=g) for i in range(40)})
+    tensors["tail"] = torch.randn(2, generator=g).half()
+    reference = files_of(write_all(tmp_path / "ref", tensors, max_shard_size=1000))
+    assert len(reference) > 4   # several shards, so the run crosses boundaries
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={})
+    w.write("embed", tensors["embed"])
+    names = [f"layers.{i}.w" for i in range(40)]
+    w.write_run(names[:25], torch.cat([tensors[n].reshape(-1) for n in names[:25]]))
+    w.write_run(names[25:], torch.cat([tensors[n].reshape(-1) for n in names[25:]]))
+    assert w.pending_names() == ["tail"]
+    w.write("tail", tensors["tail"])
+    w.finish()
+    assert files_of(tmp_path / "out") == reference
+
+
+def test_write_run_checks_before_writing(tmp_path):
+    tensors = sample()
+    w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={})
+    w.write("embed.weight", tensors["embed.weight"])
+    run = ["layers.0.w", "layers.0.b"]   # float32 then float16: not one dtype
+    with pytest.raises(ValueError, match="plan says torch.float16"):
+        w.write_run(run, torch.zeros(303))
+    with pytest.raises(ValueError, match="expected 'layers.0.w'"):
+        w.write_run(["layers.1.w"], torch.zeros(300))
+    with pytest.raises(ValueError, match="299 elements given for 1 tensors of 300"):
+        w.write_run(["layers.0.w"], torch.zeros(299))
+    assert w.pending_names()[0] == "layers.0.w"   # nothing was written by the refused calls
+    w.write_run(["layers.0.w"], tensors["layers.0.w"].reshape(-1))
+    assert w.pending_names()[0] == "layers.0.b"
+    w.abort()
+
+
 def test_write_piece_checks(tmp_path):
     tensors = sample()
     w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={})
