@@ -6,13 +6,15 @@
 Checkpoints with 10^4-10^5 tensors (MoE experts stored one per tensor, biases, norms) are
 dominated by what each tensor costs beyond its bytes. Each family is a base and two bf16
 fine-tunes; "small" holds N tensors of 64 elements, "large" 20 tensors holding the same
-elements. Reported: seconds per merge in process (Engine, CPU backend, one run after a warm
-one), the ratio small / large, and the cost per small tensor.
+elements. Reported: seconds per merge in process (Engine, CPU backend, the median of 3 runs
+after a warm one, small and large alternating), the ratio small / large, and the cost per
+small tensor.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -27,6 +29,7 @@ from lines_fast.engine import merge  # noqa: E402
 from lines_fast.writer import ShardedWriter  # noqa: E402
 
 METHODS = ("task_arithmetic", "ties", "dare_ties")
+ROUNDS = 3   # the median of 3 timed merges is reported
 
 
 def family(root: Path, tensors: int, numel: int) -> Path:
@@ -60,11 +63,14 @@ def measure(tensors: int, work: Path) -> dict:
     large = family(work / "large", n_large, tensors * numel_small // n_large)
     rows = {}
     for method in METHODS:
-        seconds = {}
+        runs = {"small": [], "large": []}
         for label, root in (("small", small), ("large", large)):
             timed_merge(root, method, work / f"warm-{label}")   # page cache and imports warm
-            seconds[label] = timed_merge(root, method, work / f"out-{label}")
-        rows[method] = {"seconds": seconds, "ratio_small_over_large": seconds["small"] / seconds["large"],
+        for _ in range(ROUNDS):   # alternating, so a slow spell of the machine hits both
+            for label, root in (("small", small), ("large", large)):
+                runs[label].append(timed_merge(root, method, work / f"out-{label}"))
+        seconds = {label: statistics.median(times) for label, times in runs.items()}
+        rows[method] = {"seconds": seconds, "runs": runs, "ratio_small_over_large": seconds["small"] / seconds["large"],
                         "ms_per_small_tensor": 1e3 * seconds["small"] / tensors}
     return {"tensors_small": tensors, "elements_per_small_tensor": numel_small, "tensors_large": n_large,
             "dtype": "bfloat16", "models": "base + 2 fine-tunes", "methods": rows}

@@ -282,20 +282,21 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
                 f"(in {model.tensors[extra[0]].file}). "
                 "lines_fast merges the tensors of the base; check that the models share an architecture, "
                 "or merge from a base that has these tensors.")
+    tables = [(i, model, model.tensors) for i, model in enumerate(inputs.models)]
     for name in plan.order:
         info = reference.tensors[name]
         plan.shapes[name] = info.shape
-        if not info.is_float:
+        if not info.dtype.is_floating_point:
             plan.copied[name] = f"not floating point ({info.dtype})"
             plan.out_dtypes[name] = info.dtype
             _check_copied(name, reference, inputs.models, log)
             continue
-        if any(p.search(name) for p in exclude):
+        if exclude and any(p.search(name) for p in exclude):
             plan.copied[name] = "excluded"
             plan.out_dtypes[name] = info.dtype
             continue
-        for i, model in enumerate(inputs.models):
-            other = model.tensors.get(name)
+        for i, model, table in tables:
+            other = table.get(name)
             if other is None:
                 if config.missing == "copy-base" and inputs.base is not None:
                     plan.substitutes[(i, name)] = "base"
@@ -307,7 +308,7 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
                 raise MergeInputError(
                     f"tensor '{name}' is in {reference.label} ({info.file}) but missing from {model.label} "
                     f"({len(model.tensors)} tensors). {fix}")
-            if not other.is_float:
+            if not other.dtype.is_floating_point:
                 raise MergeInputError(
                     f"tensor '{name}' is floating point in {reference.label} ({info.dtype}) but "
                     f"{other.dtype} in {model.label} ({other.file}); the checkpoints do not match.")
@@ -738,9 +739,11 @@ class Engine:
         tables = [c.tensors for c in ([inputs.base] if inputs.base else [])]
         model_tables = [m.tensors for m in inputs.models]
         base_table = inputs.base.tensors if inputs.base else None
+        one_plan = None if self.config.per_tensor else self.plan
+        no_stats = not stats.tensor_stats and stats.global_thresholds is None
 
         def key(name: str, numel: int):
-            el = self._plan_for(name)
+            el = one_plan or self._plan_for(name)
             kinds = packable.get(id(el))
             if kinds is None:
                 kinds = packable[id(el)] = (el.elementwise, segments and el.segment_packable)
@@ -752,10 +755,10 @@ class Engine:
                 holders = [base_table if (i, name) in plan.substitutes else t for i, t in enumerate(model_tables)]
             else:
                 holders = model_tables
-            dtypes = tuple(t[name].dtype for t in tables) + tuple(t[name].dtype for t in holders)
+            dtypes = tuple([t[name].dtype for t in tables] + [t[name].dtype for t in holders])
             # An elementwise plan's statistics are whole-model numbers, the same for every tensor.
-            return (id(el), scales[name], plan.out_dtypes[name], dtypes, stats.for_tensor(name),
-                    numel if segmented else None)
+            return (id(el), scales[name], plan.out_dtypes[name], dtypes,
+                    None if no_stats else stats.for_tensor(name), numel if segmented else None)
 
         groups: list[list[str]] = []
         last_key, size, last_position = None, 0, -2
