@@ -12,10 +12,20 @@
   row and rows over all cores, instead of ten whole-array operations.
 - add_abs_bins: exactsum.AbsSum's per-exponent integer sums of significands (L1 norms: DARE's
   rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount.
+- merge_chunk: the CPU backend's merge of one chunk for the plans without per-element side
+  inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given; with LiNeS):
+  every plan step of backends/cpu.py's torch path, the same float32 operations in the same
+  order, in one pass over blocks of BLOCK elements that stay in L1 (~30 torch operations per
+  chunk before, each a pass over memory). Each step is a loop over the block's elements, the
+  innermost loop, so LLVM vectorizes it; a loop over models per element does not vectorize
+  and was slower than torch (session 7's try).
+- packed_histograms: the packed 65536-bin histograms of |x_i| (selection.py) of TIES's and
+  breadcrumbs' thresholds, per-thread counts over the cores, instead of seven torch operations
+  and a single-threaded bincount per chunk and model.
 
 Loading numba, LLVM and the cached machine code costs ~0.7 s, so a process uses them only once
-it has done JIT_AFTER elements of such work in torch (`compiled(work)`; a small draw counts as
-CALL_WORK): small merges never pay it, large ones (10^9-10^11 elements, or 10^4 tiny tensors)
+its work reaches JIT_AFTER elements (`compiled(work)`: the work done in torch so far plus this
+call's; a small draw counts as CALL_WORK): small merges never pay it, large ones (10^9-10^11 elements, or 10^4 tiny tensors)
 run several times faster. numba is optional: without it, or with LINES_FAST_NO_NUMBA=1, the
 torch code runs, and the tests check that the two agree.
 """
@@ -35,10 +45,10 @@ _tried = False
 
 
 def compiled(work: int) -> SimpleNamespace | None:
-    """The compiled kernels once JIT_AFTER elements of work went to torch; else None, and the
-    caller does these `work` elements in torch (they count)."""
+    """The compiled kernels once the work done in torch plus `work` reaches JIT_AFTER elements;
+    else None, and the caller does these `work` elements in torch (they count)."""
     global _work_in_torch
-    if _work_in_torch < JIT_AFTER:
+    if _work_in_torch + work < JIT_AFTER:
         _work_in_torch += work
         return None
     return kernels()
@@ -57,81 +67,17 @@ def kernels() -> SimpleNamespace | None:
     return _kernels
 
 
+BLOCK = 1024   # merge_chunk's and packed_histograms' block: a few float32 arrays of it stay in L1
+# merge_chunk's `steps`: which of the plan's steps run (one bit each; a backend sets them from the plan).
+STEP_BASE, STEP_DELTAS, STEP_TRIM, STEP_BAND, STEP_DROP = 1, 2, 4, 8, 16
+STEP_DIVIDE, STEP_MULTIPLY, STEP_ELECT, STEP_NORMALIZE, STEP_KEPT = 32, 64, 128, 256, 512
+
+
 def _compile() -> SimpleNamespace:
-    import numba
-    import numpy as np
-
-    u64, i64, f32 = np.uint64, np.int64, np.float32
-    mask, s31, s32 = u64(0xFFFFFFFF), u64(31), u64(32)
-    round_a, round_b = u64(0xD2511F53), u64(0xCD9E8D57)
-    key_a, key_b = u64(0x9E3779B9), u64(0xBB67AE85)
-    scale = f32(4.6566127342e-10)
-    abs_mask, significand, hidden, shift = i64(0x7FFFFFFF), i64(0x7FFFFF), i64(1), i64(23)
-
-    def uniform_at(j, c2, c3, k0, k1):
-        """u of flat index j (uint64) in stream (c2, c3) under key (k0, k1): rng.py's derivation."""
-        x0, x1, x2, x3 = j & mask, j >> s32, c2, c3
-        a, b = k0, k1
-        for _ in range(10):
-            pb = round_b * x2
-            pa = round_a * x0
-            x0 = (pb >> s32) ^ x1 ^ a
-            x2 = (pa >> s32) ^ x3 ^ b
-            x1 = pb & mask
-            x3 = pa & mask
-            a = (a + key_a) & mask
-            b = (b + key_b) & mask
-        if x0 >> s31:
-            x0 = x0 ^ mask          # int32 reading: negatives become ~x
-        return f32(i64(x0)) * scale
-
-    uniform_at = numba.njit(inline="always")(uniform_at)
-
-    def fill_uniform(start, out, c2, c3, k0, k1):
-        """out[t] = u of flat index start + t of the tensor whose stream id is c2."""
-        for t in range(out.shape[0]):
-            out[t] = uniform_at(u64(start) + u64(t), u64(c2), u64(c3), u64(k0), u64(k1))
-
-    def fill_uniform_rows(out, c2s, c3, k0, k1):
-        """out[r, t] = u of flat index t of the tensor whose stream id is c2s[r] (a pack of
-        equal-sized tensors, one per row)."""
-        for r in range(out.shape[0]):
-            c2 = u64(c2s[r])
-            for t in range(out.shape[1]):
-                out[r, t] = uniform_at(u64(t), c2, u64(c3), u64(k0), u64(k1))
-
-    def add_abs_bins(bits, bins):
-        """bins[E] += significand of |x| for the float32 bit patterns `bits` (exactsum.py)."""
-        for v in bits:
-            b = i64(v) & abs_mask
-            e = b >> shift
-            bins[e] += (b & significand) | (min(e, hidden) << shift)
-
-    f64 = np.float64
-
-    def della_drop_p(magnitudes, density, eps, out):
-        """out[r, j] = 1 - ((density - eps) + rank / top * (2 eps)) rounded to float32, rank: how many
-        magnitudes of row r are strictly smaller than [r, j], top: the row's largest rank (0: 0.5)."""
-        rows, length = magnitudes.shape
-        low, spread = f64(density) - f64(eps), f64(2.0) * f64(eps)
-        for r in numba.prange(rows):
-            row = magnitudes[r]
-            order = np.argsort(row)
-            rank = np.empty(length, dtype=np.float64)
-            first = 0
-            for p in range(length):
-                if p > 0 and row[order[p]] != row[order[p - 1]]:
-                    first = p
-                rank[order[p]] = first
-            top = f64(first)
-            for j in range(length):
-                normalized = rank[j] / top if top > 0 else f64(0.5)
-                out[r, j] = f32(f64(1.0) - (low + normalized * spread))
-
     with warnings.catch_warnings():
         # An unwritable package directory only costs the on-disk cache of the compiled code.
         warnings.simplefilter("ignore")
-        jit = numba.njit(cache=True, nogil=True)
-        return SimpleNamespace(fill_uniform=jit(fill_uniform), fill_uniform_rows=jit(fill_uniform_rows),
-                               add_abs_bins=jit(add_abs_bins),
-                               della_drop_p=numba.njit(cache=True, nogil=True, parallel=True)(della_drop_p))
+        from . import jit_kernels as k
+    return SimpleNamespace(fill_uniform=k.fill_uniform, fill_uniform_rows=k.fill_uniform_rows,
+                           add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
+                           merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms)

@@ -17,6 +17,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .. import jit
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum, row_abs_sums
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
@@ -26,6 +27,7 @@ from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sig
 from ..rng import DELLA_STREAM, dare_uniform, dare_uniform_rows
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
+from .cpu_fused import FusedMerge, packed_histograms
 
 DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resident
 _PAGE = 4096
@@ -120,8 +122,12 @@ class CpuBackend:
     name = "cpu"
     packs_segments = True   # takes packs of equal-sized tensors with a threshold each (MergeJob.segments)
 
-    def __init__(self, chunk: int = DEFAULT_CHUNK, check_finite: bool = True, read_ahead: bool = True):
+    def __init__(self, chunk: int = DEFAULT_CHUNK, check_finite: bool = True, read_ahead: bool = True,
+                 compiled: bool | None = None):
         self.chunk = chunk
+        # The compiled path (backends/cpu_fused.py): None once a process has done enough work in torch
+        # for numba's load to pay (jit.compiled), True always (where numba loads), False never.
+        self.compiled = compiled
         self.check_finite = check_finite
         self.read_ahead = read_ahead
         self._release = None   # the current job's release(start, end), set by releasing()
@@ -142,6 +148,12 @@ class CpuBackend:
         if (n_models, size) not in self._buffers:
             self._buffers[n_models, size] = _Buffers(n_models, size)
         return self._buffers[n_models, size]
+
+    def _kernels(self, work: int):
+        """The compiled kernels for `work` elements of work, or None: the torch path."""
+        if self.compiled is None:
+            return jit.compiled(work)
+        return jit.kernels() if self.compiled else None
 
     def _spans(self, numel: int, step: int | None = None):
         """(start, end) of each chunk; once the caller moves past one, the current job's inputs
@@ -195,6 +207,10 @@ class CpuBackend:
     def _histograms(self, base: torch.Tensor, models: list[torch.Tensor], bucket: int | None) -> torch.Tensor:
         """[N, BINS] counts of |models[i] - base|: packed, or the bucket's low bits. Each chunk
         of the base is widened once for all models."""
+        if bucket is None:
+            hist = packed_histograms(self._kernels(base.numel() * len(models)), base, models, self._spans)
+            if hist is not None:
+                return hist
         base_flat = base.reshape(-1)
         bufs = self._bufs(len(models))
         hist = torch.zeros(len(models), BINS, dtype=torch.int64)
@@ -518,7 +534,13 @@ class CpuBackend:
             for s, e in self._spans(base.numel()):
                 yield s, e, base[s:e]
             return
+        fused = FusedMerge.of(self._kernels(job.models[0].numel() * len(job.models)), job, plan, stats)
         for s, e, bufs in self._chunks(job, plan):
+            if fused is not None:
+                kept = self._kept.get(s) if self._kept is not None and plan.drops else None
+                if fused.chunk(s, e, bufs.acc[:e - s], kept):
+                    yield s, e, bufs.acc[:e - s]
+                    continue
             result = self._merged_delta(job, plan, stats, s, e, bufs)
             if plan.uses_base:
                 result.mul_(job.scale)

@@ -1,0 +1,122 @@
+"""The CPU backend's compiled path: one pass per chunk instead of ~30 torch operations.
+
+lines_fast/jit.py's merge_chunk executes the whole per-element plan of a chunk (the steps
+backends/cpu.py's _merged_delta runs one torch operation at a time, the same float32
+operations in the same order, so the bits are the same), and packed_histograms counts TIES's
+selection histograms over all cores. This module decides which plans and inputs it takes and
+hands it numpy views of the tensors; everything else stays on the torch path, which is also
+the path of every chunk the compiled one declines (an Inf or NaN read: the torch path then
+names the model).
+
+What the compiled merge does not take, by the plan's steps (never by method name): per-element
+weights (Gram methods), the consensus (TALL) mask, DELLA's ranked drops, packed jobs of many
+tensors (per-element thresholds), and inputs other than bf16 and fp32 (numba has no fp16 on the CPU).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import jit
+from ..methods import Coefficients, Consensus, Rescale, Sparsify
+from ..plan import ElementPlan, TensorStats, unsupported_steps
+from ..rng import dare_uniform
+from .base import MergeJob
+
+# The plan steps merge_chunk executes (plan.unsupported_steps' format).
+FUSED = {
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.BAND, Sparsify.RANDOM},
+    "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
+    "consensus": {Consensus.NONE, Consensus.SIGN},
+    "coefficients": {Coefficients.GIVEN},
+}
+HISTOGRAM_SPAN = 1 << 22   # elements per packed_histograms call: its per-thread bins are zeroed per call
+# numba has no float16 on the CPU: fp16 checkpoints stay on the torch path.
+_ARRAY_DTYPES = {torch.bfloat16: torch.uint16, torch.float32: torch.float32}
+
+
+def as_array(t: torch.Tensor) -> np.ndarray | None:
+    """A flat numpy view of a contiguous CPU tensor the kernels read (bf16 as its uint16 bits), or None."""
+    view = _ARRAY_DTYPES.get(t.dtype)
+    if view is None or t.device.type != "cpu" or not t.is_contiguous():
+        return None
+    return t.reshape(-1).view(view).numpy()
+
+
+def _inputs(job: MergeJob, plan: ElementPlan):
+    """(base array or a dummy, model arrays) where the kernels can read them all, else None."""
+    models = [as_array(m) for m in job.models]
+    if any(m is None for m in models) or len({m.dtype for m in models}) != 1:
+        return None   # the models go to the kernel as one tuple: one dtype
+    if not plan.uses_base:
+        return np.zeros(1, models[0].dtype), tuple(models)
+    base = as_array(job.base)
+    return None if base is None else (base, tuple(models))
+
+
+def _steps(plan: ElementPlan) -> int:
+    """merge_chunk's step bits for the plan."""
+    return ((jit.STEP_BASE if plan.uses_base else 0) | (jit.STEP_DELTAS if plan.deltas else 0)
+            | (jit.STEP_TRIM if plan.trims else 0) | (jit.STEP_BAND if plan.band else 0)
+            | (jit.STEP_DROP if plan.sparsify is Sparsify.RANDOM else 0)
+            | (jit.STEP_DIVIDE if plan.rescale is Rescale.INVERSE else 0)
+            | (jit.STEP_MULTIPLY if plan.rescale is Rescale.L1 else 0)
+            | (jit.STEP_ELECT if plan.consensus is Consensus.SIGN else 0)
+            | (jit.STEP_NORMALIZE if plan.normalize else 0))
+
+
+class FusedMerge:
+    """One job's compiled merge: `chunk(s, e, out, kept)` writes the merged float32 values of
+    elements s..e (out = base + scale * tau_m) and says whether it did."""
+
+    def __init__(self, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats, arrays):
+        self._kernel = kernels.merge_chunk
+        self._job, self._plan = job, plan
+        self._base, self._models = arrays
+        self._table = plan.table(stats, "cpu").numpy()
+        self._steps = _steps(plan)
+        self._zero_sign = np.float32(plan.zero_sign(stats) if plan.consensus is Consensus.SIGN else 1.0)
+        self._weight_sum = np.float32(plan.weight_sum)
+        self._scale = np.float32(job.scale)
+        self._no_draws = np.zeros((1, 1), np.float32)
+        self._no_masks = tuple(np.zeros(1, np.uint8) for _ in job.models)
+
+    @classmethod
+    def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
+        if (kernels is None or job.segments is not None or plan.tall_k
+                or unsupported_steps(plan, FUSED) is not None):
+            return None
+        arrays = _inputs(job, plan)
+        return None if arrays is None else cls(kernels, job, plan, stats, arrays)
+
+    def chunk(self, s: int, e: int, out: torch.Tensor, kept: list[torch.Tensor] | None) -> bool:
+        """kept: DARE's packed keep masks of this chunk, as its rescale statistics drew them, or None."""
+        plan, steps = self._plan, self._steps
+        draws, masks = self._no_draws, self._no_masks
+        if kept is not None:
+            steps = steps & ~jit.STEP_DROP | jit.STEP_KEPT
+            masks = tuple(k.numpy() for k in kept)
+        elif plan.sparsify is Sparsify.RANDOM:
+            draws = torch.stack([dare_uniform(plan.seed, i, self._job.name, e - s, start=s)
+                                 for i in range(plan.n_models)]).numpy()
+        base = self._base[s:e] if plan.uses_base else self._base
+        return bool(self._kernel(base, tuple(m[s:e] for m in self._models), draws, masks, self._table, steps,
+                                 self._zero_sign, self._weight_sum, self._scale, out.numpy(),
+                                 torch.get_num_threads()))
+
+
+def packed_histograms(kernels, base: torch.Tensor, models: list[torch.Tensor], spans) -> torch.Tensor | None:
+    """selection.py's packed histograms [N, BINS] of |models[i] - base|, counted by the compiled
+    kernel span by span (`spans(numel, step)`, which releases pages behind it); None where the
+    kernel cannot read the inputs."""
+    from ..selection import BINS
+
+    arrays = [as_array(t) for t in [base, *models]]
+    if kernels is None or any(a is None for a in arrays) or len({a.dtype for a in arrays[1:]}) != 1:
+        return None
+    hist = torch.zeros(len(models), BINS, dtype=torch.int64)
+    counts = hist.numpy()
+    for s, e in spans(arrays[0].shape[0], HISTOGRAM_SPAN):
+        kernels.packed_histograms(arrays[0][s:e], tuple(a[s:e] for a in arrays[1:]), counts,
+                                  torch.get_num_threads())
+    return hist

@@ -1,0 +1,263 @@
+"""The compiled CPU kernels (numba), loaded only through lines_fast/jit.py's kernels().
+
+Module-level functions, so numba's on-disk cache (cache=True) finds them again in the next
+process: a kernel defined inside a function closes over the helpers it calls, and numba keys
+its cache on those cells, which differ in every process (each kernel compiled anew, 1-8 s).
+What each kernel computes, and the torch code it must equal bit for bit: lines_fast/jit.py.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, overload
+
+from .jit import (BLOCK, STEP_BAND, STEP_BASE, STEP_DELTAS, STEP_DIVIDE, STEP_DROP, STEP_ELECT, STEP_KEPT,
+                  STEP_MULTIPLY, STEP_NORMALIZE, STEP_TRIM)
+from .selection import BINS, NONZERO_LOW
+
+_serial = numba.njit(cache=True, nogil=True)
+_parallel = numba.njit(cache=True, nogil=True, parallel=True)
+
+u64, i64, f32 = np.uint64, np.int64, np.float32
+mask, s31, s32 = u64(0xFFFFFFFF), u64(31), u64(32)
+round_a, round_b = u64(0xD2511F53), u64(0xCD9E8D57)
+key_a, key_b = u64(0x9E3779B9), u64(0xBB67AE85)
+uniform_scale = f32(4.6566127342e-10)   # 2^-31: Triton's uint_to_uniform_float
+abs_mask, significand, hidden, shift = i64(0x7FFFFFFF), i64(0x7FFFFF), i64(1), i64(23)
+
+
+@numba.njit(inline="always", cache=True)
+def uniform_at(j, c2, c3, k0, k1):
+    """u of flat index j (uint64) in stream (c2, c3) under key (k0, k1): rng.py's derivation."""
+    x0, x1, x2, x3 = j & mask, j >> s32, c2, c3
+    a, b = k0, k1
+    for _ in range(10):
+        pb = round_b * x2
+        pa = round_a * x0
+        x0 = (pb >> s32) ^ x1 ^ a
+        x2 = (pa >> s32) ^ x3 ^ b
+        x1 = pb & mask
+        x3 = pa & mask
+        a = (a + key_a) & mask
+        b = (b + key_b) & mask
+    if x0 >> s31:
+        x0 = x0 ^ mask          # int32 reading: negatives become ~x
+    return f32(i64(x0)) * uniform_scale
+
+
+@_serial
+def fill_uniform(start, out, c2, c3, k0, k1):
+    """out[t] = u of flat index start + t of the tensor whose stream id is c2."""
+    for t in range(out.shape[0]):
+        out[t] = uniform_at(u64(start) + u64(t), u64(c2), u64(c3), u64(k0), u64(k1))
+
+
+@_serial
+def fill_uniform_rows(out, c2s, c3, k0, k1):
+    """out[r, t] = u of flat index t of the tensor whose stream id is c2s[r] (a pack of
+    equal-sized tensors, one per row)."""
+    for r in range(out.shape[0]):
+        c2 = u64(c2s[r])
+        for t in range(out.shape[1]):
+            out[r, t] = uniform_at(u64(t), c2, u64(c3), u64(k0), u64(k1))
+
+
+@_serial
+def add_abs_bins(bits, bins):
+    """bins[E] += significand of |x| for the float32 bit patterns `bits` (exactsum.py)."""
+    for v in bits:
+        b = i64(v) & abs_mask
+        e = b >> shift
+        bins[e] += (b & significand) | (min(e, hidden) << shift)
+
+f64 = np.float64
+
+
+@_parallel
+def della_drop_p(magnitudes, density, eps, out):
+    """out[r, j] = 1 - ((density - eps) + rank / top * (2 eps)) rounded to float32, rank: how many
+    magnitudes of row r are strictly smaller than [r, j], top: the row's largest rank (0: 0.5)."""
+    rows, length = magnitudes.shape
+    low, spread = f64(density) - f64(eps), f64(2.0) * f64(eps)
+    for r in numba.prange(rows):
+        row = magnitudes[r]
+        order = np.argsort(row)
+        rank = np.empty(length, dtype=np.float64)
+        first = 0
+        for p in range(length):
+            if p > 0 and row[order[p]] != row[order[p - 1]]:
+                first = p
+            rank[order[p]] = first
+        top = f64(first)
+        for j in range(length):
+            normalized = rank[j] / top if top > 0 else f64(0.5)
+            out[r, j] = f32(f64(1.0) - (low + normalized * spread))
+
+
+@intrinsic
+def as_float(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 `bits`."""
+    return types.float32(types.uint32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.FloatType())
+
+
+@intrinsic
+def as_bits(typingctx, value):
+    """The bit pattern (uint32) of the float32 `value`."""
+    return types.uint32(types.float32), lambda context, builder, sig, args: builder.bitcast(args[0], ir.IntType(32))
+
+
+def widen(a, j):
+    """float32 of element j of a bf16 (as uint16) or float32 array: exact."""
+
+
+@overload(widen, inline="always")
+def _widen(a, j):
+    if a.dtype == types.uint16:     # bf16 is the high half of a float32
+        return lambda a, j: as_float(np.uint32(a[j]) << np.uint32(16))
+    if a.dtype == types.float32:
+        return lambda a, j: a[j]
+
+zero, one, no_bits = f32(0.0), f32(1.0), np.uint32(0)
+
+
+@_parallel
+def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum, scale, out, threads):
+    """out = the merged float32 values of one chunk: backends/cpu.py's _merged_delta, then
+    * scale + base, for plans with given weights and no consensus mask. table: plan.table's
+    float32 [6, N] (weights, thresholds, drop_p, divisors, factors, ceilings). steps: the
+    STEP_* bits. draws: DARE's u per model ([N, n] float32; any shape when not dropping);
+    masks: instead, its keep masks as the rescale statistics drew them (per model, uint8 with
+    element j in bit j % 8 of byte j // 8; any arrays without STEP_KEPT).
+    Returns False if any input value read is Inf or NaN (the caller then runs the torch
+    path, which names the model).
+
+    Each step is its own loop over a block of BLOCK elements (in L1), with the step's switch
+    outside it, indexing block slices from 0: LLVM vectorizes such a loop, not one that tests
+    switches per element, nor one indexing a[s + j] (numba wraps negative indices, and cannot
+    prove s + j >= 0); 10x faster."""
+    n, count = out.shape[0], len(models)
+    per = -(-n // (threads * BLOCK)) * BLOCK   # each thread's share, whole blocks: every s is a multiple of BLOCK
+    nonfinite = np.zeros(threads, np.uint32)   # per thread: prange reduces only sums and products
+    for t in numba.prange(threads):
+        b = np.zeros(BLOCK, np.float32)
+        acc, num, den = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
+        bad = np.empty(BLOCK, np.uint32)
+        c = np.empty((count, BLOCK), np.float32)
+        end = min(n, (t + 1) * per)
+        for s in range(t * per, end, BLOCK):
+            size = min(BLOCK, end - s)
+            bad[:size] = no_bits
+            acc[:size] = zero
+            if steps & STEP_BASE:
+                block = base[s:s + size]
+                for j in range(size):
+                    b[j] = widen(block, j)
+                    bad[j] |= as_bits(b[j] - b[j])   # x - x is +0, or NaN where x is Inf or NaN
+            for i in range(count):
+                block, x = models[i][s:s + size], c[i]
+                for j in range(size):
+                    x[j] = widen(block, j)
+                if steps & STEP_DELTAS:
+                    for j in range(size):
+                        x[j] = x[j] - b[j]
+                for j in range(size):
+                    bad[j] |= as_bits(x[j] - x[j])
+                if steps & STEP_TRIM:   # keep |x| >= t (ties kept), on the bit patterns
+                    low = as_bits(table[1, i])
+                    for j in range(size):
+                        x[j] = x[j] if as_bits(abs(x[j])) >= low else zero
+                if steps & STEP_BAND:   # drop |x| >= c
+                    high = as_bits(table[5, i])
+                    for j in range(size):
+                        x[j] = x[j] if as_bits(abs(x[j])) < high else zero
+                if steps & STEP_DROP:   # drop where u < p
+                    p, u = as_bits(table[2, i]), draws[i, s:s + size]
+                    for j in range(size):
+                        x[j] = x[j] if as_bits(u[j]) >= p else zero
+                if steps & STEP_KEPT:   # s is a multiple of BLOCK, so of 8
+                    kept = masks[i][s >> 3:(s + size + 7) >> 3]
+                    for j in range(size):
+                        x[j] = x[j] if (kept[j >> 3] >> (j & 7)) & 1 else zero
+                if steps & STEP_DIVIDE:
+                    q = table[3, i]
+                    for j in range(size):
+                        x[j] = x[j] / q
+                if steps & STEP_MULTIPLY:
+                    f = table[4, i]
+                    for j in range(size):
+                        x[j] = x[j] * f
+                w = table[0, i]
+                for j in range(size):
+                    x[j] = x[j] * w
+                    acc[j] += x[j]                   # sum_i c_i in model order, from +0
+            if steps & STEP_ELECT:
+                # gamma = sign of the sum, zero_sign where it is 0; A = {i : c_i * gamma > 0}.
+                for j in range(size):
+                    a = acc[j]
+                    acc[j] = one if a > zero else (-one if a < zero else zero_sign)
+                    num[j] = zero
+                    den[j] = zero
+                for i in range(count):
+                    x, w = c[i], table[0, i]
+                    for j in range(size):
+                        agrees = x[j] * acc[j] > zero
+                        num[j] += x[j] if agrees else zero
+                        den[j] += w if agrees else zero
+                if steps & STEP_NORMALIZE:   # 0 where A is empty (num is 0 there too)
+                    for j in range(size):
+                        acc[j] = num[j] / (den[j] + (one if den[j] == zero else zero))
+                else:
+                    acc[:size] = num[:size]
+            elif steps & STEP_NORMALIZE:
+                for j in range(size):
+                    acc[j] = acc[j] / weight_sum
+            if steps & STEP_BASE:
+                if not steps & STEP_DELTAS:   # a soup with LiNeS: tau_m = soup - theta_0
+                    for j in range(size):
+                        acc[j] = acc[j] - b[j]
+                block = out[s:s + size]
+                for j in range(size):
+                    block[j] = acc[j] * scale + b[j]
+            else:
+                out[s:s + size] = acc[:size]
+            flags = no_bits
+            for j in range(size):
+                flags |= bad[j]
+            nonfinite[t] |= flags
+    return not nonfinite.any()
+
+
+@_parallel
+def packed_histograms(base, models, hist, threads):
+    """hist[i] += the packed 65536-bin histogram (selection.py) of |f32(models[i]) - f32(base)|.
+    Each thread counts its share into its own int32 bins; exact zeros, a third of a bf16 task
+    vector, go to 8 rotating spare bins so consecutive increments of one bin do not wait on
+    each other, and are added to bin 0 at the end."""
+    n, count = base.shape[0], len(models)
+    per = -(-n // (threads * BLOCK)) * BLOCK
+    local = np.zeros((threads, count, BINS + 8), np.int32)
+    for t in numba.prange(threads):
+        b = np.empty(BLOCK, np.float32)
+        keys = np.empty(BLOCK, np.uint32)
+        end = min(n, (t + 1) * per)
+        for s in range(t * per, end, BLOCK):
+            size = min(BLOCK, end - s)
+            block = base[s:s + size]
+            for j in range(size):
+                b[j] = widen(block, j)
+            for i in range(count):
+                block, bins = models[i][s:s + size], local[t, i]
+                for j in range(size):
+                    bits = as_bits(abs(widen(block, j) - b[j]))
+                    key = (bits >> np.uint32(16)) | (np.uint32(NONZERO_LOW) if bits & np.uint32(0xFFFF) else no_bits)
+                    keys[j] = np.uint32(BINS) + (np.uint32(j) & np.uint32(7)) if bits == no_bits else key
+                for j in range(size):
+                    bins[keys[j]] += 1
+    for i in range(count):
+        for t in range(threads):
+            for k in range(BINS):
+                hist[i, k] += local[t, i, k]
+            for k in range(BINS, BINS + 8):
+                hist[i, 0] += local[t, i, k]

@@ -1,0 +1,175 @@
+"""The CPU backend's compiled path (backends/cpu_fused.py, jit.merge_chunk / packed_histograms)
+against its torch path, bit for bit: every registered method (the fused ones and those that
+stay in torch), input dtypes, chunk and block edges, values at the thresholds, and Inf/NaN."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lines_fast import jit, methods
+from lines_fast.backends import cpu_fused
+from lines_fast.backends.base import MergeJob
+from lines_fast.backends.cpu import CpuBackend
+from lines_fast.errors import NonFiniteInput
+from lines_fast.spec import LinesSpec, make_spec
+from lines_fast.plan import ElementPlan
+
+pytestmark = pytest.mark.skipif(jit.kernels() is None, reason="numba is not installed")
+
+N = 3 * jit.BLOCK + 517   # several blocks, a ragged last one
+
+
+def _inputs(n_models: int, dtype=torch.bfloat16, n: int = N, seed: int = 0):
+    """A base and models whose deltas sit on a coarse grid (equal magnitudes: ties at every
+    threshold), with exact zeros, sign cancellations and a -0.0 in the base."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.05).to(dtype)
+    base[7] = -0.0
+    models = []
+    for i in range(n_models):
+        delta = torch.randint(-6, 7, (n,), generator=g).float() * 2.0 ** -9 * (i + 1)
+        delta[torch.rand(n, generator=g) < 0.25] = 0.0
+        models.append((base.float() + delta).to(dtype))
+    if n_models > 1:   # element 11: the models' deltas cancel (an elected sign at a zero sum)
+        models[1][11] = (base[11].float() - (models[0][11].float() - base[11].float())).to(dtype)
+    return base, models
+
+
+def _merge(compiled: bool, plan: ElementPlan, base, models, out_dtype=torch.float32, chunk=1000, scale=0.7,
+           check_finite=True):
+    job = MergeJob("model.layers.2.mlp.up_proj.weight", base, models, None, scale, out_dtype)
+    backend = CpuBackend(chunk=chunk, compiled=compiled, check_finite=check_finite)
+    [(_, out, _)] = list(backend.merge_many([job], plan))
+    return out
+
+
+def _spec(method: methods.Method, values: dict | None = None, lines=None):
+    n = min(3, method.max_models or 3)
+    values = {**{p.name: 0.4 for p in method.params if p.required}, **(values or {})}
+    return make_spec(method.name, n, values=values, lines=lines), n
+
+
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("method", methods.names())
+def test_every_method_merges_the_same_bits_compiled_or_not(method):
+    definition = methods.get(method)
+    spec, n = _spec(definition, {"density": 0.4} if definition.takes("density") else None)
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, seed=len(method))
+    want = _merge(False, plan, base, models)
+    got = _merge(True, plan, base, models)
+    assert _bitwise_equal(got, want)
+
+
+def _fused_plans():
+    """Registered methods whose plan the compiled merge takes, with the options that switch its steps."""
+    for method in methods.REGISTRY.values():
+        spec, n = _spec(method)
+        if cpu_fused.unsupported_steps(ElementPlan.from_spec(spec), cpu_fused.FUSED) is not None:
+            continue
+        options = [{}]
+        for param in method.params:
+            if param.name == "density":
+                options.append({"density": [0.3, 0.5, 1.0][:n]})
+            elif param.kind == "bool" and param.affects_result:
+                options.append({param.name: not param.default})
+            elif param.name == "weight":
+                options.append({"weight": [1.0, 0.5, 2.0][:n]})
+                if method.takes("normalize"):   # mixed signs: a weighted sum only
+                    options.append({"weight": [1.0, -0.5, 2.0][:n], "normalize": False})
+            elif param.kind == "choice" and param.affects_result:
+                options += [{param.name: c} for c in param.choices if c != param.default and c != "official"]
+        for values in options:
+            yield method.name, values
+
+
+FUSED_CASES = list(_fused_plans())
+
+
+def test_the_compiled_merge_takes_the_common_methods():
+    fused = {m for m, _ in FUSED_CASES}
+    assert {"task_arithmetic", "ties", "linear", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"} <= fused
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("method, values", FUSED_CASES, ids=lambda v: str(v))
+def test_fused_plans_take_the_compiled_path_and_give_the_torch_bits(method, values, dtype, monkeypatch):
+    spec, n = _spec(methods.get(method), values, LinesSpec(alpha=0.5, beta=1.0, outside="last"))
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, dtype, seed=3)
+    want = _merge(False, plan, base, models)
+    calls = []
+    kernels = jit.kernels()
+    monkeypatch.setattr(jit, "kernels", lambda: type(kernels)(**{**vars(kernels), "merge_chunk": _counted(kernels.merge_chunk, calls)}))
+    got = _merge(True, plan, base, models)
+    assert calls, "the compiled merge was not used"
+    assert _bitwise_equal(got, want)
+
+
+def _counted(kernel, calls):
+    def run(*args):
+        calls.append(1)
+        return kernel(*args)
+    return run
+
+
+@pytest.mark.parametrize("chunk", [1, 1000, jit.BLOCK, 1 << 18])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_ties_at_any_chunking_and_output_dtype(chunk, out_dtype):
+    plan = ElementPlan.from_spec(make_spec("ties", 3, values={"density": 0.3, "weight": [1.0, 0.5, 2.0]}))
+    base, models = _inputs(3, n=2 * jit.BLOCK + 3)
+    assert _bitwise_equal(_merge(True, plan, base, models, out_dtype, chunk), _merge(False, plan, base, models, out_dtype, chunk))
+
+
+def test_a_zero_sum_elects_plus_and_a_tie_at_the_threshold_is_kept_by_hand():
+    # |x| = 3, 1, 2, 2, 0, 2 for one model: density 0.5 keeps k = 3, the third largest is 2, so all
+    # 2s stay. Model 2 cancels element 0 (3 - 3): the sum is 0, gamma = +1, the mean of {3} is 3.
+    plan = ElementPlan.from_spec(make_spec("ties", 2, values={"density": [0.5, 1.0]}))
+    base = torch.zeros(6)
+    a = torch.tensor([3.0, -1.0, 2.0, -2.0, 0.0, 2.0])
+    b = torch.tensor([-3.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    out = _merge(True, plan, base, [a, b], scale=1.0)
+    assert out.tolist() == [3.0, 0.0, 2.0, -2.0, 0.0, 2.0]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 2, -1])   # model 0, model 2, the base
+def test_a_nonfinite_input_is_named_as_the_torch_path_names_it(bad, where):
+    plan = ElementPlan.from_spec(make_spec("ties", 3, values={"density": 0.5}))
+    base, models = _inputs(3)
+    (base if where == -1 else models[where])[N - 5] = bad
+    with pytest.raises(NonFiniteInput) as raised:
+        _merge(True, plan, base, models)
+    assert raised.value.model_index == where
+    # --allow-nonfinite: the chunk goes through torch, to the torch path's values.
+    want = _merge(False, plan, base, models, check_finite=False)
+    assert _bitwise_equal(_merge(True, plan, base, models, check_finite=False), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 5, jit.BLOCK + 1, 3 * cpu_fused.HISTOGRAM_SPAN // 2 + 9])
+def test_compiled_histograms_count_what_torch_counts(dtype, n):
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(dtype)
+    models = [(base.float() + torch.randn(n, generator=g) * 1e-2 * (torch.rand(n, generator=g) < 0.6)).to(dtype)
+              for _ in range(3)]
+    want = CpuBackend(compiled=False).magnitude_histograms(base, models)
+    got = CpuBackend(compiled=True).magnitude_histograms(base, models)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert int(got.sum()) == 3 * n
+
+
+def test_inputs_the_kernels_cannot_read_stay_in_torch():
+    base, models = _inputs(2)
+    plan = ElementPlan.from_spec(make_spec("ties", 2, values={"density": 0.5}))
+    mixed = [models[0], models[1].float()]   # the models go to the kernel as one tuple: one dtype
+    assert cpu_fused.FusedMerge.of(jit.kernels(), MergeJob("w", base, mixed, None, 1.0, torch.float32), plan,
+                                   None) is None
+    assert cpu_fused.as_array(models[0].double()) is None
+    assert cpu_fused.as_array(models[0].half()) is None   # numba has no float16 on the CPU
+    half = [m.half() for m in models]
+    assert _bitwise_equal(_merge(True, plan, base.half(), half), _merge(False, plan, base.half(), half))
+    assert _bitwise_equal(_merge(True, plan, base, mixed), _merge(False, plan, base, mixed))
