@@ -633,6 +633,7 @@ class Engine:
             self._agree(merge_parts, backend.name)
             owners, mine = self._assign_shards(inputs, plan, entries)
             my_merged = [n for n in plan.merged if n in mine]
+            backend.expect(self.plan, sum(math.prod(plan.shapes[n]) for n in my_merged) * len(inputs.models))
             stats = self._resumed_stats(merge_key, passes) if self.resume else None
             # Every rank read the same journal; rank 0's reading decides for all.
             world.phase = "reading the journal" if self.resume else "starting"

@@ -31,7 +31,9 @@ torch code runs, and the tests check that the two agree.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 import warnings
 from types import SimpleNamespace
 
@@ -42,28 +44,61 @@ CALL_WORK = 1 << 14
 _work_in_torch = 0
 _kernels: SimpleNamespace | None = None
 _tried = False
+_lock = threading.Lock()
+_loader: threading.Thread | None = None   # prefetch()'s, while it loads
+_loaded = threading.Event()
 
 
 def compiled(work: int) -> SimpleNamespace | None:
     """The compiled kernels once the work done in torch plus `work` reaches JIT_AFTER elements;
-    else None, and the caller does these `work` elements in torch (they count)."""
+    else None, and the caller does these `work` elements in torch (they count). After
+    prefetch(): None while its thread loads them (the merge goes on in torch), then the kernels."""
     global _work_in_torch
+    if _loader is not None:   # prefetched for this merge: in use once loaded, whatever the work
+        if _loaded.is_set():
+            return _kernels
+        _work_in_torch += work
+        return None
     if _work_in_torch + work < JIT_AFTER:
         _work_in_torch += work
         return None
     return kernels()
 
 
+def prefetch(work: int) -> None:
+    """Load the kernels in a background thread if a merge of `work` elements of work will use
+    them (work >= JIT_AFTER): numba's import, LLVM and its thread pool take ~0.75 s, which the
+    merge's first tensors then spend in torch instead of waiting."""
+    global _loader
+    if _tried or _loader is not None or work < JIT_AFTER or os.environ.get("LINES_FAST_NO_NUMBA") == "1":
+        return
+    _loader = threading.Thread(target=_load_and_warm, name="lines-fast-jit", daemon=True)
+    _loader.start()
+    atexit.register(_loader.join)   # never let the interpreter finalize under a loading LLVM
+
+
+def _load_and_warm() -> None:
+    try:
+        found = kernels()
+        if found is not None:   # one tiny parallel call: the thread pool and the code loader start
+            import numpy as np
+            found.packed_histograms(np.zeros(1, np.uint16), (np.zeros(1, np.uint16),),
+                                    np.zeros((1, 1 << 16), np.int64), 1)
+    finally:
+        _loaded.set()
+
+
 def kernels() -> SimpleNamespace | None:
     """The compiled kernels, or None where numba is unavailable (or LINES_FAST_NO_NUMBA=1)."""
     global _kernels, _tried
-    if not _tried:
-        _tried = True
-        if os.environ.get("LINES_FAST_NO_NUMBA") != "1":
-            try:
-                _kernels = _compile()
-            except ImportError:
-                _kernels = None
+    with _lock:   # prefetch()'s thread may be loading them
+        if not _tried:
+            if os.environ.get("LINES_FAST_NO_NUMBA") != "1":
+                try:
+                    _kernels = _compile()
+                except ImportError:
+                    _kernels = None
+            _tried = True
     return _kernels
 
 

@@ -55,7 +55,10 @@ _PEAK = """
 import sys
 import lines_fast
 from lines_fast.engine import merge
-root, out, method = sys.argv[1:4]
+root, out, method, preload = sys.argv[1:5]
+if preload == "1":   # the compiled kernels from the start (numba, LLVM, their threads: ~130 MB)
+    from lines_fast import jit
+    jit.JIT_AFTER = 0
 doc = {"merge_method": method, "base_model": root + "/base", "parameters": {"density": 0.3} if method == "ties" else {},
        "models": [{"model": root + "/ft1"}, {"model": root + "/ft2"}]}
 merge(doc, out, device="cpu", progress=False, log=lambda s: None)
@@ -65,7 +68,8 @@ print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.st
 
 
 def _peak_kb(root: Path, out: Path, method: str) -> int:
-    proc = subprocess.run([sys.executable, "-c", _PEAK, str(root), str(out), method], capture_output=True, text=True,
+    # Both runs use the compiled kernels, which the large one would load and the small one not.
+    proc = subprocess.run([sys.executable, "-c", _PEAK, str(root), str(out), method, "1"], capture_output=True, text=True,
                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True)
     return int(proc.stdout.strip().splitlines()[-1])
 

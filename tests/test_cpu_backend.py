@@ -98,7 +98,10 @@ def test_drop_masks_are_drawn_once_per_merge_and_give_the_same_bytes(monkeypatch
         draws.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cpu, "dare_uniform", counted)   # the merge's own draws (statistics draw in plan.py)
+    import lines_fast.backends.cpu_fused as cpu_fused
+    # The merge's own draws (statistics draw in plan.py), on the torch path or the compiled one.
+    monkeypatch.setattr(cpu, "dare_uniform", counted)
+    monkeypatch.setattr(cpu_fused, "dare_uniform", counted)
     for method in ("dare_ties", "della"):
         plan = ElementPlan.from_spec(make_spec(method, 3, values={"density": 0.5}))
         job = MergeJob("model.layers.0.mlp.up_proj.weight", base, models, None, 1.0, torch.bfloat16)

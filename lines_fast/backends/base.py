@@ -78,6 +78,10 @@ class Backend(Protocol):
     def supports(self, plan: ElementPlan) -> str | None:
         """None when this backend can execute `plan`; else why not (one clause, for the error)."""
 
+    def expect(self, plan: ElementPlan, elements: int) -> None:
+        """The merge ahead: `plan` over `elements` elements summed over its inputs (a backend may
+        get ready for it)."""
+
     def magnitude_histograms(self, base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
         """int64 CPU tensor [N, HISTOGRAM_BINS]: the packed histogram of each model's |tau|, from
         one read of the base (selection's pass 1 for all models at once)."""

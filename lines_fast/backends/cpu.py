@@ -27,7 +27,7 @@ from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sig
 from ..rng import DELLA_STREAM, dare_uniform, dare_uniform_rows
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
-from .cpu_fused import FusedMerge, packed_histograms
+from .cpu_fused import FusedMerge, jit_work, packed_histograms
 
 DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resident
 _PAGE = 4096
@@ -139,6 +139,11 @@ class CpuBackend:
         self._kept_store: torch.Tensor | None = None
         self._buffers: dict[int, _Buffers] = {}
         self._seg_draws: tuple | None = None   # (job, its packed DARE draws per model)
+
+    def expect(self, plan: ElementPlan, elements: int) -> None:
+        """A merge this large loads the compiled kernels in the background while it starts in torch."""
+        if self.compiled is None:
+            jit.prefetch(jit_work(plan, elements))
 
     def supports(self, plan: ElementPlan) -> str | None:
         return unsupported_steps(plan, SUPPORTED)
@@ -534,7 +539,7 @@ class CpuBackend:
             for s, e in self._spans(base.numel()):
                 yield s, e, base[s:e]
             return
-        fused = FusedMerge.of(self._kernels(job.models[0].numel() * len(job.models)), job, plan, stats)
+        fused = FusedMerge.of(self._kernels(jit_work(plan, job.models[0].numel() * len(job.models))), job, plan, stats)
         for s, e, bufs in self._chunks(job, plan):
             if fused is not None:
                 kept = self._kept.get(s) if self._kept is not None and plan.drops else None

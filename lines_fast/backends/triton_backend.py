@@ -437,6 +437,9 @@ class TritonBackend:
             self._check_histogram(hist, "", base, [model])
         return hist[0]
 
+    def expect(self, plan: ElementPlan, elements: int) -> None:
+        pass
+
     def supports(self, plan: ElementPlan) -> str | None:
         return self._merge.unsupported(plan)
 
