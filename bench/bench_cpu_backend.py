@@ -3,12 +3,14 @@
 One 16M-element bf16 tensor (4096 x 4096, an MLP matrix of a 7B-class model is 45M), a base
 and N = 3 fine-tunes whose deltas look like real ones (small, ~30% exact zeros). Each
 benchmark reports `input_gbps` in extra_info: bytes of the four input tensors / median time.
+`path`: the torch operations, or the compiled kernels (backends/cpu_fused.py, lines_fast/jit.py).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lines_fast import jit
 from lines_fast.backends.base import MergeJob
 from lines_fast.backends.cpu import CpuBackend
 from lines_fast.plan import ElementPlan
@@ -44,12 +46,16 @@ def _record(benchmark, nbytes: int) -> None:
         benchmark.extra_info["input_gbps"] = round(nbytes / median / 1e9, 4)
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties"])
-def test_merge_many(benchmark, tensors, method):
+PATHS = ["torch", pytest.param("compiled", marks=pytest.mark.skipif(jit.kernels() is None, reason="no numba"))]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties", "breadcrumbs_ties"])
+def test_merge_many(benchmark, tensors, method, path):
     base, models = tensors
     plan = ElementPlan.from_spec(make_spec(method, N, values={} if method == "task_arithmetic"
                                            else {"density": DENSITY}))
-    backend = CpuBackend()
+    backend = CpuBackend(compiled=path == "compiled")
 
     def merge():
         job = MergeJob(NAME, base, models, None, 1.0, torch.bfloat16)
@@ -61,10 +67,11 @@ def test_merge_many(benchmark, tensors, method):
     _record(benchmark, _input_bytes(base, models))
 
 
-def test_magnitude_histogram(benchmark, tensors):
+@pytest.mark.parametrize("path", PATHS)
+def test_magnitude_histogram(benchmark, tensors, path):
     """The selection's building block: TIES with tensor scope makes 2 per model (high, then low bits)."""
     base, models = tensors
-    backend = CpuBackend()
+    backend = CpuBackend(compiled=path == "compiled")
     hist = benchmark.pedantic(lambda: backend.magnitude_histogram(base, models[0]), rounds=5, iterations=1,
                               warmup_rounds=1)
     assert int(hist.sum()) == base.numel()

@@ -14,7 +14,7 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from .jit import (BLOCK, STEP_BAND, STEP_BASE, STEP_DELTAS, STEP_DIVIDE, STEP_DROP, STEP_ELECT, STEP_KEPT,
-                  STEP_MULTIPLY, STEP_NORMALIZE, STEP_TRIM)
+                  STEP_MULTIPLY, STEP_NORMALIZE, STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
 from .selection import BINS, NONZERO_LOW
 
 _serial = numba.njit(cache=True, nogil=True)
@@ -123,13 +123,15 @@ zero, one, no_bits = f32(0.0), f32(1.0), np.uint32(0)
 
 
 @_parallel
-def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum, scale, out, threads):
+def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum, scale, out, task_sum, threads):
     """out = the merged float32 values of one chunk: backends/cpu.py's _merged_delta, then
     * scale + base, for plans with given weights and no consensus mask. table: plan.table's
     float32 [6, N] (weights, thresholds, drop_p, divisors, factors, ceilings). steps: the
     STEP_* bits. draws: DARE's u per model ([N, n] float32; any shape when not dropping);
     masks: instead, its keep masks as the rescale statistics drew them (per model, uint8 with
-    element j in bit j % 8 of byte j // 8; any arrays without STEP_KEPT).
+    element j in bit j % 8 of byte j // 8; any arrays without STEP_KEPT). STEP_TAU: out = tau_m
+    (lambda = 1, no base added); STEP_TASK_SUM: task_sum = sum_i tau_i, before sparsifying, in
+    model order (LiNeS alpha auto's norms; any array without it).
     Returns False if any input value read is Inf or NaN (the caller then runs the torch
     path, which names the model).
 
@@ -150,6 +152,8 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
             size = min(BLOCK, end - s)
             bad[:size] = no_bits
             acc[:size] = zero
+            if steps & STEP_TASK_SUM:
+                task_sum[s:s + size] = zero
             if steps & STEP_BASE:
                 block = base[s:s + size]
                 for j in range(size):
@@ -164,6 +168,14 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
                         x[j] = x[j] - b[j]
                 for j in range(size):
                     bad[j] |= as_bits(x[j] - x[j])
+                if steps & STEP_TASK_SUM:
+                    block = task_sum[s:s + size]
+                    if steps & STEP_DELTAS:
+                        for j in range(size):
+                            block[j] += x[j]
+                    else:
+                        for j in range(size):
+                            block[j] += x[j] - b[j]
                 if steps & STEP_TRIM:   # keep |x| >= t (ties kept), on the bit patterns
                     low = as_bits(table[1, i])
                     for j in range(size):
@@ -218,8 +230,11 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
                     for j in range(size):
                         acc[j] = acc[j] - b[j]
                 block = out[s:s + size]
-                for j in range(size):
-                    block[j] = acc[j] * scale + b[j]
+                if steps & STEP_TAU:
+                    block[:] = acc[:size]
+                else:
+                    for j in range(size):
+                        block[j] = acc[j] * scale + b[j]
             else:
                 out[s:s + size] = acc[:size]
             flags = no_bits

@@ -59,6 +59,7 @@ root, out, method, preload = sys.argv[1:5]
 if preload == "1":   # the compiled kernels from the start (numba, LLVM, their threads: ~130 MB)
     from lines_fast import jit
     jit.JIT_AFTER = 0
+    jit.kernels()   # loaded now, not by a background prefetch the small merge might finish before
 doc = {"merge_method": method, "base_model": root + "/base", "parameters": {"density": 0.3} if method == "ties" else {},
        "models": [{"model": root + "/ft1"}, {"model": root + "/ft2"}]}
 merge(doc, out, device="cpu", progress=False, log=lambda s: None)

@@ -173,3 +173,70 @@ def test_inputs_the_kernels_cannot_read_stay_in_torch():
     half = [m.half() for m in models]
     assert _bitwise_equal(_merge(True, plan, base.half(), half), _merge(False, plan, base.half(), half))
     assert _bitwise_equal(_merge(True, plan, base, mixed), _merge(False, plan, base, mixed))
+
+
+# -- loading the kernels in the background (jit.prefetch) -----------------------------------
+
+@pytest.fixture
+def unloaded(monkeypatch):
+    """jit's state as in a fresh process: nothing loaded, nothing prefetched."""
+    import threading
+
+    monkeypatch.setattr(jit, "_tried", False)
+    monkeypatch.setattr(jit, "_kernels", None)
+    monkeypatch.setattr(jit, "_loader", None)
+    monkeypatch.setattr(jit, "_loaded", threading.Event())
+    monkeypatch.setattr(jit, "_work_in_torch", 0)
+    return monkeypatch
+
+
+def test_prefetch_loads_in_the_background_while_the_merge_goes_on_in_torch(unloaded):
+    import threading
+
+    real, gate = jit._compile, threading.Event()
+    unloaded.setattr(jit, "_compile", lambda: (gate.wait(10), real())[1])
+    jit.prefetch(jit.JIT_AFTER - 1)
+    assert jit._loader is None   # too little work: numba is not worth its load
+    jit.prefetch(jit.JIT_AFTER)
+    assert jit._loader is not None and jit._loader.is_alive()
+    assert jit.compiled(1 << 40) is None   # still loading: torch meanwhile
+    gate.set()
+    jit._loader.join(30)
+    assert jit.compiled(1) is not None   # loaded: used from now on, whatever the work
+
+
+def test_the_engine_tells_the_cpu_backend_its_work(tmp_path, unloaded):
+    from lines_fast.engine import merge
+    from helpers import write_safetensors
+
+    seen = []
+    unloaded.setattr(jit, "prefetch", seen.append)
+    shapes = {"model.layers.0.mlp.up_proj.weight": (64, 32), "model.norm.weight": (32,)}
+    for k, folder in enumerate(["base", "ft1", "ft2"]):
+        g = torch.Generator().manual_seed(k)
+        (tmp_path / folder).mkdir()
+        write_safetensors(tmp_path / folder / "model.safetensors",
+                          {n: torch.randn(s, generator=g).bfloat16() for n, s in shapes.items()})
+    for method, share in [("ties", 1), ("task_arithmetic", cpu_fused.LIGHT_PLAN_SHARE)]:
+        doc = {"merge_method": method, "base_model": str(tmp_path / "base"), "parameters": {"density": 0.5} if method == "ties" else {},
+               "models": [{"model": str(tmp_path / "ft1")}, {"model": str(tmp_path / "ft2")}]}
+        seen.clear()
+        merge(doc, tmp_path / f"out-{method}", device="cpu", progress=False, log=lambda s: None)
+        assert seen == [int((64 * 32 + 32) * 2 * share)]
+
+
+@pytest.mark.parametrize("method, values", FUSED_CASES, ids=lambda v: str(v))
+def test_lines_alpha_auto_norms_are_the_torch_norms(method, values, monkeypatch):
+    """delta_norms (||sum tau_i||_1 and ||tau_m||_1 for LiNeS alpha auto) through merge_chunk's
+    STEP_TAU / STEP_TASK_SUM: the same exact sums as the torch path's."""
+    spec, n = _spec(methods.get(method), values, LinesSpec(alpha="auto", beta=0.5))   # LiNeS reads a base
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, seed=5)
+    job = MergeJob("model.layers.1.self_attn.q_proj.weight", base, models, None, 1.0, torch.bfloat16)
+    want = CpuBackend(chunk=1000, compiled=False).delta_norms(job, plan)
+    calls = []
+    kernels = jit.kernels()
+    monkeypatch.setattr(jit, "kernels", lambda: type(kernels)(**{**vars(kernels), "merge_chunk": _counted(kernels.merge_chunk, calls)}))
+    got = CpuBackend(chunk=1000, compiled=True).delta_norms(job, plan)
+    assert calls and got[:2] == want[:2] and got[0] > 0 and got[1] >= 0
+    assert CpuBackend(chunk=1000, compiled=True).delta_norms(job, plan, with_task_sum=False)[:2] == (0.0, want[1])

@@ -360,10 +360,14 @@ class CpuBackend:
         loaded τ_i, before sparsifying, with the same float32 adds as task_vector_sum_l1."""
         stats = self.tensor_stats(job, plan)
         task_sum, delta = AbsSum(), AbsSum()
+        fused = FusedMerge.of(self._kernels(jit_work(plan, job.models[0].numel() * len(job.models))), job, plan, stats)
         with self.releasing(job):
             for s, e, bufs in self._chunks(job, plan):
                 task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
-                delta.add(self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk))
+                tau = bufs.acc[:e - s]
+                if fused is None or not fused.chunk(s, e, tau, tau_only=True, task_sum=task_sum_chunk):
+                    tau = self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk)
+                delta.add(tau)
                 if with_task_sum:
                     task_sum.add(task_sum_chunk)
         return task_sum.value(), delta.value(), stats

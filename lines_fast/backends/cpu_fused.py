@@ -92,6 +92,7 @@ class FusedMerge:
         self._scale = np.float32(job.scale)
         self._no_draws = np.zeros((1, 1), np.float32)
         self._no_masks = tuple(np.zeros(1, np.uint8) for _ in job.models)
+        self._no_sum = np.zeros(1, np.float32)
 
     @classmethod
     def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
@@ -101,9 +102,13 @@ class FusedMerge:
         arrays = _inputs(job, plan)
         return None if arrays is None else cls(kernels, job, plan, stats, arrays)
 
-    def chunk(self, s: int, e: int, out: torch.Tensor, kept: list[torch.Tensor] | None) -> bool:
-        """kept: DARE's packed keep masks of this chunk, as its rescale statistics drew them, or None."""
+    def chunk(self, s: int, e: int, out: torch.Tensor, kept: list[torch.Tensor] | None = None,
+              tau_only: bool = False, task_sum: torch.Tensor | None = None) -> bool:
+        """kept: DARE's packed keep masks of this chunk, as its rescale statistics drew them, or None.
+        tau_only: out = tau_m (lambda = 1, no base); task_sum: receives sum_i tau_i (both for
+        LiNeS alpha auto's norms, backends/cpu.py's delta_norms)."""
         plan, steps = self._plan, self._steps
+        steps |= (jit.STEP_TAU if tau_only else 0) | (jit.STEP_TASK_SUM if task_sum is not None else 0)
         draws, masks = self._no_draws, self._no_masks
         if kept is not None:
             steps = steps & ~jit.STEP_DROP | jit.STEP_KEPT
@@ -114,7 +119,7 @@ class FusedMerge:
         base = self._base[s:e] if plan.uses_base else self._base
         return bool(self._kernel(base, tuple(m[s:e] for m in self._models), draws, masks, self._table, steps,
                                  self._zero_sign, self._weight_sum, self._scale, out.numpy(),
-                                 torch.get_num_threads()))
+                                 self._no_sum if task_sum is None else task_sum.numpy(), torch.get_num_threads()))
 
 
 def packed_histograms(kernels, base: torch.Tensor, models: list[torch.Tensor], spans) -> torch.Tensor | None:
