@@ -20,9 +20,10 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "pyyaml>=6",
         "tqdm>=4.60",
-        # numba: DARE / DELLA's Philox draws and the exact L1 sums compiled (lines_fast/jit.py,
-        # ~20x the torch code's speed, bit for bit); optional at run time, so a Python numba
-        # has no wheel for yet only loses the speed.
+        # numba: the CPU backend's compiled path (lines_fast/jit.py, jit_kernels.py): the fused
+        # chunk merge and selection histograms (TIES 2.3x end to end), DARE / DELLA's Philox draws
+        # (~20x) and the exact L1 sums, bit for bit the torch code; optional at run time, so a
+        # Python numba has no wheel for yet only loses the speed.
         "numba>=0.59; python_version < '3.14'",
     ],
     extras_require={
