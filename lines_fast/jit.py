@@ -78,12 +78,17 @@ def prefetch(work: int) -> None:
 
 
 def _load_and_warm() -> None:
+    global _kernels
     try:
         found = kernels()
-        if found is not None:   # one tiny parallel call: the thread pool and the code loader start
-            import numpy as np
-            found.packed_histograms(np.zeros(1, np.uint16), (np.zeros(1, np.uint16),),
-                                    np.zeros((1, 1 << 16), np.int64), 1)
+        with _lock:   # no parallel call of another thread's kernels() overlaps this one
+            if found is not None:   # one tiny parallel call: the thread pool and the code loader start
+                import numpy as np
+                try:
+                    found.packed_histograms(np.zeros(1, np.uint16), (np.zeros(1, np.uint16),),
+                                            np.zeros((1, 1 << 16), np.int64), 1)
+                except Exception:   # kernels that cannot run are not handed out: torch does the work
+                    _kernels = None
     finally:
         _loaded.set()
 

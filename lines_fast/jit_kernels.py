@@ -17,6 +17,14 @@ from .jit import (BLOCK, STEP_BAND, STEP_BASE, STEP_DELTAS, STEP_DIVIDE, STEP_DR
                   STEP_MULTIPLY, STEP_NORMALIZE, STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
 from .selection import BINS, NONZERO_LOW
 
+# numba freezes the globals a kernel reads into its cached machine code, and its cache checks only
+# this file's stamp: were a constant changed in jit.py or selection.py alone, the cached kernels
+# would keep the old value. So their values are written here too, and a change must edit this file.
+assert (BLOCK, STEP_BASE, STEP_DELTAS, STEP_TRIM, STEP_BAND, STEP_DROP, STEP_DIVIDE, STEP_MULTIPLY, STEP_ELECT,
+        STEP_NORMALIZE, STEP_KEPT, STEP_TAU, STEP_TASK_SUM, BINS, NONZERO_LOW) == (
+        1024, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 1 << 16, 1 << 15), \
+    "a constant the compiled kernels read changed: update this line (it invalidates numba's cache)"
+
 _serial = numba.njit(cache=True, nogil=True)
 _parallel = numba.njit(cache=True, nogil=True, parallel=True)
 
@@ -247,6 +255,7 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
 @_parallel
 def packed_histograms(base, models, hist, threads):
     """hist[i] += the packed 65536-bin histogram (selection.py) of |f32(models[i]) - f32(base)|.
+    A thread's int32 counts cover at most its share of one call: callers keep n far below 2^31.
     Each thread counts its share into its own int32 bins; exact zeros, a third of a bf16 task
     vector, go to 8 rotating spare bins so consecutive increments of one bin do not wait on
     each other, and are added to bin 0 at the end."""
@@ -270,9 +279,11 @@ def packed_histograms(base, models, hist, threads):
                     keys[j] = np.uint32(BINS) + (np.uint32(j) & np.uint32(7)) if bits == no_bits else key
                 for j in range(size):
                     bins[keys[j]] += 1
+    for k in numba.prange(BINS):   # each bin's total, bins over the cores
+        for i in range(count):
+            for t in range(threads):
+                hist[i, k] += local[t, i, k]
     for i in range(count):
         for t in range(threads):
-            for k in range(BINS):
-                hist[i, k] += local[t, i, k]
             for k in range(BINS, BINS + 8):
                 hist[i, 0] += local[t, i, k]

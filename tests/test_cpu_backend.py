@@ -80,7 +80,8 @@ def test_fused_norms_equal_the_separate_ones_bitwise(method):
     assert fused[0] == pytest.approx(task_sum, rel=1e-12) and 0 < fused[1] < 3 * task_sum
 
 
-def test_drop_masks_are_drawn_once_per_merge_and_give_the_same_bytes(monkeypatch):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_drop_masks_are_drawn_once_per_merge_and_give_the_same_bytes(monkeypatch, compiled):
     """dare_ties and della with L1 rescale: the merge reuses the keep masks its rescale
     statistics drew (no second draw, nor second ranking), with the same output as drawing them
     again (KEEP_BUDGET 0)."""
@@ -106,10 +107,10 @@ def test_drop_masks_are_drawn_once_per_merge_and_give_the_same_bytes(monkeypatch
         plan = ElementPlan.from_spec(make_spec(method, 3, values={"density": 0.5}))
         job = MergeJob("model.layers.0.mlp.up_proj.weight", base, models, None, 1.0, torch.bfloat16)
         draws.clear()
-        ((_, reused, _),) = list(CpuBackend(chunk=3000).merge_many([job], plan))
+        ((_, reused, _),) = list(CpuBackend(chunk=3000, compiled=compiled).merge_many([job], plan))
         assert not draws, method
         monkeypatch.setattr(cpu, "KEEP_BUDGET", 0)
-        ((_, redrawn, _),) = list(CpuBackend(chunk=3000).merge_many([job], plan))
+        ((_, redrawn, _),) = list(CpuBackend(chunk=3000, compiled=compiled).merge_many([job], plan))
         assert len(draws) == 3 * 4, method   # 3 models x 4 chunks of 3000
         assert torch.equal(reused.view(torch.int16), redrawn.view(torch.int16)), method
         monkeypatch.setattr(cpu, "KEEP_BUDGET", 64 << 20)

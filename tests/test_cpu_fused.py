@@ -94,17 +94,26 @@ def test_the_compiled_merge_takes_the_common_methods():
     assert {"task_arithmetic", "ties", "linear", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"} <= fused
 
 
+def _counting(monkeypatch, kernel: str) -> list:
+    """Calls of the compiled `kernel` from now on (one item each)."""
+    calls = []
+    kernels = jit.kernels()
+    monkeypatch.setattr(jit, "kernels", lambda: type(kernels)(**{**vars(kernels), kernel: _counted(getattr(kernels, kernel), calls)}))
+    return calls
+
+
+# chunk 1000: every chunk one block at s = 0 of the kernel, several chunks a tensor; chunk 5000:
+# one chunk of 4 blocks over 2 threads (blocks at s > 0: draws, masks and sums at an offset).
+@pytest.mark.parametrize("chunk", [1000, 5000])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("method, values", FUSED_CASES, ids=lambda v: str(v))
-def test_fused_plans_take_the_compiled_path_and_give_the_torch_bits(method, values, dtype, monkeypatch):
+def test_fused_plans_take_the_compiled_path_and_give_the_torch_bits(method, values, dtype, chunk, monkeypatch):
     spec, n = _spec(methods.get(method), values, LinesSpec(alpha=0.5, beta=1.0, outside="last"))
     plan = ElementPlan.from_spec(spec)
     base, models = _inputs(n, dtype, seed=3)
-    want = _merge(False, plan, base, models)
-    calls = []
-    kernels = jit.kernels()
-    monkeypatch.setattr(jit, "kernels", lambda: type(kernels)(**{**vars(kernels), "merge_chunk": _counted(kernels.merge_chunk, calls)}))
-    got = _merge(True, plan, base, models)
+    want = _merge(False, plan, base, models, chunk=chunk)
+    calls = _counting(monkeypatch, "merge_chunk")
+    got = _merge(True, plan, base, models, chunk=chunk)
     assert calls, "the compiled merge was not used"
     assert _bitwise_equal(got, want)
 
@@ -137,13 +146,15 @@ def test_a_zero_sum_elects_plus_and_a_tie_at_the_threshold_is_kept_by_hand():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("where", [0, 2, -1])   # model 0, model 2, the base
-def test_a_nonfinite_input_is_named_as_the_torch_path_names_it(bad, where):
+def test_a_nonfinite_input_is_named_as_the_torch_path_names_it(bad, where, monkeypatch):
     plan = ElementPlan.from_spec(make_spec("ties", 3, values={"density": 0.5}))
     base, models = _inputs(3)
     (base if where == -1 else models[where])[N - 5] = bad
+    calls = _counting(monkeypatch, "merge_chunk")
     with pytest.raises(NonFiniteInput) as raised:
         _merge(True, plan, base, models)
     assert raised.value.model_index == where
+    assert calls   # the kernel ran, found the value and gave the chunk to torch
     # --allow-nonfinite: the chunk goes through torch, to the torch path's values.
     want = _merge(False, plan, base, models, check_finite=False)
     assert _bitwise_equal(_merge(True, plan, base, models, check_finite=False), want)
@@ -151,13 +162,15 @@ def test_a_nonfinite_input_is_named_as_the_torch_path_names_it(bad, where):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [1, 5, jit.BLOCK + 1, 3 * cpu_fused.HISTOGRAM_SPAN // 2 + 9])
-def test_compiled_histograms_count_what_torch_counts(dtype, n):
+def test_compiled_histograms_count_what_torch_counts(dtype, n, monkeypatch):
     g = torch.Generator().manual_seed(n)
     base = torch.randn(n, generator=g).to(dtype)
     models = [(base.float() + torch.randn(n, generator=g) * 1e-2 * (torch.rand(n, generator=g) < 0.6)).to(dtype)
               for _ in range(3)]
     want = CpuBackend(compiled=False).magnitude_histograms(base, models)
+    calls = _counting(monkeypatch, "packed_histograms")
     got = CpuBackend(compiled=True).magnitude_histograms(base, models)
+    assert bool(calls) == (dtype != torch.float16)   # numba has no CPU float16: torch counts those
     assert got.dtype == torch.int64 and torch.equal(got, want)
     assert int(got.sum()) == 3 * n
 
@@ -233,10 +246,8 @@ def test_lines_alpha_auto_norms_are_the_torch_norms(method, values, monkeypatch)
     plan = ElementPlan.from_spec(spec)
     base, models = _inputs(n, seed=5)
     job = MergeJob("model.layers.1.self_attn.q_proj.weight", base, models, None, 1.0, torch.bfloat16)
-    want = CpuBackend(chunk=1000, compiled=False).delta_norms(job, plan)
-    calls = []
-    kernels = jit.kernels()
-    monkeypatch.setattr(jit, "kernels", lambda: type(kernels)(**{**vars(kernels), "merge_chunk": _counted(kernels.merge_chunk, calls)}))
-    got = CpuBackend(chunk=1000, compiled=True).delta_norms(job, plan)
+    want = CpuBackend(chunk=5000, compiled=False).delta_norms(job, plan)
+    calls = _counting(monkeypatch, "merge_chunk")
+    got = CpuBackend(chunk=5000, compiled=True).delta_norms(job, plan)
     assert calls and got[:2] == want[:2] and got[0] > 0 and got[1] >= 0
-    assert CpuBackend(chunk=1000, compiled=True).delta_norms(job, plan, with_task_sum=False)[:2] == (0.0, want[1])
+    assert CpuBackend(chunk=5000, compiled=True).delta_norms(job, plan, with_task_sum=False)[:2] == (0.0, want[1])

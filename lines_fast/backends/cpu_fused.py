@@ -45,7 +45,10 @@ def as_array(t: torch.Tensor) -> np.ndarray | None:
     view = _ARRAY_DTYPES.get(t.dtype)
     if view is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
-    return t.reshape(-1).view(view).numpy()
+    try:
+        return t.reshape(-1).view(view).numpy()
+    except (TypeError, RuntimeError):   # a torch whose numpy bridge lacks uint16: the torch path
+        return None
 
 
 def _inputs(job: MergeJob, plan: ElementPlan):
@@ -96,7 +99,7 @@ class FusedMerge:
 
     @classmethod
     def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
-        if (kernels is None or job.segments is not None or plan.tall_k
+        if (kernels is None or job.segments is not None or plan.tall_k or plan.n_models != len(job.models)
                 or unsupported_steps(plan, FUSED) is not None):
             return None
         arrays = _inputs(job, plan)
@@ -134,6 +137,7 @@ def packed_histograms(kernels, base: torch.Tensor, models: list[torch.Tensor], s
     hist = torch.zeros(len(models), BINS, dtype=torch.int64)
     counts = hist.numpy()
     for s, e in spans(arrays[0].shape[0], HISTOGRAM_SPAN):
-        kernels.packed_histograms(arrays[0][s:e], tuple(a[s:e] for a in arrays[1:]), counts,
-                                  torch.get_num_threads())
+        # Each thread zeroes and sums its own 65536 bins per model: not worth it for less than 256K elements.
+        threads = max(1, min(torch.get_num_threads(), (e - s) >> 18))
+        kernels.packed_histograms(arrays[0][s:e], tuple(a[s:e] for a in arrays[1:]), counts, threads)
     return hist
