@@ -13,8 +13,8 @@
 - add_abs_bins: exactsum.AbsSum's per-exponent integer sums of significands (L1 norms: DARE's
   rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount.
 - merge_chunk: the CPU backend's merge of one chunk for the plans without per-element side
-  inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given; with LiNeS):
-  every plan step of backends/cpu.py's torch path, the same float32 operations in the same
+  inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given;
+  with LiNeS): every plan step of backends/cpu.py's torch path, the same float32 operations in the same
   order, in one pass over blocks of BLOCK elements that stay in L1 (~30 torch operations per
   chunk before, each a pass over memory). Each step is a loop over the block's elements, the
   innermost loop, so LLVM vectorizes it; a loop over models per element does not vectorize
@@ -25,8 +25,9 @@
 
 Loading numba, LLVM and the cached machine code costs ~0.7 s, so a process uses them only once
 its work reaches JIT_AFTER elements (`compiled(work)`: the work done in torch so far plus this
-call's; a small draw counts as CALL_WORK): small merges never pay it, large ones (10^9-10^11 elements, or 10^4 tiny tensors)
-run several times faster. numba is optional: without it, or with LINES_FAST_NO_NUMBA=1, the
+call's; a small draw counts as CALL_WORK), or, once a merge announced that much work
+(`prefetch`), as soon as a background thread has loaded them: small merges never pay it, large
+ones (10^9-10^11 elements, or 10^4 tiny tensors) run several times faster. numba is optional: without it, or with LINES_FAST_NO_NUMBA=1, the
 torch code runs, and the tests check that the two agree.
 """
 from __future__ import annotations

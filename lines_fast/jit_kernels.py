@@ -127,6 +127,7 @@ def _widen(a, j):
     if a.dtype == types.float32:
         return lambda a, j: a[j]
 
+
 zero, one, no_bits = f32(0.0), f32(1.0), np.uint32(0)
 
 

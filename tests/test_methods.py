@@ -196,6 +196,11 @@ def backend_merge(backend, base, models, spec: MethodSpec, out_dtype):
 def make_backend(kind: str):
     if kind == "cpu":
         return CpuBackend(chunk=256)
+    if kind == "cpu-compiled":   # the compiled path where the plan allows (backends/cpu_fused.py)
+        from lines_fast import jit
+        if jit.kernels() is None:
+            pytest.skip("numba is not installed")
+        return CpuBackend(chunk=2500, compiled=True)   # chunks of several kernel blocks
     pytest.importorskip("triton")
     from lines_fast.backends.triton_backend import TritonBackend, import_kernels
 
@@ -219,9 +224,10 @@ def check_equal_to_reference(backend_kind, method, values, lines, out_dtype=torc
     return got
 
 
+@pytest.mark.parametrize("kind", ["cpu", "cpu-compiled"])
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_cpu_backend_equals_reference(case):
-    check_equal_to_reference("cpu", *case)
+def test_cpu_backend_equals_reference(case, kind):
+    check_equal_to_reference(kind, *case)
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=_id)

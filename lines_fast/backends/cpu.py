@@ -160,6 +160,11 @@ class CpuBackend:
             return jit.compiled(work)
         return jit.kernels() if self.compiled else None
 
+    def _fused(self, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> FusedMerge | None:
+        """The job's compiled merge, or None: the torch path (backends/cpu_fused.py says which)."""
+        work = jit_work(plan, job.models[0].numel() * len(job.models))
+        return FusedMerge.of(self._kernels(work), job, plan, stats)
+
     def _spans(self, numel: int, step: int | None = None):
         """(start, end) of each chunk; once the caller moves past one, the current job's inputs
         there are released (releasing()), so a pass over a huge tensor keeps few pages mapped."""
@@ -360,7 +365,7 @@ class CpuBackend:
         loaded τ_i, before sparsifying, with the same float32 adds as task_vector_sum_l1."""
         stats = self.tensor_stats(job, plan)
         task_sum, delta = AbsSum(), AbsSum()
-        fused = FusedMerge.of(self._kernels(jit_work(plan, job.models[0].numel() * len(job.models))), job, plan, stats)
+        fused = self._fused(job, plan, stats)
         with self.releasing(job):
             for s, e, bufs in self._chunks(job, plan):
                 task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
@@ -543,7 +548,7 @@ class CpuBackend:
             for s, e in self._spans(base.numel()):
                 yield s, e, base[s:e]
             return
-        fused = FusedMerge.of(self._kernels(jit_work(plan, job.models[0].numel() * len(job.models))), job, plan, stats)
+        fused = self._fused(job, plan, stats)
         for s, e, bufs in self._chunks(job, plan):
             if fused is not None:
                 kept = self._kept.get(s) if self._kept is not None and plan.drops else None

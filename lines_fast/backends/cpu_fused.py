@@ -21,6 +21,7 @@ from .. import jit
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..plan import ElementPlan, TensorStats, unsupported_steps
 from ..rng import dare_uniform
+from ..selection import BINS
 from .base import MergeJob
 
 # The plan steps merge_chunk executes (plan.unsupported_steps' format).
@@ -129,8 +130,6 @@ def packed_histograms(kernels, base: torch.Tensor, models: list[torch.Tensor], s
     """selection.py's packed histograms [N, BINS] of |models[i] - base|, counted by the compiled
     kernel span by span (`spans(numel, step)`, which releases pages behind it); None where the
     kernel cannot read the inputs."""
-    from ..selection import BINS
-
     arrays = [as_array(t) for t in [base, *models]]
     if kernels is None or any(a is None for a in arrays) or len({a.dtype for a in arrays[1:]}) != 1:
         return None
