@@ -19,6 +19,9 @@
   chunk before, each a pass over memory). Each step is a loop over the block's elements, the
   innermost loop, so LLVM vectorizes it; a loop over models per element does not vectorize
   and was slower than torch (session 7's try).
+- gram_chunk: the Gram statistic of slerp, nuslerp and model_stock (gram.py: the float64 sums
+  of the products of every pair of inputs, per group), blocks over the cores and LANES float64
+  sums per block, instead of a float64 copy of every input and a batched einsum per chunk (10x).
 - packed_histograms: the packed 65536-bin histograms of |x_i| (selection.py) of TIES's and
   breadcrumbs' thresholds, per-thread counts over the cores, instead of seven torch operations
   and a single-threaded bincount per chunk and model.
@@ -51,8 +54,9 @@ _loaded = threading.Event()
 
 
 def compiled(work: int) -> SimpleNamespace | None:
-    """The compiled kernels once the work done in torch plus `work` reaches JIT_AFTER elements;
-    else None, and the caller does these `work` elements in torch (they count). After
+    """The compiled kernels once the work done in torch plus `work` reaches JIT_AFTER elements
+    (from then on, whatever the work); else None, and the caller does these `work` elements in
+    torch (they count). After
     prefetch(): None while its thread loads them (the merge goes on in torch), then the kernels."""
     global _work_in_torch
     if _loader is not None:   # prefetched for this merge: in use once loaded, whatever the work
@@ -63,6 +67,8 @@ def compiled(work: int) -> SimpleNamespace | None:
     if _work_in_torch + work < JIT_AFTER:
         _work_in_torch += work
         return None
+    # Counted here too, so every later call gets them: a light call after a heavy one that loaded them.
+    _work_in_torch = max(_work_in_torch, JIT_AFTER)
     return kernels()
 
 
@@ -122,4 +128,5 @@ def _compile() -> SimpleNamespace:
         from . import jit_kernels as k
     return SimpleNamespace(fill_uniform=k.fill_uniform, fill_uniform_rows=k.fill_uniform_rows,
                            add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
-                           merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms)
+                           merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms,
+                           gram_chunk=k.gram_chunk)

@@ -253,6 +253,86 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
     return not nonfinite.any()
 
 
+LANES = 16   # gram_chunk's independent float64 sums per block: 4 AVX2 registers, a fixed order on any CPU
+
+
+@_parallel
+def gram_chunk(base, models, deltas, start, row_len, gram, threads):
+    """gram[g, a, b] += sum_j x_a[j] x_b[j] over the chunk's elements j of group g = (start + j) //
+    row_len (one group: row_len >= the tensor's size), x_i = f32(models[i]) [- f32(base) in float32
+    where deltas], each product exact in float64: gram.py's add_gram. The chunk is cut into blocks
+    of at most BLOCK elements within one group; a block's sum is LANES running float64 sums over
+    its elements j = l mod LANES, then added in lane order, and the blocks are added into gram in
+    order: the bits depend on the chunking only, never on the thread count or the CPU's vector
+    width (torch's einsum sums in another order: they agree to float64 rounding)."""
+    n, count = models[0].shape[0], len(models)
+    pairs = count * (count + 1) // 2
+    blocks = 0
+    at = 0
+    while at < n:
+        stop = min(n, ((start + at) // row_len + 1) * row_len - start)
+        blocks += (stop - at + BLOCK - 1) // BLOCK
+        at = stop
+    begins = np.empty(blocks + 1, np.int64)   # block k is begins[k]..begins[k + 1]
+    groups = np.empty(blocks, np.int64)
+    k = 0
+    at = 0
+    while at < n:
+        g = (start + at) // row_len
+        stop = min(n, (g + 1) * row_len - start)
+        for s in range(at, stop, BLOCK):
+            begins[k] = s
+            groups[k] = g
+            k += 1
+        at = stop
+    begins[blocks] = n
+    partial = np.zeros((blocks, pairs), np.float64)
+    per = -(-blocks // threads)
+    for t in numba.prange(threads):
+        b = np.zeros(BLOCK, np.float32)
+        x = np.zeros((count, BLOCK), np.float64)
+        lanes = np.empty(LANES, np.float64)
+        for k in range(t * per, min(blocks, (t + 1) * per)):
+            s, e = begins[k], begins[k + 1]
+            size = e - s
+            padded = -(-size // LANES) * LANES
+            if deltas:
+                block = base[s:e]
+                for j in range(size):
+                    b[j] = widen(block, j)
+            for i in range(count):
+                block, xi = models[i][s:e], x[i]
+                if deltas:   # the task vector's float32 rounding, then exact in float64
+                    for j in range(size):
+                        xi[j] = f64(widen(block, j) - b[j])
+                else:
+                    for j in range(size):
+                        xi[j] = f64(widen(block, j))
+                for j in range(size, padded):
+                    xi[j] = f64(0.0)
+            p = 0
+            for a in range(count):
+                for c in range(a, count):
+                    xa, xc = x[a], x[c]
+                    lanes[:] = f64(0.0)
+                    for j in range(0, padded, LANES):
+                        for lane in range(LANES):
+                            lanes[lane] += xa[j + lane] * xc[j + lane]
+                    total = f64(0.0)
+                    for lane in range(LANES):
+                        total += lanes[lane]
+                    partial[k, p] = total
+                    p += 1
+    for k in range(blocks):
+        g, p = groups[k], 0
+        for a in range(count):
+            for c in range(a, count):
+                gram[g, a, c] += partial[k, p]
+                if c != a:
+                    gram[g, c, a] += partial[k, p]
+                p += 1
+
+
 @_parallel
 def packed_histograms(base, models, hist, threads):
     """hist[i] += the packed 65536-bin histogram (selection.py) of |f32(models[i]) - f32(base)|.

@@ -175,6 +175,95 @@ def test_compiled_histograms_count_what_torch_counts(dtype, n, monkeypatch):
     assert int(got.sum()) == 3 * n
 
 
+# -- Gram statistics (slerp, nuslerp, model_stock): jit.gram_chunk ----------------------------
+
+GROUPED = [m.name for m in methods.REGISTRY.values() if ElementPlan.from_spec(_spec(m)[0]).grouped]
+SHAPE = (37, 300)   # rows straddle the chunks and the kernel's blocks
+
+
+def _spans(chunk):
+    return lambda numel, step=None: ((s, min(s + chunk, numel)) for s in range(0, numel, chunk))
+
+
+def _exact_gram(plan, base, models, view):
+    """float64 [groups, M, M]: each group's products (exact in float64) summed by math.fsum."""
+    import math
+
+    xs = [(m.float() - base.float()) if plan.deltas else m.float() for m in models]
+    xs = [x.reshape(view.rows, view.cols).double() for x in xs]
+    out = torch.zeros(view.groups, len(xs), len(xs), dtype=torch.float64)
+    for a, xa in enumerate(xs):
+        for b, xb in enumerate(xs):
+            products = xa * xb
+            for g in range(view.groups):
+                group = products[g] if view.by_rows else products[:, g]
+                out[g, a, b] = math.fsum(group.tolist())
+    return out
+
+
+def test_the_compiled_gram_by_hand():
+    plan = ElementPlan.from_spec(make_spec("slerp", 2, values={"t": 0.5}))   # the models themselves
+    job = MergeJob("w", None, [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0, -6.0])], None, 1.0,
+                   torch.float32)
+    view = cpu_fused.group_view((3,), "tensor")
+    got = cpu_fused.gram(jit.kernels(), job, plan, view, _spans(2))
+    assert got.tolist() == [[[14.0, -4.0], [-4.0, 77.0]]]
+
+
+@pytest.mark.parametrize("chunk", [1000, 1 << 18])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("group_by", ["tensor", "trailing", "leading"])
+@pytest.mark.parametrize("method", GROUPED)
+def test_the_compiled_gram_is_the_float64_sum_of_the_products(method, group_by, dtype, chunk):
+    spec, n = _spec(methods.get(method))
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, dtype, n=SHAPE[0] * SHAPE[1], seed=4)
+    base, models = base.view(SHAPE), [m.view(SHAPE) for m in models]
+    job = MergeJob("w", base, models, None, 1.0, torch.float32)
+    view = cpu_fused.group_view(SHAPE, group_by)
+    exact = _exact_gram(plan, base, models, view)
+    got = cpu_fused.gram(jit.kernels(), job, plan, view, _spans(chunk))
+    assert got.shape == exact.shape == (view.groups, n, n)
+    # float64 sums of at most 11100 exact products: within 11100 ulps of the sum of magnitudes.
+    bound = 11100 * 2.0 ** -52 * _exact_gram(plan, base, [m.float().abs() for m in models], view).abs()
+    assert bool(((got - exact).abs() <= bound).all()) and not torch.equal(exact, torch.zeros_like(exact))
+    assert torch.equal(got, got.transpose(1, 2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:   # the same bits on one thread: the order depends on the chunking only
+        assert torch.equal(cpu_fused.gram(jit.kernels(), job, plan, view, _spans(chunk)), got)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_gram_groups_along_columns_stay_in_torch():
+    plan = ElementPlan.from_spec(make_spec("nuslerp", 2, values={"nuslerp_flatten": False, "nuslerp_row_wise": True}))
+    base, models = _inputs(2, n=SHAPE[0] * SHAPE[1])
+    job = MergeJob("w", base.view(SHAPE), [m.view(SHAPE) for m in models], None, 1.0, torch.float32)
+    assert cpu_fused.gram(jit.kernels(), job, plan, cpu_fused.group_view(SHAPE, plan.group_by), _spans(1000)) is None
+
+
+@pytest.mark.parametrize("values", [{}, {"filter_wise": True}, {"nuslerp_flatten": False},
+                                    {"nuslerp_flatten": False, "nuslerp_row_wise": True}], ids=str)
+@pytest.mark.parametrize("method", GROUPED)
+def test_gram_methods_merge_2d_tensors_to_the_torch_bits(method, values, monkeypatch):
+    """One weight per tensor: the whole merge compiled; per row or column, the Gram statistic
+    compiled where it is by rows, and the merge in torch."""
+    definition = methods.get(method)
+    if not all(definition.takes(k) for k in values):
+        pytest.skip(f"{method} takes no {sorted(values)}")
+    spec, n = _spec(definition, values)
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, seed=6, n=SHAPE[0] * SHAPE[1])
+    base, models = base.view(SHAPE), [m.view(SHAPE) for m in models]
+    want = _merge(False, plan, base, models, chunk=1000)
+    merges, grams = _counting(monkeypatch, "merge_chunk"), _counting(monkeypatch, "gram_chunk")
+    got = _merge(True, plan, base, models, chunk=1000)
+    view = cpu_fused.group_view(SHAPE, plan.group_by)
+    assert bool(merges) == (view.groups == 1) and bool(grams) == (view.by_rows or view.groups == 1)
+    assert _bitwise_equal(got, want)
+
+
 def test_inputs_the_kernels_cannot_read_stay_in_torch():
     base, models = _inputs(2)
     plan = ElementPlan.from_spec(make_spec("ties", 2, values={"density": 0.5}))
@@ -216,6 +305,12 @@ def test_prefetch_loads_in_the_background_while_the_merge_goes_on_in_torch(unloa
     gate.set()
     jit._loader.join(30)
     assert jit.compiled(1) is not None   # loaded: used from now on, whatever the work
+
+
+def test_once_work_loaded_the_kernels_every_later_call_gets_them(unloaded):
+    assert jit.compiled(jit.JIT_AFTER // 2) is None
+    assert jit.compiled(jit.JIT_AFTER // 2) is not None   # the work so far reached JIT_AFTER
+    assert jit.compiled(1) is not None   # a light plan's merge after a Gram statistic that loaded them
 
 
 def test_the_engine_tells_the_cpu_backend_its_work(tmp_path, unloaded):

@@ -28,6 +28,7 @@ from ..rng import DELLA_STREAM, dare_uniform, dare_uniform_rows
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
 from .cpu_fused import FusedMerge, jit_work, packed_histograms
+from .cpu_fused import gram as compiled_gram
 
 DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resident
 _PAGE = 4096
@@ -282,11 +283,13 @@ class CpuBackend:
             stats = plan.stats_from_thresholds(found, stats)
         if need_weights:
             view = group_view(job.models[0].shape, plan.group_by)
-            gram = new_gram(view, len(job.models))
-            base = job.base.reshape(-1) if plan.deltas else None
-            models = [m.reshape(-1) for m in job.models]
-            for s, e in self._spans(models[0].numel()):
-                add_gram(plan, None if base is None else base[s:e], [m[s:e] for m in models], s, view, gram)
+            gram = compiled_gram(self._kernels(job.models[0].numel() * len(job.models)), job, plan, view, self._spans)
+            if gram is None:
+                gram = new_gram(view, len(job.models))
+                base = job.base.reshape(-1) if plan.deltas else None
+                models = [m.reshape(-1) for m in job.models]
+                for s, e in self._spans(models[0].numel()):
+                    add_gram(plan, None if base is None else base[s:e], [m[s:e] for m in models], s, view, gram)
             stats = replace(stats, group_weights=group_weights(plan, gram))
         if need_factors:
             totals, kepts = [AbsSum() for _ in job.models], [AbsSum() for _ in job.models]

@@ -8,9 +8,11 @@ hands it numpy views of the tensors; everything else stays on the torch path, wh
 the path of every chunk the compiled one declines (an Inf or NaN read: the torch path then
 names the model).
 
-What the compiled merge does not take, by the plan's steps (never by method name): per-element
-weights (Gram methods), the consensus (TALL) mask, DELLA's ranked drops, packed jobs of many
-tensors (per-element thresholds), and inputs other than bf16 and fp32 (numba has no fp16 on the CPU).
+What the compiled merge does not take, by the plan's steps (never by method name): weights that
+differ within a tensor (Gram weights per row or column; one Gram weight per tensor, the default of
+slerp, nuslerp and model_stock, is taken, and so is every Gram statistic but per column), the
+consensus (TALL) mask, DELLA's ranked drops, packed jobs of many tensors (per-element
+thresholds), and inputs other than bf16 and fp32 (numba has no fp16 on the CPU).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from .. import jit
+from ..gram import GroupView, new_gram, group_view
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..plan import ElementPlan, TensorStats, unsupported_steps
 from ..rng import dare_uniform
@@ -29,7 +32,7 @@ FUSED = {
     "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.BAND, Sparsify.RANDOM},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
     "consensus": {Consensus.NONE, Consensus.SIGN},
-    "coefficients": {Coefficients.GIVEN},
+    "coefficients": set(Coefficients),   # Gram weights too, where a tensor has one (FusedMerge.of)
 }
 # A plan that only sums (no trim, election, drop or rescale) gains little per element compiled
 # (llama-336m task_arithmetic, 2 cores: 21 -> 12 ms per 35M elements of kernel, but a net 0.5 s
@@ -52,12 +55,12 @@ def as_array(t: torch.Tensor) -> np.ndarray | None:
         return None
 
 
-def _inputs(job: MergeJob, plan: ElementPlan):
+def _inputs(job: MergeJob, with_base: bool):
     """(base array or a dummy, model arrays) where the kernels can read them all, else None."""
     models = [as_array(m) for m in job.models]
     if any(m is None for m in models) or len({m.dtype for m in models}) != 1:
         return None   # the models go to the kernel as one tuple: one dtype
-    if not plan.uses_base:
+    if not with_base:
         return np.zeros(1, models[0].dtype), tuple(models)
     base = as_array(job.base)
     return None if base is None else (base, tuple(models))
@@ -77,7 +80,7 @@ def _steps(plan: ElementPlan) -> int:
 def jit_work(plan: ElementPlan, elements: int) -> int:
     """`elements` of merge work (numel x models) as jit.compiled counts it for this plan."""
     light = (not plan.trims and plan.sparsify is Sparsify.NONE and plan.consensus is Consensus.NONE
-             and plan.rescale is Rescale.NONE)
+             and plan.rescale is Rescale.NONE and not plan.grouped)   # a Gram statistic: 10x compiled
     return int(elements * LIGHT_PLAN_SHARE) if light else elements
 
 
@@ -90,6 +93,8 @@ class FusedMerge:
         self._job, self._plan = job, plan
         self._base, self._models = arrays
         self._table = plan.table(stats, "cpu").numpy()
+        if plan.grouped:   # the tensor's one group weight per model (x_i * w_i, as the torch path)
+            self._table[0] = stats.group_weights[:, 0].numpy()
         self._steps = _steps(plan)
         self._zero_sign = np.float32(plan.zero_sign(stats) if plan.consensus is Consensus.SIGN else 1.0)
         self._weight_sum = np.float32(plan.weight_sum)
@@ -101,9 +106,10 @@ class FusedMerge:
     @classmethod
     def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
         if (kernels is None or job.segments is not None or plan.tall_k or plan.n_models != len(job.models)
-                or unsupported_steps(plan, FUSED) is not None):
+                or unsupported_steps(plan, FUSED) is not None
+                or (plan.grouped and group_view(job.models[0].shape, plan.group_by).groups > 1)):
             return None
-        arrays = _inputs(job, plan)
+        arrays = _inputs(job, plan.uses_base)
         return None if arrays is None else cls(kernels, job, plan, stats, arrays)
 
     def chunk(self, s: int, e: int, out: torch.Tensor, kept: list[torch.Tensor] | None = None,
@@ -140,3 +146,22 @@ def packed_histograms(kernels, base: torch.Tensor, models: list[torch.Tensor], s
         threads = max(1, min(torch.get_num_threads(), (e - s) >> 18))
         kernels.packed_histograms(arrays[0][s:e], tuple(a[s:e] for a in arrays[1:]), counts, threads)
     return hist
+
+
+def gram(kernels, job: MergeJob, plan: ElementPlan, view: GroupView, spans) -> torch.Tensor | None:
+    """The job's Gram statistic [groups, M, M] (gram.py) summed by the compiled kernel chunk by
+    chunk (`spans(numel)`, which releases pages behind it), or None: groups along columns, or
+    inputs the kernel cannot read."""
+    if kernels is None or (not view.by_rows and view.groups > 1):
+        return None
+    arrays = _inputs(job, plan.deltas)   # the task vectors' Gram, or the models' own
+    if arrays is None:
+        return None
+    base, models = arrays
+    row_len = view.cols if view.by_rows else max(1, models[0].shape[0])   # one group: one row of it all
+    out = new_gram(view, len(models))
+    sums = out.numpy()
+    for s, e in spans(models[0].shape[0]):
+        kernels.gram_chunk(base[s:e] if plan.deltas else base, tuple(m[s:e] for m in models), plan.deltas, s,
+                           row_len, sums, torch.get_num_threads())
+    return out
