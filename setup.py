@@ -32,5 +32,5 @@ setup(
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "huggingface_hub>=0.24"],
         "plot": ["matplotlib>=3.5"],
     },
-    entry_points={"console_scripts": ["lines-fast=lines_fast.cli:main"]},
+    entry_points={"console_scripts": ["lines-fast=lines_fast.cli:run"]},
 )

@@ -944,6 +944,8 @@ class Engine:
                 raise MergeInputError(f"{config.source}: chat_template is given, but {folder} has no tokenizer files "
                                       "to write it into (mergekit would skip it with a warning). Give a "
                                       "tokenizer_source that has a tokenizer, or drop chat_template.")
+        if inputs.vocabulary is None and template is None:
+            return files   # copied as they are: no scratch directory (a killed merge would leave it behind)
         self._scratch = tempfile.TemporaryDirectory(prefix="lines-fast-tokenizer-")
         return tokenizer_files.output_files(files, inputs.vocabulary, template, Path(self._scratch.name), self.log)
 

@@ -45,6 +45,10 @@ JIT_AFTER = 1 << 24
 # What one small call costs in torch, in elements of work: a Philox draw is ~80 whole-array
 # operations whatever its size, so 10^4 draws for tiny tensors count as the large draw they cost.
 CALL_WORK = 1 << 14
+# A call of this much work waits for prefetch()'s load rather than run in torch meanwhile: the load
+# takes ~0.75 s, in which torch does ~1.2e8 elements of a Gram statistic or a TIES merge on 2 cores
+# (llama-336m slerp: the 65M-element embedding's Gram in torch took 1.17 s during the load).
+WAIT_WORK = 1 << 26
 _work_in_torch = 0
 _kernels: SimpleNamespace | None = None
 _tried = False
@@ -57,9 +61,12 @@ def compiled(work: int) -> SimpleNamespace | None:
     """The compiled kernels once the work done in torch plus `work` reaches JIT_AFTER elements
     (from then on, whatever the work); else None, and the caller does these `work` elements in
     torch (they count). After
-    prefetch(): None while its thread loads them (the merge goes on in torch), then the kernels."""
+    prefetch(): None while its thread loads them (the merge goes on in torch; a call of WAIT_WORK
+    or more waits for them), then the kernels."""
     global _work_in_torch
     if _loader is not None:   # prefetched for this merge: in use once loaded, whatever the work
+        if work >= WAIT_WORK:   # a call this large is done sooner by waiting for the load than in torch
+            _loaded.wait()
         if _loaded.is_set():
             return _kernels
         _work_in_torch += work

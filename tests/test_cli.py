@@ -606,6 +606,25 @@ def test_console_script_bad_input(fam):
     assert not fam.out.exists()
 
 
+def test_the_command_exits_quickly_but_completely(fam):
+    """run() (the console script) skips Python's teardown: the merge is complete, its exit status
+    kept, atexit functions and other threads finished and the last output flushed."""
+    prelude = ("import atexit, sys, threading, time\n"
+               "atexit.register(lambda: sys.stdout.write('atexit ran\\n'))\n"
+               "threading.Thread(target=lambda: (time.sleep(0.3), sys.stdout.write('thread ran\\n'))).start()\n"
+               "sys.stdout.write('buffered, no newline')\n")
+    script = prelude + "from lines_fast.cli import run\nsys.argv[0] = 'lines-fast'\nrun()\n"
+    for args, status in [(["merge", *map(str, fam.args("ties")), "--density", "0.5"], 0),
+                         (["merge", str(fam.root / "missing.yml"), str(fam.root / "o")], 2)]:
+        proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+        assert proc.returncode == status, proc.stderr
+        assert proc.stdout.startswith("buffered, no newline") and "thread ran" in proc.stdout
+        assert proc.stdout.rstrip().endswith("atexit ran")   # after the thread: run() joined it first
+    merged, base = load(fam.out), load(fam.base)
+    assert merged.keys() == base.keys() and all(merged[n].shape == base[n].shape for n in base)
+
+
 def test_subprocess_bad_config_and_bug(fam):
     cfg = write_yaml(fam.root / "c.yml", yaml_doc(fam, slices=[]))
     proc = _lines_fast("merge", cfg, fam.out)

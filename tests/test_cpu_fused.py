@@ -301,9 +301,12 @@ def test_prefetch_loads_in_the_background_while_the_merge_goes_on_in_torch(unloa
     assert jit._loader is None   # too little work: numba is not worth its load
     jit.prefetch(jit.JIT_AFTER)
     assert jit._loader is not None and jit._loader.is_alive()
-    assert jit.compiled(1 << 40) is None   # still loading: torch meanwhile
-    gate.set()
-    jit._loader.join(30)
+    assert jit.compiled(jit.WAIT_WORK - 1) is None   # still loading: torch meanwhile
+    opener = threading.Timer(0.3, gate.set)
+    opener.start()
+    assert jit.compiled(jit.WAIT_WORK) is not None   # so large a call waits for the load
+    assert gate.is_set()   # it returned after the load, not before
+    opener.join()
     assert jit.compiled(1) is not None   # loaded: used from now on, whatever the work
 
 
