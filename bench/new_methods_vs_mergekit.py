@@ -1,7 +1,7 @@
 """mergekit's other methods end to end on one workload: lines_fast (CPU backend) vs mergekit 0.1.5.
 
     python bench/new_methods_vs_mergekit.py --mergekit /tmp/mk-venv/bin/mergekit-yaml [--recipe llama-336m]
-        [--methods slerp,nuslerp,...] [--out bench/results]
+        [--methods slerp,nuslerp,...] [--repeats 3] [--out bench/results]
 
 Writes the recipe's base and 3 bf16 fine-tunes (lines_fast.synth), then for each method one
 mergekit-format YAML that both tools run as their own processes on the same files, tools
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     parser.add_argument("--mergekit", required=True)
     parser.add_argument("--recipe", default="llama-336m")
     parser.add_argument("--methods", default="slerp,nuslerp,model_stock,breadcrumbs,breadcrumbs_ties,della,passthrough")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each tool per method (the median is reported)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     r = recipe(args.recipe)
@@ -71,13 +74,19 @@ def main(argv=None) -> int:
         for k, name in enumerate(args.methods.split(",")):
             cfg = tmp / f"{name}.yml"
             cfg.write_text(yaml.safe_dump(docs[name], sort_keys=False))
-            row = {}
-            tools = [("lines_fast", [sys.executable, "-m", "lines_fast.cli", "merge", str(cfg), str(tmp / f"{name}-lf"),
+            row = {tool: {"runs": []} for tool in ("lines_fast", "mergekit")}
+            outs = {"lines_fast": tmp / f"{name}-lf", "mergekit": tmp / f"{name}-mk"}
+            tools = [("lines_fast", [sys.executable, "-m", "lines_fast.cli", "merge", str(cfg), str(outs["lines_fast"]),
                                      "--device", "cpu", "--no-progress", "-q"]),
-                     ("mergekit", [args.mergekit, str(cfg), str(tmp / f"{name}-mk"), "--no-copy-tokenizer"])]
-            for tool, cmd in (tools if k % 2 == 0 else tools[::-1]):   # alternate who goes first
-                seconds, rss = gnu_time(cmd, tmp / f"{name}-{tool}.log")
-                row[tool] = {"seconds": seconds, "peak_rss_gb": round(rss, 3)}
+                     ("mergekit", [args.mergekit, str(cfg), str(outs["mergekit"]), "--no-copy-tokenizer"])]
+            for r in range(args.repeats):
+                for tool, cmd in (tools if (k + r) % 2 == 0 else tools[::-1]):   # alternate who goes first
+                    shutil.rmtree(outs[tool], ignore_errors=True)   # each run writes a new directory, untimed removal
+                    seconds, rss = gnu_time(cmd, tmp / f"{name}-{tool}.log")
+                    row[tool]["runs"].append({"seconds": seconds, "peak_rss_gb": round(rss, 3)})
+            for tool in row.values():   # the median run's time, the largest peak
+                tool["seconds"] = statistics.median(run["seconds"] for run in tool["runs"])
+                tool["peak_rss_gb"] = max(run["peak_rss_gb"] for run in tool["runs"])
             row["speedup"] = round(row["mergekit"]["seconds"] / row["lines_fast"]["seconds"], 2)
             results["methods"][name] = row
             print(f"{name}: lines_fast {row['lines_fast']['seconds']:.1f} s {row['lines_fast']['peak_rss_gb']:.2f} GB, "
