@@ -117,13 +117,37 @@ def as_bits(typingctx, value):
 
 
 def widen(a, j):
-    """float32 of element j of a bf16 (as uint16) or float32 array: exact."""
+    """float32 of element j of a bf16 (its bits as uint16), fp16 (its bits as int16) or float32
+    array: exact. numba has neither 16-bit float type on the CPU, so the two arrive as integers,
+    told apart by signedness (cpu_fused.as_array)."""
+
+
+half_magnitude, half_exponent, half_sign = np.uint32(0x7FFF), np.uint32(0x7C00), np.uint32(0x8000)
+two_112 = np.uint32(0x77800000)   # the float32 2^112: rebases fp16's exponent bias (15) to float32's (127)
+f32_exponent, significand_bits, quiet_bit = np.uint32(0x7F800000), np.uint32(0x7FFFFF), np.uint32(0x400000)
+
+
+@numba.njit(inline="always", cache=True)
+def half_to_float(h):
+    """The float32 of fp16 bits h (uint32 < 2^16): magnitude bits moved to float32's positions are
+    2^-112 times the value (exact, subnormals included: the product is a normal float32 then);
+    Inf and NaN keep their significand under an all-ones exponent; the sign bit last. Bit for
+    bit torch's .float() of every one of the 65536 patterns (tests/test_cpu_fused.py)."""
+    scaled = as_float((h & half_magnitude) << np.uint32(13)) * as_float(two_112)
+    bits = as_bits(scaled)
+    if h & half_exponent == half_exponent:   # NaN quieted, as the CPU's own conversion (and torch) does
+        bits = ((h & half_magnitude) << np.uint32(13)) | f32_exponent
+        if bits & significand_bits:
+            bits |= quiet_bit
+    return as_float(bits | ((h & half_sign) << np.uint32(16)))
 
 
 @overload(widen, inline="always")
 def _widen(a, j):
     if a.dtype == types.uint16:     # bf16 is the high half of a float32
         return lambda a, j: as_float(np.uint32(a[j]) << np.uint32(16))
+    if a.dtype == types.int16:      # fp16
+        return lambda a, j: half_to_float(np.uint32(np.uint16(a[j])))
     if a.dtype == types.float32:
         return lambda a, j: a[j]
 

@@ -170,7 +170,7 @@ def test_compiled_histograms_count_what_torch_counts(dtype, n, monkeypatch):
     want = CpuBackend(compiled=False).magnitude_histograms(base, models)
     calls = _counting(monkeypatch, "packed_histograms")
     got = CpuBackend(compiled=True).magnitude_histograms(base, models)
-    assert bool(calls) == (dtype != torch.float16)   # numba has no CPU float16: torch counts those
+    assert calls
     assert got.dtype == torch.int64 and torch.equal(got, want)
     assert int(got.sum()) == 3 * n
 
@@ -271,10 +271,38 @@ def test_inputs_the_kernels_cannot_read_stay_in_torch():
     assert cpu_fused.FusedMerge.of(jit.kernels(), MergeJob("w", base, mixed, None, 1.0, torch.float32), plan,
                                    None) is None
     assert cpu_fused.as_array(models[0].double()) is None
-    assert cpu_fused.as_array(models[0].half()) is None   # numba has no float16 on the CPU
-    half = [m.half() for m in models]
-    assert _bitwise_equal(_merge(True, plan, base.half(), half), _merge(False, plan, base.half(), half))
     assert _bitwise_equal(_merge(True, plan, base, mixed), _merge(False, plan, base, mixed))
+
+
+def test_every_fp16_bit_pattern_widens_to_torchs_float32():
+    import numba
+    import numpy as np
+
+    from lines_fast.jit_kernels import widen
+
+    @numba.njit
+    def widened(a, out):
+        for j in range(a.shape[0]):
+            out[j] = widen(a, j)
+
+    bits = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)   # subnormals, -0, Inf, NaN
+    got = torch.empty(1 << 16, dtype=torch.float32)
+    widened(cpu_fused.as_array(bits.view(torch.float16)), got.numpy())
+    assert cpu_fused.as_array(bits.view(torch.float16)).dtype == np.int16   # bf16 is uint16: told apart
+    assert torch.equal(got.view(torch.int32), bits.view(torch.float16).float().view(torch.int32))
+
+
+@pytest.mark.parametrize("method, values", [("ties", {"density": 0.4}), ("dare_ties", {"density": 0.6}),
+                                            ("task_arithmetic", {}), ("model_stock", {})], ids=str)
+def test_fp16_checkpoints_merge_compiled_to_the_torch_bits(method, values, monkeypatch):
+    spec, n = _spec(methods.get(method), values, LinesSpec(alpha=0.5, beta=1.0, outside="last"))
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, torch.float16, seed=8)
+    models[0][3] = 1e-7   # an fp16 subnormal
+    want = _merge(False, plan, base, models, out_dtype=torch.float16, chunk=5000)
+    calls = _counting(monkeypatch, "merge_chunk")
+    got = _merge(True, plan, base, models, out_dtype=torch.float16, chunk=5000)
+    assert calls and _bitwise_equal(got, want)
 
 
 # -- loading the kernels in the background (jit.prefetch) -----------------------------------

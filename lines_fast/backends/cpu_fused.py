@@ -12,7 +12,7 @@ What the compiled merge does not take, by the plan's steps (never by method name
 differ within a tensor (Gram weights per row or column; one Gram weight per tensor, the default of
 slerp, nuslerp and model_stock, is taken, and so is every Gram statistic but per column), the
 consensus (TALL) mask, DELLA's ranked drops, packed jobs of many tensors (per-element
-thresholds), and inputs other than bf16 and fp32 (numba has no fp16 on the CPU).
+thresholds), and inputs other than bf16, fp16 and fp32.
 """
 from __future__ import annotations
 
@@ -40,12 +40,13 @@ FUSED = {
 # elements of work (a 1.3B model and 3 fine-tunes), TIES-like plans at jit.JIT_AFTER.
 LIGHT_PLAN_SHARE = 1 / 256
 HISTOGRAM_SPAN = 1 << 22   # elements per packed_histograms call: its per-thread bins are zeroed per call
-# numba has no float16 on the CPU: fp16 checkpoints stay on the torch path.
-_ARRAY_DTYPES = {torch.bfloat16: torch.uint16, torch.float32: torch.float32}
+# numba has no 16-bit floats on the CPU: the kernels read bf16 as its uint16 bits and fp16 as its
+# int16 bits (jit_kernels.widen tells them apart by signedness and widens both exactly).
+_ARRAY_DTYPES = {torch.bfloat16: torch.uint16, torch.float16: torch.int16, torch.float32: torch.float32}
 
 
 def as_array(t: torch.Tensor) -> np.ndarray | None:
-    """A flat numpy view of a contiguous CPU tensor the kernels read (bf16 as its uint16 bits), or None."""
+    """A flat numpy view of a contiguous CPU tensor the kernels read (bf16 and fp16 as their bits), or None."""
     view = _ARRAY_DTYPES.get(t.dtype)
     if view is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
