@@ -14,15 +14,15 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from .jit import (BLOCK, STEP_BAND, STEP_BASE, STEP_DELTAS, STEP_DIVIDE, STEP_DROP, STEP_ELECT, STEP_KEPT,
-                  STEP_MULTIPLY, STEP_NORMALIZE, STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
+                  STEP_MULTIPLY, STEP_NORMALIZE, STEP_TALL, STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
 from .selection import BINS, NONZERO_LOW
 
 # numba freezes the globals a kernel reads into its cached machine code, and its cache checks only
 # this file's stamp: were a constant changed in jit.py or selection.py alone, the cached kernels
 # would keep the old value. So their values are written here too, and a change must edit this file.
 assert (BLOCK, STEP_BASE, STEP_DELTAS, STEP_TRIM, STEP_BAND, STEP_DROP, STEP_DIVIDE, STEP_MULTIPLY, STEP_ELECT,
-        STEP_NORMALIZE, STEP_KEPT, STEP_TAU, STEP_TASK_SUM, BINS, NONZERO_LOW) == (
-        1024, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 1 << 16, 1 << 15), \
+        STEP_NORMALIZE, STEP_KEPT, STEP_TAU, STEP_TASK_SUM, STEP_TALL, BINS, NONZERO_LOW) == (
+        1024, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 1 << 16, 1 << 15), \
     "a constant the compiled kernels read changed: update this line (it invalidates numba's cache)"
 
 _serial = numba.njit(cache=True, nogil=True)
@@ -156,7 +156,8 @@ zero, one, no_bits = f32(0.0), f32(1.0), np.uint32(0)
 
 
 @_parallel
-def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum, scale, out, task_sum, threads):
+def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum, scale, out, task_sum, tall_k,
+                tall_lambda, threads):
     """out = the merged float32 values of one chunk: backends/cpu.py's _merged_delta, then
     * scale + base, for plans with given weights and no consensus mask. table: plan.table's
     float32 [6, N] (weights, thresholds, drop_p, divisors, factors, ceilings). steps: the
@@ -164,7 +165,9 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
     masks: instead, its keep masks as the rescale statistics drew them (per model, uint8 with
     element j in bit j % 8 of byte j // 8; any arrays without STEP_KEPT). STEP_TAU: out = tau_m
     (lambda = 1, no base added); STEP_TASK_SUM: task_sum = sum_i tau_i, before sparsifying, in
-    model order (LiNeS alpha auto's norms; any array without it).
+    model order (LiNeS alpha auto's norms; any array without it). STEP_TALL: the merged value is
+    +0 where fewer than tall_k models matter, model i mattering where |x_i| >= tall_lambda *
+    |S - x_i|, S = sum_j x_j of the raw task vectors in model order (backends/cpu.py's _tall_keep).
     Returns False if any input value read is Inf or NaN (the caller then runs the torch
     path, which names the model).
 
@@ -180,6 +183,7 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
         acc, num, den = np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32), np.empty(BLOCK, np.float32)
         bad = np.empty(BLOCK, np.uint32)
         c = np.empty((count, BLOCK), np.float32)
+        votes = np.empty(BLOCK, np.int32)
         end = min(n, (t + 1) * per)
         for s in range(t * per, end, BLOCK):
             size = min(BLOCK, end - s)
@@ -209,6 +213,19 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
                     else:
                         for j in range(size):
                             block[j] += x[j] - b[j]
+            if steps & STEP_TALL:   # on the raw task vectors, before any is sparsified
+                num[:size] = zero   # S = sum_j x_j, from +0 in model order
+                votes[:size] = 0
+                for i in range(count):
+                    x = c[i]
+                    for j in range(size):
+                        num[j] += x[j]
+                for i in range(count):
+                    x = c[i]
+                    for j in range(size):
+                        votes[j] += 1 if abs(x[j]) >= abs(num[j] - x[j]) * tall_lambda else 0
+            for i in range(count):
+                x = c[i]
                 if steps & STEP_TRIM:   # keep |x| >= t (ties kept), on the bit patterns
                     low = as_bits(table[1, i])
                     for j in range(size):
@@ -258,6 +275,9 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
             elif steps & STEP_NORMALIZE:
                 for j in range(size):
                     acc[j] = acc[j] / weight_sum
+            if steps & STEP_TALL:
+                for j in range(size):
+                    acc[j] = acc[j] if votes[j] >= tall_k else zero
             if steps & STEP_BASE:
                 if not steps & STEP_DELTAS:   # a soup with LiNeS: tau_m = soup - theta_0
                     for j in range(size):

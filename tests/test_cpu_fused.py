@@ -80,6 +80,8 @@ def _fused_plans():
                 options.append({"weight": [1.0, 0.5, 2.0][:n]})
                 if method.takes("normalize"):   # mixed signs: a weighted sum only
                     options.append({"weight": [1.0, -0.5, 2.0][:n], "normalize": False})
+            elif param.name == "consensus":   # the TALL mask, k of 3 and all 3
+                options += [{"consensus": {"k": 2, "lambda": 0.4}}, {"consensus": {"k": 3, "lambda": 1.0}}]
             elif param.kind == "choice" and param.affects_result:
                 options += [{param.name: c} for c in param.choices if c != param.default and c != "official"]
         for values in options:
@@ -91,7 +93,9 @@ FUSED_CASES = list(_fused_plans())
 
 def test_the_compiled_merge_takes_the_common_methods():
     fused = {m for m, _ in FUSED_CASES}
-    assert {"task_arithmetic", "ties", "linear", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties"} <= fused
+    assert {"task_arithmetic", "ties", "linear", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties",
+            "slerp", "nuslerp", "model_stock"} <= fused
+    assert {m for m, v in FUSED_CASES if "consensus" in v} == {"task_arithmetic", "ties"}
 
 
 def _counting(monkeypatch, kernel: str) -> list:

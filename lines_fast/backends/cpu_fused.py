@@ -10,9 +10,9 @@ names the model).
 
 What the compiled merge does not take, by the plan's steps (never by method name): weights that
 differ within a tensor (Gram weights per row or column; one Gram weight per tensor, the default of
-slerp, nuslerp and model_stock, is taken, and so is every Gram statistic but per column), the
-consensus (TALL) mask, DELLA's ranked drops, packed jobs of many tensors (per-element
-thresholds), and inputs other than bf16, fp16 and fp32.
+slerp, nuslerp and model_stock, is taken, and so is every Gram statistic but per column), DELLA's
+ranked drops, packed jobs of many tensors (per-element thresholds), and inputs other than bf16,
+fp16 and fp32.
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def _steps(plan: ElementPlan) -> int:
             | (jit.STEP_DIVIDE if plan.rescale is Rescale.INVERSE else 0)
             | (jit.STEP_MULTIPLY if plan.rescale is Rescale.L1 else 0)
             | (jit.STEP_ELECT if plan.consensus is Consensus.SIGN else 0)
-            | (jit.STEP_NORMALIZE if plan.normalize else 0))
+            | (jit.STEP_NORMALIZE if plan.normalize else 0) | (jit.STEP_TALL if plan.tall_k else 0))
 
 
 def jit_work(plan: ElementPlan, elements: int) -> int:
@@ -100,13 +100,14 @@ class FusedMerge:
         self._zero_sign = np.float32(plan.zero_sign(stats) if plan.consensus is Consensus.SIGN else 1.0)
         self._weight_sum = np.float32(plan.weight_sum)
         self._scale = np.float32(job.scale)
+        self._tall = np.int32(plan.tall_k), np.float32(plan.tall_lambda)
         self._no_draws = np.zeros((1, 1), np.float32)
         self._no_masks = tuple(np.zeros(1, np.uint8) for _ in job.models)
         self._no_sum = np.zeros(1, np.float32)
 
     @classmethod
     def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
-        if (kernels is None or job.segments is not None or plan.tall_k or plan.n_models != len(job.models)
+        if (kernels is None or job.segments is not None or plan.n_models != len(job.models)
                 or unsupported_steps(plan, FUSED) is not None
                 or (plan.grouped and group_view(job.models[0].shape, plan.group_by).groups > 1)):
             return None
@@ -130,7 +131,8 @@ class FusedMerge:
         base = self._base[s:e] if plan.uses_base else self._base
         return bool(self._kernel(base, tuple(m[s:e] for m in self._models), draws, masks, self._table, steps,
                                  self._zero_sign, self._weight_sum, self._scale, out.numpy(),
-                                 self._no_sum if task_sum is None else task_sum.numpy(), torch.get_num_threads()))
+                                 self._no_sum if task_sum is None else task_sum.numpy(), *self._tall,
+                                 torch.get_num_threads()))
 
 
 def packed_histograms(kernels, base: torch.Tensor, models: list[torch.Tensor], spans) -> torch.Tensor | None:
