@@ -49,12 +49,24 @@ def _record(benchmark, nbytes: int) -> None:
 PATHS = ["torch", pytest.param("compiled", marks=pytest.mark.skipif(jit.kernels() is None, reason="no numba"))]
 
 
+# method, its values: every plan step the compiled merge has (sparsifiers, the election, the
+# TALL mask, Gram weights and their statistic).
+CASES = {
+    "ties": ("ties", {"density": DENSITY}),
+    "task_arithmetic": ("task_arithmetic", {}),
+    "dare_ties": ("dare_ties", {"density": DENSITY}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": DENSITY}),
+    "ties_tall": ("ties", {"density": DENSITY, "consensus": {"k": 2, "lambda": 0.4}}),
+    "model_stock": ("model_stock", {}),
+}
+
+
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare_ties", "breadcrumbs_ties"])
-def test_merge_many(benchmark, tensors, method, path):
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_many(benchmark, tensors, case, path):
     base, models = tensors
-    plan = ElementPlan.from_spec(make_spec(method, N, values={} if method == "task_arithmetic"
-                                           else {"density": DENSITY}))
+    method, values = CASES[case]
+    plan = ElementPlan.from_spec(make_spec(method, N, values=values))
     backend = CpuBackend(compiled=path == "compiled")
 
     def merge():
@@ -75,4 +87,21 @@ def test_magnitude_histogram(benchmark, tensors, path):
     hist = benchmark.pedantic(lambda: backend.magnitude_histogram(base, models[0]), rounds=5, iterations=1,
                               warmup_rounds=1)
     assert int(hist.sum()) == base.numel()
+    _record(benchmark, _input_bytes(base, models[:1]))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_slerp(benchmark, tensors, path):
+    """slerp of the base and one model: its Gram statistic (a float64 pass) and the weighted sum."""
+    base, models = tensors
+    plan = ElementPlan.from_spec(make_spec("slerp", 2, values={"t": 0.3}))
+    backend = CpuBackend(compiled=path == "compiled")
+
+    def merge():
+        job = MergeJob(NAME, None, [base, models[0]], None, 1.0, torch.bfloat16)
+        for _, out, _stats in backend.merge_many([job], plan):
+            return out
+
+    out = benchmark.pedantic(merge, rounds=5, iterations=1, warmup_rounds=1)
+    assert out.shape == SHAPE
     _record(benchmark, _input_bytes(base, models[:1]))

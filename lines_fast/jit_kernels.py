@@ -127,19 +127,18 @@ two_112 = np.uint32(0x77800000)   # the float32 2^112: rebases fp16's exponent b
 f32_exponent, significand_bits, quiet_bit = np.uint32(0x7F800000), np.uint32(0x7FFFFF), np.uint32(0x400000)
 
 
-@numba.njit(inline="always", cache=True)
+@numba.njit(cache=True)
 def half_to_float(h):
     """The float32 of fp16 bits h (uint32 < 2^16): magnitude bits moved to float32's positions are
     2^-112 times the value (exact, subnormals included: the product is a normal float32 then);
-    Inf and NaN keep their significand under an all-ones exponent; the sign bit last. Bit for
-    bit torch's .float() of every one of the 65536 patterns (tests/test_cpu_fused.py)."""
-    scaled = as_float((h & half_magnitude) << np.uint32(13)) * as_float(two_112)
-    bits = as_bits(scaled)
-    if h & half_exponent == half_exponent:   # NaN quieted, as the CPU's own conversion (and torch) does
-        bits = ((h & half_magnitude) << np.uint32(13)) | f32_exponent
-        if bits & significand_bits:
-            bits |= quiet_bit
-    return as_float(bits | ((h & half_sign) << np.uint32(16)))
+    Inf and NaN keep their significand under an all-ones exponent (NaN quieted, as the CPU's own
+    conversion and torch's do); the sign bit last. Bit for bit torch's .float() of every one of
+    the 65536 patterns (tests/test_cpu_fused.py). No variable is assigned twice: numba's
+    inliner warns about that (LLVM inlines this function anyway)."""
+    magnitude = (h & half_magnitude) << np.uint32(13)
+    finite = as_bits(as_float(magnitude) * as_float(two_112))
+    special = magnitude | f32_exponent | (quiet_bit if magnitude & significand_bits else no_bits)
+    return as_float((special if h & half_exponent == half_exponent else finite) | ((h & half_sign) << np.uint32(16)))
 
 
 @overload(widen, inline="always")
