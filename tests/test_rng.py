@@ -125,10 +125,23 @@ def test_compiled_della_drop_probabilities_are_the_torch_ones(density, eps, monk
     rows[1] = -2.0
     rows[2, 1::2] = -rows[2, 0:256:2]
     rows[3, :3] = 0.0
-    monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
-    expected = plan.ranked_drop_p(rows, 1)
-    monkeypatch.setattr(jit, "JIT_AFTER", 0)
+    # Task vectors as DELLA sees them (float32 differences of bf16 values) and float32 values whose
+    # every key digit of the radix sort is in use; rows longer than its 2048 buckets, subnormals,
+    # zeros and ties.
+    base = torch.randn(6, 4099, generator=g).mul_(0.02).bfloat16().float()
+    deltas = (base + torch.randn(6, 4099, generator=g).mul_(1e-3)).bfloat16().float() - base
+    deltas[0, :50] = torch.tensor(1e-40).expand(50) * torch.arange(50)
+    deltas[1, ::3] = 0.0
+    full = torch.randn(6, 4099, generator=g) * 1e-3   # every significand bit in use
+    full[2, 100:200] = full[2, 0:100]   # and ties among them
+    for rows in (rows, deltas, full, full[:, :1].contiguous()):
+        monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
+        expected = plan.ranked_drop_p(rows, 1)
+        monkeypatch.setattr(jit, "JIT_AFTER", 0)
+        got = plan.ranked_drop_p(rows, 1)
+        assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    rows = torch.randn(40, 257, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()
+    rows[1] = -2.0
     got = plan.ranked_drop_p(rows, 1)
-    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
     # By hand, row 1 (all equal): keep 0.5 everywhere, so drop = 1 - ((d - e) + 0.5 * 2e) = 1 - d.
     assert torch.equal(got[1], torch.full((257,), 1 - density, dtype=torch.float64).float())
