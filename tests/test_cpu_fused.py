@@ -68,7 +68,7 @@ def _fused_plans():
     """Registered methods whose plan the compiled merge takes, with the options that switch its steps."""
     for method in methods.REGISTRY.values():
         spec, n = _spec(method)
-        if cpu_fused.unsupported_steps(ElementPlan.from_spec(spec), cpu_fused.FUSED) is not None:
+        if not cpu_fused.takes(ElementPlan.from_spec(spec)):
             continue
         options = [{}]
         for param in method.params:
@@ -85,7 +85,8 @@ def _fused_plans():
             elif param.kind == "choice" and param.affects_result:
                 options += [{param.name: c} for c in param.choices if c != param.default and c != "official"]
         for values in options:
-            yield method.name, values
+            if cpu_fused.takes(ElementPlan.from_spec(_spec(method, values)[0])):   # della without its rescale: torch
+                yield method.name, values
 
 
 FUSED_CASES = list(_fused_plans())
@@ -94,7 +95,7 @@ FUSED_CASES = list(_fused_plans())
 def test_the_compiled_merge_takes_the_common_methods():
     fused = {m for m, _ in FUSED_CASES}
     assert {"task_arithmetic", "ties", "linear", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties",
-            "slerp", "nuslerp", "model_stock"} <= fused
+            "slerp", "nuslerp", "model_stock", "della", "della_linear"} <= fused
     assert {m for m, v in FUSED_CASES if "consensus" in v} == {"task_arithmetic", "ties"}
 
 
@@ -126,6 +127,22 @@ def test_fused_plans_take_the_compiled_path_and_give_the_torch_bits(method, valu
     got = _merge(True, plan, base, models, chunk=chunk)
     assert calls, "the compiled merge was not used"
     assert _bitwise_equal(got, want)
+
+
+def test_della_chunks_beyond_the_mask_budget_go_to_torch_to_the_same_bits(monkeypatch):
+    """DELLA merges compiled only with the keep masks its rescale statistics kept; past the
+    backend's mask budget the chunks are drawn again and merged in torch."""
+    from lines_fast.backends import cpu
+
+    spec, n = _spec(methods.get("della"), {"density": 0.5, "epsilon": 0.1})
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, n=64 * 300, seed=9)
+    base, models = base.view(64, 300), [m.view(64, 300) for m in models]   # rows of 300: chunks of 900
+    want = _merge(False, plan, base, models, chunk=1000)
+    monkeypatch.setattr(cpu, "KEEP_BUDGET", 3 * 5 * 113)   # the masks of the first 5 chunks (113 bytes each)
+    calls = _counting(monkeypatch, "merge_chunk")
+    got = _merge(True, plan, base, models, chunk=1000)
+    assert len(calls) == 5 and _bitwise_equal(got, want)
 
 
 def _counted(kernel, calls):

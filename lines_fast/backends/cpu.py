@@ -366,18 +366,20 @@ class CpuBackend:
                     with_task_sum: bool = True) -> tuple[float, float, TensorStats]:
         """(‖Σ τ_i‖₁ or 0.0, ‖τ_MTL‖₁, the tensor's stats): the task sum is taken from the same
         loaded τ_i, before sparsifying, with the same float32 adds as task_vector_sum_l1."""
-        stats = self.tensor_stats(job, plan)
-        task_sum, delta = AbsSum(), AbsSum()
-        fused = self._fused(job, plan, stats)
-        with self.releasing(job):
-            for s, e, bufs in self._chunks(job, plan):
-                task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
-                tau = bufs.acc[:e - s]
-                if fused is None or not fused.chunk(s, e, tau, tau_only=True, task_sum=task_sum_chunk):
-                    tau = self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk)
-                delta.add(tau)
-                if with_task_sum:
-                    task_sum.add(task_sum_chunk)
+        with self._keeping_masks():   # DARE's and DELLA's keep masks, drawn once for both passes
+            stats = self.tensor_stats(job, plan)
+            task_sum, delta = AbsSum(), AbsSum()
+            fused = self._fused(job, plan, stats)
+            with self.releasing(job):
+                for s, e, bufs in self._chunks(job, plan):
+                    task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
+                    tau = bufs.acc[:e - s]
+                    kept = self._kept.get(s) if plan.drops else None
+                    if fused is None or not fused.chunk(s, e, tau, kept, tau_only=True, task_sum=task_sum_chunk):
+                        tau = self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk)
+                    delta.add(tau)
+                    if with_task_sum:
+                        task_sum.add(task_sum_chunk)
         return task_sum.value(), delta.value(), stats
 
     # -- merging --------------------------------------------------------------------------

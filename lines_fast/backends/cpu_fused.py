@@ -11,8 +11,9 @@ names the model).
 What the compiled merge does not take, by the plan's steps (never by method name): weights that
 differ within a tensor (Gram weights per row or column; one Gram weight per tensor, the default of
 slerp, nuslerp and model_stock, is taken, and so is every Gram statistic but per column), DELLA's
-ranked drops, packed jobs of many tensors (per-element thresholds), and inputs other than bf16,
-fp16 and fp32.
+ranked drops where its statistics did not keep their masks (beyond the backend's mask budget, or
+without its rescale), packed jobs of many tensors (per-element thresholds), and inputs other
+than bf16, fp16 and fp32.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ from .base import MergeJob
 
 # The plan steps merge_chunk executes (plan.unsupported_steps' format).
 FUSED = {
-    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.BAND, Sparsify.RANDOM},
+    # RANKED (DELLA): only as the keep masks its rescale statistics drew (FusedMerge.chunk).
+    "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.BAND, Sparsify.RANDOM, Sparsify.RANKED},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
     "consensus": {Consensus.NONE, Consensus.SIGN},
     "coefficients": set(Coefficients),   # Gram weights too, where a tensor has one (FusedMerge.of)
@@ -78,6 +80,12 @@ def _steps(plan: ElementPlan) -> int:
             | (jit.STEP_NORMALIZE if plan.normalize else 0) | (jit.STEP_TALL if plan.tall_k else 0))
 
 
+def takes(plan: ElementPlan) -> bool:
+    """Whether the compiled merge runs the plan's chunks (FusedMerge.of adds each job's conditions).
+    DELLA's drops only as the masks its L1 rescale statistics kept: without them there are none."""
+    return unsupported_steps(plan, FUSED) is None and not (plan.ranked and plan.rescale is not Rescale.L1)
+
+
 def jit_work(plan: ElementPlan, elements: int) -> int:
     """`elements` of merge work (numel x models) as jit.compiled counts it for this plan."""
     light = (not plan.trims and plan.sparsify is Sparsify.NONE and plan.consensus is Consensus.NONE
@@ -108,7 +116,7 @@ class FusedMerge:
     @classmethod
     def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
         if (kernels is None or job.segments is not None or plan.n_models != len(job.models)
-                or unsupported_steps(plan, FUSED) is not None
+                or not takes(plan)
                 or (plan.grouped and group_view(job.models[0].shape, plan.group_by).groups > 1)):
             return None
         arrays = _inputs(job, plan.uses_base)
@@ -125,6 +133,8 @@ class FusedMerge:
         if kept is not None:
             steps = steps & ~jit.STEP_DROP | jit.STEP_KEPT
             masks = tuple(k.numpy() for k in kept)
+        elif plan.ranked:   # DELLA's per-row drop probabilities are not a kernel step: the torch path
+            return False
         elif plan.sparsify is Sparsify.RANDOM:
             draws = torch.stack([dare_uniform(plan.seed, i, self._job.name, e - s, start=s)
                                  for i in range(plan.n_models)]).numpy()
