@@ -19,3 +19,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def torch_until_asked(monkeypatch):
+    """Each test starts as a fresh process does: no work counted toward loading the compiled
+    kernels (lines_fast/jit.py's JIT_AFTER) and nothing prefetched, so which path a test's small
+    merges take does not depend on the tests before it. Tests of the compiled path ask for it
+    (CpuBackend(compiled=True), JIT_AFTER = 0); before this, the work of earlier tests added up
+    until every later merge ran compiled, compiling kernel signatures (10-20 s each) no test
+    looked at."""
+    from lines_fast import jit
+
+    monkeypatch.setattr(jit, "_work_in_torch", 0)
+    monkeypatch.setattr(jit, "_loader", None)
