@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-_EXPONENTS = 256
+EXPONENT_BINS = 256   # one int64 bin per float32 exponent
 _MAX_ADD = 1 << 28  # elements per bincount: each float64 bin sum stays below 2^52, exact
 
 
@@ -23,7 +23,7 @@ def _split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class AbsSum:
     def __init__(self) -> None:
-        self.bins = torch.zeros(_EXPONENTS, dtype=torch.int64)
+        self.bins = torch.zeros(EXPONENT_BINS, dtype=torch.int64)
 
     def add(self, x: torch.Tensor) -> None:
         """Add sum |x| for a float32 tensor without NaN/Inf, on any device. (On a GPU the
@@ -35,7 +35,7 @@ class AbsSum:
 
             fast = jit.compiled(flat.numel())
             if fast is not None:   # the same integer sums, compiled (lines_fast/jit.py)
-                bins = torch.zeros(_EXPONENTS, dtype=torch.int64)
+                bins = torch.zeros(EXPONENT_BINS, dtype=torch.int64)
                 fast.add_abs_bins(flat.contiguous().view(torch.int32).numpy(), bins.numpy())
                 self.bins += bins
                 return
@@ -46,7 +46,11 @@ class AbsSum:
         exponent, significand = _split(flat)
         # Each bin's float64 sum is exact: fewer than 2^29 significands of < 2^24 per call.
         self.bins += torch.bincount(exponent.reshape(-1), weights=significand.reshape(-1).double(),
-                                    minlength=_EXPONENTS).to(torch.int64).cpu()
+                                    minlength=EXPONENT_BINS).to(torch.int64).cpu()
+
+    def add_bins(self, bins: torch.Tensor) -> None:
+        """Add integer bins counted elsewhere the same way (jit_kernels.add_abs_bins_kept)."""
+        self.bins += bins
 
     def value(self) -> float:
         total = sum(int(count) << max(e, 1) - 1 for e, count in enumerate(self.bins.tolist()) if count)

@@ -11,7 +11,8 @@
   row, the first-equal position of each magnitude, and the same float64 formula, one loop per
   row and rows over all cores, instead of ten whole-array operations.
 - add_abs_bins: exactsum.AbsSum's per-exponent integer sums of significands (L1 norms: DARE's
-  rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount.
+  rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount;
+  add_abs_bins_kept: the same for a task vector and its kept part at once, packing the keep mask.
 - merge_chunk: the CPU backend's merge of one chunk for the plans without per-element side
   inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given;
   with LiNeS): every plan step of backends/cpu.py's torch path, the same float32 operations in the same
@@ -137,4 +138,4 @@ def _compile() -> SimpleNamespace:
     return SimpleNamespace(fill_uniform=k.fill_uniform, fill_uniform_rows=k.fill_uniform_rows,
                            add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
                            merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms,
-                           gram_chunk=k.gram_chunk)
+                           gram_chunk=k.gram_chunk, add_abs_bins_kept=k.add_abs_bins_kept)

@@ -80,6 +80,22 @@ def add_abs_bins(bits, bins):
         e = b >> shift
         bins[e] += (b & significand) | (min(e, hidden) << shift)
 
+@_serial
+def add_abs_bins_kept(bits, keep, total_bins, kept_bins, packed):
+    """add_abs_bins of `bits` into total_bins and of its kept elements (keep: bool as uint8) into
+    kept_bins, and keep packed 8 to a byte into `packed` (zeroed by the caller; element j in bit
+    j % 8 of byte j // 8, backends/cpu.py's _pack_bits): the L1 rescale statistics of DARE and
+    DELLA in one pass (torch.where, a second sum and the packing before)."""
+    for j in range(bits.shape[0]):
+        b = i64(bits[j]) & abs_mask
+        e = b >> shift
+        m = (b & significand) | (min(e, hidden) << shift)
+        total_bins[e] += m
+        if keep[j]:
+            kept_bins[e] += m
+            packed[j >> 3] |= np.uint8(1 << (j & 7))
+
+
 f64 = np.float64
 
 

@@ -145,6 +145,29 @@ def test_della_chunks_beyond_the_mask_budget_go_to_torch_to_the_same_bits(monkey
     assert len(calls) == 5 and _bitwise_equal(got, want)
 
 
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_l1_rescale_statistics_compiled_are_the_torch_ones(method, monkeypatch):
+    """The exact sums of |x_i| and of its kept part, and the packed keep masks, in one compiled
+    pass (jit_kernels.add_abs_bins_kept): the same factors and the same mask bytes."""
+    spec, n = _spec(methods.get(method), {"density": 0.45})
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, n=64 * 300, seed=10)
+    job = MergeJob("model.layers.0.mlp.up_proj.weight", base.view(64, 300), [m.view(64, 300) for m in models],
+                   None, 1.0, torch.bfloat16)
+    found = []
+    for compiled in (False, True):
+        backend = CpuBackend(chunk=1000, compiled=compiled)
+        calls = _counting(monkeypatch, "add_abs_bins_kept") if compiled else []
+        with backend._keeping_masks():
+            stats = backend.tensor_stats(job, plan)
+            masks = {s: [m.clone() for m in slots] for s, slots in backend._kept.items()}
+        found.append((stats.factors, masks, bool(calls)))
+    (want, want_masks, _), (got, got_masks, ran) = found
+    assert ran and got == want and all(f != 1.0 for f in got)
+    assert got_masks.keys() == want_masks.keys() and len(got_masks) > 1
+    assert all(torch.equal(a, b) for s in want_masks for a, b in zip(got_masks[s], want_masks[s]))
+
+
 def _counted(kernel, calls):
     def run(*args):
         calls.append(1)

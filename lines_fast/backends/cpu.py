@@ -28,6 +28,7 @@ from ..rng import DELLA_STREAM, dare_uniform, dare_uniform_rows
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
 from .cpu_fused import FusedMerge, jit_work, packed_histograms
+from .cpu_fused import add_kept_l1 as compiled_kept_l1
 from .cpu_fused import gram as compiled_gram
 
 DEFAULT_CHUNK = 1 << 18  # 256K elements: 1 MB of float32 per buffer, cache-resident
@@ -296,13 +297,18 @@ class CpuBackend:
             base = job.base.reshape(-1)
             models = [m.reshape(-1) for m in job.models]
             step, row = self._step(job, plan)
+            kernels = self._kernels(base.numel() * len(models))
             for s, e in self._spans(base.numel(), step):
                 slots = self._keep_slots(len(models), e - s)
-                keep = [] if slots is not None else None
-                add_kept_l1(plan, base[s:e], [m[s:e] for m in models], stats, job.name, s, totals, kepts, row, keep)
-                if slots is not None:
-                    for mask, slot in zip(keep, slots):
+                chunk = [m[s:e] for m in models]
+                if kernels is not None:   # the sums and the masks' packing in one compiled pass
+                    compiled_kept_l1(kernels, plan, base[s:e], chunk, stats, job.name, s, totals, kepts, row, slots)
+                else:
+                    keep = [] if slots is not None else None
+                    add_kept_l1(plan, base[s:e], chunk, stats, job.name, s, totals, kepts, row, keep)
+                    for mask, slot in zip(keep or [], slots or []):
                         _pack_bits(mask, slot)
+                if slots is not None:
                     self._kept[s] = slots
             stats = replace(stats, factors=factors_from_sums(totals, kepts))
         return stats

@@ -25,6 +25,7 @@ from ..gram import GroupView, new_gram, group_view
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..plan import ElementPlan, TensorStats, unsupported_steps
 from ..rng import dare_uniform
+from ..exactsum import EXPONENT_BINS
 from ..selection import BINS
 from .base import MergeJob
 
@@ -178,3 +179,24 @@ def gram(kernels, job: MergeJob, plan: ElementPlan, view: GroupView, spans) -> t
         kernels.gram_chunk(base[s:e] if plan.deltas else base, tuple(m[s:e] for m in models), plan.deltas, s,
                            row_len, sums, torch.get_num_threads())
     return out
+
+
+def add_kept_l1(kernels, plan: ElementPlan, base: torch.Tensor, models: list[torch.Tensor], stats: TensorStats,
+                name: str, start: int, totals: list, kepts: list, row_len: int | None, slots) -> None:
+    """plan.add_kept_l1 of one flat CPU chunk with both exact sums and the masks' packing in one
+    compiled pass per model (jit_kernels.add_abs_bins_kept): the same integer bins and keep masks.
+    slots: one uint8 view per model to pack the masks into (the backend's mask store), or None."""
+    b = base.to(torch.float32) if plan.deltas else None
+    for i, model in enumerate(models):
+        x = model.to(torch.float32)
+        if b is not None:
+            x = x - b
+        x = x.contiguous()
+        keep = plan.keep_masks(x, i, stats, name, start, row_len).contiguous()
+        packed = slots[i] if slots is not None else torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
+        packed.zero_()
+        bins = torch.zeros(2, EXPONENT_BINS, dtype=torch.int64)
+        kernels.add_abs_bins_kept(x.view(torch.int32).numpy(), keep.view(torch.uint8).numpy(), bins[0].numpy(),
+                                  bins[1].numpy(), packed.numpy())
+        totals[i].add_bins(bins[0])
+        kepts[i].add_bins(bins[1])
