@@ -2,8 +2,9 @@
 
 lines_fast/jit.py's merge_chunk executes the whole per-element plan of a chunk (the steps
 backends/cpu.py's _merged_delta runs one torch operation at a time, the same float32
-operations in the same order, so the bits are the same), and packed_histograms counts TIES's
-selection histograms over all cores. This module decides which plans and inputs it takes and
+operations in the same order, so the bits are the same); packed_histograms counts TIES's
+selection histograms over all cores; gram sums the Gram statistic of slerp, nuslerp and
+model_stock; add_kept_l1 takes DARE's and DELLA's L1 rescale sums and packs their keep masks. This module decides which plans and inputs it takes and
 hands it numpy views of the tensors; everything else stays on the torch path, which is also
 the path of every chunk the compiled one declines (an Inf or NaN read: the torch path then
 names the model).
@@ -21,11 +22,11 @@ import numpy as np
 import torch
 
 from .. import jit
-from ..gram import GroupView, new_gram, group_view
+from ..exactsum import EXPONENT_BINS
+from ..gram import GroupView, group_view, new_gram
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
 from ..plan import ElementPlan, TensorStats, unsupported_steps
 from ..rng import dare_uniform
-from ..exactsum import EXPONENT_BINS
 from ..selection import BINS
 from .base import MergeJob
 
