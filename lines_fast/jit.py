@@ -14,8 +14,8 @@
   rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount;
   add_abs_bins_kept: the same for a task vector and its kept part at once, packing the keep mask.
 - merge_chunk: the CPU backend's merge of one chunk for the plans without per-element side
-  inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given;
-  with LiNeS): every plan step of backends/cpu.py's torch path, the same float32 operations in the same
+  inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given,
+  DELLA with its keep masks, one Gram weight per tensor, the TALL mask; with LiNeS): every plan step of backends/cpu.py's torch path, the same float32 operations in the same
   order, in one pass over blocks of BLOCK elements that stay in L1 (~30 torch operations per
   chunk before, each a pass over memory). Each step is a loop over the block's elements, the
   innermost loop, so LLVM vectorizes it; a loop over models per element does not vectorize
@@ -61,9 +61,8 @@ _loaded = threading.Event()
 def compiled(work: int) -> SimpleNamespace | None:
     """The compiled kernels once the work done in torch plus `work` reaches JIT_AFTER elements
     (from then on, whatever the work); else None, and the caller does these `work` elements in
-    torch (they count). After
-    prefetch(): None while its thread loads them (the merge goes on in torch; a call of WAIT_WORK
-    or more waits for them), then the kernels."""
+    torch (they count). After prefetch(): None while its thread loads them (the merge goes on in
+    torch; a call of WAIT_WORK or more waits for them), then the kernels."""
     global _work_in_torch
     if _loader is not None:   # prefetched for this merge: in use once loaded, whatever the work
         if work >= WAIT_WORK:   # a call this large is done sooner by waiting for the load than in torch
