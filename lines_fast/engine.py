@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -34,12 +33,12 @@ from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_override
 from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput
 from .layers import depth_fractions, lines_scales
-from . import realign, tokenizer_files, vocabulary
+from . import jit, realign, tokenizer_files, vocabulary
 from .lora import AdapterCheckpoint, is_adapter
 from .settings import filters as filters_of
 from .plan import ElementPlan
 from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
-from .progress import Progress
+from .progress import Progress, say
 from .spec import MethodSpec
 from .writer import (PARTIAL_SUFFIX, OutputLock, ShardedWriter, check_output_dir, different_merge_error, parse_size,
                      group_by_size)
@@ -124,7 +123,7 @@ class _Plan:
 
 
 def _log_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    say(message)
 
 
 def resolve_device(device: str, log: Callable[[str], None] = _log_to_stderr) -> str:
@@ -572,7 +571,7 @@ class Engine:
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> MergeResult:
         started = time.perf_counter()
-        with _few_collections():
+        with _few_collections(), jit.compile_notices(self.log):
             return self._run_locked(started)
 
     def _run_locked(self, started: float) -> MergeResult:

@@ -37,10 +37,13 @@ torch code runs, and the tests check that the two agree.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import threading
+import time
 import warnings
 from types import SimpleNamespace
+from typing import Callable
 
 JIT_AFTER = 1 << 24
 # What one small call costs in torch, in elements of work: a Philox draw is ~80 whole-array
@@ -56,6 +59,8 @@ _tried = False
 _lock = threading.Lock()
 _loader: threading.Thread | None = None   # prefetch()'s, while it loads
 _loaded = threading.Event()
+_notify: Callable[[str], None] | None = None   # where compile notices go (compile_notices)
+_listening = False   # whether _compile_listener is registered with numba
 
 
 def compiled(work: int) -> SimpleNamespace | None:
@@ -97,10 +102,8 @@ def _load_and_warm() -> None:
         found = kernels()
         with _lock:   # no parallel call of another thread's kernels() overlaps this one
             if found is not None:   # one tiny parallel call: the thread pool and the code loader start
-                import numpy as np
                 try:
-                    found.packed_histograms(np.zeros(1, np.uint16), (np.zeros(1, np.uint16),),
-                                            np.zeros((1, 1 << 16), np.int64), 1)
+                    found.warm_up(2)
                 except Exception:   # kernels that cannot run are not handed out: torch does the work
                     _kernels = None
     finally:
@@ -129,12 +132,60 @@ STEP_TAU, STEP_TASK_SUM = 1024, 2048   # out = tau_m itself; also sum_i tau_i (L
 STEP_TALL = 4096   # the consensus (TALL) mask: +0 where fewer than k models matter
 
 
+@contextlib.contextmanager
+def compile_notices(log: Callable[[str], None]):
+    """Within it, each kernel numba compiles (rather than loads from its on-disk cache) is
+    announced through `log`, with the time it took: a first merge on a machine compiles each
+    kernel it uses once per input types (merge_chunk: 10-20 s), which would otherwise look
+    like a hang."""
+    global _notify
+    previous, _notify = _notify, log
+    try:
+        yield
+    finally:
+        _notify = previous
+
+
+def _compile_listener(kernels: SimpleNamespace):
+    """A numba event listener that tells _notify when one of `kernels` starts and ends compiling.
+    numba raises "numba:compile" only on a cache miss, and also for the helpers a kernel calls:
+    those are left out (the kernel's notice covers them)."""
+    from numba.core import event
+
+    ours = {id(fn): name for name, fn in vars(kernels).items() if name != "warm_up"}   # ~1 s, in the background
+
+    class Notices(event.Listener):
+        def __init__(self):
+            self.started: dict[int, float] = {}
+
+        def on_start(self, ev):
+            name = ours.get(id(ev.data["dispatcher"]))
+            if name is not None and _notify is not None:
+                self.started[id(ev.data)] = time.perf_counter()
+                _notify(f"compiling CPU kernel {name} for these input types (first use on this machine; numba "
+                        "caches it on disk for later runs)...")
+
+        def on_end(self, ev):
+            started = self.started.pop(id(ev.data), None)
+            if started is not None and _notify is not None:
+                _notify(f"compiled {ours[id(ev.data['dispatcher'])]} in {time.perf_counter() - started:.1f} s")
+
+    return Notices()
+
+
 def _compile() -> SimpleNamespace:
     with warnings.catch_warnings():
         # An unwritable package directory only costs the on-disk cache of the compiled code.
         warnings.simplefilter("ignore")
         from . import jit_kernels as k
-    return SimpleNamespace(fill_uniform=k.fill_uniform, fill_uniform_rows=k.fill_uniform_rows,
-                           add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
-                           merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms,
-                           gram_chunk=k.gram_chunk, add_abs_bins_kept=k.add_abs_bins_kept)
+    found = SimpleNamespace(fill_uniform=k.fill_uniform, fill_uniform_rows=k.fill_uniform_rows,
+                            add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
+                            merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms,
+                            gram_chunk=k.gram_chunk, add_abs_bins_kept=k.add_abs_bins_kept, warm_up=k.warm_up)
+    global _listening
+    if not _listening:   # once: the kernels are the same objects however often they are looked up
+        from numba.core import event
+
+        event.register("numba:compile", _compile_listener(found))
+        _listening = True
+    return found

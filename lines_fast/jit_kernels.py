@@ -464,3 +464,14 @@ def packed_histograms(base, models, hist, threads):
         for t in range(threads):
             for k in range(BINS, BINS + 8):
                 hist[i, 0] += local[t, i, k]
+
+
+@_parallel
+def warm_up(threads):
+    """One parallel call that does nothing: numba's thread pool and code loader start in the
+    loading thread, not in the merge's first kernel call. A kernel of its own, as warming with a
+    real kernel compiled a signature (one model) that a first merge on a machine never uses (3 s)."""
+    seen = np.zeros(threads, np.int64)
+    for t in numba.prange(threads):
+        seen[t] = t
+    return seen.sum()

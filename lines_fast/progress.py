@@ -3,6 +3,18 @@ from __future__ import annotations
 
 import sys
 
+_open_bars = 0   # Progress bars on the terminal now: say() must print above them
+
+
+def say(message: str) -> None:
+    """Prints a line to stderr, above the progress bar if one is drawn (not glued to it)."""
+    if _open_bars:
+        from tqdm import tqdm
+
+        tqdm.write(message, file=sys.stderr)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
 
 class Progress:
     def __init__(self, label: str, total_bytes: int, enabled: bool | None = None, tensors: int = 0):
@@ -12,8 +24,10 @@ class Progress:
             enabled = sys.stderr.isatty()
         self._bar = None
         if enabled and total_bytes > 0:
+            global _open_bars
             from tqdm import tqdm
 
+            _open_bars += 1
             self._bar = tqdm(total=total_bytes, desc=label, unit="B", unit_scale=True,
                              unit_divisor=1000, file=sys.stderr, leave=False, dynamic_ncols=True)
 
@@ -27,5 +41,7 @@ class Progress:
 
     def close(self) -> None:
         if self._bar is not None:
+            global _open_bars
             self._bar.close()
             self._bar = None
+            _open_bars -= 1

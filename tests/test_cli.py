@@ -722,3 +722,16 @@ def test_a_usage_error_is_one_line(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--density" in err and "lines-fast merge --help" in err
+
+
+def test_a_message_during_a_progress_bar_is_printed_above_it_not_glued_to_it(capsys):
+    from lines_fast.progress import Progress, say
+
+    bar = Progress("pass 1/1 merge", 1000, enabled=True)
+    bar.advance(100)
+    say("compiling CPU kernel merge_chunk ...")   # e.g. the engine's log while numba compiles
+    bar.close()
+    say("after the bar")
+    err = capsys.readouterr().err
+    assert "\rcompiling CPU kernel merge_chunk ...\n" in err   # the bar's line cleared first
+    assert "]compiling" not in err and err.endswith("after the bar\n")

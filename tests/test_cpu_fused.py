@@ -3,6 +3,8 @@ against its torch path, bit for bit: every registered method (the fused ones and
 stay in torch), input dtypes, chunk and block edges, values at the thresholds, and Inf/NaN."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -426,3 +428,44 @@ def test_lines_alpha_auto_norms_are_the_torch_norms(method, values, monkeypatch)
     got = CpuBackend(chunk=5000, compiled=True).delta_norms(job, plan)
     assert calls and got[:2] == want[:2] and got[0] > 0 and got[1] >= 0
     assert CpuBackend(chunk=5000, compiled=True).delta_norms(job, plan, with_task_sum=False)[:2] == (0.0, want[1])
+
+
+def test_a_kernel_compile_is_announced_with_its_time_and_a_compiled_one_is_not():
+    import numba
+    from types import SimpleNamespace
+
+    from numba.core import event
+
+    @numba.njit   # not cached: this test compiles it
+    def doubled(x):
+        return 2 * x
+
+    listener = jit._compile_listener(SimpleNamespace(doubled=doubled))
+    event.register("numba:compile", listener)
+    said = []
+    try:
+        with jit.compile_notices(said.append):
+            assert doubled(21) == 42
+            assert doubled(4) == 8   # compiled for ints already: nothing to announce
+        assert doubled(2.5) == 5.0   # a new signature, outside compile_notices: not announced
+    finally:
+        event.unregister("numba:compile", listener)
+    assert len(said) == 2, said
+    assert said[0].startswith("compiling CPU kernel doubled for these input types (first use on this machine")
+    assert re.fullmatch(r"compiled doubled in \d+\.\d s", said[1]), said[1]
+
+
+def test_a_merge_announces_compiles_through_its_log(tmp_path, monkeypatch):
+    from lines_fast.engine import Engine, merge
+    from helpers import write_safetensors
+
+    for folder in ["base", "ft1"]:
+        (tmp_path / folder).mkdir()
+        write_safetensors(tmp_path / folder / "model.safetensors", {"model.norm.weight": torch.randn(8).bfloat16()})
+    seen, real = [], Engine._run_locked
+    monkeypatch.setattr(Engine, "_run_locked", lambda self, started: (seen.append(jit._notify), real(self, started))[1])
+    logged = []
+    merge({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(tmp_path / "ft1")}]}, tmp_path / "out", device="cpu", progress=False,
+          log=logged.append)
+    assert seen == [logged.append] and jit._notify is None   # the engine's log while it runs, and only then
