@@ -1,7 +1,7 @@
 """Hot CPU loops compiled by numba, bit for bit the torch code they stand in for.
 
 - fill_uniform, fill_uniform_rows: DARE / DELLA's draws (rng.py), of a tensor or of a pack of
-  equal-sized tensors (one row each). Philox4x32-10 in torch is ~80 whole-array int64
+  equal-sized tensors (one row each); fill_uniform_shared: a large tensor's over the cores. Philox4x32-10 in torch is ~80 whole-array int64
   operations per draw (~50 M draws/s on 2 cores), which made DARE and DELLA merges several times
   slower than TIES on the CPU; compiled, one element's ten rounds stay in registers (~300 M/s on
   one core). The arithmetic is rng.py's (uint64 products of 32-bit words, their high and low
@@ -178,7 +178,8 @@ def _compile() -> SimpleNamespace:
         # An unwritable package directory only costs the on-disk cache of the compiled code.
         warnings.simplefilter("ignore")
         from . import jit_kernels as k
-    found = SimpleNamespace(fill_uniform=k.fill_uniform, fill_uniform_rows=k.fill_uniform_rows,
+    found = SimpleNamespace(fill_uniform=k.fill_uniform, fill_uniform_shared=k.fill_uniform_shared,
+                            fill_uniform_rows=k.fill_uniform_rows,
                             add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
                             merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms,
                             gram_chunk=k.gram_chunk, add_abs_bins_kept=k.add_abs_bins_kept, warm_up=k.warm_up)

@@ -62,6 +62,18 @@ def fill_uniform(start, out, c2, c3, k0, k1):
         out[t] = uniform_at(u64(start) + u64(t), u64(c2), u64(c3), u64(k0), u64(k1))
 
 
+@_parallel
+def fill_uniform_shared(start, out, c2, c3, k0, k1, threads):
+    """fill_uniform with the elements shared among `threads` threads (each draw is independent
+    of the others: the same u whatever the split); for large draws only, as a parallel call
+    costs more than a small draw."""
+    n = out.shape[0]
+    per = -(-n // threads)
+    for t in numba.prange(threads):
+        for j in range(t * per, min(n, (t + 1) * per)):
+            out[j] = uniform_at(u64(start) + u64(j), u64(c2), u64(c3), u64(k0), u64(k1))
+
+
 @_serial
 def fill_uniform_rows(out, c2s, c3, k0, k1):
     """out[r, t] = u of flat index t of the tensor whose stream id is c2s[r] (a pack of
@@ -80,20 +92,38 @@ def add_abs_bins(bits, bins):
         e = b >> shift
         bins[e] += (b & significand) | (min(e, hidden) << shift)
 
-@_serial
-def add_abs_bins_kept(bits, keep, total_bins, kept_bins, packed):
+@_parallel
+def add_abs_bins_kept(bits, keep, total_bins, kept_bins, packed, threads):
     """add_abs_bins of `bits` into total_bins and of its kept elements (keep: bool as uint8) into
-    kept_bins, and keep packed 8 to a byte into `packed` (zeroed by the caller; element j in bit
-    j % 8 of byte j // 8, backends/cpu.py's _pack_bits): the L1 rescale statistics of DARE and
-    DELLA in one pass (torch.where, a second sum and the packing before)."""
-    for j in range(bits.shape[0]):
-        b = i64(bits[j]) & abs_mask
-        e = b >> shift
-        m = (b & significand) | (min(e, hidden) << shift)
-        total_bins[e] += m
-        if keep[j]:
-            kept_bins[e] += m
-            packed[j >> 3] |= np.uint8(1 << (j & 7))
+    kept_bins, and keep packed 8 to a byte into `packed` (element j in bit j % 8 of byte j // 8,
+    backends/cpu.py's _pack_bits): the L1 rescale statistics of DARE and DELLA in one pass
+    (torch.where, a second sum and the packing before). Each thread counts whole bytes' elements
+    into bins of its own, 4 sets by j % 4 (consecutive elements of like magnitude hit one bin: one
+    set made every add wait for the last), added up at the end: integer sums, so the same bits
+    in any order. A kept element adds m * 1, a dropped one m * 0: no branch to mispredict at
+    50% density."""
+    n, width = bits.shape[0], total_bins.shape[0]
+    nbytes = (n + 7) >> 3
+    per = -(-nbytes // threads)
+    local = np.zeros((threads, 2, 4, width), np.int64)
+    for t in numba.prange(threads):
+        for q in range(t * per, min(nbytes, (t + 1) * per)):
+            byte = 0
+            for k in range(min(8, n - 8 * q)):
+                j = 8 * q + k
+                b = i64(bits[j]) & abs_mask
+                e = b >> shift
+                m = (b & significand) | (min(e, hidden) << shift)
+                kept = i64(keep[j] != 0)
+                local[t, 0, k & 3, e] += m
+                local[t, 1, k & 3, e] += m * kept
+                byte |= kept << k
+            packed[q] = np.uint8(byte)
+    for t in range(threads):
+        for lane in range(4):
+            for e in range(width):
+                total_bins[e] += local[t, 0, lane, e]
+                kept_bins[e] += local[t, 1, lane, e]
 
 
 f64 = np.float64
@@ -101,26 +131,31 @@ f64 = np.float64
 
 RADIX = 11                           # della_drop_p sorts 32-bit keys in 3 passes of 11 bits
 RADIX_MASK = np.uint32((1 << RADIX) - 1)
+magnitude_bits = np.uint32(0x7FFFFFFF)   # a float32's bits less its sign: |x|
 
 
 @_parallel
-def della_drop_p(magnitudes, density, eps, out):
+def della_drop_p(x, density, eps, out):
     """out[r, j] = 1 - ((density - eps) + rank / top * (2 eps)) rounded to float32, rank: how many
-    magnitudes of row r are strictly smaller than [r, j], top: the row's largest rank (0: 0.5).
-    magnitudes: finite and >= 0 (the caller checks), so their bit patterns order as they do: each
-    row is sorted by an LSD radix sort of the bits (3 passes of 11 bits, all three histograms in
-    one read, a pass skipped where every key has the same digit; 3-6x numba's argsort), and
-    equal magnitudes share the first position of their run: the same ranks as a comparison sort.
-    Rows over the cores."""
-    rows, length = magnitudes.shape
+    magnitudes |x| of row r are strictly smaller than |x[r, j]|, top: the row's largest rank (0:
+    0.5). Returns False, out unfinished, if any x is Inf or NaN (the caller's torch path then
+    takes it). Finite magnitudes' bit patterns (the sign bit cleared: |x|, -0.0 as +0.0) order as
+    they do: each row is sorted by an LSD radix sort of the bits (3 passes of 11 bits, all three
+    histograms in one read, a pass skipped where every key has the same digit; 3-6x numba's
+    argsort), and equal magnitudes share the first position of their run: the same ranks as a
+    comparison sort. Rows over the cores."""
+    rows, length = x.shape
     low, spread = f64(density) - f64(eps), f64(2.0) * f64(eps)
+    nonfinite = np.zeros(rows, np.uint8)
     for r in numba.prange(rows):
-        row = magnitudes[r]
+        row = x[r]
         keys, spare_keys = np.empty(length, np.uint32), np.empty(length, np.uint32)
         index, spare_index = np.empty(length, np.int32), np.empty(length, np.int32)
         counts = np.zeros((3, 1 << RADIX), np.int32)
         for j in range(length):
-            k = as_bits(row[j])
+            k = as_bits(row[j]) & magnitude_bits
+            if k >= f32_exponent:
+                nonfinite[r] = 1
             keys[j] = k
             index[j] = j
             counts[0, k & RADIX_MASK] += 1
@@ -155,6 +190,7 @@ def della_drop_p(magnitudes, density, eps, out):
         for j in range(length):
             normalized = f64(rank[j]) / top if top > 0 else f64(0.5)
             out[r, j] = f32(f64(1.0) - (low + normalized * spread))
+    return not nonfinite.any()
 
 
 @intrinsic

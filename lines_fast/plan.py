@@ -161,12 +161,12 @@ class ElementPlan:
         density, eps = self.densities[i], self.epsilons[i]
         if density >= 1:
             return torch.zeros_like(rows)
-        magnitudes = rows.abs()
         fast = jit.compiled(rows.numel()) if rows.device.type == "cpu" else None
-        if fast is not None and bool(torch.isfinite(magnitudes).all()):   # compiled (lines_fast/jit.py), same bits
+        if fast is not None:   # compiled (lines_fast/jit.py), the same bits; Inf or NaN: the torch code below
             out = torch.empty(rows.shape, dtype=torch.float32)
-            fast.della_drop_p(magnitudes.contiguous().numpy(), float(density), float(eps), out.numpy())
-            return out
+            if fast.della_drop_p(rows.contiguous().numpy(), float(density), float(eps), out.numpy()):
+                return out
+        magnitudes = rows.abs()
         # rank = the sorted position of the first equal magnitude: a running max of the positions
         # where the sorted value changes, scattered back to where each magnitude came from (the
         # same counts a searchsorted gives, in O(L) after the sort instead of O(L log L)).

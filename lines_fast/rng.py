@@ -27,6 +27,9 @@ _KEY_B = 0xBB67AE85
 _N_ROUNDS = 10
 _UNIFORM_SCALE = np.float32(4.6566127342e-10)
 MAX_SEED = (1 << 63) - 1
+# Draws per thread below which the compiled draw stays on one thread: a parallel call costs ~10 us,
+# 64K draws ~200 us on one core.
+SHARED_DRAW = 1 << 16
 
 
 def tensor_stream_id(name: str) -> int:
@@ -133,9 +136,13 @@ def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device
         fast = jit.compiled(max(numel, jit.CALL_WORK))   # a torch Philox call costs ~80 operations
         if fast is not None:   # the same u, compiled (lines_fast/jit.py)
             u = torch.empty(numel, dtype=torch.float32)
-            if numel:
-                fast.fill_uniform(start, u.numpy(), tensor_stream_id(name), model_index + (stream << 16),
-                                  seed & _MASK32, (seed >> 32) & _MASK32)
+            args = (start, u.numpy(), tensor_stream_id(name), model_index + (stream << 16), seed & _MASK32,
+                    (seed >> 32) & _MASK32)
+            threads = min(torch.get_num_threads(), numel // SHARED_DRAW)
+            if threads > 1:
+                fast.fill_uniform_shared(*args, threads)
+            elif numel:
+                fast.fill_uniform(*args)
             return u
     return _draw_torch(seed, model_index, name, numel, start, device, stream)
 

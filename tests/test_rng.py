@@ -85,6 +85,22 @@ def test_compiled_draws_are_the_torch_draws_bit_for_bit(seed, model_index, name,
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
+@needs_numba
+@pytest.mark.parametrize("numel, start", [(301, 0), (1000, (1 << 32) - 500), (7, 3)])
+def test_a_large_draw_shared_among_threads_is_the_torch_draw(numel, start, monkeypatch):
+    """fill_uniform_shared (the draw split among the cores; here 2 threads from 200 draws on)."""
+    monkeypatch.setattr(rng, "SHARED_DRAW", 100)
+    monkeypatch.setattr(jit, "JIT_AFTER", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    kernels, calls = jit.kernels(), []
+    real = kernels.fill_uniform_shared
+    monkeypatch.setattr(kernels, "fill_uniform_shared", lambda *args: (calls.append(args[-1]), real(*args))[1])
+    expected = rng._draw_torch(9, 1, "model.layers.0.mlp.up_proj.weight", numel, start, "cpu", rng.DELLA_STREAM)
+    got = rng._draw(9, 1, "model.layers.0.mlp.up_proj.weight", numel, start, "cpu", rng.DELLA_STREAM)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    assert calls == ([2] if numel >= 200 else [])
+
+
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_numba)])
 @pytest.mark.parametrize("seed, model_index, names, length, stream", [
     (0, 0, [f"model.layers.{i}.experts.{i}.weight" for i in range(50)], 64, rng.DARE_STREAM),
@@ -125,6 +141,7 @@ def test_compiled_della_drop_probabilities_are_the_torch_ones(density, eps, monk
     rows[1] = -2.0
     rows[2, 1::2] = -rows[2, 0:256:2]
     rows[3, :3] = 0.0
+    rows[3, 3:6] = -0.0   # |-0.0| is +0.0: tied with the zeros
     # Task vectors as DELLA sees them (float32 differences of bf16 values) and float32 values whose
     # every key digit of the radix sort is in use; rows longer than its 2048 buckets, subnormals,
     # zeros and ties.
@@ -134,7 +151,13 @@ def test_compiled_della_drop_probabilities_are_the_torch_ones(density, eps, monk
     deltas[1, ::3] = 0.0
     full = torch.randn(6, 4099, generator=g) * 1e-3   # every significand bit in use
     full[2, 100:200] = full[2, 0:100]   # and ties among them
-    for rows in (rows, deltas, full, full[:, :1].contiguous()):
+    # Inf or NaN anywhere: the compiled kernel declines and the torch code ranks them (same bits).
+    special = full.clone()
+    special[4, 7], special[5, 9] = float("inf"), float("nan")
+    for bad in (4, 5):
+        assert not jit.kernels().della_drop_p(special[bad:bad + 1].numpy(), density, eps, torch.empty(1, 4099).numpy())
+    assert jit.kernels().della_drop_p(special[:4].numpy(), density, eps, torch.empty(4, 4099).numpy())
+    for rows in (rows, deltas, full, full[:, :1].contiguous(), special):
         monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
         expected = plan.ranked_drop_p(rows, 1)
         monkeypatch.setattr(jit, "JIT_AFTER", 0)

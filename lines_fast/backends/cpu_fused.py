@@ -195,9 +195,8 @@ def add_kept_l1(kernels, plan: ElementPlan, base: torch.Tensor, models: list[tor
         x = x.contiguous()
         keep = plan.keep_masks(x, i, stats, name, start, row_len).contiguous()
         packed = slots[i] if slots is not None else torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
-        packed.zero_()
-        bins = torch.zeros(2, EXPONENT_BINS, dtype=torch.int64)
+        bins = torch.zeros(2, EXPONENT_BINS, dtype=torch.int64)   # every byte of packed is written
         kernels.add_abs_bins_kept(x.view(torch.int32).numpy(), keep.view(torch.uint8).numpy(), bins[0].numpy(),
-                                  bins[1].numpy(), packed.numpy())
+                                  bins[1].numpy(), packed.numpy(), torch.get_num_threads())
         totals[i].add_bins(bins[0])
         kepts[i].add_bins(bins[1])
