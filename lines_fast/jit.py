@@ -8,11 +8,13 @@
   halves), then Triton's uint_to_uniform_float, every constant a uint64 or float32 so numba
   never widens to float64.
 - della_drop_p: DELLA's per-row ranks and drop probabilities (plan.ranked_drop_p): a sort per
-  row, the first-equal position of each magnitude, and the same float64 formula, one loop per
-  row and rows over all cores, instead of ten whole-array operations.
+  row of |x| (the sign bit cleared in the kernel, which also declines Inf and NaN), the
+  first-equal position of each magnitude, and the same float64 formula, one loop per row and
+  rows over all cores, instead of ten whole-array operations.
 - add_abs_bins: exactsum.AbsSum's per-exponent integer sums of significands (L1 norms: DARE's
   rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount;
-  add_abs_bins_kept: the same for a task vector and its kept part at once, packing the keep mask.
+  add_abs_bins_kept: the same for a task vector and its kept part at once, packing the keep mask,
+  over all cores (integer bins per thread, added at the end: the same sums in any order).
 - merge_chunk: the CPU backend's merge of one chunk for the plans without per-element side
   inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given,
   DELLA with its keep masks, one Gram weight per tensor, the TALL mask; with LiNeS): every plan step of backends/cpu.py's torch path, the same float32 operations in the same
