@@ -77,6 +77,7 @@ class MergeConfig:
     missing: str = "error"          # or "copy-base": a tensor a model lacks takes the base's value
     allow_nonfinite: bool = False
     source: str = "command line"    # where this config came from, for messages
+    notices: list[str] = field(default_factory=list)   # what the merge's log should tell (read, not refused)
     spec: MethodSpec | None = None  # set by validate()
     per_tensor: bool = False        # some parameter is a per-layer list or filtered (set by validate())
     spec_inputs: tuple | None = field(default=None, repr=False)   # make_spec's inputs (validate())
@@ -324,13 +325,20 @@ def _read_document(doc: dict, source: str, base_dir: Path | None, key_problems: 
             base_path = None   # a soup's inputs are its sources; mergekit ignores base_model there
     else:
         models, model_params = _models_list(doc.get("models"), source, resolve)
+    notices: list[str] = []
     listed = [i for i, m in enumerate(models) if base_path is not None and slicing.same_model(m, base_path)]
     if listed and method.inputs is not Inputs.MODELS:
         # mergekit lists the base among the models freely; it is the base, not a task vector
         # (its parameters, if any, are ignored, as mergekit ignores them).
         model_keys = tuple(f"models[{i}]" for i in range(len(models)) if i not in listed)
+        ignored = sorted(k for k, vs in model_params.items() if any(vs[i] is not None for i in listed))
+        if ignored:
+            notices.append(f"{source}: {', '.join(f'models[{i}]' for i in listed)} is the base model "
+                           f"({base_path}); its parameters ({', '.join(ignored)}) have no effect on a {method.name} "
+                           "merge (the base has no task vector) and are ignored, as mergekit ignores them.")
         models = [m for i, m in enumerate(models) if i not in listed]
         model_params = {k: [v for i, v in enumerate(vs) if i not in listed] for k, vs in model_params.items()}
+        model_params = {k: vs for k, vs in model_params.items() if any(v is not None for v in vs)}
     else:
         model_keys = None
     base_weight = None
@@ -390,6 +398,7 @@ def _read_document(doc: dict, source: str, base_dir: Path | None, key_problems: 
         tokenizer=attempt(lambda: parse_tokenizer(doc, source, resolve)),
         chat_template=attempt(read_chat_template),
         source=source,
+        notices=notices,
     )
     config = attempt(lambda: validate(config), config)
     if problems:
@@ -595,6 +604,16 @@ def validate(config: MergeConfig) -> MergeConfig:
             raise _fail(src, f"a base weight averages the base in; {method.name} takes task vectors from it instead.")
         if config.base is None:
             raise _fail(src, "a base weight needs a base model.")
+    if config.slices is None:
+        for j, later in enumerate(config.models):
+            first = next(i for i, m in enumerate(config.models) if slicing.same_model(m, later))
+            if first < j:
+                # mergekit keys a merge's inputs by model, so it would merge this one once.
+                named = ((f"--model #{first + 1}", f"--model #{j + 1}") if config.source == "command line"
+                         else (_model_key(config, first), _model_key(config, j)))
+                raise _fail(src, f"{named[0]} and {named[1]} are the same model "
+                                 f"({later}); list each model once (mergekit would merge it once; to count it more, "
+                                 "give it a larger weight).")
     n = len(config.merge_inputs)
     labels = ([f"base_model ({config.base})"] if config.base_is_input else []) + [
         f"{_model_key(config, i)} ({path})" for i, path in enumerate(config.models)]

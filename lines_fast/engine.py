@@ -592,6 +592,8 @@ class Engine:
 
     def _run(self, started: float) -> MergeResult:
         config, spec, world = self.config, self.spec, self.world
+        for notice in config.notices:
+            self.log(notice)
         inputs = open_inputs(config, self.log)
         writer = None
         try:

@@ -286,6 +286,9 @@ REGISTRY: dict[str, Method] = {}
 def register(method: Method) -> Method:
     if method.name in REGISTRY:
         raise ValueError(f"merge method {method.name!r} is registered twice")
+    # Every method takes int8_mask, as in mergekit, where Hub configs carry it on slerp and linear
+    # merges too: a memory option there, nothing to do here.
+    method = replace(method, params=(*method.params, INT8_MASK))
     REGISTRY[method.name] = method
     return method
 
@@ -308,25 +311,25 @@ register(Method(
 register(Method(
     "task_arithmetic", "task arithmetic: add the weighted task vectors",
     "tau_MTL = sum_i w_i tau_i  (with normalize: / sum_i w_i)",
-    params=(WEIGHT, LAMBDA, NORMALIZE.with_default(False), TALL, INT8_MASK),
+    params=(WEIGHT, LAMBDA, NORMALIZE.with_default(False), TALL),
     checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix),), paper="https://arxiv.org/abs/2212.04089"))
 register(Method(
     "ties", "TIES: trim each task vector to its top magnitudes, elect signs, disjoint mean",
     "tau_MTL = sum_{i in A} w_i trim(tau_i) / sum_{i in A} w_i, A agrees with sign(sum_i w_i trim(tau_i))",
     params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(True),
-            RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, RULE, TALL, INT8_MASK),
+            RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, RULE, TALL),
     sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN,
     checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix), lambda spec, prefix: _official_rule(spec, prefix)),
     paper="https://arxiv.org/abs/2306.01708"))
 register(Method(
     "dare_linear", "DARE: drop random task-vector elements, rescale, add",
     "tau_MTL = sum_i w_i rescale(drop(tau_i))  (with normalize: / sum_i w_i)",
-    params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(False), RESCALE.with_default(True), SEED, INT8_MASK),
+    params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(False), RESCALE.with_default(True), SEED),
     sparsify=Sparsify.RANDOM, paper="https://arxiv.org/abs/2311.03099"))
 register(Method(
     "dare_ties", "DARE then TIES's sign election and disjoint merge (no magnitude trim)",
     "tau_MTL = TIES steps 2-3 on rescale(drop(tau_i))",
-    params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(False), RESCALE.with_default(True), SEED, INT8_MASK),
+    params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(False), RESCALE.with_default(True), SEED),
     sparsify=Sparsify.RANDOM, consensus=Consensus.SIGN, paper="https://arxiv.org/abs/2311.03099"))
 
 
@@ -369,13 +372,13 @@ register(Method(
     "breadcrumbs", "Model Breadcrumbs: drop each task vector's largest outliers and its smallest values, add",
     "tau_MTL = sum_i w_i band(tau_i)  (band: below the top gamma_i, the next density_i by magnitude)",
     params=(WEIGHT, DENSITY, GAMMA, LAMBDA, NORMALIZE.with_default(False),
-            RESCALE.with_default(False, choices=(True, False)), INT8_MASK),
+            RESCALE.with_default(False, choices=(True, False))),
     sparsify=Sparsify.BAND, checks=(_gamma_plus_density,), paper="https://arxiv.org/abs/2312.06795"))
 register(Method(
     "breadcrumbs_ties", "Model Breadcrumbs, then TIES's sign election and disjoint merge",
     "tau_MTL = TIES steps 2-3 on band(tau_i)",
     params=(WEIGHT, DENSITY, GAMMA, LAMBDA, NORMALIZE.with_default(False),
-            RESCALE.with_default(False, choices=(True, False)), INT8_MASK),
+            RESCALE.with_default(False, choices=(True, False))),
     sparsify=Sparsify.BAND, consensus=Consensus.SIGN, checks=(_gamma_plus_density,),
     paper="https://arxiv.org/abs/2312.06795"))
 
@@ -422,7 +425,7 @@ for _name, _consensus, _normalize, _summary in (
         "keep tau_i[r, j] with probability density_i - epsilon_i + 2 epsilon_i rank / max rank in row r, then "
         + ("TIES steps 2-3" if _consensus is Consensus.SIGN else "sum_i w_i"),
         params=(WEIGHT, DENSITY, EPSILON, LAMBDA, NORMALIZE.with_default(_normalize),
-                RESCALE.with_default(True, choices=(True, False)), SEED, INT8_MASK),
+                RESCALE.with_default(True, choices=(True, False)), SEED),
         sparsify=Sparsify.RANKED, consensus=_consensus, checks=(_della_epsilon,),
         paper="https://arxiv.org/abs/2406.11617"))
 

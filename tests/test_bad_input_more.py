@@ -213,6 +213,37 @@ def test_a_model_is_named_by_its_own_index_when_the_base_is_listed_too(fam, caps
     assert f"models[1] ({fam / 'ft1'}): densty is not a parameter" in msg and "models[0] (" not in msg
 
 
+def test_the_base_entrys_parameters_are_ignored_and_said_to_be_not_blamed_on_a_fine_tune(fam, capsys):
+    """mergekit ignores the parameters of the base listed among the models of a task-vector method
+    (it has no task vector); a copied density or a typo there used to be reported on models[1]."""
+    plain = fam / "plain.yml"
+    plain.write_text(f"merge_method: ties\nbase_model: {fam / 'base'}\nmodels:\n  - model: {fam / 'ft1'}\n"
+                     f"    parameters: {{density: 0.5}}\n")
+    listed = fam / "listed.yml"
+    listed.write_text(f"merge_method: ties\nbase_model: {fam / 'base'}\nmodels:\n  - model: {fam / 'ft1'}\n"
+                      f"    parameters: {{density: 0.5}}\n  - model: {fam / 'base'}\n"
+                      f"    parameters: {{densty: 1.5, density: 1.5, weight: 3}}\n")
+    assert cli.main(["merge", str(plain), str(fam / "a"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert cli.main(["merge", str(listed), str(fam / "b"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert (f"{listed}: models[1] is the base model ({fam / 'base'}); its parameters (density, densty, weight) "
+            "have no effect on a ties merge") in err
+    a, b = load(fam / "a"), load(fam / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_a_model_listed_twice_is_refused_as_mergekit_would_merge_it_once(fam, capsys):
+    cfg = fam / "twice.yml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {fam / 'base'}\nmodels:\n  - model: {fam / 'ft1'}\n"
+                   f"  - model: {fam / 'ft2'}\n  - model: {fam / 'ft1'}/\n")   # the same directory, spelled otherwise
+    msg = refused(capsys, fam, ["merge", cfg, fam / "out"])
+    assert "models[0] and models[2] are the same model" in msg and "larger weight" in msg
+    msg = refused(capsys, fam, ["merge", "--method", "task_arithmetic", "--base", fam / "base", "--model", fam / "ft1",
+                                "--model", fam / "ft1", "-o", fam / "out"])
+    assert "--model #1 and --model #2 are the same model" in msg
+
+
 def test_numbers_in_scientific_notation_are_numbers(fam, capsys):
     """PyYAML reads 1e-2 (no dot) as a string; mergekit takes it as a number, so do we."""
     import yaml

@@ -448,3 +448,14 @@ def test_cli_overrides_are_blamed_on_the_option():
     soup = from_yaml_dict({"merge_method": "linear", "models": ["x", "y"]}, "c.yml")
     with pytest.raises(MergeInputError, match="^--density: density is not a parameter of linear"):
         with_overrides(soup, densities=[0.5])
+
+
+@pytest.mark.parametrize("name", sorted(methods.REGISTRY))
+def test_every_method_takes_int8_mask_as_mergekit_does_and_it_changes_nothing(name):
+    """Hub configs carry mergekit's int8_mask (a memory option) on slerp and linear merges too."""
+    m = methods.get(name)
+    n = m.min_models if m.max_models == m.min_models else max(2, m.min_models)
+    required = {"t": 0.5} if name == "slerp" else {}
+    plain = make_spec(name, n, values=required)
+    masked = make_spec(name, n, values={**required, "int8_mask": True})
+    assert ElementPlan.from_spec(masked) == ElementPlan.from_spec(plain)
