@@ -601,7 +601,11 @@ def run() -> None:
     import os
     import threading
 
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:   # before a merge started (a merge's own interrupt says more, and returns 130)
+        print("lines-fast: interrupted; nothing was written.", file=sys.stderr)
+        code = 130
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()

@@ -39,13 +39,11 @@ _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dt
 # mergekit keys we know and deliberately do not implement: refused with this reason.
 _REFUSED_TOP_KEYS = {
     "modules": "per-module configs (modules) are not supported",
-    "experts": "this is a mergekit-moe config (it builds a mixture-of-experts model out of dense ones); MoE "
-               "construction is out of scope for lines_fast, which merges models of one architecture: use "
-               "mergekit-moe for it",
-    "gate_mode": "this is a mergekit-moe config (it builds a mixture-of-experts model out of dense ones); MoE "
-                 "construction is out of scope for lines_fast, which merges models of one architecture: use "
-                 "mergekit-moe for it",
 }
+# mergekit-moe's keys: such a config builds a mixture of experts; said once, and alone.
+_MOE_KEYS = ("experts", "gate_mode", "experts_per_token", "shared_experts")
+_MOE = ("this is a mergekit-moe config (it builds a mixture-of-experts model out of dense ones); MoE construction "
+        "is out of scope for lines_fast, which merges models of one architecture: use mergekit-moe for it")
 _LINES_KEYS = {"alpha", "beta", "gamma", "outside", "layer_pattern"}
 
 
@@ -189,8 +187,14 @@ def parse_lines(block: Any, source: str) -> LinesSpec:
         alpha, beta = gamma, 1.0 - gamma
     else:
         alpha = block.get("alpha", "auto")
-        if not (isinstance(alpha, str) and alpha == "auto"):
-            alpha = _number(alpha, source, "lines.alpha")
+        if isinstance(alpha, str) and alpha.strip().lower() == "auto":
+            alpha = "auto"
+        else:
+            try:
+                alpha = _number(alpha, source, "lines.alpha")
+            except MergeInputError as err:
+                raise MergeInputError(f"{str(err).rstrip('.')}; or auto (alpha from the task vectors' L1 norms, "
+                                      "the paper's rule).") from None
         if "beta" not in block:
             raise _fail(source, "lines: needs beta (the paper tunes it: 0.1-1.5 for ties, 0.1-1.0 for task arithmetic).")
         beta = _number(block["beta"], source, "lines.beta")
@@ -236,6 +240,9 @@ def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths:
     refuses or does not know, the method, and (check_paths) local model paths that do not exist.
     Raised at once where the rest cannot be read (no method, no models, a missing path); keys
     alone are returned, to be listed with the problems found further on."""
+    moe = [key for key in _MOE_KEYS if key in doc]
+    if moe:   # its other keys (no merge_method, no models) would only add noise
+        raise _fail(source, f"'{moe[0]}': {_MOE}.")
     problems = [f"'{key}': {reason}" for key, reason in _REFUSED_TOP_KEYS.items() if key in doc]
     unknown = set(doc) - _TOP_KEYS - set(_REFUSED_TOP_KEYS)
     if unknown:
@@ -245,8 +252,7 @@ def _refuse_problems(doc: dict, source: str, base_dir: Path | None, check_paths:
     if "merge_method" not in doc:
         problems.append(f"merge_method is missing; one of {', '.join(methods.names())}")
     elif doc["merge_method"] not in methods.REGISTRY:
-        problems.append(f"unknown merge method {doc['merge_method']!r}; lines_fast has {', '.join(methods.names())} "
-                        "(mergekit's other methods are not implemented yet)")
+        problems.append(methods.unknown_method(doc["merge_method"]))
     if doc.get("models") is None and doc.get("slices") is None:
         problems.append("models: is missing; give a list of {model: PATH, parameters: {...}} (or slices:)")
     references = [("base_model", doc.get("base_model"))]

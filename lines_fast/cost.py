@@ -135,12 +135,15 @@ def _costs(tables: list[dict], config: MergeConfig) -> list[TensorCost]:
 
 def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
     from . import hub
-    from .engine import open_inputs
+    from .engine import _plan_tensors, open_inputs
 
     if any(hub.remote(p) for p in ([config.base] if config.base else []) + list(config.models)):
         return _tensors_from_headers(config)
     inputs = open_inputs(config)
     try:
+        # The merge's own check that the inputs agree (names, shapes, dtypes), from the headers: a
+        # plan passes only what the merge would start on.
+        _plan_tensors(config, inputs, lambda _: None)
         return _costs([c.tensors for c in inputs.all()], config)
     finally:
         inputs.close()

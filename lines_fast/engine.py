@@ -673,7 +673,11 @@ class Engine:
                 copied_tensors=list(plan.copied), bytes_read=sum(s["bytes_read"] for s in shares),
                 bytes_written=out_bytes, seconds=time.perf_counter() - started, alpha=stats.alpha,
                 global_thresholds=stats.global_thresholds, ranks=shares if world.size > 1 else None)
-        except BaseException:
+        except MergeInputError:   # refused: nothing to resume unless a shard is finished
+            if writer is not None:
+                writer.discard()
+            raise
+        except BaseException:   # interrupted or failed: the partial stays for --resume
             if writer is not None:
                 writer.abort()
             raise
@@ -956,6 +960,11 @@ class Engine:
         names = {f.name for f in tok_files}
         files = [f for f in source.aux_files()
                  if f.name not in names and not f.name.startswith(tokenizer_files.TOKENIZER_PREFIXES)] + tok_files
+        beside = source.path.parent / "config.json"
+        if source.path.is_file() and not any(f.name == "config.json" for f in files) and beside.is_file():
+            self.log(f"{source.label} is a lone .safetensors file, so the files beside it are not copied (they need "
+                     f"not belong to it): the output has no config.json, which transformers needs to load it. Copy "
+                     f"{beside} into the output if it is this model's, or give the model's folder instead.")
         updates = {}
         if self.config.out_dtype is not None:
             # The model's declared dtype should describe the merged weights: transformers 4 reads

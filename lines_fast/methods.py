@@ -14,6 +14,7 @@ docs/methods.md, "Adding a method".
 """
 from __future__ import annotations
 
+import difflib
 import enum
 import math
 from dataclasses import dataclass, field, replace
@@ -242,7 +243,7 @@ class Method:
     paper: str = ""
     mergekit: bool = True               # mergekit has a method of this name and meaning
     # Checks across parameters (one value alone is checked by its Param): each takes the
-    # resolved spec and the error prefix and raises MergeInputError.
+    # resolved spec, the error prefix and the models' labels, and raises MergeInputError.
     checks: tuple = ()
     # The per-model parameter that is each input's weight in the sum (passthrough calls it scale).
     weight_param: str = "weight"
@@ -312,14 +313,15 @@ register(Method(
     "task_arithmetic", "task arithmetic: add the weighted task vectors",
     "tau_MTL = sum_i w_i tau_i  (with normalize: / sum_i w_i)",
     params=(WEIGHT, LAMBDA, NORMALIZE.with_default(False), TALL),
-    checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix),), paper="https://arxiv.org/abs/2212.04089"))
+    checks=(lambda spec, prefix, labels: _tall_k_at_most_n(spec, prefix),), paper="https://arxiv.org/abs/2212.04089"))
 register(Method(
     "ties", "TIES: trim each task vector to its top magnitudes, elect signs, disjoint mean",
     "tau_MTL = sum_{i in A} w_i trim(tau_i) / sum_{i in A} w_i, A agrees with sign(sum_i w_i trim(tau_i))",
     params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(True),
             RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, RULE, TALL),
     sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN,
-    checks=(lambda spec, prefix: _tall_k_at_most_n(spec, prefix), lambda spec, prefix: _official_rule(spec, prefix)),
+    checks=(lambda spec, prefix, labels: _tall_k_at_most_n(spec, prefix),
+            lambda spec, prefix, labels: _official_rule(spec, prefix)),
     paper="https://arxiv.org/abs/2306.01708"))
 register(Method(
     "dare_linear", "DARE: drop random task-vector elements, rescale, add",
@@ -359,12 +361,12 @@ def _official_rule(spec, prefix: str) -> None:
                               + "; ".join(wrong) + ". Change those, or use rule: mergekit.")
 
 
-def _gamma_plus_density(spec, prefix: str) -> None:
+def _gamma_plus_density(spec, prefix: str, labels: list[str]) -> None:
     """breadcrumbs keeps the density_i of magnitudes below the top gamma_i: both must fit in 1."""
     for i, (gamma, density) in enumerate(zip(spec.value("gamma"), spec.densities)):
         if density < 1 and gamma + density > 1:
             raise MergeInputError(
-                f"{prefix}model {i + 1}: gamma {gamma} + density {density} is more than 1, so the outliers dropped "
+                f"{prefix}{labels[i]}: gamma {gamma} + density {density} is more than 1, so the outliers dropped "
                 f"and the values kept would overlap. Lower gamma or density so that gamma + density <= 1.")
 
 
@@ -406,12 +408,12 @@ register(Method(
     paper="https://arxiv.org/abs/2403.19522"))
 
 
-def _della_epsilon(spec, prefix: str) -> None:
+def _della_epsilon(spec, prefix: str, labels: list[str]) -> None:
     """DELLA's keep probabilities run from density - epsilon to density + epsilon: inside (0, 1)."""
     for i, (epsilon, density) in enumerate(zip(spec.value("epsilon"), spec.densities)):
         if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
             raise MergeInputError(
-                f"{prefix}model {i + 1}: density {density} +- epsilon {epsilon} leaves (0, 1), so some keep "
+                f"{prefix}{labels[i]}: density {density} +- epsilon {epsilon} leaves (0, 1), so some keep "
                 "probabilities would not be probabilities (mergekit refuses this too). Choose epsilon < "
                 f"min(density, 1 - density) = {min(density, 1 - density):.6g}.")
 
@@ -439,9 +441,16 @@ def get(name: Any, where: str = "") -> Method:
     method = REGISTRY.get(name) if isinstance(name, str) else None
     if method is None:
         prefix = f"{where}: " if where else ""
-        raise MergeInputError(f"{prefix}unknown merge method {name!r}; lines_fast has {', '.join(REGISTRY)} "
-                              "(mergekit's other methods are not implemented yet).")
+        raise MergeInputError(f"{prefix}{unknown_method(name)}.")
     return method
+
+
+def unknown_method(name: Any) -> str:
+    """The problem with a merge_method that is not registered: the nearest name, and every name."""
+    near = difflib.get_close_matches(name.lower(), list(REGISTRY), n=1, cutoff=0.6) if isinstance(name, str) else []
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return (f"unknown merge method {name!r}{hint}; lines_fast has {', '.join(REGISTRY)} (mergekit's other methods "
+            "are not implemented yet)")
 
 
 def takers(param: str) -> str:

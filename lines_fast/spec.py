@@ -170,7 +170,9 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
             others = n_models - 1
             raise MergeInputError(f"{prefix}{method} merges {definition.models_text()} model; {others} other "
                                   f"{'model was' if others == 1 else 'models were'} given.")
-        raise MergeInputError(f"{prefix}{method} merges {exactly}{definition.models_text()} fine-tuned model(s); "
+        noun = "model" if definition.max_models == 1 else "models"
+        kind = "" if definition.inputs is Inputs.MODELS else "fine-tuned "   # a soup's inputs are models
+        raise MergeInputError(f"{prefix}{method} merges {exactly}{definition.models_text()} {kind}{noun}; "
                               f"{n_models} {'was' if n_models == 1 else 'were'} given.")
     values = dict(values or {})
     model_values = dict(model_values or {})
@@ -214,8 +216,8 @@ def make_spec(method: str, n_models: int, *, model_values: Mapping[str, Any] | N
         raise listing(prefix, problems, "problems with the parameters")
     spec = MethodSpec(method, n_models, tuple(resolved), lines, with_base)
     _check_divisors(spec, prefix)
-    for check in definition.checks:
-        check(spec, prefix)
+    for check in definition.checks:   # each check(spec, prefix, labels) raises for a bad combination
+        check(spec, prefix, labels)
     return spec
 
 

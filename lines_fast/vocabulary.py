@@ -272,11 +272,15 @@ def build(spec: TokenizerSpec, folders: list[Path], labels: list[str], base_inde
     else:
         src_label, src = labels[first], base
     if base is None or src is None:
-        if all(v is None for v in vocabs) and src is None and spec.source != "union" and not spec.tokens:
+        if (all(v is None for v in vocabs) and src is None and spec.source != "union" and not spec.tokens
+                and not spec.pad_to_multiple_of):
             return None
         missing = labels[first] if base is None else src_label
+        # What asks for a vocabulary: a union, tokens:, padding (else the source's files are copied).
+        needs = (f"tokenizer_source: {spec.source}" if spec.source == "union" or isinstance(spec.source, Path)
+                 else "tokens:" if spec.tokens else f"pad_to_multiple_of: {spec.pad_to_multiple_of}")
         raise MergeInputError(
-            f"{missing} has no tokenizer.json, which tokenizer_source: {spec.source} needs to build the output's "
+            f"{missing} has no tokenizer.json, which {needs} needs to build the output's "
             "vocabulary (mergekit reads it through transformers, converting a SentencePiece tokenizer.model; "
             "lines_fast reads tokenizer.json only). Save a fast tokenizer there first (transformers: "
             "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR) writes tokenizer.json), or drop "

@@ -700,6 +700,17 @@ class ShardedWriter:
         if self._state == "open":
             self._state = "aborted"
 
+    def discard(self) -> None:
+        """abort(), and where no shard is finished, remove the partial directory too: a refused
+        merge leaves nothing behind, and a partial with finished shards stays for --resume.
+        (Distributed ranks share the directory: there it always stays.)"""
+        self.abort()
+        if not self._done and self.world.size == 1:
+            try:
+                _remove(self.partial)
+            except OSError:
+                pass
+
     def __enter__(self) -> "ShardedWriter":
         return self
 

@@ -13,6 +13,7 @@ import torch
 from lines_fast import cli
 from lines_fast.checkpoint import Checkpoint
 from lines_fast.errors import MergeInputError
+from lines_fast.writer import PARTIAL_SUFFIX
 from lines_fast.synth import INT_TENSOR_NAME, recipe, write_checkpoint_family
 
 from helpers import load, write_safetensors
@@ -297,3 +298,47 @@ def test_resume_of_a_finished_merge_says_it_is_finished(fam, capsys):
     capsys.readouterr()
     assert cli.main(args(fam, "--resume")) == 2
     assert "a finished merge: there is nothing to resume" in capsys.readouterr().err
+
+
+def test_a_refused_merge_with_no_finished_shard_leaves_no_partial_directory(fam, capsys):
+    """NaN found in the merge pass before any shard is finished: nothing to resume, so nothing left
+    (OUT.lines-fast-partial used to stay behind, holding only the journal)."""
+    weights = fam / "ft2" / "model.safetensors"
+    tensors = load(fam / "ft2")
+    name = next(n for n, t in tensors.items() if t.is_floating_point() and t.dim() == 2)
+    tensors[name][0, 0] = float("nan")
+    write_safetensors(weights, tensors, {"format": "pt"})
+    msg = refused(capsys, fam, args(fam))
+    assert name in msg and "NaN" in msg
+    assert not (fam / ("out" + PARTIAL_SUFFIX)).exists()
+
+
+def test_a_base_given_as_a_lone_file_says_the_output_lacks_its_config(fam, capsys):
+    weights = fam / "base" / "model.safetensors"
+    argv = ["merge", "--method", "task_arithmetic", "--base", str(weights), "--model", str(fam / "ft1"),
+            "-o", str(fam / "out"), "--no-progress"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"{weights} is a lone .safetensors file" in err and f"Copy {fam / 'base' / 'config.json'}" in err
+    assert not (fam / "out" / "config.json").exists()
+
+
+def test_lines_alpha_auto_in_any_case_and_a_bad_alpha_names_auto(fam, capsys):
+    from lines_fast.config import from_yaml_dict
+
+    doc = {"merge_method": "ties", "base_model": str(fam / "base"),
+           "models": [{"model": str(fam / "ft1"), "parameters": {"density": 0.5}}]}
+    assert from_yaml_dict({**doc, "lines": {"alpha": "Auto", "beta": 0.5}}, "c.yml").lines.alpha == "auto"
+    with pytest.raises(MergeInputError, match=r"lines.alpha must be a number, got 'big'; or auto"):
+        from_yaml_dict({**doc, "lines": {"alpha": "big", "beta": 0.5}}, "c.yml")
+
+
+def test_plan_refuses_inputs_that_disagree_as_merge_does(fam, capsys):
+    tensors = load(fam / "ft2")
+    name = next(n for n, t in tensors.items() if t.is_floating_point() and t.dim() == 2)
+    del tensors[name]
+    write_safetensors(fam / "ft2" / "model.safetensors", tensors, {"format": "pt"})
+    cfg = config(fam, f"  - model: {fam / 'ft2'}\nparameters: {{density: 0.5}}\n")
+    for command in (["plan", cfg], ["merge", cfg, fam / "out"]):
+        msg = refused(capsys, fam, command)
+        assert f"tensor '{name}' is in base model" in msg and "missing from" in msg

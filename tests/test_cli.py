@@ -404,7 +404,11 @@ def test_unknown_method(fam, capsys):
     assert "unknown merge method 'karcher'" in msg and "ties" in msg
     cfg = write_yaml(fam.root / "c.yml", yaml_doc(fam, method="sce"))
     msg = refused(capsys, fam.out, cfg, fam.out)
-    assert str(cfg) in msg and "sce" in msg
+    assert str(cfg) in msg and "sce" in msg and "did you mean" not in msg
+    for typo, meant in (("TIES", "ties"), ("dare-ties", "dare_ties"), ("slurp", "slerp")):
+        cfg = write_yaml(fam.root / "c.yml", yaml_doc(fam, method=typo))
+        assert f"unknown merge method '{typo}' (did you mean {meant}?)" in refused(capsys, fam.out, cfg, fam.out)
+    assert "(did you mean ties?)" in refused(capsys, fam.out, *fam.args("tie"))
 
 
 def test_unknown_cli_option(fam, capsys):
@@ -623,6 +627,18 @@ def test_the_command_exits_quickly_but_completely(fam):
         assert proc.stdout.rstrip().endswith("atexit ran")   # after the thread: run() joined it first
     merged, base = load(fam.out), load(fam.base)
     assert merged.keys() == base.keys() and all(merged[n].shape == base[n].shape for n in base)
+
+
+def test_ctrl_c_before_the_merge_starts_exits_130_without_a_traceback(fam):
+    script = ("import sys\nimport lines_fast.cli as cli\n"
+              "def interrupted():\n    raise KeyboardInterrupt\n"
+              "cli._steady_allocator = interrupted\n"   # Ctrl-C while the command starts up
+              "sys.argv[0] = 'lines-fast'\ncli.run()\n")
+    proc = subprocess.run([sys.executable, "-c", script, "merge", *map(str, fam.args("ties")), "--density", "0.5"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == "lines-fast: interrupted; nothing was written."
+    assert not fam.out.exists()
 
 
 def test_subprocess_bad_config_and_bug(fam):

@@ -110,6 +110,8 @@ def test_a_mergekit_moe_config_is_named_as_such(fam, tmp_path, capsys):
                                    "experts": [{"source_model": str(fam.finetunes[0]), "positive_prompts": ["x"]}]}))
     rc, _, err = run(capsys, cfg, tmp_path / "out")
     assert rc == 2 and "mergekit-moe config" in err and "out of scope" in err
+    # Said once (not once per mergekit-moe key), without its missing merge_method and models as more problems.
+    assert err.count("mergekit-moe config") == 1 and "merge_method is missing" not in err and "problems" not in err
 
 
 def test_every_document_is_checked_before_the_first_merge_runs(fam, tmp_path, capsys):

@@ -313,6 +313,12 @@ def test_models_without_tokenizers_copy_the_source_files(tmp_path, capsys):
     rc, err = merge(capsys, tmp_path, ta_doc(base, [ft], weights=(1.0,), tokenizer_source="base"), tmp_path / "out")
     assert rc == 0 and "no model has a tokenizer.json" in err
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == '{"from": "base"}'
+    # Padding the embeddings needs the vocabulary: refused, as tokens: is (it was silently dropped).
+    doc = ta_doc(base, [ft], weights=(1.0,))
+    doc["tokenizer"] = {"source": "base", "pad_to_multiple_of": 96}
+    rc, err = merge(capsys, tmp_path, doc, tmp_path / "padded")
+    assert rc == 2 and f"{base} has no tokenizer.json, which pad_to_multiple_of: 96 needs" in err
+    assert not (tmp_path / "padded").exists()
 
 
 def test_the_triton_path_merges_realigned_rows_alike(family, capsys):
@@ -353,19 +359,24 @@ def test_sliced_inputs_of_two_vocabularies_are_refused(family, capsys):
     assert not (f["root"] / "out").exists()
 
 
-def test_resume_refuses_a_partial_merge_made_with_another_vocabulary(tmp_path, capsys):
+def test_resume_refuses_a_partial_merge_made_with_another_vocabulary(tmp_path, capsys, monkeypatch):
     """--resume keeps finished shards only if the realigned rows would be the same: a tokenizer
     edited between the runs makes it another merge."""
+    from lines_fast.writer import ShardedWriter
+
     base = write_model(tmp_path / "base", BASE, 0)
     ft1 = write_model(tmp_path / "ft1", BASE + ["kk"], 1)
     ft2 = write_model(tmp_path / "ft2", BASE + ["mm"], 2)
-    tensors = load(ft2)   # NaN in its last tensor: the first run stops there, shards before it kept
-    tensors["lm_head.weight"][0, 0] = float("nan")
-    write_safetensors(ft2 / "model.safetensors", tensors, {"format": "pt"})
     doc = ta_doc(base, [ft1, ft2], tokenizer_source="union")
     out = tmp_path / "out"
-    rc, err = merge(capsys, tmp_path, doc, out, "--max-shard-size", "1KB")
-    assert rc == 2 and "lm_head.weight" in err, err
+
+    def interrupted(self, *args, **kwargs):   # Ctrl-C once every shard is written, before publishing
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(ShardedWriter, "finish", interrupted)
+        rc, err = merge(capsys, tmp_path, doc, out, "--max-shard-size", "1KB")
+    assert rc == 130 and "--resume" in err, err
     assert (out.with_name(out.name + ".lines-fast-partial")).is_dir()
     tokenizer = json.loads((ft2 / "tokenizer.json").read_text())
     tokenizer["model"]["vocab"]["nn"] = tokenizer["model"]["vocab"].pop("mm")
