@@ -79,7 +79,8 @@ def _add_merge_parser(sub) -> None:
                         "every model): --param t=0.3 (slerp), --param gamma=0.01 (breadcrumbs), "
                         "--param filter_wise=true (model_stock); repeatable. The method list below names them")
     g.add_argument("--exclude", action="append", metavar="REGEX",
-                   help="copy tensors whose name matches from the base instead of merging; repeatable")
+                   help="copy tensors whose name matches from the base (without a base: from the first model) "
+                        "instead of merging; repeatable")
     g = p.add_argument_group("LiNeS: update of block l of L scaled by alpha + beta*l/(L-1)")
     g.add_argument("--lines-alpha", metavar="A|auto",
                    help="alpha, or 'auto' (default): (1/N)·‖Σ τ_i‖₁/‖τ_MTL‖₁, the official rule")
@@ -228,7 +229,7 @@ def _config_from_args(args):
             config, lam=args.lam, trim_scope=args.trim_scope, seed=args.seed, normalize=args.normalize,
             rescale=_rescale(args.rescale), lines=lines, out_dtype=out_dtype, missing=args.missing,
             allow_nonfinite=args.allow_nonfinite,
-            exclude=(config.exclude + args.exclude) if args.exclude else None,
+            exclude=(config.exclude + _excludes(args)) if args.exclude else None,
             densities=list(args.density) if args.density else None, params=_params_from_args(args),
             tokenizer=_tokenizer_from_args(args))
         return config, Path(out)
@@ -247,7 +248,7 @@ def _config_from_args(args):
         method=args.method, models=[model_path(m, "--model") for m in args.model],
         base=model_path(args.base, "--base") if args.base else None, params=params, model_params=model_params,
         base_weight=args.base_weight, lines=_lines_from_args(args, None),
-        out_dtype=out_dtype, exclude=list(args.exclude or []),
+        out_dtype=out_dtype, exclude=_excludes(args),
         tokenizer=_tokenizer_from_args(args),
         missing=args.missing or "error", allow_nonfinite=bool(args.allow_nonfinite))
     return validate(config), Path(out)
@@ -287,6 +288,18 @@ def _multi_config(args):
         raise MergeInputError(f"{config_path}: a multi-document config ({len(docs)} merges); {', '.join(per_merge)} "
                               "would apply to one merge: give them in its document instead.")
     return Path(config_path), docs, Path(out)
+
+
+def _excludes(args) -> list[str]:
+    """--exclude's regexes, each checked here so that a bad one is blamed on the option, not a config."""
+    import re
+
+    for pattern in args.exclude or []:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise MergeInputError(f"--exclude {pattern!r} is not a valid regex ({err}).") from None
+    return list(args.exclude or [])
 
 
 def _cmd_merge(args) -> int:

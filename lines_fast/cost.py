@@ -190,7 +190,8 @@ def plan_command(args) -> int:
                                             ("--trim-scope", args.trim_scope), ("--lines-alpha", lines_alpha))
                    if value is not None]
     if args.config and recipe_only:
-        raise MergeInputError(f"plan {args.config}: {', '.join(recipe_only)} describe a merge without a config "
+        verb = "describes" if len(recipe_only) == 1 else "describe"
+        raise MergeInputError(f"plan {args.config}: {', '.join(recipe_only)} {verb} a merge without a config "
                               "(with --recipe); the config already says what it merges. Edit the config, or "
                               "drop it and price a recipe: lines-fast plan --recipe llama3-70b --method ties.")
     if args.config:

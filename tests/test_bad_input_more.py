@@ -342,3 +342,10 @@ def test_plan_refuses_inputs_that_disagree_as_merge_does(fam, capsys):
     for command in (["plan", cfg], ["merge", cfg, fam / "out"]):
         msg = refused(capsys, fam, command)
         assert f"tensor '{name}' is in base model" in msg and "missing from" in msg
+
+
+def test_a_bad_exclude_regex_on_the_command_line_is_blamed_on_the_option(fam, capsys):
+    cfg = config(fam, f"  - model: {fam / 'ft2'}\nparameters: {{density: 0.5}}\n")
+    for argv in (["merge", cfg, fam / "out", "--exclude", "[unclosed"], args(fam, "--exclude", "[unclosed")):
+        msg = refused(capsys, fam, argv)
+        assert "--exclude '[unclosed' is not a valid regex" in msg and str(cfg) not in msg
