@@ -10,7 +10,8 @@
 - della_drop_p: DELLA's per-row ranks and drop probabilities (plan.ranked_drop_p): a sort per
   row of |x| (the sign bit cleared in the kernel, which also declines Inf and NaN), the
   first-equal position of each magnitude, and the same float64 formula, one loop per row and
-  rows over all cores, instead of ten whole-array operations.
+  rows over all cores, instead of ten whole-array operations; for the statistics' keep masks
+  (plan.keep_masks) it also draws u and writes u >= p, so neither array is made.
 - add_abs_bins: exactsum.AbsSum's per-exponent integer sums of significands (L1 norms: DARE's
   rescale, LiNeS alpha auto), one pass instead of five whole-array operations and a bincount;
   add_abs_bins_kept: the same for a task vector and its kept part at once, packing the keep mask,

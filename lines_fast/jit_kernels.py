@@ -135,11 +135,14 @@ magnitude_bits = np.uint32(0x7FFFFFFF)   # a float32's bits less its sign: |x|
 
 
 @_parallel
-def della_drop_p(x, density, eps, out):
+def della_drop_p(x, density, eps, out, keep, draw, start, c2, c3, k0, k1):
     """out[r, j] = 1 - ((density - eps) + rank / top * (2 eps)) rounded to float32, rank: how many
     magnitudes |x| of row r are strictly smaller than |x[r, j]|, top: the row's largest rank (0:
-    0.5). Returns False, out unfinished, if any x is Inf or NaN (the caller's torch path then
-    takes it). Finite magnitudes' bit patterns (the sign bit cleared: |x|, -0.0 as +0.0) order as
+    0.5). draw: instead, keep[r, j] = 1 where DELLA keeps the element, 0 where it drops it (a bool
+    array's bytes; out is not written), keep = u >= p with u = fill_uniform's draw of flat index
+    start + r * length + j in stream (c2, c3) under key (k0, k1): plan.keep_masks' rule, without
+    the p and u arrays. Returns False, unfinished, if any x is Inf or NaN (the caller's torch path
+    then takes it). Finite magnitudes' bit patterns (the sign bit cleared: |x|, -0.0 as +0.0) order as
     they do: each row is sorted by an LSD radix sort of the bits (3 passes of 11 bits, all three
     histograms in one read, a pass skipped where every key has the same digit; 3-6x numba's
     argsort), and equal magnitudes share the first position of their run: the same ranks as a
@@ -187,9 +190,17 @@ def della_drop_p(x, density, eps, out):
                 first = p
             rank[index[p]] = np.uint32(first)
         top = f64(first)
-        for j in range(length):
-            normalized = f64(rank[j]) / top if top > 0 else f64(0.5)
-            out[r, j] = f32(f64(1.0) - (low + normalized * spread))
+        if draw:
+            at = u64(start) + u64(r) * u64(length)
+            for j in range(length):
+                normalized = f64(rank[j]) / top if top > 0 else f64(0.5)
+                p = f32(f64(1.0) - (low + normalized * spread))
+                u = uniform_at(at + u64(j), u64(c2), u64(c3), u64(k0), u64(k1))
+                keep[r, j] = 1 if u >= p else 0
+        else:
+            for j in range(length):
+                normalized = f64(rank[j]) / top if top > 0 else f64(0.5)
+                out[r, j] = f32(f64(1.0) - (low + normalized * spread))
     return not nonfinite.any()
 
 

@@ -40,6 +40,9 @@ from .errors import MergeInputError
 from .methods import Coefficients, Consensus, Inputs, Rescale, Sparsify
 from .spec import MethodSpec, band_ranks, kept_count, official_kept_count
 
+# jit_kernels.della_drop_p's array it does not write in a call (the probabilities, or the keep mask).
+_NO_P, _NO_KEEP = np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint8)
+
 # mergekit's floor below which an L1 norm is treated as zero (no rescale then).
 RESCALE_EPS = 1e-7
 TABLE_ROWS = ("weights", "thresholds", "drop_p", "divisors", "factors", "ceilings")
@@ -164,7 +167,8 @@ class ElementPlan:
         fast = jit.compiled(rows.numel()) if rows.device.type == "cpu" else None
         if fast is not None:   # compiled (lines_fast/jit.py), the same bits; Inf or NaN: the torch code below
             out = torch.empty(rows.shape, dtype=torch.float32)
-            if fast.della_drop_p(rows.contiguous().numpy(), float(density), float(eps), out.numpy()):
+            if fast.della_drop_p(rows.contiguous().numpy(), float(density), float(eps), out.numpy(), _NO_KEEP,
+                                 False, 0, 0, 0, 0, 0):
                 return out
         magnitudes = rows.abs()
         # rank = the sorted position of the first equal magnitude: a running max of the positions
@@ -247,6 +251,9 @@ class ElementPlan:
         the sparsifier's rule, in plain torch (for the statistics; backends fuse it). RANKED:
         x holds whole rows of row_len elements."""
         if self.sparsify is Sparsify.RANKED:
+            keep = self._ranked_keep_compiled(x, i, name, start, row_len)
+            if keep is not None:
+                return keep
             u = rng.dare_uniform(self.seed, i, name, x.numel(), start=start, device=x.device, stream=rng.DELLA_STREAM)
             return u >= self.ranked_drop_p(x.view(-1, row_len), i).reshape(-1)
         if self.sparsify is Sparsify.MAGNITUDE:
@@ -257,6 +264,21 @@ class ElementPlan:
             u = rng.dare_uniform(self.seed, i, name, x.numel(), start=start, device=x.device)
             return u >= self.drop_p[i]
         return torch.ones_like(x, dtype=torch.bool)
+
+    def _ranked_keep_compiled(self, x: torch.Tensor, i: int, name: str, start: int,
+                              row_len: int) -> torch.Tensor | None:
+        """keep_masks' DELLA rule in one compiled pass (the drop probabilities, the draws and the
+        comparison: jit_kernels.della_drop_p with draw), or None: the torch code."""
+        density, eps = self.densities[i], self.epsilons[i]
+        fast = jit.compiled(x.numel()) if x.device.type == "cpu" and density < 1 else None
+        if fast is None:
+            return None
+        keep = torch.empty(x.numel(), dtype=torch.bool)
+        rows = x.contiguous().view(-1, row_len)
+        if not fast.della_drop_p(rows.numpy(), float(density), float(eps), _NO_P, keep.view(torch.uint8).view(
+                rows.shape).numpy(), True, start, *rng.stream_key(self.seed, i, name, rng.DELLA_STREAM)):
+            return None
+        return keep
 
     def table(self, stats: TensorStats | None, device) -> torch.Tensor:
         """The float32 [6, N] table of per-model numbers (TABLE_ROWS), on the kernel's device."""

@@ -129,6 +129,13 @@ def dare_uniform_rows(seed: int, model_index: int, names: list[str], length: int
     return uniform_from_bits(r0)
 
 
+def stream_key(seed: int, model_index: int, name: str, stream: int) -> tuple[int, int, int, int]:
+    """(c2, c3, k0, k1): the counter words and key of tensor `name`'s draws for model
+    `model_index` in `stream`, as the compiled kernels take them (the counter's low words are
+    the flat index)."""
+    return tensor_stream_id(name), model_index + (stream << 16), seed & _MASK32, (seed >> 32) & _MASK32
+
+
 def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device, stream: int) -> torch.Tensor:
     if torch.device(device).type == "cpu":
         from . import jit
@@ -136,8 +143,7 @@ def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device
         fast = jit.compiled(max(numel, jit.CALL_WORK))   # a torch Philox call costs ~80 operations
         if fast is not None:   # the same u, compiled (lines_fast/jit.py)
             u = torch.empty(numel, dtype=torch.float32)
-            args = (start, u.numpy(), tensor_stream_id(name), model_index + (stream << 16), seed & _MASK32,
-                    (seed >> 32) & _MASK32)
+            args = (start, u.numpy(), *stream_key(seed, model_index, name, stream))
             threads = min(torch.get_num_threads(), numel // SHARED_DRAW)
             if threads > 1:
                 fast.fill_uniform_shared(*args, threads)

@@ -154,15 +154,29 @@ def test_compiled_della_drop_probabilities_are_the_torch_ones(density, eps, monk
     # Inf or NaN anywhere: the compiled kernel declines and the torch code ranks them (same bits).
     special = full.clone()
     special[4, 7], special[5, 9] = float("inf"), float("nan")
+    no_keep = torch.empty(1, 1, dtype=torch.uint8).numpy()
     for bad in (4, 5):
-        assert not jit.kernels().della_drop_p(special[bad:bad + 1].numpy(), density, eps, torch.empty(1, 4099).numpy())
-    assert jit.kernels().della_drop_p(special[:4].numpy(), density, eps, torch.empty(4, 4099).numpy())
+        assert not jit.kernels().della_drop_p(special[bad:bad + 1].numpy(), density, eps, torch.empty(1, 4099).numpy(),
+                                              no_keep, False, 0, 0, 0, 0, 0)
+    assert jit.kernels().della_drop_p(special[:4].numpy(), density, eps, torch.empty(4, 4099).numpy(), no_keep, False,
+                                      0, 0, 0, 0, 0)
     for rows in (rows, deltas, full, full[:, :1].contiguous(), special):
         monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
         expected = plan.ranked_drop_p(rows, 1)
         monkeypatch.setattr(jit, "JIT_AFTER", 0)
         got = plan.ranked_drop_p(rows, 1)
         assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+    # keep_masks: the probabilities, the draws and u >= p in one compiled call (della_drop_p's draw
+    # mode), the mask the torch code draws, at any offset in the tensor (2^32 crosses the counter's
+    # low word); Inf/NaN rows decline to the torch code.
+    name = "model.layers.0.mlp.up_proj.weight"
+    for rows, start, compiled in ((deltas, 0, True), (full, (1 << 32) - 4099 * 2, True), (special, 5, False)):
+        monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
+        expected = plan.keep_masks(rows.reshape(-1), 1, None, name, start, rows.shape[1])
+        monkeypatch.setattr(jit, "JIT_AFTER", 0)
+        assert (plan._ranked_keep_compiled(rows.reshape(-1), 1, name, start, rows.shape[1]) is not None) == compiled
+        got = plan.keep_masks(rows.reshape(-1), 1, None, name, start, rows.shape[1])
+        assert got.dtype == torch.bool and torch.equal(got, expected) and 0 < int(got.sum()) < got.numel()
     rows = torch.randn(40, 257, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()
     rows[1] = -2.0
     got = plan.ranked_drop_p(rows, 1)
