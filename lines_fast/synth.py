@@ -390,7 +390,8 @@ def write_checkpoint_family(
     model.safetensors.index.json; without it each model is one model.safetensors.
     int_tensor adds an int64 buffer (model.position_ids, [1, 16]) identical in every model.
     An existing model directory is replaced as a whole (deleted first: synthetic data needs
-    no old copy to fall back on).
+    no old copy to fall back on), and the fine-tunes of an earlier, larger family there
+    (ftN+1, ...: synthetic models lines_fast wrote) are removed, so out_dir holds one family.
     """
     dtype = _as_dtype(dtype)
     if isinstance(n_finetunes, bool) or not isinstance(n_finetunes, int) or n_finetunes < 0:
@@ -448,6 +449,10 @@ def write_checkpoint_family(
         side = _side_files(recipe, dtype)
         for w in writers:
             w.finish(extra_files=side)
+        stale = out_dir / f"ft{n_finetunes + 1}"
+        while _synthetic(stale):
+            shutil.rmtree(stale)
+            stale = out_dir / f"ft{int(stale.name[2:]) + 1}"
     except BaseException:
         # Synthetic data is never resumed: leave no partial directories behind.
         for w in writers:
@@ -455,6 +460,19 @@ def write_checkpoint_family(
             shutil.rmtree(w.partial, ignore_errors=True)
         raise
     return paths
+
+
+def _synthetic(folder: Path) -> bool:
+    """Whether `folder` is a synthetic model lines_fast generated (lines_fast_synthetic metadata)."""
+    from .checkpoint import read_header
+
+    if not made_by_lines_fast(folder):
+        return False
+    weights = sorted(folder.glob("*.safetensors"))
+    try:
+        return bool(weights) and "lines_fast_synthetic" in read_header(weights[0])[1]
+    except MergeInputError:
+        return False
 
 
 # --------------------------------------------------------------------------- merge configs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -398,3 +399,17 @@ def test_every_generated_config_merges_as_written(method, tmp_path):
         with pytest.raises(MergeInputError, match=f"--models {needed}"):
             synth.generate("tiny", tmp_path / "few", n_finetunes=needed - 1, yaml_method=method)
         assert not (tmp_path / "few").exists()
+
+
+def test_a_smaller_family_over_a_larger_one_removes_its_extra_fine_tunes_only(tmp_path):
+    synth.write_checkpoint_family(tmp_path, synth.recipe("tiny"), n_finetunes=3)
+    synth.write_checkpoint_family(tmp_path, synth.recipe("tiny"), n_finetunes=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1"]
+    # A folder that is not a generated model stays (and stops the clean-up there).
+    synth.write_checkpoint_family(tmp_path, synth.recipe("tiny"), n_finetunes=3)
+    shutil.rmtree(tmp_path / "ft2")
+    (tmp_path / "ft2").mkdir()
+    (tmp_path / "ft2" / "notes.txt").write_text("mine")
+    synth.write_checkpoint_family(tmp_path, synth.recipe("tiny"), n_finetunes=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft1", "ft2", "ft3"]
+    assert (tmp_path / "ft2" / "notes.txt").read_text() == "mine"
