@@ -194,13 +194,44 @@ def open_inputs(config: MergeConfig, log: Callable[[str], None] = _log_to_stderr
     virtual checkpoints (each role's layer ranges renumbered into the output's layers); with a
     tokenizer_source, every vocabulary tensor's rows in the output vocabulary's order."""
     inputs = _open(config)
-    if config.tokenizer is not None:
-        try:
+    try:
+        if config.tokenizer is not None:
             _realign_vocabulary(config, inputs, log)
-        except BaseException:
-            inputs.close()
-            raise
+        else:
+            _warn_if_vocabularies_differ(inputs, log)
+    except BaseException:
+        inputs.close()
+        raise
     return inputs
+
+
+def _warn_if_vocabularies_differ(inputs: _Inputs, log: Callable[[str], None]) -> None:
+    """Without tokenizer_source the embedding and lm_head rows are merged by id, as mergekit merges
+    them: say so where the inputs' tokenizer.json files give some ids to other tokens (a silent
+    mix of unrelated rows otherwise). Unreadable tokenizers are left to a tokenizer_source merge."""
+    every = inputs.all()
+    folders = [p if p.is_dir() else p.parent for p in (Path(c.path) for c in every)]
+    present = [(c, f / "tokenizer.json") for c, f in zip(every, folders) if (f / "tokenizer.json").is_file()]
+    if len(present) < 2:
+        return
+    first = present[0][1].read_bytes()
+    if all(f.read_bytes() == first for _, f in present[1:]):
+        return
+    try:
+        vocabs = [(c, vocabulary.read(f.parent, c.label)) for c, f in present]
+    except MergeInputError:
+        return
+    (ref_ckpt, ref), *others = vocabs
+    ref_tokens = {i: t for t, i in ref.ids.items()}
+    for ckpt, vocab in others:
+        tokens = {i: t for t, i in vocab.ids.items()}
+        moved = sorted(i for i in set(ref_tokens) | set(tokens) if ref_tokens.get(i) != tokens.get(i))
+        if moved:
+            shown = ", ".join(f"{i}: {ref_tokens.get(i)!r} vs {tokens.get(i)!r}" for i in moved[:3])
+            log(f"warning: the tokenizer of {ckpt.label} gives {len(moved)} token id(s) to other tokens than "
+                f"{ref_ckpt.label}'s ({shown}{', ...' if len(moved) > 3 else ''}). Without tokenizer_source the "
+                "embedding and lm_head rows are merged by id, as mergekit merges them, so those rows mix unrelated "
+                "tokens; add `tokenizer_source: union` (or base) to merge them token by token.")
 
 
 def _realign_vocabulary(config: MergeConfig, inputs: _Inputs, log: Callable[[str], None]) -> None:

@@ -439,3 +439,17 @@ def test_a_vocabulary_change_without_known_embedding_names_is_refused(tmp_path, 
         write_safetensors(folder / "model.safetensors", renamed, {"format": "pt"})
     rc, err = merge(capsys, tmp_path, ta_doc(base, [ft], weights=(1.0,), tokenizer_source="base"), tmp_path / "out")
     assert rc == 2 and "embedding or output head" in err, err
+
+
+def test_vocabularies_that_differ_without_a_tokenizer_source_are_warned_about(tmp_path, capsys):
+    """Rows are then merged by id, as mergekit does: the log says which ids mean other tokens."""
+    base = write_model(tmp_path / "base", BASE, 0)
+    same = write_model(tmp_path / "same", BASE, 1)
+    swapped = write_model(tmp_path / "swapped", BASE[:3] + [BASE[4], BASE[3]] + BASE[5:], 2)
+    rc, err = merge(capsys, tmp_path, ta_doc(base, [same], weights=(1.0,)), tmp_path / "a")
+    assert rc == 0 and "warning" not in err, err
+    rc, err = merge(capsys, tmp_path, ta_doc(base, [same, swapped]), tmp_path / "b")
+    assert rc == 0, err
+    assert (f"warning: the tokenizer of model 2 ({swapped}) gives 2 token id(s) to other tokens than base model "
+            f"{base}'s (3: {BASE[3]!r} vs {BASE[4]!r}, 4: {BASE[4]!r} vs {BASE[3]!r})") in err
+    assert "tokenizer_source: union" in err and err.count("warning") == 1
