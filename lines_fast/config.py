@@ -587,7 +587,7 @@ def _spec_inputs(config: MergeConfig, method, params: dict, model_params: dict, 
     return (n, model_values, values, labels), settings
 
 
-def _model_key(config: MergeConfig, i: int) -> str:
+def model_key(config: MergeConfig, i: int) -> str:
     """How the user named model i: --model, or its models[j] in the YAML."""
     if config.source == "command line":
         return "--model"
@@ -616,13 +616,13 @@ def validate(config: MergeConfig) -> MergeConfig:
             if first < j:
                 # mergekit keys a merge's inputs by model, so it would merge this one once.
                 named = ((f"--model #{first + 1}", f"--model #{j + 1}") if config.source == "command line"
-                         else (_model_key(config, first), _model_key(config, j)))
+                         else (model_key(config, first), model_key(config, j)))
                 raise _fail(src, f"{named[0]} and {named[1]} are the same model "
                                  f"({later}); list each model once (mergekit would merge it once; to count it more, "
                                  "give it a larger weight).")
     n = len(config.merge_inputs)
     labels = ([f"base_model ({config.base})"] if config.base_is_input else []) + [
-        f"{_model_key(config, i)} ({path})" for i, path in enumerate(config.models)]
+        f"{model_key(config, i)} ({path})" for i, path in enumerate(config.models)]
     sets = config.slice_params or ((config.params, config.model_params),)
     per_set = [_spec_inputs(config, method, params, model_params, n, labels) for params, model_params in sets]
     config.per_tensor = any(settings for _, settings in per_set) or len(per_set) > 1

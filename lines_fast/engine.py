@@ -29,7 +29,7 @@ import torch
 from . import __version__
 from .backends.base import STREAM_MIN, MergeJob
 from .checkpoint import Checkpoint, TensorInfo, aux_files_in
-from .config import DTYPE_NAMES, MergeConfig, load_yaml, validate, with_overrides, from_yaml_dict
+from .config import DTYPE_NAMES, MergeConfig, from_yaml_dict, load_yaml, model_key, validate, with_overrides
 from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput
 from .layers import depth_fractions, lines_scales
@@ -283,7 +283,8 @@ def _open(config: MergeConfig) -> _Inputs:
             opened.append(base)
         models = []
         for i, path in enumerate(config.models):
-            label = f"model {i + 1} ({path})"
+            # As the user named it: the YAML's models[j] (what the config messages say too), or the i-th --model.
+            label = f"{'model ' + str(i + 1) if config.source == 'command line' else model_key(config, i)} ({path})"
             if is_adapter(path):   # a PEFT LoRA adapter: the fine-tune it encodes on the base
                 if base is None:
                     raise MergeInputError(f"{config.source}: {label} is a LoRA adapter; it needs the base model "

@@ -450,6 +450,6 @@ def test_vocabularies_that_differ_without_a_tokenizer_source_are_warned_about(tm
     assert rc == 0 and "warning" not in err, err
     rc, err = merge(capsys, tmp_path, ta_doc(base, [same, swapped]), tmp_path / "b")
     assert rc == 0, err
-    assert (f"warning: the tokenizer of model 2 ({swapped}) gives 2 token id(s) to other tokens than base model "
+    assert (f"warning: the tokenizer of models[1] ({swapped}) gives 2 token id(s) to other tokens than base model "
             f"{base}'s (3: {BASE[3]!r} vs {BASE[4]!r}, 4: {BASE[4]!r} vs {BASE[3]!r})") in err
     assert "tokenizer_source: union" in err and err.count("warning") == 1
