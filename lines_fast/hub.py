@@ -10,6 +10,7 @@ for a repo without safetensors). The path returned is the cached snapshot, a loc
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 
@@ -97,11 +98,13 @@ def resolve(reference: str, where: str) -> Path:
     if path.exists() or parsed is None:
         return path
     repo, revision = parsed
+    # Said in every refusal below: a mistyped or relative local path reads as a Hub name too.
+    local = f" ({os.path.abspath(path)} does not exist: relative paths are read from the current directory)"
     try:
         import huggingface_hub
         from huggingface_hub import errors as hub_errors
     except ImportError:
-        raise MergeInputError(f"{where}: {reference!r} is not a local path, and reading it from the Hugging Face Hub "
+        raise MergeInputError(f"{where}: {reference!r} is not a local path{local}, and reading it from the Hugging Face Hub "
                               "needs huggingface_hub: pip install \"lines_fast[hub]\" (or give a local path)."
                               ) from None
     name = f"{repo}@{revision}" if revision else repo
@@ -124,9 +127,9 @@ def resolve(reference: str, where: str) -> Path:
         raise MergeInputError(f"{where}: {name}: " + ("the repo is gated: accept its terms on the Hub and log in "
                               "(huggingface-cli login, or HF_TOKEN)." if gated else "no such model on the Hub, or it "
                               "is private (log in with huggingface-cli login, or set HF_TOKEN), or a local path "
-                              "that does not exist.")) from None
+                              f"that does not exist{local}.")) from None
     except hub_errors.LocalEntryNotFoundError:
-        raise MergeInputError(f"{where}: {name} is not a local path and is not in the Hugging Face cache "
+        raise MergeInputError(f"{where}: {name} is not a local path{local} and is not in the Hugging Face cache "
                               f"({huggingface_hub.constants.HF_HUB_CACHE}), and the Hub cannot be reached (HF_HUB_OFFLINE "
                               "is set, or no network). Download it first (huggingface-cli download "
                               f"{repo}{' --revision ' + revision if revision else ''}) or give a local path.") from None

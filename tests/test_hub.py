@@ -99,6 +99,9 @@ def test_missing_hub_models_are_refused_offline(hub, tmp_path, name, words):
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "models[0].model" in proc.stderr and str(cfg) in proc.stderr
     assert not (tmp_path / "out").exists()
+    if "cache" in words:   # a relative local path that does not exist reads as a Hub name: the message says so
+        assert f"({os.path.join(REPO, name)} does not exist: relative paths are read from the current directory)" in \
+            proc.stderr
 
 
 def test_what_reads_as_a_hub_name():
