@@ -58,6 +58,8 @@ CASES = {
     "breadcrumbs_ties": ("breadcrumbs_ties", {"density": DENSITY}),
     "ties_tall": ("ties", {"density": DENSITY, "consensus": {"k": 2, "lambda": 0.4}}),
     "model_stock": ("model_stock", {}),
+    # per-row ranks, draws and exact L1 sums in the statistics, then the merge with their keep masks
+    "della": ("della", {"density": 0.5, "epsilon": 0.1}),
 }
 
 
