@@ -130,7 +130,8 @@ def _lines_from_args(args, base_lines):
         block = {"alpha": base_lines.alpha, "beta": base_lines.beta, "outside": base_lines.outside,
                  "layer_pattern": base_lines.layer_pattern}
     if args.lines_alpha is not None:
-        block["alpha"] = args.lines_alpha if args.lines_alpha == "auto" else _float(args.lines_alpha, "--lines-alpha")
+        auto = args.lines_alpha.strip().lower() == "auto"
+        block["alpha"] = "auto" if auto else _float(args.lines_alpha, "--lines-alpha")
     if args.lines_beta is not None:
         block["beta"] = args.lines_beta
     if args.lines_outside is not None:
@@ -616,8 +617,8 @@ def run() -> None:
 
     try:
         code = main()
-    except KeyboardInterrupt:   # before a merge started (a merge's own interrupt says more, and returns 130)
-        print("lines-fast: interrupted; nothing was written.", file=sys.stderr)
+    except KeyboardInterrupt:   # outside a merge's own handler (start-up, generate, a multi-document config)
+        print("lines-fast: interrupted.", file=sys.stderr)
         code = 130
     for thread in threading.enumerate():
         if thread is not threading.main_thread() and not thread.daemon:

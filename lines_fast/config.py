@@ -339,7 +339,8 @@ def _read_document(doc: dict, source: str, base_dir: Path | None, key_problems: 
         model_keys = tuple(f"models[{i}]" for i in range(len(models)) if i not in listed)
         ignored = sorted(k for k, vs in model_params.items() if any(vs[i] is not None for i in listed))
         if ignored:
-            notices.append(f"{source}: {', '.join(f'models[{i}]' for i in listed)} is the base model "
+            entries = " and ".join(f"models[{i}]" for i in listed)
+            notices.append(f"{source}: {entries} {'is' if len(listed) == 1 else 'are'} the base model "
                            f"({base_path}); its parameters ({', '.join(ignored)}) have no effect on a {method.name} "
                            "merge (the base has no task vector) and are ignored, as mergekit ignores them.")
         models = [m for i, m in enumerate(models) if i not in listed]
@@ -591,6 +592,8 @@ def model_key(config: MergeConfig, i: int) -> str:
     """How the user named model i: --model, or its models[j] in the YAML."""
     if config.source == "command line":
         return "--model"
+    if config.slices is not None:   # the models are the slices' sources: no models: list to point at
+        return f"model {i + 1}"
     return config.model_keys[i] if config.model_keys else f"models[{i}]"
 
 

@@ -141,8 +141,8 @@ def _tensors_from_config(config: MergeConfig) -> list[TensorCost]:
         return _tensors_from_headers(config)
     inputs = open_inputs(config)
     try:
-        # The merge's own check that the inputs agree (names, shapes, dtypes), from the headers: a
-        # plan passes only what the merge would start on.
+        # The merge's own check that the inputs agree (names, shapes, dtypes; the values of small
+        # integer tensors): a plan passes only what the merge would start on.
         _plan_tensors(config, inputs, lambda _: None)
         return _costs([c.tensors for c in inputs.all()], config)
     finally:
@@ -214,7 +214,11 @@ def plan_command(args) -> int:
         trim_scope = args.trim_scope or "tensor"
         lines = None
         if lines_alpha is not None:
-            lines = LinesSpec(alpha="auto" if lines_alpha == "auto" else float(lines_alpha), beta=1.0)
+            auto = lines_alpha.strip().lower() == "auto"
+            try:
+                lines = LinesSpec(alpha="auto" if auto else float(lines_alpha), beta=1.0)
+            except ValueError:
+                raise MergeInputError(f"--lines-alpha must be a number or auto, got {lines_alpha!r}.") from None
         values = {"density": 0.2} if method.takes("density") else {}
         values.update({p.name: 0.5 for p in method.params if p.required})   # priced at a midpoint (slerp's t)
         if method.takes("trim_scope"):

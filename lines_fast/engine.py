@@ -31,7 +31,7 @@ from .backends.base import STREAM_MIN, MergeJob
 from .checkpoint import Checkpoint, TensorInfo, aux_files_in
 from .config import DTYPE_NAMES, MergeConfig, from_yaml_dict, load_yaml, model_key, validate, with_overrides
 from .distributed import RankFailure, World, assign_shards, current_world
-from .errors import MergeInputError, NonFiniteInput
+from .errors import MergeInputError, NonFiniteInput, OutputWriteError
 from .layers import depth_fractions, lines_scales
 from . import jit, realign, tokenizer_files, vocabulary
 from .lora import AdapterCheckpoint, is_adapter
@@ -209,17 +209,16 @@ def _warn_if_vocabularies_differ(inputs: _Inputs, log: Callable[[str], None]) ->
     """Without tokenizer_source the embedding and lm_head rows are merged by id, as mergekit merges
     them: say so where the inputs' tokenizer.json files give some ids to other tokens (a silent
     mix of unrelated rows otherwise). Unreadable tokenizers are left to a tokenizer_source merge."""
-    every = inputs.all()
-    folders = [p if p.is_dir() else p.parent for p in (Path(c.path) for c in every)]
-    present = [(c, f / "tokenizer.json") for c, f in zip(every, folders) if (f / "tokenizer.json").is_file()]
+    every = [c for c in inputs.all() if Path(c.path).is_dir()]   # a lone file's neighbours need not be its own
+    present = [(c, Path(c.path) / "tokenizer.json") for c in every if (Path(c.path) / "tokenizer.json").is_file()]
     if len(present) < 2:
         return
-    first = present[0][1].read_bytes()
-    if all(f.read_bytes() == first for _, f in present[1:]):
-        return
     try:
+        first = present[0][1].read_bytes()
+        if all(f.read_bytes() == first for _, f in present[1:]):
+            return
         vocabs = [(c, vocabulary.read(f.parent, c.label)) for c, f in present]
-    except MergeInputError:
+    except (OSError, MergeInputError):
         return
     (ref_ckpt, ref), *others = vocabs
     ref_tokens = {i: t for t, i in ref.ids.items()}
@@ -705,8 +704,10 @@ class Engine:
                 copied_tensors=list(plan.copied), bytes_read=sum(s["bytes_read"] for s in shares),
                 bytes_written=out_bytes, seconds=time.perf_counter() - started, alpha=stats.alpha,
                 global_thresholds=stats.global_thresholds, ranks=shares if world.size > 1 else None)
-        except MergeInputError:   # refused: nothing to resume unless a shard is finished
-            if writer is not None:
+        except MergeInputError as err:   # refused for its inputs: nothing to resume unless a shard is finished
+            if isinstance(err, OutputWriteError) and writer is not None:
+                writer.abort()   # a failed write: the journal keeps the statistics for --resume
+            elif writer is not None:
                 writer.discard()
             raise
         except BaseException:   # interrupted or failed: the partial stays for --resume

@@ -13,6 +13,11 @@ class MergeInputError(Exception):
     """Bad input the user can fix; `str(err)` is the whole message shown to them."""
 
 
+class OutputWriteError(MergeInputError):
+    """Writing the output failed (a full disk, a removed directory): the partial output and its
+    journal stay for --resume, which keeps finished shards and the statistics passes' results."""
+
+
 def listing(prefix: str, problems: list[str], what: str = "problems") -> MergeInputError:
     """One paragraph for several problems (numbered; one alone reads as itself), each kept in
     `.problems` so a caller that finds more can list them all together. A problem found twice

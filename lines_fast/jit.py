@@ -155,7 +155,8 @@ def _compile_listener(kernels: SimpleNamespace):
     those are left out (the kernel's notice covers them)."""
     from numba.core import event
 
-    ours = {id(fn): name for name, fn in vars(kernels).items() if name != "warm_up"}   # ~1 s, in the background
+    # warm_up compiles in ~1 s in prefetch's background thread, which nobody waits for: not announced.
+    ours = {id(fn): name for name, fn in vars(kernels).items() if name != "warm_up"}
 
     class Notices(event.Listener):
         def __init__(self):
@@ -171,7 +172,8 @@ def _compile_listener(kernels: SimpleNamespace):
         def on_end(self, ev):
             started = self.started.pop(id(ev.data), None)
             if started is not None and _notify is not None:
-                _notify(f"compiled {ours[id(ev.data['dispatcher'])]} in {time.perf_counter() - started:.1f} s")
+                what = "failed to compile" if ev.is_failed else "compiled"
+                _notify(f"{what} {ours[id(ev.data['dispatcher'])]} in {time.perf_counter() - started:.1f} s")
 
     return Notices()
 

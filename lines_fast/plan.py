@@ -156,15 +156,16 @@ class ElementPlan:
                                   "it (exclude: REGEX) or use another method.")
         return max(1, int(shape[-1])) if len(shape) else 1
 
-    def ranked_drop_p(self, rows: torch.Tensor, i: int) -> torch.Tensor:
+    def ranked_drop_p(self, rows: torch.Tensor, i: int, compiled: bool = True) -> torch.Tensor:
         """DELLA's drop probability of each element of whole rows [R, L] of model i's x (float32):
         1 - keep with keep = (density - eps) + 2 eps * rank / max rank in the row, rank = how many
         magnitudes in the row are strictly smaller (no dependence on sort order; 0.5 for a row
-        of equal magnitudes), in double, rounded once to float32. density >= 1 drops nothing."""
+        of equal magnitudes), in double, rounded once to float32. density >= 1 drops nothing.
+        compiled=False: the torch code (the kernel declined these rows already)."""
         density, eps = self.densities[i], self.epsilons[i]
         if density >= 1:
             return torch.zeros_like(rows)
-        fast = jit.compiled(rows.numel()) if rows.device.type == "cpu" else None
+        fast = jit.compiled(rows.numel()) if compiled and rows.device.type == "cpu" else None
         if fast is not None:   # compiled (lines_fast/jit.py), the same bits; Inf or NaN: the torch code below
             out = torch.empty(rows.shape, dtype=torch.float32)
             if fast.della_drop_p(rows.contiguous().numpy(), float(density), float(eps), out.numpy(), _NO_KEEP,
@@ -251,11 +252,11 @@ class ElementPlan:
         the sparsifier's rule, in plain torch (for the statistics; backends fuse it). RANKED:
         x holds whole rows of row_len elements."""
         if self.sparsify is Sparsify.RANKED:
-            keep = self._ranked_keep_compiled(x, i, name, start, row_len)
+            keep, tried = self._ranked_keep_compiled(x, i, name, start, row_len)
             if keep is not None:
                 return keep
             u = rng.dare_uniform(self.seed, i, name, x.numel(), start=start, device=x.device, stream=rng.DELLA_STREAM)
-            return u >= self.ranked_drop_p(x.view(-1, row_len), i).reshape(-1)
+            return u >= self.ranked_drop_p(x.view(-1, row_len), i, compiled=not tried).reshape(-1)
         if self.sparsify is Sparsify.MAGNITUDE:
             return x.abs() >= stats.thresholds[i]
         if self.sparsify is Sparsify.BAND:
@@ -266,19 +267,20 @@ class ElementPlan:
         return torch.ones_like(x, dtype=torch.bool)
 
     def _ranked_keep_compiled(self, x: torch.Tensor, i: int, name: str, start: int,
-                              row_len: int) -> torch.Tensor | None:
-        """keep_masks' DELLA rule in one compiled pass (the drop probabilities, the draws and the
-        comparison: jit_kernels.della_drop_p with draw), or None: the torch code."""
+                              row_len: int) -> tuple[torch.Tensor | None, bool]:
+        """(keep_masks' DELLA rule in one compiled pass: the drop probabilities, the draws and the
+        comparison, jit_kernels.della_drop_p with draw; or None for the torch code, whether the
+        kernel was tried: it declines rows with Inf or NaN)."""
         density, eps = self.densities[i], self.epsilons[i]
         fast = jit.compiled(x.numel()) if x.device.type == "cpu" and density < 1 else None
         if fast is None:
-            return None
+            return None, False
         keep = torch.empty(x.numel(), dtype=torch.bool)
         rows = x.contiguous().view(-1, row_len)
         if not fast.della_drop_p(rows.numpy(), float(density), float(eps), _NO_P, keep.view(torch.uint8).view(
                 rows.shape).numpy(), True, start, *rng.stream_key(self.seed, i, name, rng.DELLA_STREAM)):
-            return None
-        return keep
+            return None, True
+        return keep, True
 
     def table(self, stats: TensorStats | None, device) -> torch.Tensor:
         """The float32 [6, N] table of per-model numbers (TABLE_ROWS), on the kernel's device."""

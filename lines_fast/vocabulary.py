@@ -277,8 +277,10 @@ def build(spec: TokenizerSpec, folders: list[Path], labels: list[str], base_inde
             return None
         missing = labels[first] if base is None else src_label
         # What asks for a vocabulary: a union, tokens:, padding (else the source's files are copied).
-        needs = (f"tokenizer_source: {spec.source}" if spec.source == "union" or isinstance(spec.source, Path)
-                 else "tokens:" if spec.tokens else f"pad_to_multiple_of: {spec.pad_to_multiple_of}")
+        needs = ("tokens:" if spec.tokens and not isinstance(spec.source, Path) and spec.source != "union"
+                 else f"pad_to_multiple_of: {spec.pad_to_multiple_of}" if (
+                     spec.pad_to_multiple_of and all(v is None for v in vocabs) and src is None)
+                 else f"tokenizer_source: {spec.source}")
         raise MergeInputError(
             f"{missing} has no tokenizer.json, which {needs} needs to build the output's "
             "vocabulary (mergekit reads it through transformers, converting a SentencePiece tokenizer.model; "

@@ -30,7 +30,7 @@ import torch
 
 from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
 from .distributed import World
-from .errors import MergeInputError
+from .errors import MergeInputError, OutputWriteError
 
 PARTIAL_SUFFIX = ".lines-fast-partial"
 OLD_SUFFIX = ".lines-fast-old"
@@ -588,7 +588,7 @@ class ShardedWriter:
                     self._close_shard(shard)
         except OSError as e:
             self.abort()
-            raise MergeInputError(
+            raise OutputWriteError(
                 f"Writing '{self.partial / shard.file}' failed: {e.strerror or e}. Free some space "
                 f"or fix the output location, then rerun with --resume to keep finished shards."
             ) from e
@@ -627,7 +627,7 @@ class ShardedWriter:
                     self._close_shard(shard)   # a shard without tensors
         except OSError as e:
             self.abort()
-            raise MergeInputError(f"Writing '{self.partial}' failed: {e.strerror or e}. Fix the output location, "
+            raise OutputWriteError(f"Writing '{self.partial}' failed: {e.strerror or e}. Fix the output location, "
                                   "then rerun with --resume to keep finished shards.") from e
         self.world.phase = "publishing the output"
         for done in self.world.exchange(self._done):
@@ -681,7 +681,7 @@ class ShardedWriter:
                 _remove(aside)
         except OSError as e:
             self.abort()
-            raise MergeInputError(
+            raise OutputWriteError(
                 f"Finishing the output in '{self.partial}' failed: {e.strerror or e}. Fix the "
                 f"output location, then rerun with --resume to keep finished shards."
             ) from e
@@ -701,9 +701,11 @@ class ShardedWriter:
             self._state = "aborted"
 
     def discard(self) -> None:
-        """abort(), and where no shard is finished, remove the partial directory too: a refused
-        merge leaves nothing behind, and a partial with finished shards stays for --resume.
-        (Distributed ranks share the directory: there it always stays.)"""
+        """abort(), and where no shard is finished, remove the partial directory too: a merge
+        refused for its inputs leaves nothing behind (a resume of it would be another merge), and
+        a partial with finished shards stays for --resume. (Distributed ranks share the
+        directory: there it always stays.) A failed write is an abort(): its journal keeps the
+        statistics for --resume."""
         self.abort()
         if not self._done and self.world.size == 1:
             try:

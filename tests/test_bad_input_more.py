@@ -349,3 +349,22 @@ def test_a_bad_exclude_regex_on_the_command_line_is_blamed_on_the_option(fam, ca
     for argv in (["merge", cfg, fam / "out", "--exclude", "[unclosed"], args(fam, "--exclude", "[unclosed")):
         msg = refused(capsys, fam, argv)
         assert "--exclude '[unclosed' is not a valid regex" in msg and str(cfg) not in msg
+
+
+def test_a_failed_write_keeps_the_partial_and_its_statistics_for_resume(fam, capsys, monkeypatch):
+    """Unlike a refusal of the inputs, a full disk leaves OUT.lines-fast-partial: its journal holds
+    the statistics passes' results, which --resume reuses."""
+    from lines_fast.writer import JOURNAL, ShardedWriter
+
+    def full(self, shard):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardedWriter, "_close_shard", full)
+    msg = refused(capsys, fam, args(fam, "--lines-alpha", "auto", "--lines-beta", "0.5", method="ties"))
+    assert "No space left on device" in msg and "--resume" in msg
+    partial = fam / ("out" + PARTIAL_SUFFIX)
+    assert json.loads((partial / JOURNAL).read_text())["notes"]["stats"]["alpha"] is not None
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert cli.main(args(fam, "--lines-alpha", "auto", "--lines-beta", "0.5", "--resume", method="ties")) == 0
+    assert "reusing the α of the interrupted run" in capsys.readouterr().err

@@ -174,7 +174,7 @@ def test_compiled_della_drop_probabilities_are_the_torch_ones(density, eps, monk
         monkeypatch.setattr(jit, "JIT_AFTER", 1 << 62)
         expected = plan.keep_masks(rows.reshape(-1), 1, None, name, start, rows.shape[1])
         monkeypatch.setattr(jit, "JIT_AFTER", 0)
-        assert (plan._ranked_keep_compiled(rows.reshape(-1), 1, name, start, rows.shape[1]) is not None) == compiled
+        assert (plan._ranked_keep_compiled(rows.reshape(-1), 1, name, start, rows.shape[1])[0] is not None) == compiled
         got = plan.keep_masks(rows.reshape(-1), 1, None, name, start, rows.shape[1])
         assert got.dtype == torch.bool and torch.equal(got, expected) and 0 < int(got.sum()) < got.numel()
     rows = torch.randn(40, 257, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).float()

@@ -453,3 +453,15 @@ def test_vocabularies_that_differ_without_a_tokenizer_source_are_warned_about(tm
     assert (f"warning: the tokenizer of models[1] ({swapped}) gives 2 token id(s) to other tokens than base model "
             f"{base}'s (3: {BASE[3]!r} vs {BASE[4]!r}, 4: {BASE[4]!r} vs {BASE[3]!r})") in err
     assert "tokenizer_source: union" in err and err.count("warning") == 1
+
+
+def test_a_base_without_a_tokenizer_names_what_needs_one(tmp_path, capsys):
+    base = write_model(tmp_path / "base", None, 0, rows=len(BASE))
+    ft = write_model(tmp_path / "ft", BASE, 1)
+    for block, needs in (({"source": "base"}, "tokenizer_source: base needs"),
+                         ({"source": "union"}, "tokenizer_source: union needs"),
+                         ({"source": "base", "pad_to_multiple_of": 8}, "tokenizer_source: base needs")):
+        doc = ta_doc(base, [ft], weights=(1.0,))
+        doc["tokenizer"] = block
+        rc, err = merge(capsys, tmp_path, doc, tmp_path / "out")
+        assert rc == 2 and f"{base} has no tokenizer.json, which {needs}" in err and "None" not in err, err

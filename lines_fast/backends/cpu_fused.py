@@ -196,7 +196,9 @@ def add_kept_l1(kernels, plan: ElementPlan, base: torch.Tensor, models: list[tor
         keep = plan.keep_masks(x, i, stats, name, start, row_len).contiguous()
         packed = slots[i] if slots is not None else torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
         bins = torch.zeros(2, EXPONENT_BINS, dtype=torch.int64)   # every byte of packed is written
+        # A parallel call costs more than the pass over a small tensor (a norm, a bias): one thread there.
+        threads = max(1, min(torch.get_num_threads(), x.numel() >> 16))
         kernels.add_abs_bins_kept(x.view(torch.int32).numpy(), keep.view(torch.uint8).numpy(), bins[0].numpy(),
-                                  bins[1].numpy(), packed.numpy(), torch.get_num_threads())
+                                  bins[1].numpy(), packed.numpy(), threads)
         totals[i].add_bins(bins[0])
         kepts[i].add_bins(bins[1])
