@@ -172,7 +172,9 @@ def _compile_listener(kernels: SimpleNamespace):
         def on_end(self, ev):
             started = self.started.pop(id(ev.data), None)
             if started is not None and _notify is not None:
-                what = "failed to compile" if ev.is_failed else "compiled"
+                # The end event carries the compile's exception, if any. Not Event.is_failed: numba 0.68's
+                # is inverted (True when there was none).
+                what = "failed to compile" if getattr(ev, "_exc_details", None) is not None else "compiled"
                 _notify(f"{what} {ours[id(ev.data['dispatcher'])]} in {time.perf_counter() - started:.1f} s")
 
     return Notices()

@@ -454,6 +454,20 @@ def test_a_kernel_compile_is_announced_with_its_time_and_a_compiled_one_is_not()
     assert said[0].startswith("compiling CPU kernel doubled for these input types (first use on this machine")
     assert re.fullmatch(r"compiled doubled in \d+\.\d s", said[1]), said[1]
 
+    @numba.njit
+    def broken(x):
+        return x.no_such_attribute
+
+    listener = jit._compile_listener(SimpleNamespace(broken=broken))
+    event.register("numba:compile", listener)
+    said.clear()
+    try:
+        with jit.compile_notices(said.append), pytest.raises(numba.core.errors.TypingError):
+            broken(1)
+    finally:
+        event.unregister("numba:compile", listener)
+    assert len(said) == 2 and re.fullmatch(r"failed to compile broken in \d+\.\d s", said[1]), said
+
 
 def test_a_merge_announces_compiles_through_its_log(tmp_path, monkeypatch):
     from lines_fast.engine import Engine, merge
