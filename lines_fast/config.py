@@ -618,7 +618,7 @@ def validate(config: MergeConfig) -> MergeConfig:
             first = next(i for i, m in enumerate(config.models) if slicing.same_model(m, later))
             if first < j:
                 # mergekit keys a merge's inputs by model, so it would merge this one once.
-                named = ((f"--model #{first + 1}", f"--model #{j + 1}") if config.source == "command line"
+                named = ((f"model {first + 1} (--model)", f"model {j + 1}") if config.source == "command line"
                          else (model_key(config, first), model_key(config, j)))
                 raise _fail(src, f"{named[0]} and {named[1]} are the same model "
                                  f"({later}); list each model once (mergekit would merge it once; to count it more, "

@@ -8,6 +8,7 @@ overlap, so a pass takes as long as its slowest stage.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -199,6 +200,8 @@ def plan_command(args) -> int:
 
         with hub.headers_only():   # Hub models: their headers, not their weights
             config = load_yaml(Path(args.config))
+        for notice in config.notices:   # what the merge's log would say about the config first
+            print(notice, file=sys.stderr)
         spec = config.method_spec()
         tensors = _tensors_from_config(config)
         what = f"{args.config}: {config.method}, {len(config.models)} fine-tuned model(s)"

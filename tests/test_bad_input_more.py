@@ -232,6 +232,8 @@ def test_the_base_entrys_parameters_are_ignored_and_said_to_be_not_blamed_on_a_f
             "have no effect on a ties merge") in err
     a, b = load(fam / "a"), load(fam / "b")
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    assert cli.main(["plan", str(listed)]) == 0   # plan says it too
+    assert f"{listed}: models[1] is the base model" in capsys.readouterr().err
 
 
 def test_a_model_listed_twice_is_refused_as_mergekit_would_merge_it_once(fam, capsys):
@@ -242,7 +244,7 @@ def test_a_model_listed_twice_is_refused_as_mergekit_would_merge_it_once(fam, ca
     assert "models[0] and models[2] are the same model" in msg and "larger weight" in msg
     msg = refused(capsys, fam, ["merge", "--method", "task_arithmetic", "--base", fam / "base", "--model", fam / "ft1",
                                 "--model", fam / "ft1", "-o", fam / "out"])
-    assert "--model #1 and --model #2 are the same model" in msg
+    assert "model 1 (--model) and model 2 are the same model" in msg
 
 
 def test_numbers_in_scientific_notation_are_numbers(fam, capsys):
