@@ -121,6 +121,7 @@ def _add_merge_parser(sub) -> None:
 
 def _lines_from_args(args, base_lines):
     from .config import parse_lines
+    from .spec import is_auto
 
     if args.lines_alpha is None and args.lines_beta is None and args.lines_outside is None \
             and args.layer_pattern is None:
@@ -130,8 +131,7 @@ def _lines_from_args(args, base_lines):
         block = {"alpha": base_lines.alpha, "beta": base_lines.beta, "outside": base_lines.outside,
                  "layer_pattern": base_lines.layer_pattern}
     if args.lines_alpha is not None:
-        auto = args.lines_alpha.strip().lower() == "auto"
-        block["alpha"] = "auto" if auto else _float(args.lines_alpha, "--lines-alpha")
+        block["alpha"] = "auto" if is_auto(args.lines_alpha) else _float(args.lines_alpha, "--lines-alpha")
     if args.lines_beta is not None:
         block["beta"] = args.lines_beta
     if args.lines_outside is not None:

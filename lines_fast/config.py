@@ -24,7 +24,7 @@ from . import hub, methods, slices as slicing
 from .errors import MergeInputError, listing
 from .methods import Inputs
 from .settings import check as check_setting, evaluate as evaluate_setting, filters as filters_of, is_setting
-from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, make_spec
+from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, is_auto, make_spec
 from .vocabulary import TokenizerSpec, TokenSource
 
 DTYPES = {
@@ -187,7 +187,7 @@ def parse_lines(block: Any, source: str) -> LinesSpec:
         alpha, beta = gamma, 1.0 - gamma
     else:
         alpha = block.get("alpha", "auto")
-        if isinstance(alpha, str) and alpha.strip().lower() == "auto":
+        if is_auto(alpha):
             alpha = "auto"
         else:
             try:

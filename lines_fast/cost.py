@@ -21,7 +21,7 @@ from .errors import MergeInputError
 from .writer import group_by_size, parse_size
 from .plan import ElementPlan
 from .planning import Pass, plan_passes
-from .spec import LinesSpec, MethodSpec, make_spec
+from .spec import LinesSpec, MethodSpec, is_auto, make_spec
 
 # Defaults: a local NVMe Gen4 drive, PCIe Gen5 x16 with copy engines, H100 HBM3 (FACTS.md),
 # and the CPU backend's measured throughput on 2 cores (README, bench/results).
@@ -217,9 +217,8 @@ def plan_command(args) -> int:
         trim_scope = args.trim_scope or "tensor"
         lines = None
         if lines_alpha is not None:
-            auto = lines_alpha.strip().lower() == "auto"
             try:
-                lines = LinesSpec(alpha="auto" if auto else float(lines_alpha), beta=1.0)
+                lines = LinesSpec(alpha="auto" if is_auto(lines_alpha) else float(lines_alpha), beta=1.0)
             except ValueError:
                 raise MergeInputError(f"--lines-alpha must be a number or auto, got {lines_alpha!r}.") from None
         values = {"density": 0.2} if method.takes("density") else {}

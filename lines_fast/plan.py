@@ -309,18 +309,25 @@ def unsupported_steps(plan: ElementPlan, supported: dict) -> str | None:
     return None
 
 
+def kept_inputs(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], stats: TensorStats,
+                name: str, start: int, row_len: int | None = None):
+    """(i, x_i, keep_i) of one flat chunk (elements start.. of tensor `name`): model i's float32
+    task vector (or the model itself, for a plan without deltas) and the sparsifier's bool keep mask."""
+    b = base.to(torch.float32) if plan.deltas else None
+    for i, model in enumerate(models):
+        x = model.to(torch.float32)
+        if b is not None:
+            x = x - b
+        yield i, x, plan.keep_masks(x, i, stats, name, start, row_len)
+
+
 def add_kept_l1(plan: ElementPlan, base: torch.Tensor | None, models: list[torch.Tensor], stats: TensorStats,
                 name: str, start: int, totals: list, kepts: list, row_len: int | None = None,
                 masks: list | None = None) -> None:
     """Add ||x_i||_1 and ||kept x_i||_1 of one flat chunk (elements start.. of tensor `name`,
     on any device) into the exact accumulators totals[i] and kepts[i] (exactsum.AbsSum); each
     model's bool keep mask is appended to `masks` where given (a backend may reuse it to merge)."""
-    b = base.to(torch.float32) if plan.deltas else None
-    for i, model in enumerate(models):
-        x = model.to(torch.float32)
-        if b is not None:
-            x = x - b
-        keep = plan.keep_masks(x, i, stats, name, start, row_len)
+    for i, x, keep in kept_inputs(plan, base, models, stats, name, start, row_len):
         if masks is not None:
             masks.append(keep)
         totals[i].add(x)

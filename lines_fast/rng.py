@@ -114,7 +114,7 @@ def dare_uniform_rows(seed: int, model_index: int, names: list[str], length: int
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"seed must be in [0, 2^63), got {seed}")
     ids = [tensor_stream_id(name) for name in names]
-    c3, k0, k1 = model_index + (stream << 16), seed & _MASK32, (seed >> 32) & _MASK32
+    c3, k0, k1 = _model_key(seed, model_index, stream)
     from . import jit
 
     fast = jit.compiled(max(len(names) * length, jit.CALL_WORK))
@@ -133,7 +133,12 @@ def stream_key(seed: int, model_index: int, name: str, stream: int) -> tuple[int
     """(c2, c3, k0, k1): the counter words and key of tensor `name`'s draws for model
     `model_index` in `stream`, as the compiled kernels take them (the counter's low words are
     the flat index)."""
-    return tensor_stream_id(name), model_index + (stream << 16), seed & _MASK32, (seed >> 32) & _MASK32
+    return (tensor_stream_id(name), *_model_key(seed, model_index, stream))
+
+
+def _model_key(seed: int, model_index: int, stream: int) -> tuple[int, int, int]:
+    """(c3, k0, k1): the counter word of model `model_index` in `stream`, and the seed's key words."""
+    return model_index + (stream << 16), seed & _MASK32, (seed >> 32) & _MASK32
 
 
 def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device, stream: int) -> torch.Tensor:
@@ -154,10 +159,7 @@ def _draw(seed: int, model_index: int, name: str, numel: int, start: int, device
 
 
 def _draw_torch(seed: int, model_index: int, name: str, numel: int, start: int, device, stream: int) -> torch.Tensor:
+    c2, c3, k0, k1 = stream_key(seed, model_index, name, stream)
     j = torch.arange(start, start + numel, dtype=torch.int64, device=device)
-    c0 = j & _MASK32
-    c1 = j >> 32
-    c2 = torch.full_like(j, tensor_stream_id(name))
-    c3 = torch.full_like(j, model_index + (stream << 16))
-    r0, _, _, _ = philox4x32_10(c0, c1, c2, c3, seed & _MASK32, (seed >> 32) & _MASK32)
+    r0, _, _, _ = philox4x32_10(j & _MASK32, j >> 32, torch.full_like(j, c2), torch.full_like(j, c3), k0, k1)
     return uniform_from_bits(r0)

@@ -51,6 +51,11 @@ def band_ranks(density: float, gamma: float, d: int) -> tuple[int, int]:
     return (top + kept if kept >= 1 else 0), top
 
 
+def is_auto(alpha) -> bool:
+    """Whether a LiNeS alpha as given (YAML or an option) asks for alpha auto: 'auto' in any case."""
+    return isinstance(alpha, str) and alpha.strip().lower() == "auto"
+
+
 @dataclass(frozen=True)
 class LinesSpec:
     """LiNeS: tensor in block l of a stack of L blocks gets alpha + beta * l / (L - 1).

@@ -25,7 +25,7 @@ from .. import jit
 from ..exactsum import EXPONENT_BINS
 from ..gram import GroupView, group_view, new_gram
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
-from ..plan import ElementPlan, TensorStats, unsupported_steps
+from ..plan import ElementPlan, TensorStats, kept_inputs, unsupported_steps
 from ..rng import dare_uniform
 from ..selection import BINS
 from .base import MergeJob
@@ -187,13 +187,8 @@ def add_kept_l1(kernels, plan: ElementPlan, base: torch.Tensor, models: list[tor
     """plan.add_kept_l1 of one flat CPU chunk with both exact sums and the masks' packing in one
     compiled pass per model (jit_kernels.add_abs_bins_kept): the same integer bins and keep masks.
     slots: one uint8 view per model to pack the masks into (the backend's mask store), or None."""
-    b = base.to(torch.float32) if plan.deltas else None
-    for i, model in enumerate(models):
-        x = model.to(torch.float32)
-        if b is not None:
-            x = x - b
-        x = x.contiguous()
-        keep = plan.keep_masks(x, i, stats, name, start, row_len).contiguous()
+    for i, x, keep in kept_inputs(plan, base, models, stats, name, start, row_len):
+        x, keep = x.contiguous(), keep.contiguous()
         packed = slots[i] if slots is not None else torch.empty(-(-x.numel() // 8), dtype=torch.uint8)
         bins = torch.zeros(2, EXPONENT_BINS, dtype=torch.int64)   # every byte of packed is written
         # A parallel call costs more than the pass over a small tensor (a norm, a bias): one thread there.
