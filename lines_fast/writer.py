@@ -275,6 +275,30 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+# Early writeback: a durable shard asks the OS to start writing each WRITEBACK_STEP bytes to
+# disk as soon as they are written (Linux sync_file_range, which does not wait), so the disk
+# works while the merge computes and the fsync at the shard's end has little left to wait for:
+# on llama-336m, fsync 0.25 s -> 0.013 s (a 5 GB shard of a 70B merge would wait ~2 s each).
+# On this 2-core VM the wall time did not change (TIES median 3.64 vs 3.68 s over 6 runs): the
+# kernel's writeback work moved onto cores the merge already keeps busy. It also keeps dirty
+# pages from piling up in the page cache. None where the call does not exist: fsync alone then.
+WRITEBACK_STEP = 32 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback_function():
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_start_writeback = _start_writeback_function()
+
+
 def _file_crc32(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
@@ -384,6 +408,7 @@ class ShardedWriter:
         self._piece_elems = 0  # elements of the current tensor written so far by write_piece
         self._file = None
         self._crc = 0
+        self._written_back = 0   # the current shard's bytes handed to the disk (early writeback)
         self._state = "open"
         self._check_space()
 
@@ -576,10 +601,12 @@ class ShardedWriter:
                 self._file = open(self.partial / shard.file, "wb")
                 self._file.write(shard.header)
                 self._crc = zlib.crc32(shard.header)
+                self._written_back = 0
             if tensor.numel():
                 data = _tensor_bytes(tensor)
                 self._file.write(data)
                 self._crc = zlib.crc32(data, self._crc)
+                self._write_back()
             self._piece_elems += tensor.numel()
             if self._piece_elems == total:
                 self._piece_elems = 0
@@ -592,6 +619,18 @@ class ShardedWriter:
                 f"Writing '{self.partial / shard.file}' failed: {e.strerror or e}. Free some space "
                 f"or fix the output location, then rerun with --resume to keep finished shards."
             ) from e
+
+    def _write_back(self) -> None:
+        """Starts the disk writing the current shard's bytes up to here, each WRITEBACK_STEP."""
+        if not self.durable or _start_writeback is None:
+            return
+        end = self._file.tell()
+        if end - self._written_back < WRITEBACK_STEP:
+            return
+        self._file.flush()
+        # A failure here only loses the head start: the fsync at the shard's end still decides.
+        _start_writeback(self._file.fileno(), self._written_back, end - self._written_back, _SYNC_FILE_RANGE_WRITE)
+        self._written_back = end
 
     def _close_shard(self, shard: Shard) -> None:
         if self._file is None:  # a shard without tensors (an empty model)

@@ -246,6 +246,49 @@ def test_durable_false_skips_only_fsync(tmp_path, monkeypatch):
     assert "old.txt" not in results[False][0] and "README.md" in results[False][0]
 
 
+def test_early_writeback_covers_each_shard_in_order(tmp_path, monkeypatch):
+    """A durable shard hands its bytes to the disk in consecutive ranges, each of at least
+    WRITEBACK_STEP bytes, as they are written; never for durable=False; the files are the same."""
+    import lines_fast.writer as writer_module
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(10)}   # 400 bytes each
+    calls = []
+
+    def recording(fd, offset, nbytes, flags):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}") if os.path.exists("/proc/self/fd") else fd, offset, nbytes, flags))
+        return 0
+
+    monkeypatch.setattr(writer_module, "_start_writeback", recording)
+    monkeypatch.setattr(writer_module, "WRITEBACK_STEP", 1000)
+    results = {}
+    for durable in (True, False):
+        calls.clear()
+        out = write_all(tmp_path / f"out-{durable}", tensors, max_shard_size=2500, durable=durable)
+        results[durable] = files_of(out), list(calls)
+    assert results[True][0] == results[False][0]
+    assert results[False][1] == []
+    by_file = {}
+    for file, offset, nbytes, flags in results[True][1]:
+        assert flags == 2 and nbytes >= 1000   # SYNC_FILE_RANGE_WRITE: start, do not wait
+        by_file.setdefault(file, []).append((offset, nbytes))
+    shards = sorted(p for p in results[True][0] if p.endswith(".safetensors"))
+    assert len(shards) == 2 and len(by_file) == 2   # 6 + 4 tensors: each shard gets its own ranges
+    for ranges in by_file.values():
+        assert ranges[0][0] == 0
+        assert all(a + n == b for (a, n), (b, _) in zip(ranges, ranges[1:]))   # no gap, no overlap
+
+
+def test_early_writeback_for_real(tmp_path, monkeypatch):
+    """The OS call itself (Linux has it), at a small step: the output reads back the same."""
+    import lines_fast.writer as writer_module
+    if sys.platform.startswith("linux"):
+        assert writer_module._start_writeback is not None
+    monkeypatch.setattr(writer_module, "WRITEBACK_STEP", 1000)
+    tensors = sample()
+    out = write_all(tmp_path / "out", tensors, max_shard_size=1 << 20)
+    loaded = load_file(out / "model.safetensors")
+    assert loaded.keys() == tensors.keys() and all(same_bits(loaded[n], t) for n, t in tensors.items())
+
+
 def interrupted(tmp_path, tensors, count, **kw):
     """Writes the first `count` tensors, then stops as a crash would."""
     w = ShardedWriter(tmp_path / "out", entries_of(tensors), max_shard_size=1000, metadata={"m": "1"}, **kw)
