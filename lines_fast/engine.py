@@ -650,7 +650,7 @@ class Engine:
             if reason is not None:
                 raise MergeInputError(f"--device {self.device}: the {backend.name} backend cannot run {config.method} "
                                       f"({reason}); use --device cpu.")
-            passes = plan_passes(spec)
+            passes = plan_passes(spec, finetuned=len(self.config.models))
             self.log(describe(passes))
             entries = [(n, plan.out_dtypes[n], plan.shapes[n]) for n in plan.order]
             out_bytes = sum(int(torch.Size(s).numel()) * d.itemsize for _, d, s in entries)
@@ -832,7 +832,7 @@ class Engine:
                       for ts in zip(*(self._model_tensors(inputs, plan, n) for n in group))]
         else:
             models = [packed(ckpt) for ckpt in sources]
-        el = self._plan_for(name)
+        el = self._plan_for(name).at_scale(scales[name])
         numel = int(torch.Size(plan.shapes[name]).numel())
         return MergeJob(f"{len(group)} tensors from {name}", base, models, stats.for_tensor(name), scales[name],
                         plan.out_dtypes[name], plan=el, stream=False,
@@ -860,7 +860,7 @@ class Engine:
                 name = group[0]
                 yield MergeJob(name, self._base_tensor(inputs, name) if spec.uses_base else None,
                                self._model_tensors(inputs, plan, name), stats.for_tensor(name), scales[name],
-                               plan.out_dtypes[name], plan=self._plan_for(name),
+                               plan.out_dtypes[name], plan=self._plan_for(name).at_scale(scales[name]),
                                stream=int(torch.Size(plan.shapes[name]).numel()) >= STREAM_MIN,
                                release=self._releaser(inputs, name))
 

@@ -18,7 +18,7 @@ never reads a method's name. Per element, all float32, models in config order:
                     tau_m = sum_{i in A} c_i     [/ sum_{i in A} w_i with normalize; 0 if A empty]
     consensus mask (TALL, tall_k > 0): tau_m = tau_m where #{i : |tau_i| >= lam * |S - tau_i|} >= k,
                     else +0 (S = sum_j tau_j, the raw task vectors, in model order)
-    a soup with a base (LiNeS): tau_m = tau_m - f32(theta_0)
+    a soup with a base (LiNeS): tau_m = tau_m - f32(theta_0)   (not at s == 1: at_scale)
     out    = theta_0 + s * tau_m  (s: lambda or the LiNeS scale; theta_0 bitwise where s == 0)
            = tau_m                a soup without a base
 
@@ -132,6 +132,15 @@ class ElementPlan:
         return cls(n_models=n_models, uses_base=True, deltas=True, sparsify=Sparsify.NONE, rescale=Rescale.NONE,
                    consensus=Consensus.NONE, normalize=False, threshold_scope="tensor", weights=ones,
                    densities=ones, gammas=(0.0,) * n_models, epsilons=(0.0,) * n_models, drop_p=(0.0,) * n_models, divisors=ones)
+
+    def at_scale(self, scale: float) -> "ElementPlan":
+        """The plan that merges a tensor whose scale s (λ, or its LiNeS λ(ℓ)) is `scale`: this one,
+        except a soup with a base (LiNeS on a method whose result is a model) at s == 1, where
+        θ0 + 1·(θ_method − θ0) is θ_method itself: there the soup's own plan (no base), so
+        LiNeS α = 1, β = 0 gives the plain method bitwise, not rounded twice more."""
+        if scale == 1.0 and self.uses_base and not self.deltas:
+            return replace(self, uses_base=False)
+        return self
 
     # -- the statistics a tensor's merge needs ---------------------------------------------
     @property

@@ -176,7 +176,10 @@ class SignsPass(Pass):
             f"sum elects {'+' if stats.majority_sign > 0 else '-'}1")
 
 
+@dataclass
 class NormsPass(Pass):
+    finetuned: int = 1   # N of α auto: the fine-tuned models (a base among the inputs is not one)
+
     def start(self, stats, plan):
         self.delta = _TaskSum()
         if self.with_task_sum:
@@ -196,7 +199,7 @@ class NormsPass(Pass):
             stats.task_sum_l1.parts = [v for _, values in parts for v in values]
 
     def finish(self, stats, plan, total_elements, log):
-        sum_l1, delta_l1, n = stats.task_sum_l1.value(), self.delta.value(), plan.n_models
+        sum_l1, delta_l1, n = stats.task_sum_l1.value(), self.delta.value(), self.finetuned
         if delta_l1 == 0.0:
             raise MergeInputError(
                 "LiNeS alpha auto is undefined: the merged task vector ‖τ_MTL‖₁ is 0 over all merged "
@@ -216,8 +219,9 @@ def auto_alpha(spec: MethodSpec) -> bool:
     return spec.lines is not None and spec.lines.alpha == "auto"
 
 
-def plan_passes(spec: MethodSpec) -> list[Pass]:
-    """The passes of a merge, from its element plan and LiNeS options."""
+def plan_passes(spec: MethodSpec, finetuned: int | None = None) -> list[Pass]:
+    """The passes of a merge, from its element plan and LiNeS options. finetuned: N of LiNeS α
+    auto, the fine-tuned models among the inputs (default spec.finetuned_inputs)."""
     plan = ElementPlan.from_spec(spec)
     alpha = auto_alpha(spec)
     passes: list[Pass] = []
@@ -241,7 +245,8 @@ def plan_passes(spec: MethodSpec) -> list[Pass]:
             why = "‖Σ τ_i‖₁ and " + why
             if any(plan.missing(None)):
                 why += "; per-tensor statistics are kept for the merge pass"
-        passes.append(NormsPass("norms", why, produces="LiNeS α", with_task_sum=first))
+        passes.append(NormsPass("norms", why, produces="LiNeS α", with_task_sum=first,
+                                finetuned=spec.finetuned_inputs if finetuned is None else finetuned))
     in_pass = [what for what, needed in zip(("thresholds", "rescale factors"), plan.missing(None))
                if needed and not (what == "thresholds" and plan.global_thresholds)]
     what = "merge and write" + (f" (per-tensor {' and '.join(in_pass)} found in-pass)" if in_pass and not alpha else "")

@@ -213,16 +213,23 @@ def l1_rescale_factor(tau: torch.Tensor, keep: torch.Tensor) -> float:
     return rescale_factor(total.value(), kept.value())
 
 
-def apply_task_vector(base: StateDict, tau_m: StateDict, scale: float | dict[str, float]) -> StateDict:
+def apply_task_vector(base: StateDict, tau_m: StateDict, scale: float | dict[str, float],
+                      own: StateDict | None = None) -> StateDict:
     """theta = float32(base) + scale * tau_m per tensor (multiply, then add, in float32).
 
     `scale` is lambda, or a per-name dict (LiNeS). A zero scale returns float32(base)
     exactly: base + 0 * tau would turn a -0.0 of the base into +0.0, and wise_ft with
-    a = 0 must return the base bitwise.
+    a = 0 must return the base bitwise. own: for a method whose result is a model (a soup,
+    slerp), that result θ_method, with tau_m = θ_method - base: a scale of 1 returns it
+    exactly, where base + 1 * tau_m would round twice more (so LiNeS α = 1, β = 0 is the
+    plain method bitwise).
     """
     out = {}
     for name, tau in tau_m.items():
         s = _f32(scale[name] if isinstance(scale, dict) else scale)
+        if own is not None and s == 1:
+            out[name] = own[name]
+            continue
         base32 = base[name].to(F32, copy=True)
         out[name] = base32 if s == 0 else base32 + s * tau
     return out
@@ -458,8 +465,12 @@ def merged_task_vector(base: StateDict | None, models: Sequence[StateDict], spec
 # LiNeS
 # ---------------------------------------------------------------------------------------
 
-def lines_auto_alpha(base: StateDict, models: Sequence[StateDict], tau_mtl: StateDict) -> float:
+def lines_auto_alpha(base: StateDict, models: Sequence[StateDict], tau_mtl: StateDict,
+                     finetuned: int | None = None) -> float:
     """alpha = (1/N) * ||sum_i tau_i||_1 / ||tau_MTL||_1 over the tensors of tau_mtl.
+
+    N = finetuned: the fine-tuned models among `models` (default all of them); a base among
+    the inputs (slerp, linear with a base weight) adds tau = 0 to the sum but is not counted.
 
     sum_i tau_i is untrimmed and unweighted (the official code), summed in float32 in model
     order; the L1 norms are accumulated in float64.
@@ -477,15 +488,15 @@ def lines_auto_alpha(base: StateDict, models: Sequence[StateDict], tau_mtl: Stat
             "LiNeS alpha 'auto' divides by the L1 norm of the merged task vector, and it is 0 "
             "(the models equal the base, or everything was trimmed or dropped). Give alpha explicitly."
         )
-    return sum_l1 / mtl_l1 / len(models)
+    return sum_l1 / mtl_l1 / (len(models) if finetuned is None else finetuned)
 
 
 def _lines_scale_map(
-    lines: LinesSpec, base: StateDict, models: Sequence[StateDict], tau_mtl: StateDict
+    lines: LinesSpec, base: StateDict, models: Sequence[StateDict], tau_mtl: StateDict, finetuned: int
 ) -> dict[str, float]:
     alpha = lines.alpha
     if alpha == "auto":
-        alpha = lines_auto_alpha(base, models, tau_mtl)
+        alpha = lines_auto_alpha(base, models, tau_mtl, finetuned)
     elif isinstance(alpha, str):
         raise MergeInputError(f"LiNeS alpha must be a number or 'auto', got {alpha!r}.")
     return lines_scales(list(tau_mtl), alpha, lines.beta, outside=lines.outside, layer_pattern=lines.layer_pattern)
@@ -561,24 +572,34 @@ def merge_state_dicts(
     spec = spec_from_params(method, len(models), lines=lines, with_base=base is not None, **params)
     if base_weight is not None and spec.definition.inputs is not Inputs.MODELS:
         raise MergeInputError(f"base_weight averages the base in; {method} works on task vectors from it.")
-    return merge_with_spec(base, models, spec, exclude=exclude, out_dtype=out_dtype)
+    return merge_with_spec(base, models, spec, exclude=exclude, out_dtype=out_dtype,
+                           finetuned=len(models) - 1 if base_weight is not None else None)
 
 
 def merge_with_spec(base: StateDict | None, models: list[StateDict], spec: MethodSpec, *,
-                    exclude: list[str] | None = None, out_dtype: torch.dtype | None = None) -> StateDict:
-    """merge_state_dicts for an already validated MethodSpec (models: the spec's inputs, in order)."""
+                    exclude: list[str] | None = None, out_dtype: torch.dtype | None = None,
+                    finetuned: int | None = None) -> StateDict:
+    """merge_state_dicts for an already validated MethodSpec (models: the spec's inputs, in
+    order). finetuned: how many of them are fine-tuned models, N of LiNeS α auto (default
+    spec.finetuned_inputs; linear with an averaged-in base: one fewer than the inputs)."""
     if base is None and spec.uses_base:
         needs = "LiNeS" if spec.inputs is Inputs.MODELS else f"method {spec.method}"
         raise MergeInputError(f"{needs} needs a base model (theta0); none was given.")
     reference = models[0] if base is None else base
     names = _merged_names(reference, exclude)
-    tau_mtl = merged_task_vector(base if spec.uses_base else None, models, spec, names)
     if not spec.uses_base:
-        merged = tau_mtl  # a plain soup is its own result
+        merged = merged_task_vector(None, models, spec, names)  # a plain soup is its own result
     else:
+        own = None   # a soup's own result θ_method (LiNeS on a method whose result is a model)
+        if spec.inputs is Inputs.DELTAS:
+            tau_mtl = merged_task_vector(base, models, spec, names)
+        else:
+            own = merged_task_vector(None, models, spec, names)
+            tau_mtl = {name: own[name] - base[name].to(F32) for name in names}
         lines = spec.lines
-        scale = _lines_scale_map(lines, base, models, tau_mtl) if lines is not None else spec.lam
-        merged = apply_task_vector(base, tau_mtl, scale)
+        n = spec.finetuned_inputs if finetuned is None else finetuned
+        scale = _lines_scale_map(lines, base, models, tau_mtl, n) if lines is not None else spec.lam
+        merged = apply_task_vector(base, tau_mtl, scale, own)
     return {
         name: merged[name].to(out_dtype or tensor.dtype) if name in merged else tensor.clone()
         for name, tensor in reference.items()

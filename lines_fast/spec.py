@@ -142,6 +142,13 @@ class MethodSpec:
         return definition.without_base if not self.with_base and definition.without_base else definition.inputs
 
     @property
+    def finetuned_inputs(self) -> int:
+        """How many of the inputs are fine-tuned models: N of LiNeS α auto. All but the base
+        where it is the method's first input (slerp); linear with an averaged-in base weight
+        has the base among its inputs too, which only its config knows (config.models)."""
+        return self.n_models - (self.inputs is Inputs.BASE_AND_MODELS)
+
+    @property
     def uses_base(self) -> bool:
         """Whether θ0 is read as θ0: task-vector methods always; a soup (and slerp, whose
         inputs include the base) only as LiNeS's θ0."""

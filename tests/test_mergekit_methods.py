@@ -504,3 +504,67 @@ def test_review_findings_on_settings_and_options(tmp_path):
     empty = torch.zeros(4, 0)
     assert merge_one("della", empty, [empty, empty], CpuBackend(), density=0.5).shape == (4, 0)
     assert ref.della_keep_probability(empty, 0.5, 0.1).shape == (4, 0)
+
+
+def test_lines_alpha_auto_counts_only_fine_tuned_models(tmp_path):
+    """N of α auto counts fine-tuned models, not a base among the inputs. slerp of a base and
+    ft1 = 2·base (parallel: mergekit's lerp) at t = 0.5 is 1.5·base: τ_MTL = 0.5·τ_1, so
+    α = ‖τ_1‖₁ / ‖τ_MTL‖₁ / 1 = 2, and with β = 0 the merge is base + 2·0.5·base = ft1 exactly
+    (counting the base, N = 2 would give α = 1 and 1.5·base). Then linear with an averaged-in
+    base (weights 1, 1): τ_MTL = (ft1 − base) / 2, α = 2 / N with N = 1 (not 2)."""
+    from helpers import load, write_safetensors
+    from lines_fast.engine import merge
+    from lines_fast.reference import LinesSpec
+
+    base = {"model.layers.0.w": torch.tensor([1.0, -2.0, 4.0, 0.5]), "model.layers.1.w": torch.tensor([3.0, 1.0])}
+    ft1 = {n: 2 * t for n, t in base.items()}
+    for name, tensors in (("base", base), ("ft1", ft1)):
+        (tmp_path / name).mkdir()
+        write_safetensors(tmp_path / name / "model.safetensors", tensors)
+    lines = LinesSpec(alpha="auto", beta=0.0)
+    assert all(torch.equal(t, ft1[n]) for n, t in ref.merge_state_dicts(base, [ft1], "slerp", t=0.5, lines=lines).items())
+    soup = ref.merge_state_dicts(base, [ft1], "linear", base_weight=1.0, lines=lines)
+    assert all(torch.equal(t, ft1[n]) for n, t in soup.items())   # base + 2 * (ft1 - base) / 2
+    logs = []
+    docs = {"slerp": {"merge_method": "slerp", "base_model": str(tmp_path / "base"), "parameters": {"t": 0.5},
+                      "models": [{"model": str(tmp_path / "ft1")}]},
+            "linear": {"merge_method": "linear", "base_model": str(tmp_path / "base"), "parameters": {"weight": 1.0},
+                       "models": [{"model": str(tmp_path / "ft1")}]}}
+    for method, doc in docs.items():
+        doc["lines"] = {"alpha": "auto", "beta": 0.0}
+        for device in ("cpu", "interpret"):
+            merge(doc, tmp_path / f"{method}-{device}", device=device, progress=False, log=logs.append)
+            got = load(tmp_path / f"{method}-{device}")
+            assert all(torch.equal(got[n], ft1[n]) for n in ft1), (method, device)
+    assert sum("= 2\n" in m + "\n" and "/ 1 =" in m for m in logs if m.startswith("LiNeS alpha auto")) == 4
+
+
+def test_lines_alpha_one_beta_zero_is_plain_slerp_and_soup_end_to_end(tmp_path):
+    """The engine merges a scale-1 tensor of a soup-like method with the soup's own plan: the
+    float32 output of LiNeS α = 1, β = 0 is the plain merge's, bit for bit."""
+    from helpers import load
+    from lines_fast.engine import merge
+    from lines_fast.synth import recipe, write_checkpoint_family
+
+    fam = write_checkpoint_family(tmp_path / "fam", recipe("tiny"), n_finetunes=2, dtype=torch.bfloat16)
+    docs = {"slerp": {"merge_method": "slerp", "base_model": str(fam.base), "parameters": {"t": 0.3},
+                      "models": [{"model": str(fam.finetunes[0])}]},
+            "linear": {"merge_method": "linear", "base_model": str(fam.base), "parameters": {"weight": 1.0},
+                       "models": [{"model": str(p)} for p in fam.finetunes]}}
+    differed = 0
+    for method, doc in docs.items():
+        doc["out_dtype"] = "float32"
+        merge(doc, tmp_path / f"{method}-plain", device="cpu", progress=False, log=lambda s: None)
+        plain = load(tmp_path / f"{method}-plain")
+        base = load(fam.base)
+        for device in ("cpu", "interpret"):
+            merge({**doc, "lines": {"alpha": 1.0, "beta": 0.0}}, tmp_path / f"{method}-{device}", device=device,
+                  progress=False, log=lambda s: None)
+            got = load(tmp_path / f"{method}-{device}")
+            for name, want in plain.items():
+                assert torch.equal(got[name].view(-1).view(torch.int32), want.view(-1).view(torch.int32)) \
+                    if want.is_floating_point() else torch.equal(got[name], want), (method, device, name)
+        # the case the rule is for: base + 1 * (soup - base) is not the soup in float32 here
+        differed += sum(int((base[n].float() + (w - base[n].float()) != w).sum()) for n, w in plain.items()
+                        if w.is_floating_point() and n in base)
+    assert differed > 0
