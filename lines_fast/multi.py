@@ -21,6 +21,7 @@ the same recipe) is skipped and an interrupted one continues.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -97,7 +98,9 @@ def plan(path: Path, docs: list[Any], out: Path, intermediate: Path | None) -> l
         where = intermediate or out.with_name(out.name + "-intermediate")
     else:
         where = intermediate or out
-    outputs = {name: where / name for name in named}
+    # Absolute: a relative "mout-intermediate/stage1" substituted into a later document would
+    # read as a Hugging Face repo id there.
+    outputs = {name: Path(os.path.abspath(where / name)) for name in named}
     steps = {}
     for name, doc in [*named.items(), *((None, d) for d in unnamed)]:
         used: set[str] = set()

@@ -63,6 +63,20 @@ def test_merges_run_in_dependency_order_and_names_stand_for_outputs(fam, tmp_pat
     assert out.count("merged ") == 2
 
 
+def test_a_relative_out_dir_works(fam, tmp_path, capsys, monkeypatch):
+    """README's `lines-fast merge CONFIG OUT_DIR` with a relative OUT_DIR: the intermediate output
+    substituted for `soup` is a path, not read as a Hugging Face repo id."""
+    cfg = write_docs(tmp_path / "multi.yml", [soup(fam), final(fam)])
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run(capsys, "multi.yml", "mout")
+    assert rc == 0, err
+    assert (tmp_path / "mout-intermediate" / "soup").is_dir() and (tmp_path / "mout").is_dir()
+    rc, out, err = run(capsys, cfg, tmp_path / "absolute")   # the same merge, written elsewhere
+    assert rc == 0, err
+    a, b = load(tmp_path / "mout"), load(tmp_path / "absolute")
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
 def test_resume_skips_finished_merges(fam, tmp_path, capsys):
     cfg = write_docs(tmp_path / "multi.yml", [soup(fam), final(fam)])
     assert run(capsys, cfg, tmp_path / "out")[0] == 0
