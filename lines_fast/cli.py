@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lines-fast",
         description="Fast, reference-exact model merging of Hugging Face checkpoints (sharded safetensors, "
                     "PyTorch .bin, PEFT LoRA adapters), from mergekit's YAML configs. Methods: "
-                    + ", ".join(methods.names()) + "; LiNeS on top of any that adds task vectors.",
+                    + ", ".join(methods.names()) + "; LiNeS on top of any of them.",
         epilog="Start with `lines-fast demo`. Each command has its own --help.")
     from . import __version__
 

@@ -176,8 +176,8 @@ def _show(value: Any) -> str:
         return "false"
     if isinstance(value, float) and value.is_integer():
         return str(int(value)) if abs(value) < 1e15 else f"2^{int(math.log2(value + 1))}"
-    if isinstance(value, int) and value > 1e15:
-        return f"2^{int(math.log2(value + 1))}"
+    if isinstance(value, int) and value > 1e15:   # a power of two, or one less (the seed's 2^63 - 1)
+        return f"2^{value.bit_length() - 1}" if value & (value - 1) == 0 else f"2^{value.bit_length()} - 1"
     return str(value)
 
 
@@ -476,6 +476,33 @@ def help_text() -> str:
         lines.append(f"  {m.name:<16} {m.summary}")
         lines.append(f"  {'':<16}   {params}")
     return "\n".join(lines)
+
+
+def parameters_table() -> str:
+    """docs/methods.md's parameter table: every parameter, its scope, its range and which methods
+    take it with what default (tests/test_methods.py checks the docs hold exactly this)."""
+    def grouped(pairs: list[tuple[str, str]]) -> str:   # (text, method) -> "text (`m`, `n`); ..."
+        by_text: dict[str, list[str]] = {}
+        for text, method in pairs:
+            by_text.setdefault(text, []).append(f"`{method}`")
+        if len(by_text) == 1 and len(pairs) == len(REGISTRY):
+            return f"{next(iter(by_text))}, every method"
+        return "; ".join(f"{text} ({', '.join(ms)})" for text, ms in by_text.items())
+
+    rows = ["| parameter | scope | range | default |", "|---|---|---|---|"]
+    uses: dict[str, list[tuple[Param, str]]] = {}
+    for m in REGISTRY.values():
+        for p in m.params:
+            uses.setdefault(p.name, []).append((p, m.name))
+    for name, taken in uses.items():
+        ranges = [(p.range_text().replace(" | ", " / "), m) for p, m in taken]   # "|" would split the cell
+        if len({r for r, _ in ranges}) == 1:
+            range_cell = ranges[0][0]
+        else:
+            range_cell = grouped(ranges)
+        scope = "per model" if taken[0][0].per_model else "shared"
+        rows.append(f"| `{name}` | {scope} | {range_cell} | {grouped([(p.default_text(), m) for p, m in taken])} |")
+    return "\n".join(rows)
 
 
 def markdown_table() -> str:

@@ -347,6 +347,8 @@ def test_readme_method_table_is_the_registry():
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert methods.markdown_table() in readme, "README's method table is stale: paste methods.markdown_table()"
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    assert methods.parameters_table() in docs, "docs/methods.md's parameter table is stale: paste methods.parameters_table()"
 
 
 def test_merge_help_lists_every_method_with_its_parameters(capsys):
