@@ -122,7 +122,7 @@ _MERGE_ARGS = dict(out_ptr=None, base_ptr=None, models_ptr=None, table_ptr="*fp3
                    task_partial_ptr="*fp64", flags_ptr="*i32", group_weights_ptr="*fp32", drop_ptr="*fp32",
                    n_elements="i64", model_stride="i64", drop_stride="i64", elem_offset="i64", seed="i64",
                    stream_id="i64", scale="fp32", weight_sum="fp32", n_groups="i64", group_len="i64",
-                   tall_k="i32", tall_lambda="fp32", zero_sign="fp32")
+                   tall_k="i32", zero_sign="fp32")
 _HIST_ARGS = dict(hist_ptr="*i32", slot_of_bin_ptr="*i16", bin_of_slot_ptr="*i32", base_ptr=None, models_ptr=None,
                   model_stride="i64", n_elements="i64", block_stride="i64", hist_row_stride="i32", bucket="i32")
 _DIVISIBLE = ("n_elements", "model_stride", "drop_stride", "block_stride")  # multiples of 16 on the benchmark's shapes

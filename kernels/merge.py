@@ -26,8 +26,8 @@ non-agreeing model adds 0), so values are identical and every input is read exac
 Inputs: `base` (any of bf16/fp16/fp32, absent for plain linear) and the N models as ONE
 [N, model_stride] staging tensor of a single dtype (the models' common dtype, float32 when
 they differ: widening is exact, so tau is unchanged). Per-model numbers travel in a float32
-table [6, N] (lines_fast.plan.TABLE_ROWS): weights, trim thresholds, drop probabilities p_i,
-inverse-rescale divisors q_i, L1 rescale factors f_i, band ceilings c_i.
+table [7, N] (lines_fast.plan.TABLE_ROWS): weights, trim thresholds, drop probabilities p_i,
+inverse-rescale divisors q_i, L1 rescale factors f_i, band ceilings c_i, TALL ratios lambda_i.
 
 Gram-weighted plans (GROUPED: slerp, nuslerp, model_stock) read w_i per element from a float32
 [N, groups] table instead, at the element's group (lines_fast/gram.py: row j // L or column j % L).
@@ -118,7 +118,7 @@ def nonfinite(x):
 def _fused_merge_kernel(
     out_ptr, base_ptr, models_ptr, table_ptr, partial_ptr, task_partial_ptr, flags_ptr, group_weights_ptr,
     drop_ptr, n_elements, model_stride, drop_stride, elem_offset, seed, stream_id, scale, weight_sum, n_groups,
-    group_len, tall_k, tall_lambda, zero_sign,
+    group_len, tall_k, zero_sign,
     N: tl.constexpr, HAS_BASE: tl.constexpr, DELTAS: tl.constexpr, TRIM: tl.constexpr, CEIL: tl.constexpr,
     DROP: tl.constexpr, RANKED: tl.constexpr,
     INVERSE: tl.constexpr, SCALE_KEPT: tl.constexpr,
@@ -188,6 +188,7 @@ def _fused_merge_kernel(
             else:
                 raw = raw + (x - b)
         if TALL:
+            tall_lambda = tl.load(table_ptr + 6 * N + i)
             mattering += (tl.abs(tau) >= tall_lambda * tl.abs(total - tau)).to(tl.int32)
         if TRIM:
             t = tl.load(table_ptr + N + i)
@@ -389,7 +390,7 @@ def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: 
             count, models.stride(0), drop_p.stride(0) if plan.ranked else 0,
             int(elem_offset) + start, int(plan.seed), int(stream_id), f32(scale),
             plan.weight_sum, groups.groups if plan.grouped else 1, groups.group_len if plan.grouped else 1,
-            int(plan.tall_k), f32(plan.tall_lambda), f32(zero_sign),
+            int(plan.tall_k), f32(zero_sign),
             **plan_switches(plan), L1=l1, TASK_SUM=task_partials is not None, CHECK_FINITE=flags is not None,
             GROUP_ROWS=bool(plan.grouped and groups.by_rows),
             BASE_BF16=base_bf16, MODELS_BF16=models_bf16, OUT_BF16=out_bf16, BLOCK=block,

@@ -256,16 +256,16 @@ zero, one, no_bits = f32(0.0), f32(1.0), np.uint32(0)
 
 @_parallel
 def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum, scale, out, task_sum, tall_k,
-                tall_lambda, threads):
+                threads):
     """out = the merged float32 values of one chunk: backends/cpu.py's _merged_delta, then
     * scale + base, for plans with given weights and no consensus mask. table: plan.table's
-    float32 [6, N] (weights, thresholds, drop_p, divisors, factors, ceilings). steps: the
+    float32 [7, N] (weights, thresholds, drop_p, divisors, factors, ceilings, tall_lambdas). steps: the
     STEP_* bits. draws: DARE's u per model ([N, n] float32; any shape when not dropping);
     masks: instead, its keep masks as the rescale statistics drew them (per model, uint8 with
     element j in bit j % 8 of byte j // 8; any arrays without STEP_KEPT). STEP_TAU: out = tau_m
     (lambda = 1, no base added); STEP_TASK_SUM: task_sum = sum_i tau_i, before sparsifying, in
     model order (LiNeS alpha auto's norms; any array without it). STEP_TALL: the merged value is
-    +0 where fewer than tall_k models matter, model i mattering where |x_i| >= tall_lambda *
+    +0 where fewer than tall_k models matter, model i mattering where |x_i| >= table[6, i] *
     |S - x_i|, S = sum_j x_j of the raw task vectors in model order (backends/cpu.py's _tall_keep).
     Returns False if any input value read is Inf or NaN (the caller then runs the torch
     path, which names the model).
@@ -320,9 +320,9 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
                     for j in range(size):
                         num[j] += x[j]
                 for i in range(count):
-                    x = c[i]
+                    x, lam = c[i], table[6, i]
                     for j in range(size):
-                        votes[j] += 1 if abs(x[j]) >= abs(num[j] - x[j]) * tall_lambda else 0
+                        votes[j] += 1 if abs(x[j]) >= abs(num[j] - x[j]) * lam else 0
             for i in range(count):
                 x = c[i]
                 if steps & STEP_TRIM:   # keep |x| >= t (ties kept), on the bit patterns

@@ -91,6 +91,7 @@ class Param:
     affects_result: bool = True
     required: bool = False      # no default: the config must give it (mergekit's slerp `t`)
     fields: tuple = ()          # kind "mapping": its keys, each a Param with its own default
+    one_per_model: bool = False  # a mapping's number field: also a list of one number per model
 
     def with_default(self, default: Any, help: str | None = None, **changes: Any) -> "Param":
         return replace(self, default=default, help=help or self.help, **changes)
@@ -101,6 +102,8 @@ class Param:
         return "required" if self.required else _show(self.default)
 
     def range_text(self) -> str:
+        if self.one_per_model:
+            return replace(self, one_per_model=False).range_text() + " (or a list, one per model)"
         if self.kind == "mapping":
             return "{" + ", ".join(f"{f.name}: {f.range_text()}" for f in self.fields) + "}"
         if self.kind == "bool":
@@ -144,6 +147,8 @@ class Param:
             if isinstance(value, bool) or not isinstance(value, int) or not self.low <= value <= self.high:
                 raise MergeInputError(f"{where}: {self.name} must be {self.range_text()}, got {value!r}.")
             return value
+        if self.one_per_model and isinstance(value, list) and value:   # the length: the method's check
+            return tuple(replace(self, one_per_model=False).check(v, where) for v in value)
         if isinstance(value, (list, dict)):
             raise MergeInputError(
                 f"{where}: {self.name} is a {type(value).__name__}; give one number here (per-layer lists "
@@ -207,7 +212,9 @@ TALL = Param("consensus", "consensus (TALL-mask) merging: keep only elements whe
              "matter, i.e. |tau_i| >= lambda * |sum_j tau_j - tau_i|", kind="mapping", default=None,
              fields=(Param("k", "how many task vectors must matter at an element", kind="integer", default=2,
                            low=1, high=1 << 20),
-                     Param("lambda", "the TALL mask's threshold ratio", default=0.4, low=0.0)))
+                     Param("lambda", "the TALL mask's threshold ratio: one for all models, or a list of "
+                           "one per model (lambda_i, in the order of models:)", default=0.4, low=0.0,
+                           one_per_model=True)))
 EPSILON = Param("epsilon", "the spread of DELLA's keep probabilities around density (density +- epsilon)",
                 per_model=True, default=0.15, low=0.0, high=1.0, high_open=True)
 RULE = Param("rule", "mergekit: mergekit's TIES; official: the TIES paper's code (with trim_scope: "
@@ -313,14 +320,14 @@ register(Method(
     "task_arithmetic", "task arithmetic: add the weighted task vectors",
     "tau_MTL = sum_i w_i tau_i  (with normalize: / sum_i w_i)",
     params=(WEIGHT, LAMBDA, NORMALIZE.with_default(False), TALL),
-    checks=(lambda spec, prefix, labels: _tall_k_at_most_n(spec, prefix),), paper="https://arxiv.org/abs/2212.04089"))
+    checks=(lambda spec, prefix, labels: _tall_fits_models(spec, prefix),), paper="https://arxiv.org/abs/2212.04089"))
 register(Method(
     "ties", "TIES: trim each task vector to its top magnitudes, elect signs, disjoint mean",
     "tau_MTL = sum_{i in A} w_i trim(tau_i) / sum_{i in A} w_i, A agrees with sign(sum_i w_i trim(tau_i))",
     params=(WEIGHT, DENSITY, LAMBDA, NORMALIZE.with_default(True),
             RESCALE.with_default(False, choices=(True, False)), TRIM_SCOPE, RULE, TALL),
     sparsify=Sparsify.MAGNITUDE, consensus=Consensus.SIGN,
-    checks=(lambda spec, prefix, labels: _tall_k_at_most_n(spec, prefix),
+    checks=(lambda spec, prefix, labels: _tall_fits_models(spec, prefix),
             lambda spec, prefix, labels: _official_rule(spec, prefix)),
     paper="https://arxiv.org/abs/2306.01708"))
 register(Method(
@@ -335,8 +342,14 @@ register(Method(
     sparsify=Sparsify.RANDOM, consensus=Consensus.SIGN, paper="https://arxiv.org/abs/2311.03099"))
 
 
-def _tall_k_at_most_n(spec, prefix: str) -> None:
-    """A consensus mask needing more task vectors than there are would zero every element."""
+def _tall_fits_models(spec, prefix: str) -> None:
+    """A consensus mask needing more task vectors than there are would zero every element; a
+    list of lambda_i needs one per model."""
+    lam = dict(spec.value("consensus") or {}).get("lambda")
+    if isinstance(lam, tuple) and len(lam) != spec.n_models:
+        raise MergeInputError(
+            f"{prefix}consensus lambda lists {len(lam)} value(s) {list(lam)} for {spec.n_models} model(s): give one "
+            "number for all, or one per model in the order of models:.")
     if spec.tall is not None and spec.tall[0] > spec.n_models:
         raise MergeInputError(
             f"{prefix}consensus k = {spec.tall[0]} needs {spec.tall[0]} task vectors to matter at an element, but "

@@ -16,7 +16,7 @@ never reads a method's name. Per element, all float32, models in config order:
     consensus SIGN: gamma = sign(sum_i c_i) (at 0: +1, or the official rule's majority sign);
                     A = {i : c_i != 0, sign(c_i) = gamma}
                     tau_m = sum_{i in A} c_i     [/ sum_{i in A} w_i with normalize; 0 if A empty]
-    consensus mask (TALL, tall_k > 0): tau_m = tau_m where #{i : |tau_i| >= lam * |S - tau_i|} >= k,
+    consensus mask (TALL, tall_k > 0): tau_m = tau_m where #{i : |tau_i| >= lam_i * |S - tau_i|} >= k,
                     else +0 (S = sum_j tau_j, the raw task vectors, in model order)
     a soup with a base (LiNeS): tau_m = tau_m - f32(theta_0)   (not at s == 1: at_scale)
     out    = theta_0 + s * tau_m  (s: lambda or the LiNeS scale; theta_0 bitwise where s == 0)
@@ -45,7 +45,7 @@ _NO_P, _NO_KEEP = np.zeros((1, 1), np.float32), np.zeros((1, 1), np.uint8)
 
 # mergekit's floor below which an L1 norm is treated as zero (no rescale then).
 RESCALE_EPS = 1e-7
-TABLE_ROWS = ("weights", "thresholds", "drop_p", "divisors", "factors", "ceilings")
+TABLE_ROWS = ("weights", "thresholds", "drop_p", "divisors", "factors", "ceilings", "tall_lambdas")
 
 
 def f32(x: float) -> float:
@@ -95,7 +95,7 @@ class ElementPlan:
     group_by: str | None = None   # Gram weights: the element groups (gram.group_view)
     t: float = 0.5                # slerp / nuslerp: the interpolation point
     tall_k: int = 0               # consensus (TALL) mask: keep where >= k models matter; 0 = off
-    tall_lambda: float = 0.0      # ... where model i matters if |tau_i| >= lambda * |sum_j tau_j - tau_i|
+    tall_lambdas: tuple[float, ...] = ()   # ... where model i matters if |tau_i| >= lambda_i * |sum_j tau_j - tau_i|
     official: bool = False        # the official TIES code's rule: floor(rho d) + 1 kept, majority sign at 0
 
     @classmethod
@@ -122,7 +122,7 @@ class ElementPlan:
             divisors=tuple(dv for _, dv in consts) if rescale is Rescale.INVERSE else (1.0,) * n,
             seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0,
             coefficients=method.coefficients, group_by=spec.group_by, t=t,
-            tall_k=spec.tall[0] if spec.tall else 0, tall_lambda=f32(spec.tall[1]) if spec.tall else 0.0,
+            tall_k=spec.tall[0] if spec.tall else 0, tall_lambdas=tuple(f32(v) for v in spec.tall[1]) if spec.tall else (0.0,) * n,
             official=spec.value("rule") == "official")
 
     @classmethod
@@ -292,7 +292,7 @@ class ElementPlan:
         return keep, True
 
     def table(self, stats: TensorStats | None, device) -> torch.Tensor:
-        """The float32 [6, N] table of per-model numbers (TABLE_ROWS), on the kernel's device."""
+        """The float32 [7, N] table of per-model numbers (TABLE_ROWS), on the kernel's device."""
         stats = stats or TensorStats()
         n = self.n_models
         if any(self.missing(stats)):
@@ -300,7 +300,8 @@ class ElementPlan:
         thresholds = tuple(float(t) for t in stats.thresholds) if self.trims else (0.0,) * n
         factors = tuple(float(f) for f in stats.factors) if self.rescale is Rescale.L1 else (1.0,) * n
         ceilings = tuple(float(c) for c in stats.ceilings) if self.band else (math.inf,) * n
-        rows = [self.weights, thresholds, self.drop_p, self.divisors, factors, ceilings]
+        rows = [self.weights, thresholds, self.drop_p, self.divisors, factors, ceilings,
+                self.tall_lambdas or (0.0,) * n]
         return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
 
 

@@ -400,15 +400,15 @@ def _group_weighted_sum(xs: list[torch.Tensor], spec: MethodSpec) -> torch.Tenso
     return acc
 
 
-def tall_mask(taus: list[torch.Tensor], k: int, lam: float) -> torch.Tensor:
+def tall_mask(taus: list[torch.Tensor], k: int, lams: Sequence[float]) -> torch.Tensor:
     """Consensus merging's mask (TALL masks, https://arxiv.org/abs/2405.07813): model i matters
-    where |tau_i| >= lam * |S - tau_i|, S = sum_j tau_j (raw task vectors, model order, float32);
+    where |tau_i| >= lam_i * |S - tau_i|, S = sum_j tau_j (raw task vectors, model order, float32);
     keep the elements where at least k models matter."""
     total = torch.zeros_like(taus[0])
     for tau in taus:
         total = total + tau
     count = torch.zeros_like(taus[0], dtype=torch.int32)
-    for tau in taus:
+    for tau, lam in zip(taus, lams, strict=True):
         count = count + (tau.abs() >= _f32(lam) * (total - tau).abs()).to(torch.int32)
     return count >= k
 

@@ -104,10 +104,13 @@ class MethodSpec:
         return self.value("density", (1.0,) * self.n_models)
 
     @property
-    def tall(self) -> tuple[int, float] | None:
-        """Consensus merging's (k, lambda), or None when it is off."""
+    def tall(self) -> tuple[int, tuple[float, ...]] | None:
+        """Consensus merging's (k, (lambda_i per model)), or None when it is off."""
         value = self.value("consensus")
-        return None if value is None else (dict(value)["k"], dict(value)["lambda"])
+        if value is None:
+            return None
+        lam = dict(value)["lambda"]
+        return dict(value)["k"], lam if isinstance(lam, tuple) else (lam,) * self.n_models
 
     @property
     def gammas(self) -> tuple[float, ...]:

@@ -39,3 +39,21 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(tmp_path):
         assert row["ok"], (row["variant"], row["problems"], proc.stdout)
         assert row["local_bytes"] == 0 and row["registers"] > 0
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_compile_check_types_every_runtime_argument_of_the_kernels():
+    """compile_check.py types each runtime argument by name and takes any other as a constexpr:
+    an argument added to (or removed from) a kernel must be added to (or removed from) its table
+    too, or the GPU session's compile check would build the wrong signature."""
+    import inspect
+
+    sys.path.insert(0, str(ROOT))
+    from bench import compile_check
+    from lines_fast.backends.triton_backend import import_kernels
+
+    kmerge, kselect = import_kernels()
+    for table, kernel in ((compile_check._MERGE_ARGS, kmerge._fused_merge_kernel),
+                          (compile_check._HIST_ARGS, kselect._magnitude_hist_kernel)):
+        names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+        runtime = [n for n in names if n.upper() != n]   # constexpr switches are named in capitals
+        assert set(table) == set(runtime), (sorted(set(table) - set(runtime)), sorted(set(runtime) - set(table)))

@@ -325,6 +325,22 @@ def test_consensus_mask_hand_example():
     assert torch.equal(merge_one("ties", base, models, consensus={"k": 2}), torch.tensor([1.0, 0.0, 0.0, 0.0]))
 
 
+def test_consensus_lambda_per_model_hand_example():
+    """The hand example above with lambda_i = (0.4, 0.4, 0): model 3 (lambda 0) matters wherever
+    |tau_3| >= 0, everywhere. Counts 3, 2, 1, 2 -> elements 0, 1 and 3 kept (k = 2)."""
+    base = torch.zeros(4)
+    models = [torch.tensor([1.0, 1.0, 0.0, 2.0]), torch.tensor([1.0, -0.1, 0.0, 0.0]),
+              torch.tensor([0.0, 0.0, 1.0, 0.0])]
+    want = torch.where(torch.tensor([True, True, False, True]), models[0] + models[1] + models[2], 0.0)
+    tall = {"k": 2, "lambda": [0.4, 0.4, 0.0]}
+    assert torch.equal(merge_one("task_arithmetic", base, models, consensus=tall), want)
+    for backend in [*backends(), CpuBackend(chunk=4, compiled=True)]:
+        assert torch.equal(merge_one("task_arithmetic", base, models, backend, consensus=tall), want), backend
+    # one lambda for all is the same as that lambda listed for each model
+    one, listed = ({"k": 2, "lambda": 0.4}, {"k": 2, "lambda": [0.4] * 3})
+    assert torch.equal(merge_one("ties", base, models, consensus=one), merge_one("ties", base, models, consensus=listed))
+
+
 def test_consensus_refusals():
     with pytest.raises(MergeInputError, match="consensus k = 3 needs 3 task vectors"):
         make_spec("task_arithmetic", 2, values={"consensus": {"k": 3}})
@@ -332,7 +348,11 @@ def test_consensus_refusals():
         make_spec("ties", 2, values={"consensus": {"k": 2, "alpha": 1}})
     with pytest.raises(MergeInputError, match="consensus is not a parameter of dare_ties"):
         make_spec("dare_ties", 2, values={"consensus": {"k": 2}})
-    assert make_spec("ties", 2, values={"consensus": {}}).tall == (2, 0.4)   # the paper's defaults
+    assert make_spec("ties", 2, values={"consensus": {}}).tall == (2, (0.4, 0.4))   # the paper's defaults
+    with pytest.raises(MergeInputError, match=r"consensus lambda lists 3 value\(s\) \[0.1, 0.2, 0.3\] for 2 model"):
+        make_spec("ties", 2, values={"consensus": {"lambda": [0.1, 0.2, 0.3]}})
+    with pytest.raises(MergeInputError, match="lambda -0.5 is outside"):
+        make_spec("ties", 2, values={"consensus": {"lambda": [0.1, -0.5]}})
 
 
 def test_consensus_from_yaml_is_one_value_not_a_filter():
@@ -341,7 +361,7 @@ def test_consensus_from_yaml_is_one_value_not_a_filter():
     doc = {"merge_method": "ties", "base_model": "b", "models": ["x", "y"],
            "parameters": {"density": 0.5, "consensus": {"k": 2, "lambda": 0.3}}}
     config = from_yaml_dict(doc, "c.yml")
-    assert not config.per_tensor and config.method_spec().tall == (2, 0.3)
+    assert not config.per_tensor and config.method_spec().tall == (2, (0.3, 0.3))
 
 
 # ---------------------------------------------------------------------------------------

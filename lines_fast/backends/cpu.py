@@ -468,14 +468,14 @@ class CpuBackend:
     @staticmethod
     def _tall_keep(xs: list[torch.Tensor], plan: ElementPlan, n: int, bufs: _Buffers) -> torch.Tensor:
         """The consensus (TALL) mask of the raw task vectors as int32 bits: all ones where at least
-        k models matter (|x_i| >= lambda * |S - x_i|, S = sum_j x_j in model order), else 0."""
+        k models matter (|x_i| >= lambda_i * |S - x_i|, S = sum_j x_j in model order), else 0."""
         total, count, scratch = bufs.tall_sum[:n], bufs.tall_count[:n], bufs.num[:n]
         total.zero_()
         for x in xs:
             total.add_(x)
         count.zero_()
-        for x in xs:
-            torch.sub(total, x, out=scratch).abs_().mul_(plan.tall_lambda)
+        for x, lam in zip(xs, plan.tall_lambdas):
+            torch.sub(total, x, out=scratch).abs_().mul_(lam)
             count.add_(torch.abs(x).ge(scratch))
         return count.ge_(plan.tall_k).neg_()   # True -> -1 (all bits), False -> 0
 

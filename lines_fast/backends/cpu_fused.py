@@ -110,7 +110,7 @@ class FusedMerge:
         self._zero_sign = np.float32(plan.zero_sign(stats) if plan.consensus is Consensus.SIGN else 1.0)
         self._weight_sum = np.float32(plan.weight_sum)
         self._scale = np.float32(job.scale)
-        self._tall = np.int32(plan.tall_k), np.float32(plan.tall_lambda)
+        self._tall = np.int32(plan.tall_k)
         self._no_draws = np.zeros((1, 1), np.float32)
         self._no_masks = tuple(np.zeros(1, np.uint8) for _ in job.models)
         self._no_sum = np.zeros(1, np.float32)
@@ -143,7 +143,7 @@ class FusedMerge:
         base = self._base[s:e] if plan.uses_base else self._base
         return bool(self._kernel(base, tuple(m[s:e] for m in self._models), draws, masks, self._table, steps,
                                  self._zero_sign, self._weight_sum, self._scale, out.numpy(),
-                                 self._no_sum if task_sum is None else task_sum.numpy(), *self._tall,
+                                 self._no_sum if task_sum is None else task_sum.numpy(), self._tall,
                                  torch.get_num_threads()))
 
 
