@@ -102,6 +102,14 @@ class MergeConfig:
         return self.base_weight is not None or methods.get(self.method).inputs is Inputs.BASE_AND_MODELS
 
     @property
+    def finetuned_models(self) -> int:
+        """N of LiNeS α auto: the models that are not the base (a soup may list its base among
+        them; slerp and an averaged-in base take it as an input apart from models)."""
+        if self.base is None:
+            return len(self.models)
+        return sum(1 for m in self.models if not slicing.same_model(m, self.base))
+
+    @property
     def merge_inputs(self) -> list[Path]:
         """The checkpoints the method combines, in order: the base first where it is an input."""
         return ([self.base] if self.base_is_input else []) + list(self.models)

@@ -650,7 +650,7 @@ class Engine:
             if reason is not None:
                 raise MergeInputError(f"--device {self.device}: the {backend.name} backend cannot run {config.method} "
                                       f"({reason}); use --device cpu.")
-            passes = plan_passes(spec, finetuned=len(self.config.models))
+            passes = plan_passes(spec, finetuned=self.config.finetuned_models)
             self.log(describe(passes))
             entries = [(n, plan.out_dtypes[n], plan.shapes[n]) for n in plan.order]
             out_bytes = sum(int(torch.Size(s).numel()) * d.itemsize for _, d, s in entries)

@@ -114,8 +114,8 @@ class Param:
             return f"an integer in [{_show(self.low)}, {_show(self.high)}]"
         if math.isinf(self.low) and math.isinf(self.high):
             return "any finite number"
-        left = "(" if self.low_open else "["
-        right = ")" if self.high_open else "]"
+        left = "(" if self.low_open or math.isinf(self.low) else "["   # infinities are never accepted
+        right = ")" if self.high_open or math.isinf(self.high) else "]"
         return f"{left}{_show(self.low)}, {_show(self.high)}{right}"
 
     def check(self, value: Any, where: str) -> Any:
@@ -349,7 +349,8 @@ def _tall_fits_models(spec, prefix: str) -> None:
     if isinstance(lam, tuple) and len(lam) != spec.n_models:
         raise MergeInputError(
             f"{prefix}consensus lambda lists {len(lam)} value(s) {list(lam)} for {spec.n_models} model(s): give one "
-            "number for all, or one per model in the order of models:.")
+            "number for all, or one per model in the order of models: (a base listed there has no task vector "
+            "and takes none).")
     if spec.tall is not None and spec.tall[0] > spec.n_models:
         raise MergeInputError(
             f"{prefix}consensus k = {spec.tall[0]} needs {spec.tall[0]} task vectors to matter at an element, but "

@@ -137,8 +137,9 @@ class ElementPlan:
         """The plan that merges a tensor whose scale s (λ, or its LiNeS λ(ℓ)) is `scale`: this one,
         except a soup with a base (LiNeS on a method whose result is a model) at s == 1, where
         θ0 + 1·(θ_method − θ0) is θ_method itself: there the soup's own plan (no base), so
-        LiNeS α = 1, β = 0 gives the plain method bitwise, not rounded twice more."""
-        if scale == 1.0 and self.uses_base and not self.deltas:
+        LiNeS α = 1, β = 0 gives the plain method bitwise, not rounded twice more. s is compared
+        as the float32 the kernels multiply by (a LiNeS scale of 1 + 2^-52 is 1 there)."""
+        if f32(scale) == 1.0 and self.uses_base and not self.deltas:   # the kernels' float32 s
             return replace(self, uses_base=False)
         return self
 

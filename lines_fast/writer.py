@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import zlib
 from dataclasses import dataclass
 from fractions import Fraction
@@ -290,6 +291,8 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _start_writeback_function():
+    if not sys.platform.startswith("linux"):   # a Linux call (and CDLL(None) fails on Windows)
+        return None
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (AttributeError, OSError):

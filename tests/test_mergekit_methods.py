@@ -557,6 +557,13 @@ def test_lines_alpha_auto_counts_only_fine_tuned_models(tmp_path):
             got = load(tmp_path / f"{method}-{device}")
             assert all(torch.equal(got[n], ft1[n]) for n in ft1), (method, device)
     assert sum("= 2\n" in m + "\n" and "/ 1 =" in m for m in logs if m.startswith("LiNeS alpha auto")) == 4
+    # The base listed among a soup's models (mergekit averages it in then too) is not counted either.
+    listed = {"merge_method": "linear", "base_model": str(tmp_path / "base"), "lines": {"alpha": "auto", "beta": 0.0},
+              "models": [{"model": str(tmp_path / "base")}, {"model": str(tmp_path / "ft1")}]}
+    logs.clear()
+    merge(listed, tmp_path / "listed", device="cpu", progress=False, log=logs.append)
+    assert all(torch.equal(t, ft1[n]) for n, t in load(tmp_path / "listed").items())
+    assert any(m.startswith("LiNeS alpha auto") and "/ 1 = 2" in m for m in logs), logs
 
 
 def test_lines_alpha_one_beta_zero_is_plain_slerp_and_soup_end_to_end(tmp_path):
@@ -577,9 +584,10 @@ def test_lines_alpha_one_beta_zero_is_plain_slerp_and_soup_end_to_end(tmp_path):
         merge(doc, tmp_path / f"{method}-plain", device="cpu", progress=False, log=lambda s: None)
         plain = load(tmp_path / f"{method}-plain")
         base = load(fam.base)
-        for device in ("cpu", "interpret"):
-            merge({**doc, "lines": {"alpha": 1.0, "beta": 0.0}}, tmp_path / f"{method}-{device}", device=device,
-                  progress=False, log=lambda s: None)
+        # 1 + 1e-8 is 1 in float32, the scale the kernels multiply by: the same rule there
+        for device, alpha in (("cpu", 1.0), ("interpret", 1.0), ("cpu-near", 1.00000001)):
+            merge({**doc, "lines": {"alpha": alpha, "beta": 0.0}}, tmp_path / f"{method}-{device}",
+                  device=device.split("-")[0], progress=False, log=lambda s: None)
             got = load(tmp_path / f"{method}-{device}")
             for name, want in plain.items():
                 assert torch.equal(got[name].view(-1).view(torch.int32), want.view(-1).view(torch.int32)) \
