@@ -209,7 +209,7 @@ NUSLERP_FLATTEN = Param("nuslerp_flatten", "interpolate each tensor as one flat 
 NUSLERP_ROW_WISE = Param("nuslerp_row_wise", "without flatten: interpolate each column vector (the norms run "
                          "over the first dimension) instead of each row", kind="bool", default=False)
 TALL = Param("consensus", "consensus (TALL-mask) merging: keep only elements where at least k task vectors "
-             "matter, i.e. |tau_i| >= lambda * |sum_j tau_j - tau_i|", kind="mapping", default=None,
+             "matter, i.e. |tau_i| >= lambda_i * |sum_j tau_j - tau_i|", kind="mapping", default=None,
              fields=(Param("k", "how many task vectors must matter at an element", kind="integer", default=2,
                            low=1, high=1 << 20),
                      Param("lambda", "the TALL mask's threshold ratio: one for all models, or a list of "

@@ -122,7 +122,8 @@ class ElementPlan:
             divisors=tuple(dv for _, dv in consts) if rescale is Rescale.INVERSE else (1.0,) * n,
             seed=int(spec.seed), weight_sum=f32(sum(weights)) if sum_normalize else 1.0,
             coefficients=method.coefficients, group_by=spec.group_by, t=t,
-            tall_k=spec.tall[0] if spec.tall else 0, tall_lambdas=tuple(f32(v) for v in spec.tall[1]) if spec.tall else (0.0,) * n,
+            tall_k=spec.tall[0] if spec.tall else 0,
+            tall_lambdas=tuple(f32(v) for v in spec.tall[1]) if spec.tall else (0.0,) * n,
             official=spec.value("rule") == "official")
 
     @classmethod
