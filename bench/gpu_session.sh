@@ -4,11 +4,13 @@
 #          engine's --device cuda path against the reference (several hundred kernel
 #          compilations: minutes)
 #   bench  the kernel benchmark (GB/s vs the device-to-device copy of the same run, the hot-bin
-#          tuning sweep), end-to-end merges on cuda vs cpu vs the reference, and the CPU
-#          backend's scaling over 1-16 threads (bench/cpu_threads.py)
+#          tuning sweep) and end-to-end merges on cuda vs cpu vs the reference
+#   scaling  the CPU backend over 1-16 cores, threads and worker processes (bench/cpu_threads.py,
+#          ~3 minutes; no GPU needed, but only the lent machine has 16 cores): run it if device
+#          time is left after the first two
 # The device tool stops a command after 10 minutes, so give each stage its own command:
-#   bash bench/gpu_session.sh "$OUT" tests        then        bash bench/gpu_session.sh "$OUT" bench
-# (no stage: both, for a machine without that limit). Then commit "$OUT"/*.json under
+#   bash bench/gpu_session.sh "$OUT" tests   then   ... "$OUT" bench   then   ... "$OUT" scaling
+# (no stage: all, for a machine without that limit). Then commit "$OUT"/*.json under
 # bench/results/. Each stage writes one log plus at most 4 JSON/PNG files (the tool brings 8 back).
 set -uo pipefail
 out=${1:-bench/results}
@@ -39,9 +41,13 @@ if [[ $stage == bench || $stage == all ]]; then
     python3 bench/bench_kernels.py --json "$out/kernels.json" 2>&1 | tee -a "$log"
     lines-fast bench --workload llama-336m --methods ties,task_arithmetic --devices cuda,cpu --compare reference \
         --repeats 3 --out "$out" 2>&1 | tee -a "$log"
+fi
+
+if [[ $stage == scaling || $stage == all ]]; then
+    log="$out/scaling.log"
     # The CPU backend's scaling on this machine's 16 cores (issue 15's target: >= 0.8 x linear):
     # one process with all the threads, and 4 worker processes sharing them (64 MB shards: 11, so
-    # each worker has some); one run per case, ~3 minutes.
+    # each worker has some); one run per case.
     python3 bench/cpu_threads.py --threads 1,2,4,8,16 --workers 1,4 --max-shard-size 64MB --repeats 1 \
-        --out "$out" 2>&1 | tee -a "$log"
+        --out "$out" 2>&1 | tee "$log"
 fi
