@@ -283,9 +283,10 @@ def _remove(path: Path) -> None:
 # Then the output leaves the page cache: each step drops the range handed to the disk a step
 # earlier (clean by then: POSIX_FADV_DONTNEED skips pages still dirty or under writeback), and
 # the shard's close drops the rest after its fsync. The merge never reads its output back, and
-# a page it frees is the next write's page: where memory is short (a container's limit, a page
-# cache full of the inputs), each new page otherwise costs a reclaim of someone else's. Writing
-# 673 MB there: 2.0-2.7 s without, 0.7-1.0 s with (this VM, 3 runs each).
+# a page it frees is the next write's page: otherwise each new page must come from fresh memory
+# (on this VM, guest pages never touched before, each first touch slow; elsewhere, pages
+# reclaimed from a full page cache, the inputs' among them). Writing 673 MB into fresh memory:
+# 2.0-2.7 s without, 0.7-1.0 s with (this VM, 3 runs each).
 WRITEBACK_STEP = 32 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
@@ -639,7 +640,8 @@ class ShardedWriter:
             ) from e
 
     def _write_back(self) -> None:
-        """Starts the disk writing the current shard's bytes up to here, each WRITEBACK_STEP."""
+        """Each WRITEBACK_STEP: starts the disk writing the current shard's bytes up to here, and
+        drops from the page cache the range handed to it the step before."""
         if not self.durable or _start_writeback is None:
             return
         end = self._file.tell()
