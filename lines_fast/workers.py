@@ -121,6 +121,7 @@ class Workers:
             for p in self.procs:
                 if p.poll() is None:
                     p.terminate()
+            self._logs.cleanup()   # os._exit runs no finalizer: the logs go now or never
             os._exit(2)   # rank 0 may be blocked in the process group; its lock dies with it
 
     def __exit__(self, kind, value, traceback) -> None:

@@ -100,7 +100,8 @@ def faults(tmp_path: Path, rank: int, at: str) -> dict:
     (tmp_path / "faults").mkdir(exist_ok=True)
     (tmp_path / "faults" / "sitecustomize.py").write_text(FAULTS)
     path = os.pathsep.join([str(tmp_path / "faults"), os.environ.get("PYTHONPATH", "")])
-    return {"PYTHONPATH": path, "TEST_DIE_RANK": str(rank), "TEST_DIE_AT": at}
+    (tmp_path / "tmp").mkdir(exist_ok=True)   # where the launcher keeps its workers' logs
+    return {"PYTHONPATH": path, "TEST_DIE_RANK": str(rank), "TEST_DIE_AT": at, "TMPDIR": str(tmp_path / "tmp")}
 
 
 def test_a_worker_dead_before_joining_stops_the_merge(fam, tmp_path):
@@ -111,6 +112,7 @@ def test_a_worker_dead_before_joining_stops_the_merge(fam, tmp_path):
     assert result.returncode == 2, result.stderr
     assert "worker rank 1 of 2 exited with status 9" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+    assert not list((tmp_path / "tmp").iterdir()), "the workers' log folder is left behind"
 
 
 def test_a_worker_killed_mid_merge_stops_it_and_resume_finishes_it(fam, tmp_path):
@@ -121,6 +123,7 @@ def test_a_worker_killed_mid_merge_stops_it_and_resume_finishes_it(fam, tmp_path
     assert killed.returncode == 2, killed.stderr
     assert "rank 1" in killed.stderr and "Traceback" not in killed.stderr
     assert not out.exists()
+    assert not list((tmp_path / "tmp").iterdir()), "the workers' log folder is left behind"
     partial = Path(f"{out}{PARTIAL_SUFFIX}")
     assert (partial / JOURNAL).exists() or any(partial.glob("lines-fast-journal-rank*.json"))
     resumed = lines_fast(*merge_argv(cfg, out, "--workers", "2", "--resume"))
