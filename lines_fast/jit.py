@@ -28,7 +28,8 @@
   sums per block, instead of a float64 copy of every input and a batched einsum per chunk (10x).
 - packed_histograms: the packed 65536-bin histograms of |x_i| (selection.py) of TIES's and
   breadcrumbs' thresholds, per-thread counts over the cores, instead of seven torch operations
-  and a single-threaded bincount per chunk and model.
+  and a single-threaded bincount per chunk and model; bucket_histogram: the low 16 bits of
+  one bucket's elements (the refine pass of a threshold pass 1 did not settle), likewise.
 
 Loading numba, LLVM and the cached machine code costs ~0.7 s, so a process uses them only once
 its work reaches JIT_AFTER elements (`compiled(work)`: the work done in torch so far plus this
@@ -189,6 +190,7 @@ def _compile() -> SimpleNamespace:
                             fill_uniform_rows=k.fill_uniform_rows,
                             add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
                             merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms,
+                            bucket_histogram=k.bucket_histogram,
                             gram_chunk=k.gram_chunk, add_abs_bins_kept=k.add_abs_bins_kept, warm_up=k.warm_up)
     global _listening
     if not _listening:   # once: the kernels are the same objects however often they are looked up

@@ -514,6 +514,32 @@ def packed_histograms(base, models, hist, threads):
 
 
 @_parallel
+def bucket_histogram(base, model, bucket, hist, threads):
+    """hist[k] += how many |f32(model) - f32(base)| have the high 16 bits `bucket` and the low 16
+    bits k: selection.py's refine pass, for a threshold the packed histogram did not settle. Per
+    thread int32 counts, as packed_histograms; the compare vectorizes, the rare count does not."""
+    n = base.shape[0]
+    per = -(-n // (threads * BLOCK)) * BLOCK
+    local = np.zeros((threads, BINS), np.int32)
+    high = np.uint32(bucket)
+    for t in numba.prange(threads):
+        bits = np.empty(BLOCK, np.uint32)
+        bins = local[t]
+        end = min(n, (t + 1) * per)
+        for s in range(t * per, end, BLOCK):
+            size = min(BLOCK, end - s)
+            block, model_block = base[s:s + size], model[s:s + size]
+            for j in range(size):
+                bits[j] = as_bits(abs(widen(model_block, j) - widen(block, j)))
+            for j in range(size):
+                if bits[j] >> np.uint32(16) == high:
+                    bins[bits[j] & np.uint32(0xFFFF)] += 1
+    for k in numba.prange(BINS):
+        for t in range(threads):
+            hist[k] += local[t, k]
+
+
+@_parallel
 def warm_up(threads):
     """One parallel call that does nothing: numba's thread pool and code loader start in the
     loading thread, not in the merge's first kernel call. A kernel of its own, as warming with a

@@ -227,6 +227,24 @@ def test_compiled_histograms_count_what_torch_counts(dtype, n, monkeypatch):
     assert int(got.sum()) == 3 * n
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [5, jit.BLOCK + 1, 3 * cpu_fused.HISTOGRAM_SPAN // 2 + 9])
+def test_compiled_refine_counts_the_low_bits_of_one_bucket(dtype, n, monkeypatch):
+    """The refine pass (a threshold pass 1 did not settle): the low 16 bits of the |tau| in one
+    bucket, compiled as in torch and as counted here from the bit patterns themselves."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(dtype)
+    model = (base.float() + torch.randn(n, generator=g) * 1e-2).to(dtype)
+    bits = (model.float() - base.float()).abs().view(torch.int32).long()
+    bucket = int(torch.mode(bits >> 16).values)   # the fullest bucket: the test counts something
+    want = torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    calls = _counting(monkeypatch, "bucket_histogram")
+    got = CpuBackend(compiled=True).magnitude_histogram(base, model, bucket)
+    assert calls
+    assert got.dtype == torch.int64 and torch.equal(got, want) and int(got.sum()) > 0
+    assert torch.equal(CpuBackend(compiled=False).magnitude_histogram(base, model, bucket), want)
+
+
 # -- Gram statistics (slerp, nuslerp, model_stock): jit.gram_chunk ----------------------------
 
 GROUPED = [m.name for m in methods.REGISTRY.values() if ElementPlan.from_spec(_spec(m)[0]).grouped]

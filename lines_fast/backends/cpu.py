@@ -27,7 +27,7 @@ from ..plan import (ElementPlan, TensorStats, add_gram, add_kept_l1, elected_sig
 from ..rng import DELLA_STREAM, dare_uniform, dare_uniform_rows
 from ..selection import BINS, NONZERO_LOW, float_to_bits, tensor_thresholds
 from .base import MergeJob
-from .cpu_fused import FusedMerge, jit_work, packed_histograms
+from .cpu_fused import FusedMerge, bucket_histogram, jit_work, packed_histograms
 from .cpu_fused import add_kept_l1 as compiled_kept_l1
 from .cpu_fused import gram as compiled_gram
 
@@ -219,10 +219,15 @@ class CpuBackend:
     def _histograms(self, base: torch.Tensor, models: list[torch.Tensor], bucket: int | None) -> torch.Tensor:
         """[N, BINS] counts of |models[i] - base|: packed, or the bucket's low bits. Each chunk
         of the base is widened once for all models."""
+        kernels = self._kernels(base.numel() * len(models))
         if bucket is None:
-            hist = packed_histograms(self._kernels(base.numel() * len(models)), base, models, self._spans)
+            hist = packed_histograms(kernels, base, models, self._spans)
             if hist is not None:
                 return hist
+        elif len(models) == 1:
+            hist = bucket_histogram(kernels, base, models[0], bucket, self._spans)
+            if hist is not None:
+                return hist[None]
         base_flat = base.reshape(-1)
         bufs = self._bufs(len(models))
         hist = torch.zeros(len(models), BINS, dtype=torch.int64)

@@ -163,6 +163,20 @@ def packed_histograms(kernels, base: torch.Tensor, models: list[torch.Tensor], s
     return hist
 
 
+def bucket_histogram(kernels, base: torch.Tensor, model: torch.Tensor, bucket: int, spans) -> torch.Tensor | None:
+    """selection.py's refine histogram [BINS]: the low 16 bits of the |model - base| in `bucket`,
+    counted by the compiled kernel span by span; None where the kernel cannot read the inputs."""
+    arrays = [as_array(t) for t in (base, model)]
+    if kernels is None or any(a is None for a in arrays):
+        return None
+    hist = torch.zeros(BINS, dtype=torch.int64)
+    counts = hist.numpy()
+    for s, e in spans(arrays[0].shape[0], HISTOGRAM_SPAN):
+        threads = max(1, min(torch.get_num_threads(), (e - s) >> 18))
+        kernels.bucket_histogram(arrays[0][s:e], arrays[1][s:e], bucket, counts, threads)
+    return hist
+
+
 def gram(kernels, job: MergeJob, plan: ElementPlan, view: GroupView, spans) -> torch.Tensor | None:
     """The job's Gram statistic [groups, M, M] (gram.py) summed by the compiled kernel chunk by
     chunk (`spans(numel)`, which releases pages behind it), or None: groups along columns, or
