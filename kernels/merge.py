@@ -10,7 +10,7 @@ lines_fast/reference.py writes it:
     CEIL:    x_i = |x_i| <  c_i ? x_i : 0                         (a band's ceiling; inf drops nothing)
     DROP:    x_i = u_i >= p_i ? x_i : 0                           (u_i: Philox, lines_fast/rng.py)
     INVERSE: kept x_i / q_i;  SCALE_KEPT: x_i * f_i               (the rescale of kept values)
-    c_i    = w_i * x_i;  acc = acc + c_i     from 0: the election sum, or the weighted sum
+    c_i    = w_i * x_i;  acc = acc + c_i     from +0 (COPY: from -0.0): the election sum, or the weighted sum
     ELECT:   gamma = acc > 0 ? +1 : acc < 0 ? -1 : z (z = +1, or the official rule's majority sign); tau_m = sum_{c_i agreeing} c_i [/ sum_{agreeing} w_i]
     else:    tau_m = acc [/ sum_i w_i]
     TALL:    tau_m = #{i : |tau_i| >= lam |S - tau_i|} >= k ? tau_m : 0   (S = sum_j tau_j, raw)
@@ -124,7 +124,7 @@ def _fused_merge_kernel(
     INVERSE: tl.constexpr, SCALE_KEPT: tl.constexpr,
     ELECT: tl.constexpr, NORMALIZE: tl.constexpr, L1: tl.constexpr, TASK_SUM: tl.constexpr,
     CHECK_FINITE: tl.constexpr, GROUPED: tl.constexpr, GROUP_ROWS: tl.constexpr, TALL: tl.constexpr,
-    BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
+    COPY: tl.constexpr, BASE_BF16: tl.constexpr, MODELS_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # int64 before the multiply: tensors can pass 2^31 elements.
@@ -165,7 +165,10 @@ def _fused_merge_kernel(
             t_ptrs += model_stride
         mattering = tl.zeros([BLOCK], dtype=tl.int32)
 
-    acc = zero
+    if COPY:   # the sum starts at -0.0, which adds nothing: the lone product keeps -0.0 (passthrough)
+        acc = tl.full([BLOCK], -0.0, tl.float32)
+    else:
+        acc = zero
     raw = zero  # TASK_SUM: sum_i tau_i before any trim or drop, for ||sum tau||_1
     pos_num = zero
     pos_den = zero
@@ -311,7 +314,7 @@ def vector_friendly_spans(n: int, block: int) -> list[tuple[int, int]]:
 SUPPORTED = {
     "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND, Sparsify.RANKED},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
-    "consensus": {Consensus.NONE, Consensus.SIGN},
+    "consensus": {Consensus.NONE, Consensus.SIGN, Consensus.COPY},
     "coefficients": {Coefficients.GIVEN, Coefficients.SLERP, Coefficients.NUSLERP, Coefficients.MODEL_STOCK},
 }
 
@@ -338,7 +341,7 @@ def plan_switches(plan: ElementPlan) -> dict[str, bool]:
         N=plan.n_models, HAS_BASE=plan.uses_base, DELTAS=plan.deltas, TRIM=plan.trims, CEIL=plan.band,
         DROP=plan.sparsify is Sparsify.RANDOM, RANKED=plan.ranked, INVERSE=plan.rescale is Rescale.INVERSE,
         SCALE_KEPT=plan.rescale is Rescale.L1, ELECT=plan.consensus is Consensus.SIGN, NORMALIZE=plan.normalize,
-        GROUPED=plan.grouped, TALL=plan.tall_k > 0)
+        GROUPED=plan.grouped, TALL=plan.tall_k > 0, COPY=plan.consensus is Consensus.COPY)
 
 
 def launch_merge(out, base, models, table, plan: ElementPlan, *, n: int, scale: float = 1.0,

@@ -134,6 +134,7 @@ STEP_BASE, STEP_DELTAS, STEP_TRIM, STEP_BAND, STEP_DROP = 1, 2, 4, 8, 16
 STEP_DIVIDE, STEP_MULTIPLY, STEP_ELECT, STEP_NORMALIZE, STEP_KEPT = 32, 64, 128, 256, 512
 STEP_TAU, STEP_TASK_SUM = 1024, 2048   # out = tau_m itself; also sum_i tau_i (LiNeS alpha auto's norms)
 STEP_TALL = 4096   # the consensus (TALL) mask: +0 where fewer than k models matter
+STEP_COPY = 8192   # the sum starts at -0.0, not +0.0 (consensus COPY: the lone product itself)
 
 
 @contextlib.contextmanager

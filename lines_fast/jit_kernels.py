@@ -14,15 +14,15 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from .jit import (BLOCK, STEP_BAND, STEP_BASE, STEP_DELTAS, STEP_DIVIDE, STEP_DROP, STEP_ELECT, STEP_KEPT,
-                  STEP_MULTIPLY, STEP_NORMALIZE, STEP_TALL, STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
+                  STEP_COPY, STEP_MULTIPLY, STEP_NORMALIZE, STEP_TALL, STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
 from .selection import BINS, NONZERO_LOW
 
 # numba freezes the globals a kernel reads into its cached machine code, and its cache checks only
 # this file's stamp: were a constant changed in jit.py or selection.py alone, the cached kernels
 # would keep the old value. So their values are written here too, and a change must edit this file.
 assert (BLOCK, STEP_BASE, STEP_DELTAS, STEP_TRIM, STEP_BAND, STEP_DROP, STEP_DIVIDE, STEP_MULTIPLY, STEP_ELECT,
-        STEP_NORMALIZE, STEP_KEPT, STEP_TAU, STEP_TASK_SUM, STEP_TALL, BINS, NONZERO_LOW) == (
-        1024, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 1 << 16, 1 << 15), \
+        STEP_NORMALIZE, STEP_KEPT, STEP_TAU, STEP_TASK_SUM, STEP_TALL, STEP_COPY, BINS, NONZERO_LOW) == (
+        1024, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 16, 1 << 15), \
     "a constant the compiled kernels read changed: update this line (it invalidates numba's cache)"
 
 _serial = numba.njit(cache=True, nogil=True)
@@ -251,7 +251,7 @@ def _widen(a, j):
         return lambda a, j: a[j]
 
 
-zero, one, no_bits = f32(0.0), f32(1.0), np.uint32(0)
+zero, one, no_bits, minus_zero = f32(0.0), f32(1.0), np.uint32(0), f32(-0.0)
 
 
 @_parallel
@@ -287,7 +287,7 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
         for s in range(t * per, end, BLOCK):
             size = min(BLOCK, end - s)
             bad[:size] = no_bits
-            acc[:size] = zero
+            acc[:size] = minus_zero if steps & STEP_COPY else zero   # COPY: -0.0 + c_0 is c_0, sign of 0 too
             if steps & STEP_TASK_SUM:
                 task_sum[s:s + size] = zero
             if steps & STEP_BASE:
@@ -352,7 +352,7 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
                 w = table[0, i]
                 for j in range(size):
                     x[j] = x[j] * w
-                    acc[j] += x[j]                   # sum_i c_i in model order, from +0
+                    acc[j] += x[j]                   # sum_i c_i in model order, from +0 (COPY: -0)
             if steps & STEP_ELECT:
                 # gamma = sign of the sum, zero_sign where it is 0; A = {i : c_i * gamma > 0}.
                 for j in range(size):

@@ -41,8 +41,11 @@ class Sparsify(enum.Enum):
 
 
 class Consensus(enum.Enum):
-    NONE = "none"               # weighted sum (or mean with normalize)
+    NONE = "none"               # weighted sum (or mean with normalize), from +0.0 as torch.sum
     SIGN = "sign"               # TIES election: sign of the weighted sum, disjoint (weighted) mean
+    # The one input's w_0 * x_0 itself, one product and no sum: passthrough, as mergekit's returns
+    # the tensor (times its scale), so -0.0 stays -0.0 (a sum from +0.0 would make it +0.0).
+    COPY = "copy"
 
 
 class Coefficients(enum.Enum):
@@ -309,7 +312,8 @@ register(Method(
 register(Method(
     "passthrough", "copy one model's tensors, optionally scaled (with slices: a frankenmerge of layer ranges)",
     "theta = s_1 theta_1",
-    params=(SCALE,), inputs=Inputs.MODELS, min_models=1, max_models=1, weight_param="scale"))
+    params=(SCALE,), inputs=Inputs.MODELS, consensus=Consensus.COPY, min_models=1, max_models=1,
+    weight_param="scale"))
 register(Method(
     "wise_ft", "WiSE-FT: mix one fine-tune back toward its base",
     "theta = theta_0 + a * tau_1, a = lambda in [0, 1]",

@@ -12,7 +12,9 @@ never reads a method's name. Per element, all float32, models in config order:
     c_i    = w_i * x_i
     (Gram weights: w_i is w_i[g], the weight of the element's group g, from the inputs' norms
      and dot products: lines_fast/gram.py; x_0 is theta_0 where the base is an input)
-    consensus NONE: tau_m = sum_i c_i            [/ W with normalize, W = f32(sum_i w_i)]
+    consensus NONE: tau_m = sum_i c_i, from +0   [/ W with normalize, W = f32(sum_i w_i)]
+    consensus COPY: tau_m = c_0, the one input's product (a sum from -0.0, the identity of IEEE
+                    addition, so a -0.0 stays -0.0)
     consensus SIGN: gamma = sign(sum_i c_i) (at 0: +1, or the official rule's majority sign);
                     A = {i : c_i != 0, sign(c_i) = gamma}
                     tau_m = sum_{i in A} c_i     [/ sum_{i in A} w_i with normalize; 0 if A empty]
@@ -217,6 +219,15 @@ class ElementPlan:
         """`stats` (default: none) with the thresholds of magnitude_ranks' ranks, in that order."""
         return replace(stats or TensorStats(), thresholds=tuple(t[0] for t in found),
                        ceilings=tuple(t[1] for t in found) if self.band else None)
+
+    @property
+    def copies_input(self) -> bool:
+        """The output is the one input itself, bitwise (consensus COPY at weight 1: -0.0 + 1 * x is
+        x, whatever x): a backend may hand the input's values on without the float32 round trip,
+        which rounds each to the output dtype exactly as the merge would."""
+        return (self.consensus is Consensus.COPY and self.weights == (1.0,) and not self.uses_base
+                and not self.deltas and self.sparsify is Sparsify.NONE and self.rescale is Rescale.NONE
+                and not self.normalize and not self.tall_k)
 
     @property
     def drops(self) -> bool:

@@ -318,7 +318,13 @@ def _sign_consensus(kept: list[torch.Tensor], spec: MethodSpec, zero_sign: float
     return disjoint_merge(kept, spec.weights, elect_sign(kept, spec.weights, zero_sign), spec.normalize)
 
 
-CONSENSUS = {Consensus.NONE: _sum_consensus, Consensus.SIGN: _sign_consensus}
+def _copy_consensus(kept: list[torch.Tensor], spec: MethodSpec, zero_sign: float) -> torch.Tensor:
+    """The one input times its weight, one float32 product (no sum from zero: -0.0 stays -0.0)."""
+    [x] = kept
+    return _f32(spec.weights[0]) * x
+
+
+CONSENSUS = {Consensus.NONE: _sum_consensus, Consensus.SIGN: _sign_consensus, Consensus.COPY: _copy_consensus}
 
 
 # -- weights from the inputs' angles (slerp, nuslerp, model_stock), written out per group ------

@@ -9,10 +9,11 @@ import math
 import pytest
 import torch
 
+from lines_fast import jit
 from lines_fast import reference as ref
 from lines_fast.backends.base import MergeJob
 from lines_fast.backends.cpu import CpuBackend
-from lines_fast.errors import MergeInputError
+from lines_fast.errors import MergeInputError, NonFiniteInput
 from lines_fast.plan import ElementPlan
 from lines_fast.spec import band_ranks, make_spec
 
@@ -23,7 +24,8 @@ def merge_one(method, base, models, backend=None, **params):
     """theta for one tensor "w" (float32 output), by the reference or by a backend."""
     spec = ref.spec_from_params(method, len(models), **params)
     if backend is None:
-        return ref.merge_with_spec({"w": base}, [{"w": m} for m in models], spec, out_dtype=F32)["w"]
+        return ref.merge_with_spec(None if base is None else {"w": base}, [{"w": m} for m in models], spec,
+                                   out_dtype=F32)["w"]
     plan = ElementPlan.from_spec(spec)
     job = MergeJob("w", base, models, None, spec.lam, F32)
     ((_, out, _),) = list(backend.merge_many([job], plan))
@@ -40,6 +42,53 @@ def backends():
         yield TritonBackend("interpret")
     elif torch.cuda.is_available():
         yield TritonBackend("cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# passthrough: one product per element, no sum
+# ---------------------------------------------------------------------------------------
+
+SIGNED = torch.tensor([-0.0, 0.0, -1.5, 2.0, -0.0, 3.0e-3, -7.0, 0.0], dtype=torch.bfloat16)
+
+
+def _every_backend():
+    yield CpuBackend(chunk=4, compiled=False)
+    if jit.kernels() is not None:
+        yield CpuBackend(chunk=4, compiled=True)
+    yield from list(backends())[1:]
+
+
+@pytest.mark.parametrize("scale, sign_bits", [
+    (1.0, [True, False, True, False, True, False, True, False]),     # the tensor itself
+    (0.0, [True, False, True, False, True, False, True, False]),     # -x * 0 is -0.0, as in mergekit
+    (-2.0, [False, True, False, True, False, True, False, True]),
+])
+def test_passthrough_is_one_product_that_keeps_the_sign_of_zero(scale, sign_bits):
+    """mergekit's passthrough returns tensor * scale: -0.0 stays -0.0 and 0 * -1.5 is -0.0. A sum
+    from +0.0 (linear's, as torch.sum) would make every zero +0.0."""
+    want = SIGNED.float() * scale
+    assert torch.signbit(want).tolist() == sign_bits
+    for backend in [None, *_every_backend()]:
+        got = merge_one("passthrough", None, [SIGNED], backend, scale=scale)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), backend
+    # linear of one model sums from +0.0, as mergekit's linear (torch.sum): the zeros are +0.0
+    soup = merge_one("linear", None, [SIGNED], CpuBackend(chunk=4))
+    assert not torch.signbit(soup[SIGNED == 0]).any() and torch.equal(soup, SIGNED.float())
+
+
+def test_passthrough_copy_still_refuses_nonfinite_values():
+    """The CPU backend hands a passthrough's values on as they are (plan.copies_input), but still
+    names an Inf or NaN, as the merge would; --allow-nonfinite passes it through."""
+    assert ElementPlan.from_spec(ref.spec_from_params("passthrough", 1)).copies_input
+    assert not ElementPlan.from_spec(ref.spec_from_params("passthrough", 1, scale=0.5)).copies_input
+    assert not ElementPlan.from_spec(ref.spec_from_params("linear", 1)).copies_input
+    bad = SIGNED.clone()
+    bad[5] = float("nan")
+    with pytest.raises(NonFiniteInput) as raised:
+        merge_one("passthrough", None, [bad], CpuBackend(chunk=4))
+    assert raised.value.model_index == 0
+    allowed = merge_one("passthrough", None, [bad], CpuBackend(chunk=4, check_finite=False))
+    assert torch.isnan(allowed[5]) and torch.equal(allowed[:5].view(torch.int32), SIGNED[:5].float().view(torch.int32))
 
 
 # ---------------------------------------------------------------------------------------

@@ -95,6 +95,38 @@ def test_passthrough_scale_and_post_weights_from_the_last_slice(fam, tmp_path):
 
 
 @pytest.mark.parametrize("device", list(devices()))
+@pytest.mark.parametrize("scale", [None, 0.0])
+def test_passthrough_copies_bits_and_keeps_the_sign_of_zero(fam, tmp_path, device, scale):
+    """mergekit's passthrough returns the tensor itself (times its scale): a copied layer is the
+    source's bytes, -0.0 included, and scale 0 gives -0.0 for negative weights (a product); a sum
+    from +0.0 would give +0.0 for both."""
+    import shutil
+    from safetensors.torch import save_file
+
+    source = tmp_path / "ft1"
+    shutil.copytree(fam.finetunes[0], source)
+    weights = load(fam.finetunes[0])
+    for name, t in weights.items():
+        if t.is_floating_point():
+            t.view(-1)[::7] = -0.0
+    for file in source.glob("*.safetensors"):
+        file.unlink()
+    save_file(weights, str(source / "model.safetensors"))
+    doc = {"merge_method": "passthrough", "dtype": "bfloat16", "slices": [{"sources": [src(source, 1, 4)]}]}
+    if scale is not None:
+        doc["parameters"] = {"scale": scale}
+    run_merge(doc, tmp_path / "out", device)
+    got = load(tmp_path / "out")
+    up = got["model.layers.0.mlp.up_proj.weight"]
+    want = weights["model.layers.1.mlp.up_proj.weight"]
+    if scale is not None:
+        want = (want.float() * scale).to(BF16)   # torch's product keeps the sign: -x * 0 = -0.0
+        assert bool(torch.signbit(want.float()).any()) and not bool(want.float().ne(0).any())
+    assert int((want.view(torch.int16) == -32768).sum()) > 0   # -0.0's bits are in the input
+    assert torch.equal(up.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.parametrize("device", list(devices()))
 def test_slerp_slices_use_each_slices_own_gradient_position(fam, tmp_path, device):
     """mergekit evaluates a gradient at offset / (n - 1) within each slice, not over the output."""
     base, ft1 = fam.base, fam.finetunes[0]

@@ -37,7 +37,7 @@ _PAGE = 4096
 SUPPORTED = {
     "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.RANDOM, Sparsify.BAND, Sparsify.RANKED},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
-    "consensus": {Consensus.NONE, Consensus.SIGN},
+    "consensus": {Consensus.NONE, Consensus.SIGN, Consensus.COPY},
     "coefficients": {Coefficients.GIVEN, Coefficients.SLERP, Coefficients.NUSLERP, Coefficients.MODEL_STOCK},
 }
 
@@ -118,6 +118,13 @@ def _bits_of(threshold, segment: torch.Tensor | None):
     own packed tensor's threshold."""
     value = _per_element(threshold, segment)
     return value if isinstance(value, float) else value.view(torch.int32)
+
+
+def _check_finite(values: torch.Tensor, name: str, model_index: int) -> None:
+    """NonFiniteInput if any of `values` is Inf or NaN: one sum, looked at closer only where it is
+    not finite (a sum of large finite values can overflow)."""
+    if not torch.isfinite(values.sum()) and not torch.isfinite(values).all():
+        raise NonFiniteInput(name, model_index)
 
 
 class CpuBackend:
@@ -459,7 +466,9 @@ class CpuBackend:
                                           plan.zero_sign(stats))
         else:
             merged = bufs.acc[:n]
-            merged.zero_()
+            # From +0 as torch.sum (-0.0 + -0.0 sums to +0.0 there), or for COPY from -0.0, which
+            # adds nothing: the lone product itself.
+            merged.fill_(-0.0 if plan.consensus is Consensus.COPY else 0.0)
             for c in contributions:
                 merged.add_(c)
             if plan.normalize:
@@ -557,12 +566,20 @@ class CpuBackend:
                     yield piece.to(job.out_dtype)
 
     def _merged_chunks(self, job: MergeJob, plan: ElementPlan, stats: TensorStats):
-        """(start, end, float32 values) of the merged output, chunk by chunk (a reused buffer)."""
+        """(start, end, values) of the merged output, chunk by chunk: float32 in a reused buffer,
+        or where the output is an input bitwise, that input's own values (the caller casts both)."""
         if plan.uses_base and job.scale == 0.0:
             # A zero scale returns the base bitwise (b + 0 * tau would turn -0.0 into +0.0).
             base = job.base.reshape(-1)
             for s, e in self._spans(base.numel()):
                 yield s, e, base[s:e]
+            return
+        if plan.copies_input:   # passthrough: the model's values as they are, checked
+            model = job.models[0].reshape(-1)
+            for s, e in self._spans(model.numel()):
+                if self.check_finite:
+                    _check_finite(model[s:e], job.name, 0)
+                yield s, e, model[s:e]
             return
         fused = self._fused(job, plan, stats)
         for s, e, bufs in self._chunks(job, plan):

@@ -35,7 +35,7 @@ FUSED = {
     # RANKED (DELLA): only as the keep masks its rescale statistics drew (FusedMerge.chunk).
     "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.BAND, Sparsify.RANDOM, Sparsify.RANKED},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
-    "consensus": {Consensus.NONE, Consensus.SIGN},
+    "consensus": {Consensus.NONE, Consensus.SIGN, Consensus.COPY},
     "coefficients": set(Coefficients),   # Gram weights too, where a tensor has one (FusedMerge.of)
 }
 # A plan that only sums (no trim, election, drop or rescale) gains little per element compiled
@@ -79,6 +79,7 @@ def _steps(plan: ElementPlan) -> int:
             | (jit.STEP_DIVIDE if plan.rescale is Rescale.INVERSE else 0)
             | (jit.STEP_MULTIPLY if plan.rescale is Rescale.L1 else 0)
             | (jit.STEP_ELECT if plan.consensus is Consensus.SIGN else 0)
+            | (jit.STEP_COPY if plan.consensus is Consensus.COPY else 0)
             | (jit.STEP_NORMALIZE if plan.normalize else 0) | (jit.STEP_TALL if plan.tall_k else 0))
 
 
@@ -90,7 +91,7 @@ def takes(plan: ElementPlan) -> bool:
 
 def jit_work(plan: ElementPlan, elements: int) -> int:
     """`elements` of merge work (numel x models) as jit.compiled counts it for this plan."""
-    light = (not plan.trims and plan.sparsify is Sparsify.NONE and plan.consensus is Consensus.NONE
+    light = (not plan.trims and plan.sparsify is Sparsify.NONE and plan.consensus is not Consensus.SIGN
              and plan.rescale is Rescale.NONE and not plan.grouped)   # a Gram statistic: 10x compiled
     return int(elements * LIGHT_PLAN_SHARE) if light else elements
 
