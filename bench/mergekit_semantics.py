@@ -118,6 +118,13 @@ def configs(base: Path, fts: list[Path]) -> dict[str, dict]:
                 {"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
                 {"sources": [{"model": str(fts[1]), "layer_range": [1, 2]}]},
                 {"sources": [{"model": str(fts[2]), "layer_range": [0, 1]}]}], **common},
+        # The community's trick to make a repeated layer start as the identity: its attention and
+        # MLP outputs zeroed (scale 0 where the name has o_proj or down_proj), the rest copied.
+        "passthrough-zeroed-outputs": {
+            "merge_method": "passthrough", "parameters": {"scale": [
+                {"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]},
+            "slices": [{"sources": [{"model": str(fts[0]), "layer_range": [0, 2]}]},
+                       {"sources": [{"model": str(fts[0]), "layer_range": [1, 2]}]}], **common},
         "slerp-slices-gradient": {
             "merge_method": "slerp", "base_model": str(base), "slices": [
                 {"sources": [{"model": str(base), "layer_range": [0, 2]}, {"model": str(fts[0]), "layer_range": [0, 2]}]},
@@ -131,8 +138,8 @@ def configs(base: Path, fts: list[Path]) -> dict[str, dict]:
     }
 
 
-EXACT = ("task_arithmetic-normalize", "linear-with-base", "passthrough-frankenmerge",
-         "task_arithmetic-base-listed")  # must agree bit for bit
+EXACT = ("task_arithmetic-normalize", "linear-with-base", "passthrough-frankenmerge", "passthrough-zeroed-outputs",
+         "task_arithmetic-base-listed")  # must agree bit for bit (elements_differing_in_bits: -0.0 vs +0.0 too)
 # angle statistics in float64 here, in float32 in mergekit: rare 1-ulp differences expected
 ROUNDING = ("slerp", "slerp-slices-gradient", "nuslerp", "nuslerp-no_base", "nuslerp-no_flatten", "nuslerp-no_flatten-row_wise", "model_stock",
             "model_stock-filter_wise")
@@ -160,8 +167,11 @@ def differences(ours: dict, theirs: dict, merged: list[str]) -> dict:
     diffs = {n: (ours[n] - theirs[n]).abs() for n in merged}
     steps = {n: ulps(ours[n], theirs[n]) for n in merged}
     differing = int(sum(int((d != 0).sum()) for d in diffs.values()))
+    # The float32 bit patterns (bf16 widened exactly): also counts -0.0 against +0.0, equal as numbers.
+    bits = int(sum(int((ours[n].view(torch.int32) != theirs[n].view(torch.int32)).sum()) for n in merged))
     elements = int(sum(d.numel() for d in diffs.values()))
     return {"tensors": len(merged), "elements": elements, "elements_differing": differing,
+            "elements_differing_in_bits": bits,
             "fraction_differing": differing / elements,
             "max_abs_diff": float(max(float(d.max()) for d in diffs.values())),
             "max_ulps": int(max(int(u.max()) for u in steps.values())),
