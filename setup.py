@@ -29,7 +29,7 @@ setup(
     extras_require={
         # huggingface_hub: Hub model names (org/name) as models; the tests run its real offline path.
         "hub": ["huggingface_hub>=0.24"],
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "huggingface_hub>=0.24"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "huggingface_hub>=0.24"],
         "plot": ["matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["lines-fast=lines_fast.cli:run"]},
