@@ -8,6 +8,8 @@ bin holds 2^39 significands: more elements than any model has.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 EXPONENT_BINS = 256   # one int64 bin per float32 exponent
@@ -53,6 +55,10 @@ class AbsSum:
         self.bins += bins
 
     def value(self) -> float:
+        """The sum, correctly rounded; inf if an Inf or NaN was added (its exponent bits are all
+        ones), so the caller sees a non-finite norm, not a huge finite one."""
+        if self.bins[EXPONENT_BINS - 1]:
+            return math.inf
         total = sum(int(count) << max(e, 1) - 1 for e, count in enumerate(self.bins.tolist()) if count)
         return total / (1 << 149)   # correctly rounded
 

@@ -1,6 +1,7 @@
 import math
 from fractions import Fraction
 
+import pytest
 import torch
 
 from lines_fast.exactsum import AbsSum
@@ -65,3 +66,17 @@ def test_row_sums_are_the_exact_sums_of_each_row():
         one.add(row)
         assert got == one.value()
     assert row_abs_sums(torch.zeros(3, 4)) == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -float("inf")])
+def test_a_nonfinite_value_makes_the_sum_inf_not_huge(bad):
+    """A NaN's exponent bits are all ones: counted as a significand it made a huge finite sum,
+    whose float32 rescale factor overflowed with a RuntimeWarning before the merge named the NaN."""
+    total = AbsSum()
+    total.add(torch.tensor([1.0, bad, 2.0]))
+    assert total.value() == math.inf
+    import warnings
+    from lines_fast.plan import rescale_factor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert rescale_factor(total.value(), 1.0) == math.inf
