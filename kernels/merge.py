@@ -166,7 +166,8 @@ def _fused_merge_kernel(
         mattering = tl.zeros([BLOCK], dtype=tl.int32)
 
     if COPY:   # the sum starts at -0.0, which adds nothing: the lone product keeps -0.0 (passthrough)
-        acc = tl.full([BLOCK], -0.0, tl.float32)
+        # From its bits: some Triton versions fill a constant equal to 0 with +0.0.
+        acc = tl.full([BLOCK], -2147483648, tl.int32).to(tl.float32, bitcast=True)
     else:
         acc = zero
     raw = zero  # TASK_SUM: sum_i tau_i before any trim or drop, for ||sum tau||_1

@@ -223,8 +223,10 @@ class ElementPlan:
     @property
     def copies_input(self) -> bool:
         """The output is the one input itself, bitwise (consensus COPY at weight 1: -0.0 + 1 * x is
-        x, whatever x): a backend may hand the input's values on without the float32 round trip,
-        which rounds each to the output dtype exactly as the merge would."""
+        x, whatever x): a backend may hand the values of an input whose dtype float32 holds
+        exactly (bf16, fp16, fp32) on without the float32 round trip, the output dtype's cast
+        rounding each as the merge would. (Under --allow-nonfinite a NaN then keeps its payload
+        bits, as mergekit's copy keeps them; the float32 arithmetic makes every NaN one pattern.)"""
         return (self.consensus is Consensus.COPY and self.weights == (1.0,) and not self.uses_base
                 and not self.deltas and self.sparsify is Sparsify.NONE and self.rescale is Rescale.NONE
                 and not self.normalize and not self.tall_k)

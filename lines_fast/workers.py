@@ -84,7 +84,8 @@ class Workers:
         self.workers, self.argv = workers, argv
         self.log = log or (lambda message: print(message, file=sys.stderr, flush=True))
         self.procs: list[subprocess.Popen] = []
-        self._logs = tempfile.TemporaryDirectory(prefix="lines-fast-workers-")
+        # ignore_cleanup_errors: the watchdog's cleanup must never stop it from ending the merge.
+        self._logs = tempfile.TemporaryDirectory(prefix="lines-fast-workers-", ignore_cleanup_errors=True)
         self._leaving = threading.Event()
 
     def __enter__(self) -> "Workers":

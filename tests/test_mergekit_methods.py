@@ -76,6 +76,23 @@ def test_passthrough_is_one_product_that_keeps_the_sign_of_zero(scale, sign_bits
     assert not torch.signbit(soup[SIGNED == 0]).any() and torch.equal(soup, SIGNED.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float8_e4m3fn, torch.bfloat16])
+def test_passthrough_of_any_float_dtype_is_the_reference(dtype):
+    """The copy path takes only dtypes float32 holds exactly: float64 is still rounded to float32
+    as the math says (then stored as float64), and float8 (which torch cannot sum on the CPU) is
+    merged, not refused."""
+    x = torch.tensor([0.1, 1 / 3, -0.0, -2.5, 448.0, 1e-3], dtype=torch.float64).to(dtype)
+    spec = ref.spec_from_params("passthrough", 1)
+    want = ref.merge_with_spec(None, [{"w": x}], spec, out_dtype=dtype)["w"]
+    assert want.dtype == dtype
+    if dtype == torch.float64:   # the math's float32: 0.1 is not 0.1 here
+        assert float(want[0]) == float(torch.tensor(0.1, dtype=torch.float32)) != 0.1
+    for backend in (CpuBackend(chunk=4, compiled=False), CpuBackend(chunk=4)):
+        job = MergeJob("w", None, [x], None, 1.0, dtype)
+        ((_, out, _),) = list(backend.merge_many([job], ElementPlan.from_spec(spec)))
+        assert out.dtype == dtype and torch.equal(out.view(torch.uint8), want.view(torch.uint8)), backend
+
+
 def test_passthrough_copy_still_refuses_nonfinite_values():
     """The CPU backend hands a passthrough's values on as they are (plan.copies_input), but still
     names an Inf or NaN, as the merge would; --allow-nonfinite passes it through."""

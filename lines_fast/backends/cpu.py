@@ -120,6 +120,12 @@ def _bits_of(threshold, segment: torch.Tensor | None):
     return value if isinstance(value, float) else value.view(torch.int32)
 
 
+# Input dtypes whose float32 round trip is exact (so handing the values on gives the merge's bits)
+# and which torch can sum and test on the CPU: not float64 (the merge rounds it to float32), not
+# the float8 types (no CPU sum).
+_WIDENED_EXACTLY = (torch.bfloat16, torch.float16, torch.float32)
+
+
 def _check_finite(values: torch.Tensor, name: str, model_index: int) -> None:
     """NonFiniteInput if any of `values` is Inf or NaN: one sum, looked at closer only where it is
     not finite (a sum of large finite values can overflow)."""
@@ -574,7 +580,7 @@ class CpuBackend:
             for s, e in self._spans(base.numel()):
                 yield s, e, base[s:e]
             return
-        if plan.copies_input:   # passthrough: the model's values as they are, checked
+        if plan.copies_input and job.models[0].dtype in _WIDENED_EXACTLY:   # passthrough: the values as they are
             model = job.models[0].reshape(-1)
             for s, e in self._spans(model.numel()):
                 if self.check_finite:
