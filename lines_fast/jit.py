@@ -18,7 +18,7 @@
   over all cores (integer bins per thread, added at the end: the same sums in any order).
 - merge_chunk: the CPU backend's merge of one chunk for the plans without per-element side
   inputs (task arithmetic, linear, TIES, breadcrumbs, DARE with its draws or keep masks given,
-  DELLA with its keep masks, one Gram weight per tensor, the TALL mask; with LiNeS): every plan step of backends/cpu.py's torch path, the same float32 operations in the same
+  DELLA with its keep masks, Gram weights per tensor, row or column, the TALL mask; with LiNeS): every plan step of backends/cpu.py's torch path, the same float32 operations in the same
   order, in one pass over blocks of BLOCK elements that stay in L1 (~30 torch operations per
   chunk before, each a pass over memory). Each step is a loop over the block's elements, the
   innermost loop, so LLVM vectorizes it; a loop over models per element does not vectorize
@@ -135,6 +135,8 @@ STEP_DIVIDE, STEP_MULTIPLY, STEP_ELECT, STEP_NORMALIZE, STEP_KEPT = 32, 64, 128,
 STEP_TAU, STEP_TASK_SUM = 1024, 2048   # out = tau_m itself; also sum_i tau_i (LiNeS alpha auto's norms)
 STEP_TALL = 4096   # the consensus (TALL) mask: +0 where fewer than k models matter
 STEP_COPY = 8192   # the sum starts at -0.0, not +0.0 (consensus COPY: the lone product itself)
+# Gram weights per group (group_weights [N, G]): element j's group is j // group_len (rows) or j % group_len (columns).
+STEP_GROUP_ROWS, STEP_GROUP_COLUMNS = 16384, 32768
 
 
 @contextlib.contextmanager

@@ -14,15 +14,17 @@ from numba import types
 from numba.extending import intrinsic, overload
 
 from .jit import (BLOCK, STEP_BAND, STEP_BASE, STEP_DELTAS, STEP_DIVIDE, STEP_DROP, STEP_ELECT, STEP_KEPT,
-                  STEP_COPY, STEP_MULTIPLY, STEP_NORMALIZE, STEP_TALL, STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
+                  STEP_COPY, STEP_GROUP_COLUMNS, STEP_GROUP_ROWS, STEP_MULTIPLY, STEP_NORMALIZE, STEP_TALL,
+                  STEP_TASK_SUM, STEP_TAU, STEP_TRIM)
 from .selection import BINS, NONZERO_LOW
 
 # numba freezes the globals a kernel reads into its cached machine code, and its cache checks only
 # this file's stamp: were a constant changed in jit.py or selection.py alone, the cached kernels
 # would keep the old value. So their values are written here too, and a change must edit this file.
 assert (BLOCK, STEP_BASE, STEP_DELTAS, STEP_TRIM, STEP_BAND, STEP_DROP, STEP_DIVIDE, STEP_MULTIPLY, STEP_ELECT,
-        STEP_NORMALIZE, STEP_KEPT, STEP_TAU, STEP_TASK_SUM, STEP_TALL, STEP_COPY, BINS, NONZERO_LOW) == (
-        1024, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 1 << 16, 1 << 15), \
+        STEP_NORMALIZE, STEP_KEPT, STEP_TAU, STEP_TASK_SUM, STEP_TALL, STEP_COPY, STEP_GROUP_ROWS, STEP_GROUP_COLUMNS,
+        BINS, NONZERO_LOW) == (
+        1024, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 1 << 16, 1 << 15), \
     "a constant the compiled kernels read changed: update this line (it invalidates numba's cache)"
 
 _serial = numba.njit(cache=True, nogil=True)
@@ -256,7 +258,7 @@ zero, one, no_bits, minus_zero = f32(0.0), f32(1.0), np.uint32(0), f32(-0.0)
 
 @_parallel
 def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum, scale, out, task_sum, tall_k,
-                threads):
+                group_weights, group_len, start, threads):
     """out = the merged float32 values of one chunk: backends/cpu.py's _merged_delta, then
     * scale + base, for plans with given weights and no consensus mask. table: plan.table's
     float32 [7, N] (weights, thresholds, drop_p, divisors, factors, ceilings, tall_lambdas). steps: the
@@ -267,6 +269,9 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
     model order (LiNeS alpha auto's norms; any array without it). STEP_TALL: the merged value is
     +0 where fewer than tall_k models matter, model i mattering where |x_i| >= table[6, i] *
     |S - x_i|, S = sum_j x_j of the raw task vectors in model order (backends/cpu.py's _tall_keep).
+    STEP_GROUP_ROWS / STEP_GROUP_COLUMNS: model i's weight is group_weights[i, g] (float32 [N, G]),
+    g = (start + j) // group_len or (start + j) % group_len for element j of the chunk (start: the
+    chunk's flat index in its tensor); else table[0, i].
     Returns False if any input value read is Inf or NaN (the caller then runs the torch
     path, which names the model).
 
@@ -283,6 +288,7 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
         bad = np.empty(BLOCK, np.uint32)
         c = np.empty((count, BLOCK), np.float32)
         votes = np.empty(BLOCK, np.int32)
+        group = np.empty(BLOCK, np.int64)
         end = min(n, (t + 1) * per)
         for s in range(t * per, end, BLOCK):
             size = min(BLOCK, end - s)
@@ -290,6 +296,22 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
             acc[:size] = minus_zero if steps & STEP_COPY else zero   # COPY: -0.0 + c_0 is c_0, sign of 0 too
             if steps & STEP_TASK_SUM:
                 task_sum[s:s + size] = zero
+            if steps & STEP_GROUP_ROWS:   # each element's group, counted on (no division per element)
+                g = (start + s) // group_len
+                r = start + s - g * group_len
+                for j in range(size):
+                    group[j] = g
+                    r += 1
+                    if r == group_len:
+                        r = 0
+                        g += 1
+            elif steps & STEP_GROUP_COLUMNS:
+                g = (start + s) % group_len
+                for j in range(size):
+                    group[j] = g
+                    g += 1
+                    if g == group_len:
+                        g = 0
             if steps & STEP_BASE:
                 block = base[s:s + size]
                 for j in range(size):
@@ -349,10 +371,16 @@ def merge_chunk(base, models, draws, masks, table, steps, zero_sign, weight_sum,
                     f = table[4, i]
                     for j in range(size):
                         x[j] = x[j] * f
-                w = table[0, i]
-                for j in range(size):
-                    x[j] = x[j] * w
-                    acc[j] += x[j]                   # sum_i c_i in model order, from +0 (COPY: -0)
+                if steps & (STEP_GROUP_ROWS | STEP_GROUP_COLUMNS):
+                    weights = group_weights[i]
+                    for j in range(size):
+                        x[j] = x[j] * weights[group[j]]
+                        acc[j] += x[j]
+                else:
+                    w = table[0, i]
+                    for j in range(size):
+                        x[j] = x[j] * w
+                        acc[j] += x[j]               # sum_i c_i in model order, from +0 (COPY: -0)
             if steps & STEP_ELECT:
                 # gamma = sign of the sum, zero_sign where it is 0; A = {i : c_i * gamma > 0}.
                 for j in range(size):

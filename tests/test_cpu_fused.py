@@ -319,8 +319,8 @@ GROUPINGS = [{}, {"filter_wise": True}, {"nuslerp_flatten": False}, {"nuslerp_fl
 @pytest.mark.parametrize("method, values", [(m, v) for m in GROUPED for v in GROUPINGS
                                             if all(methods.get(m).takes(k) for k in v)], ids=str)
 def test_gram_methods_merge_2d_tensors_to_the_torch_bits(method, values, monkeypatch):
-    """One weight per tensor: the whole merge compiled; per row or column, the Gram statistic
-    compiled where it is by rows, and the merge in torch."""
+    """The merge compiled whatever the groups (one weight per tensor, row or column: the chunks
+    straddle rows and the kernel's blocks), the Gram statistic compiled where it is by rows."""
     spec, n = _spec(methods.get(method), values)
     plan = ElementPlan.from_spec(spec)
     base, models = _inputs(n, seed=6, n=SHAPE[0] * SHAPE[1])
@@ -329,7 +329,7 @@ def test_gram_methods_merge_2d_tensors_to_the_torch_bits(method, values, monkeyp
     merges, grams = _counting(monkeypatch, "merge_chunk"), _counting(monkeypatch, "gram_chunk")
     got = _merge(True, plan, base, models, chunk=1000)
     view = cpu_fused.group_view(SHAPE, plan.group_by)
-    assert bool(merges) == (view.groups == 1) and bool(grams) == (view.by_rows or view.groups == 1)
+    assert merges and bool(grams) == (view.by_rows or view.groups == 1)
     assert _bitwise_equal(got, want)
 
 

@@ -9,12 +9,11 @@ hands it numpy views of the tensors; everything else stays on the torch path, wh
 the path of every chunk the compiled one declines (an Inf or NaN read: the torch path then
 names the model).
 
-What the compiled merge does not take, by the plan's steps (never by method name): weights that
-differ within a tensor (Gram weights per row or column; one Gram weight per tensor, the default of
-slerp, nuslerp and model_stock, is taken, and so is every Gram statistic but per column), DELLA's
+What the compiled merge does not take, by the plan's steps (never by method name): DELLA's
 ranked drops where its statistics did not keep their masks (beyond the backend's mask budget, or
 without its rescale), packed jobs of many tensors (per-element thresholds), and inputs other
-than bf16, fp16 and fp32.
+than bf16, fp16 and fp32. Gram weights are taken per tensor, row or column (model_stock's
+filter_wise, nuslerp without flatten); their statistic is compiled but per column.
 """
 from __future__ import annotations
 
@@ -105,9 +104,16 @@ class FusedMerge:
         self._job, self._plan = job, plan
         self._base, self._models = arrays
         self._table = plan.table(stats, "cpu").numpy()
-        if plan.grouped:   # the tensor's one group weight per model (x_i * w_i, as the torch path)
-            self._table[0] = stats.group_weights[:, 0].numpy()
         self._steps = _steps(plan)
+        self._group_weights, self._group_len = np.zeros((1, 1), np.float32), np.int64(1)
+        if plan.grouped:   # x_i * w_i[group], as the torch path
+            view = group_view(job.models[0].shape, plan.group_by)
+            if view.groups == 1:
+                self._table[0] = stats.group_weights[:, 0].numpy()
+            else:
+                self._group_weights = stats.group_weights.contiguous().numpy()
+                self._group_len = np.int64(view.group_len)
+                self._steps |= jit.STEP_GROUP_ROWS if view.by_rows else jit.STEP_GROUP_COLUMNS
         self._zero_sign = np.float32(plan.zero_sign(stats) if plan.consensus is Consensus.SIGN else 1.0)
         self._weight_sum = np.float32(plan.weight_sum)
         self._scale = np.float32(job.scale)
@@ -118,9 +124,7 @@ class FusedMerge:
 
     @classmethod
     def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
-        if (kernels is None or job.segments is not None or plan.n_models != len(job.models)
-                or not takes(plan)
-                or (plan.grouped and group_view(job.models[0].shape, plan.group_by).groups > 1)):
+        if kernels is None or job.segments is not None or plan.n_models != len(job.models) or not takes(plan):
             return None
         arrays = _inputs(job, plan.uses_base)
         return None if arrays is None else cls(kernels, job, plan, stats, arrays)
@@ -145,6 +149,7 @@ class FusedMerge:
         return bool(self._kernel(base, tuple(m[s:e] for m in self._models), draws, masks, self._table, steps,
                                  self._zero_sign, self._weight_sum, self._scale, out.numpy(),
                                  self._no_sum if task_sum is None else task_sum.numpy(), self._tall,
+                                 self._group_weights, self._group_len, np.int64(s),
                                  torch.get_num_threads()))
 
 
