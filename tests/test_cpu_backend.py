@@ -100,17 +100,21 @@ def test_drop_masks_are_drawn_once_per_merge_and_give_the_same_bytes(monkeypatch
         return real(*args, **kwargs)
 
     import lines_fast.backends.cpu_fused as cpu_fused
-    # The merge's own draws (statistics draw in plan.py), on the torch path or the compiled one.
+    # Every draw: the statistics' and the compiled merge's redrawn masks (plan.keep_masks), the torch
+    # path's and the DARE kernel call's own (dare_uniform in the backend).
     monkeypatch.setattr(cpu, "dare_uniform", counted)
     monkeypatch.setattr(cpu_fused, "dare_uniform", counted)
+    keep_masks = ElementPlan.keep_masks
+    monkeypatch.setattr(ElementPlan, "keep_masks", lambda *a, **k: (draws.append(1), keep_masks(*a, **k))[1])
     for method in ("dare_ties", "della"):
         plan = ElementPlan.from_spec(make_spec(method, 3, values={"density": 0.5}))
         job = MergeJob("model.layers.0.mlp.up_proj.weight", base, models, None, 1.0, torch.bfloat16)
         draws.clear()
         ((_, reused, _),) = list(CpuBackend(chunk=3000, compiled=compiled).merge_many([job], plan))
-        assert not draws, method
+        assert len(draws) == 3 * 4, method   # the statistics' only: 3 models x 4 chunks of 3000
+        draws.clear()
         monkeypatch.setattr(cpu, "KEEP_BUDGET", 0)
         ((_, redrawn, _),) = list(CpuBackend(chunk=3000, compiled=compiled).merge_many([job], plan))
-        assert len(draws) == 3 * 4, method   # 3 models x 4 chunks of 3000
+        assert len(draws) == 2 * 3 * 4, method   # and the merge's again
         assert torch.equal(reused.view(torch.int16), redrawn.view(torch.int16)), method
         monkeypatch.setattr(cpu, "KEEP_BUDGET", 64 << 20)

@@ -131,20 +131,29 @@ def test_fused_plans_take_the_compiled_path_and_give_the_torch_bits(method, valu
     assert _bitwise_equal(got, want)
 
 
-def test_della_chunks_beyond_the_mask_budget_go_to_torch_to_the_same_bits(monkeypatch):
-    """DELLA merges compiled only with the keep masks its rescale statistics kept; past the
-    backend's mask budget the chunks are drawn again and merged in torch."""
+@pytest.mark.parametrize("method, values, budget", [
+    ("della", {"density": 0.5, "epsilon": 0.1}, 3 * 5 * 113),   # the masks of the first 5 chunks kept (113 bytes each)
+    ("della", {"density": 0.5, "epsilon": 0.1, "rescale": False}, None),   # no statistics: no masks kept
+    ("della_linear", {"density": 0.6, "epsilon": 0.2, "rescale": False}, None),
+])
+def test_della_chunks_without_kept_masks_are_drawn_again_and_merged_compiled(method, values, budget, monkeypatch):
+    """DELLA merges compiled with the keep masks its rescale statistics kept; past the backend's
+    mask budget, or without its rescale, each chunk's masks are drawn again (ranks per row, then
+    u >= p) and merged compiled too: the torch path's bits either way."""
     from lines_fast.backends import cpu
 
-    spec, n = _spec(methods.get("della"), {"density": 0.5, "epsilon": 0.1})
+    spec, n = _spec(methods.get(method), values)
     plan = ElementPlan.from_spec(spec)
     base, models = _inputs(n, n=64 * 300, seed=9)
     base, models = base.view(64, 300), [m.view(64, 300) for m in models]   # rows of 300: chunks of 900
     want = _merge(False, plan, base, models, chunk=1000)
-    monkeypatch.setattr(cpu, "KEEP_BUDGET", 3 * 5 * 113)   # the masks of the first 5 chunks (113 bytes each)
+    if budget is not None:
+        monkeypatch.setattr(cpu, "KEEP_BUDGET", budget)
     calls = _counting(monkeypatch, "merge_chunk")
     got = _merge(True, plan, base, models, chunk=1000)
-    assert len(calls) == 5 and _bitwise_equal(got, want)
+    assert len(calls) == -(-64 * 300 // 900) and _bitwise_equal(got, want)
+    assert not _bitwise_equal(want, _merge(False, ElementPlan.from_spec(_spec(methods.get(method), {
+        **values, "seed": 1})[0]), base, models, chunk=1000))   # the draws matter: a wrong mask would show
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "della"])

@@ -15,6 +15,7 @@ import threading
 from dataclasses import replace
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 
 from .. import jit
@@ -398,7 +399,7 @@ class CpuBackend:
                 for s, e, bufs in self._chunks(job, plan):
                     task_sum_chunk = bufs.task_sum[:e - s] if with_task_sum else None
                     tau = bufs.acc[:e - s]
-                    kept = self._kept.get(s) if plan.drops else None
+                    kept = self._chunk_masks(job, plan, s, e) if fused is not None else None
                     if fused is None or not fused.chunk(s, e, tau, kept, tau_only=True, task_sum=task_sum_chunk):
                         tau = self._merged_delta(job, plan, stats, s, e, bufs, task_sum=task_sum_chunk)
                     delta.add(tau)
@@ -407,6 +408,24 @@ class CpuBackend:
         return task_sum.value(), delta.value(), stats
 
     # -- merging --------------------------------------------------------------------------
+    def _chunk_masks(self, job: MergeJob, plan: ElementPlan, s: int, e: int) -> list[torch.Tensor] | None:
+        """The packed keep masks of elements s..e for the compiled merge (one uint8 tensor per model,
+        element j in bit j % 8 of byte j // 8): those the rescale statistics kept, else DELLA's drawn
+        here exactly as the statistics and the torch path draw them (whole rows: each row's ranks,
+        then u >= p): without its L1 rescale, or past KEEP_BUDGET. None: no masks (DARE draws its u
+        in the kernel's call)."""
+        kept = self._kept.get(s) if self._kept is not None and plan.drops else None
+        if kept is not None or not plan.ranked:
+            return kept
+        row = self._step(job, plan)[1]
+        base = job.base.reshape(-1)[s:e].float()
+        masks = []
+        for i, model in enumerate(job.models):
+            keep = plan.keep_masks(model.reshape(-1)[s:e].float() - base, i, TensorStats(), job.name, s, row)
+            masks.append(torch.from_numpy(np.packbits(keep.numpy(), bitorder="little")))
+        return masks
+
+
     def _chunks(self, job: MergeJob, plan: ElementPlan):
         numel = job.models[0].numel()
         step, _ = self._step(job, plan)
@@ -590,7 +609,7 @@ class CpuBackend:
         fused = self._fused(job, plan, stats)
         for s, e, bufs in self._chunks(job, plan):
             if fused is not None:
-                kept = self._kept.get(s) if self._kept is not None and plan.drops else None
+                kept = self._chunk_masks(job, plan, s, e)
                 if fused.chunk(s, e, bufs.acc[:e - s], kept):
                     yield s, e, bufs.acc[:e - s]
                     continue

@@ -9,10 +9,10 @@ hands it numpy views of the tensors; everything else stays on the torch path, wh
 the path of every chunk the compiled one declines (an Inf or NaN read: the torch path then
 names the model).
 
-What the compiled merge does not take, by the plan's steps (never by method name): DELLA's
-ranked drops where its statistics did not keep their masks (beyond the backend's mask budget, or
-without its rescale), packed jobs of many tensors (per-element thresholds), and inputs other
-than bf16, fp16 and fp32. Gram weights are taken per tensor, row or column (model_stock's
+What the compiled merge does not take, by the plan's steps (never by method name): packed jobs
+of many tensors (per-element thresholds) and inputs other than bf16, fp16 and fp32. DELLA's
+ranked drops come to it as keep masks, those its rescale statistics kept or, without them
+(no L1 rescale, or past the backend's mask budget), drawn for each chunk by the backend. Gram weights are taken per tensor, row or column (model_stock's
 filter_wise, nuslerp without flatten); their statistic is compiled but per column.
 """
 from __future__ import annotations
@@ -84,8 +84,9 @@ def _steps(plan: ElementPlan) -> int:
 
 def takes(plan: ElementPlan) -> bool:
     """Whether the compiled merge runs the plan's chunks (FusedMerge.of adds each job's conditions).
-    DELLA's drops only as the masks its L1 rescale statistics kept: without them there are none."""
-    return unsupported_steps(plan, FUSED) is None and not (plan.ranked and plan.rescale is not Rescale.L1)
+    DELLA's drops only as keep masks given to each chunk (the backend's: from its statistics, or
+    drawn for the chunk)."""
+    return unsupported_steps(plan, FUSED) is None
 
 
 def jit_work(plan: ElementPlan, elements: int) -> int:
@@ -140,7 +141,7 @@ class FusedMerge:
         if kept is not None:
             steps = steps & ~jit.STEP_DROP | jit.STEP_KEPT
             masks = tuple(k.numpy() for k in kept)
-        elif plan.ranked:   # DELLA's per-row drop probabilities are not a kernel step: the torch path
+        elif plan.ranked:   # DELLA's per-row drop probabilities are not a kernel step: masks, or the torch path
             return False
         elif plan.sparsify is Sparsify.RANDOM:
             draws = torch.stack([dare_uniform(plan.seed, i, self._job.name, e - s, start=s)
