@@ -87,7 +87,7 @@ def _fused_plans():
             elif param.kind == "choice" and param.affects_result:
                 options += [{param.name: c} for c in param.choices if c != param.default and c != "official"]
         for values in options:
-            if cpu_fused.takes(ElementPlan.from_spec(_spec(method, values)[0])):   # della without its rescale: torch
+            if cpu_fused.takes(ElementPlan.from_spec(_spec(method, values)[0])):
                 yield method.name, values
 
 
@@ -149,9 +149,12 @@ def test_della_chunks_without_kept_masks_are_drawn_again_and_merged_compiled(met
     want = _merge(False, plan, base, models, chunk=1000)
     if budget is not None:
         monkeypatch.setattr(cpu, "KEEP_BUDGET", budget)
+    monkeypatch.setattr(jit, "JIT_AFTER", 0)   # the masks drawn again by the compiled ranks' kernel too
+    ranks = _counting(monkeypatch, "della_drop_p")
     calls = _counting(monkeypatch, "merge_chunk")
     got = _merge(True, plan, base, models, chunk=1000)
-    assert len(calls) == -(-64 * 300 // 900) and _bitwise_equal(got, want)
+    assert len(calls) == -(-64 * 300 // 900) and all(calls) and _bitwise_equal(got, want)
+    assert ranks and all(ranks)
     assert not _bitwise_equal(want, _merge(False, ElementPlan.from_spec(_spec(methods.get(method), {
         **values, "seed": 1})[0]), base, models, chunk=1000))   # the draws matter: a wrong mask would show
 
@@ -180,9 +183,11 @@ def test_l1_rescale_statistics_compiled_are_the_torch_ones(method, monkeypatch):
 
 
 def _counted(kernel, calls):
+    """One item per call: what merge_chunk returned (False: it declined the chunk), else True."""
     def run(*args):
-        calls.append(1)
-        return kernel(*args)
+        result = kernel(*args)
+        calls.append(True if result is None else bool(result))
+        return result
     return run
 
 
@@ -325,21 +330,46 @@ def test_gram_groups_along_columns_stay_in_torch():
 GROUPINGS = [{}, {"filter_wise": True}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]
 
 
+@pytest.mark.parametrize("shape, chunk, threads", [(SHAPE, 1000, 1), (SHAPE, 5000, 2), ((3, 5000), 4099, 2),
+                                                   ((4, 6, 8), 50, 1), ((5000,), 1 << 18, 2)], ids=str)
 @pytest.mark.parametrize("method, values", [(m, v) for m in GROUPED for v in GROUPINGS
                                             if all(methods.get(m).takes(k) for k in v)], ids=str)
-def test_gram_methods_merge_2d_tensors_to_the_torch_bits(method, values, monkeypatch):
-    """The merge compiled whatever the groups (one weight per tensor, row or column: the chunks
-    straddle rows and the kernel's blocks), the Gram statistic compiled where it is by rows."""
+def test_gram_methods_merge_to_the_torch_bits(method, values, shape, chunk, threads, monkeypatch):
+    """The merge compiled whatever the groups (one weight per tensor, row or column), chunks that
+    straddle rows and span several of the kernel's blocks and threads' shares, rows longer than a
+    chunk, 3-D and 1-D tensors; the Gram statistic compiled where it is by rows."""
+    import math
+
     spec, n = _spec(methods.get(method), values)
     plan = ElementPlan.from_spec(spec)
-    base, models = _inputs(n, seed=6, n=SHAPE[0] * SHAPE[1])
-    base, models = base.view(SHAPE), [m.view(SHAPE) for m in models]
-    want = _merge(False, plan, base, models, chunk=1000)
+    base, models = _inputs(n, seed=6, n=math.prod(shape))
+    base, models = base.view(shape), [m.view(shape) for m in models]
+    want = _merge(False, plan, base, models, chunk=chunk)
     merges, grams = _counting(monkeypatch, "merge_chunk"), _counting(monkeypatch, "gram_chunk")
-    got = _merge(True, plan, base, models, chunk=1000)
-    view = cpu_fused.group_view(SHAPE, plan.group_by)
-    assert merges and bool(grams) == (view.by_rows or view.groups == 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = _merge(True, plan, base, models, chunk=chunk)
+    finally:
+        torch.set_num_threads(previous)
+    view = cpu_fused.group_view(shape, plan.group_by)
+    assert merges and all(merges) and bool(grams) == (view.by_rows or view.groups == 1)
     assert _bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("method", ["della", "dare_ties"])
+def test_a_nonfinite_rescale_factor_is_spread_as_the_torch_path_spreads_it(method):
+    """--allow-nonfinite: an Inf input makes that model's L1 factor NaN; the kernel, which checks only
+    its inputs, would drop the NaN contributions in the sign election, so such a tensor merges on
+    the torch path (the reference's NaN there)."""
+    spec, n = _spec(methods.get(method), {"density": 0.5})
+    plan = ElementPlan.from_spec(spec)
+    base, models = _inputs(n, n=64 * 300, seed=12)
+    base, models = base.view(64, 300), [m.view(64, 300) for m in models]
+    models[1][40, 7] = float("inf")
+    want = _merge(False, plan, base, models, chunk=1000, check_finite=False)
+    got = _merge(True, plan, base, models, chunk=1000, check_finite=False)
+    assert int(torch.isnan(want).sum()) > 1000 and _bitwise_equal(got, want)
 
 
 def test_inputs_the_kernels_cannot_read_stay_in_torch():

@@ -17,6 +17,8 @@ filter_wise, nuslerp without flatten); their statistic is compiled but per colum
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -31,11 +33,11 @@ from .base import MergeJob
 
 # The plan steps merge_chunk executes (plan.unsupported_steps' format).
 FUSED = {
-    # RANKED (DELLA): only as the keep masks its rescale statistics drew (FusedMerge.chunk).
+    # RANKED (DELLA): as keep masks given per chunk (FusedMerge.chunk; backends/cpu.py _chunk_masks).
     "sparsify": {Sparsify.NONE, Sparsify.MAGNITUDE, Sparsify.BAND, Sparsify.RANDOM, Sparsify.RANKED},
     "rescale": {Rescale.NONE, Rescale.INVERSE, Rescale.L1},
     "consensus": {Consensus.NONE, Consensus.SIGN, Consensus.COPY},
-    "coefficients": set(Coefficients),   # Gram weights too, where a tensor has one (FusedMerge.of)
+    "coefficients": set(Coefficients),   # Gram weights per tensor, row or column (FusedMerge.__init__)
 }
 # A plan that only sums (no trim, election, drop or rescale) gains little per element compiled
 # (llama-336m task_arithmetic, 2 cores: 21 -> 12 ms per 35M elements of kernel, but a net 0.5 s
@@ -68,6 +70,19 @@ def _inputs(job: MergeJob, with_base: bool):
         return np.zeros(1, models[0].dtype), tuple(models)
     base = as_array(job.base)
     return None if base is None else (base, tuple(models))
+
+
+def _finite_numbers(plan: ElementPlan, stats: TensorStats) -> bool:
+    """Whether the per-tensor numbers the kernel multiplies by are finite. With --allow-nonfinite an
+    Inf or NaN input can make an L1 factor or a Gram weight NaN, which the kernel, checking only its
+    inputs, would not spread as the torch path and the reference do (a NaN c_i fails the election's
+    comparisons and drops out there)."""
+    if plan.rescale is Rescale.L1 and stats is not None and stats.factors is not None:
+        if not all(math.isfinite(float(f)) for f in stats.factors):
+            return False
+    if plan.grouped and stats is not None and stats.group_weights is not None:
+        return bool(torch.isfinite(stats.group_weights).all())
+    return True
 
 
 def _steps(plan: ElementPlan) -> int:
@@ -127,12 +142,14 @@ class FusedMerge:
     def of(cls, kernels, job: MergeJob, plan: ElementPlan, stats: TensorStats) -> "FusedMerge | None":
         if kernels is None or job.segments is not None or plan.n_models != len(job.models) or not takes(plan):
             return None
+        if not _finite_numbers(plan, stats):   # --allow-nonfinite: torch spreads a NaN factor as the reference
+            return None
         arrays = _inputs(job, plan.uses_base)
         return None if arrays is None else cls(kernels, job, plan, stats, arrays)
 
     def chunk(self, s: int, e: int, out: torch.Tensor, kept: list[torch.Tensor] | None = None,
               tau_only: bool = False, task_sum: torch.Tensor | None = None) -> bool:
-        """kept: DARE's packed keep masks of this chunk, as its rescale statistics drew them, or None.
+        """kept: DARE's or DELLA's packed keep masks of this chunk (backends/cpu.py _chunk_masks), or None.
         tau_only: out = tau_m (lambda = 1, no base); task_sum: receives sum_i tau_i (both for
         LiNeS alpha auto's norms, backends/cpu.py's delta_norms)."""
         plan, steps = self._plan, self._steps
