@@ -135,6 +135,7 @@ def test_fused_plans_take_the_compiled_path_and_give_the_torch_bits(method, valu
     ("della", {"density": 0.5, "epsilon": 0.1}, 3 * 5 * 113),   # the masks of the first 5 chunks kept (113 bytes each)
     ("della", {"density": 0.5, "epsilon": 0.1, "rescale": False}, None),   # no statistics: no masks kept
     ("della_linear", {"density": 0.6, "epsilon": 0.2, "rescale": False}, None),
+    ("della", {"density": [1.0, 0.3, 0.7], "epsilon": 0.1, "rescale": False}, None),   # density 1 keeps all
 ])
 def test_della_chunks_without_kept_masks_are_drawn_again_and_merged_compiled(method, values, budget, monkeypatch):
     """DELLA merges compiled with the keep masks its rescale statistics kept; past the backend's

@@ -421,7 +421,10 @@ class CpuBackend:
         base = job.base.reshape(-1)[s:e].float()
         masks = []
         for i, model in enumerate(job.models):
-            keep = plan.keep_masks(model.reshape(-1)[s:e].float() - base, i, TensorStats(), job.name, s, row)
+            if plan.densities[i] >= 1:   # keeps everything (p = 0): no ranks, no draws
+                keep = torch.ones(e - s, dtype=torch.bool)
+            else:
+                keep = plan.keep_masks(model.reshape(-1)[s:e].float() - base, i, TensorStats(), job.name, s, row)
             masks.append(torch.from_numpy(np.packbits(keep.numpy(), bitorder="little")))
         return masks
 
