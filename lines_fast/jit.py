@@ -25,7 +25,9 @@
   and was slower than torch (session 7's try).
 - gram_chunk: the Gram statistic of slerp, nuslerp and model_stock (gram.py: the float64 sums
   of the products of every pair of inputs, per group), blocks over the cores and LANES float64
-  sums per block, instead of a float64 copy of every input and a batched einsum per chunk (10x).
+  sums per block, instead of a float64 copy of every input and a batched einsum per chunk (10x);
+  gram_columns: per column (nuslerp_row_wise), column ranges over the cores, each column's sum
+  in row order (torch's einsum over blocks of rows took 24 s of a 26 s llama-336m merge).
 - packed_histograms: the packed 65536-bin histograms of |x_i| (selection.py) of TIES's and
   breadcrumbs' thresholds, per-thread counts over the cores, instead of seven torch operations
   and a single-threaded bincount per chunk and model; bucket_histogram: the low 16 bits of
@@ -193,7 +195,7 @@ def _compile() -> SimpleNamespace:
                             fill_uniform_rows=k.fill_uniform_rows,
                             add_abs_bins=k.add_abs_bins, della_drop_p=k.della_drop_p,
                             merge_chunk=k.merge_chunk, packed_histograms=k.packed_histograms,
-                            bucket_histogram=k.bucket_histogram,
+                            bucket_histogram=k.bucket_histogram, gram_columns=k.gram_columns,
                             gram_chunk=k.gram_chunk, add_abs_bins_kept=k.add_abs_bins_kept, warm_up=k.warm_up)
     global _listening
     if not _listening:   # once: the kernels are the same objects however often they are looked up

@@ -505,6 +505,43 @@ def gram_chunk(base, models, deltas, start, row_len, gram, threads):
 
 
 @_parallel
+def gram_columns(base, models, deltas, start, cols, sums, threads):
+    """sums[p, c] += x_a[j] x_b[j] (p: the pair a <= b, in the order a, then b) over the chunk's
+    elements j of column c = (start + j) % cols, x_i as gram_chunk's, each product exact in
+    float64: the Gram statistic per column (nuslerp_row_wise). Each thread owns a range of columns
+    and adds a row's products into them row after row, so every column's sum runs in row order:
+    the bits depend neither on the chunking nor on the thread count (torch's einsum sums in another
+    order: they agree to float64 rounding)."""
+    n, count = models[0].shape[0], len(models)
+    per = -(-cols // threads)
+    first_row, last_row = start // cols, (start + n - 1) // cols
+    for t in numba.prange(threads):
+        c0, c1 = t * per, min(cols, (t + 1) * per)
+        if c0 < c1:
+            x = np.empty((count, c1 - c0), np.float64)
+            for r in range(first_row, last_row + 1):
+                lo, hi = max(r * cols + c0, start), min(r * cols + c1, start + n)
+                if lo < hi:
+                    width, at, col = hi - lo, lo - start, lo - r * cols
+                    for i in range(count):
+                        block, xi = models[i][at:at + width], x[i]
+                        if deltas:   # the task vector's float32 rounding, then exact in float64
+                            b = base[at:at + width]
+                            for j in range(width):
+                                xi[j] = f64(widen(block, j) - widen(b, j))
+                        else:
+                            for j in range(width):
+                                xi[j] = f64(widen(block, j))
+                    p = 0
+                    for a in range(count):
+                        for c in range(a, count):
+                            xa, xc, into = x[a], x[c], sums[p, col:col + width]
+                            for j in range(width):
+                                into[j] += xa[j] * xc[j]
+                            p += 1
+
+
+@_parallel
 def packed_histograms(base, models, hist, threads):
     """hist[i] += the packed 65536-bin histogram (selection.py) of |f32(models[i]) - f32(base)|.
     A thread's int32 counts cover at most its share of one call: callers keep n far below 2^31.

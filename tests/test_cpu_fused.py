@@ -297,7 +297,7 @@ def test_the_compiled_gram_by_hand():
 
 @pytest.mark.parametrize("chunk", [1000, 1 << 18])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("group_by", ["tensor", "trailing", "leading"])
+@pytest.mark.parametrize("group_by", ["tensor", "trailing", "leading", "columns"])
 @pytest.mark.parametrize("method", GROUPED)
 def test_the_compiled_gram_is_the_float64_sum_of_the_products(method, group_by, dtype, chunk):
     spec, n = _spec(methods.get(method))
@@ -321,11 +321,17 @@ def test_the_compiled_gram_is_the_float64_sum_of_the_products(method, group_by, 
         torch.set_num_threads(threads)
 
 
-def test_gram_groups_along_columns_stay_in_torch():
+def test_the_gram_per_column_by_hand_whatever_the_chunking():
+    """Columns of a [3, 2] task-vector pair: each column's sum in row order, chunks cutting rows."""
     plan = ElementPlan.from_spec(make_spec("nuslerp", 2, values={"nuslerp_flatten": False, "nuslerp_row_wise": True}))
-    base, models = _inputs(2, n=SHAPE[0] * SHAPE[1])
-    job = MergeJob("w", base.view(SHAPE), [m.view(SHAPE) for m in models], None, 1.0, torch.float32)
-    assert cpu_fused.gram(jit.kernels(), job, plan, cpu_fused.group_view(SHAPE, plan.group_by), _spans(1000)) is None
+    base = torch.zeros(3, 2)
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    b = torch.tensor([[1.0, -1.0], [2.0, 0.5], [0.0, 3.0]])
+    job = MergeJob("w", base, [a, b], None, 1.0, torch.float32)
+    view = cpu_fused.group_view((3, 2), plan.group_by)
+    want = [[[35.0, 7.0], [7.0, 5.0]], [[56.0, 18.0], [18.0, 10.25]]]   # sum over rows, per column
+    for chunk in (1, 3, 4, 6):
+        assert cpu_fused.gram(jit.kernels(), job, plan, view, _spans(chunk)).tolist() == want
 
 
 GROUPINGS = [{}, {"filter_wise": True}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]
@@ -336,9 +342,9 @@ GROUPINGS = [{}, {"filter_wise": True}, {"nuslerp_flatten": False}, {"nuslerp_fl
 @pytest.mark.parametrize("method, values", [(m, v) for m in GROUPED for v in GROUPINGS
                                             if all(methods.get(m).takes(k) for k in v)], ids=str)
 def test_gram_methods_merge_to_the_torch_bits(method, values, shape, chunk, threads, monkeypatch):
-    """The merge compiled whatever the groups (one weight per tensor, row or column), chunks that
-    straddle rows and span several of the kernel's blocks and threads' shares, rows longer than a
-    chunk, 3-D and 1-D tensors; the Gram statistic compiled where it is by rows."""
+    """The merge and its Gram statistic compiled whatever the groups (one weight per tensor, row or
+    column), chunks that straddle rows and span several of the kernel's blocks and threads' shares,
+    rows longer than a chunk, 3-D and 1-D tensors."""
     import math
 
     spec, n = _spec(methods.get(method), values)
@@ -347,6 +353,7 @@ def test_gram_methods_merge_to_the_torch_bits(method, values, shape, chunk, thre
     base, models = base.view(shape), [m.view(shape) for m in models]
     want = _merge(False, plan, base, models, chunk=chunk)
     merges, grams = _counting(monkeypatch, "merge_chunk"), _counting(monkeypatch, "gram_chunk")
+    columns = _counting(monkeypatch, "gram_columns")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -354,7 +361,7 @@ def test_gram_methods_merge_to_the_torch_bits(method, values, shape, chunk, thre
     finally:
         torch.set_num_threads(previous)
     view = cpu_fused.group_view(shape, plan.group_by)
-    assert merges and all(merges) and bool(grams) == (view.by_rows or view.groups == 1)
+    assert merges and all(merges) and (columns if plan.group_by == "columns" and view.groups > 1 else grams)
     assert _bitwise_equal(got, want)
 
 

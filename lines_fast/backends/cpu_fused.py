@@ -13,7 +13,7 @@ What the compiled merge does not take, by the plan's steps (never by method name
 of many tensors (per-element thresholds) and inputs other than bf16, fp16 and fp32. DELLA's
 ranked drops come to it as keep masks, those its rescale statistics kept or, without them
 (no L1 rescale, or past the backend's mask budget), drawn for each chunk by the backend. Gram weights are taken per tensor, row or column (model_stock's
-filter_wise, nuslerp without flatten); their statistic is compiled but per column.
+filter_wise, nuslerp without flatten), and so is their statistic (gram_chunk, gram_columns).
 """
 from __future__ import annotations
 
@@ -202,21 +202,31 @@ def bucket_histogram(kernels, base: torch.Tensor, model: torch.Tensor, bucket: i
 
 
 def gram(kernels, job: MergeJob, plan: ElementPlan, view: GroupView, spans) -> torch.Tensor | None:
-    """The job's Gram statistic [groups, M, M] (gram.py) summed by the compiled kernel chunk by
-    chunk (`spans(numel)`, which releases pages behind it), or None: groups along columns, or
-    inputs the kernel cannot read."""
-    if kernels is None or (not view.by_rows and view.groups > 1):
+    """The job's Gram statistic [groups, M, M] (gram.py) summed by the compiled kernels chunk by
+    chunk (`spans(numel)`, which releases pages behind it), or None: inputs the kernels cannot read."""
+    if kernels is None:
         return None
     arrays = _inputs(job, plan.deltas)   # the task vectors' Gram, or the models' own
     if arrays is None:
         return None
     base, models = arrays
-    row_len = view.cols if view.by_rows else max(1, models[0].shape[0])   # one group: one row of it all
     out = new_gram(view, len(models))
-    sums = out.numpy()
+    threads = torch.get_num_threads()
+    if not view.by_rows and view.groups > 1:   # per column: [pairs, columns] sums, then the matrices
+        count = len(models)
+        sums = np.zeros((count * (count + 1) // 2, view.cols), np.float64)
+        for s, e in spans(models[0].shape[0]):
+            kernels.gram_columns(base[s:e] if plan.deltas else base, tuple(m[s:e] for m in models), plan.deltas, s,
+                                 view.cols, sums, max(1, min(threads, view.cols >> 6)))
+        pairs = [(a, b) for a in range(count) for b in range(a, count)]
+        for p, (a, b) in enumerate(pairs):
+            out[:, a, b] = out[:, b, a] = torch.from_numpy(sums[p])
+        return out
+    row_len = view.cols if view.by_rows else max(1, models[0].shape[0])   # one group: one row of it all
+    grams = out.numpy()
     for s, e in spans(models[0].shape[0]):
         kernels.gram_chunk(base[s:e] if plan.deltas else base, tuple(m[s:e] for m in models), plan.deltas, s,
-                           row_len, sums, torch.get_num_threads())
+                           row_len, grams, threads)
     return out
 
 
