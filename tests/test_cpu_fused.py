@@ -13,6 +13,7 @@ from lines_fast.backends import cpu_fused
 from lines_fast.backends.base import MergeJob
 from lines_fast.backends.cpu import CpuBackend
 from lines_fast.errors import NonFiniteInput
+from lines_fast.gram import add_gram, new_gram
 from lines_fast.spec import LinesSpec, make_spec
 from lines_fast.plan import ElementPlan
 
@@ -332,6 +333,10 @@ def test_the_gram_per_column_by_hand_whatever_the_chunking():
     want = [[[35.0, 7.0], [7.0, 5.0]], [[56.0, 18.0], [18.0, 10.25]]]   # sum over rows, per column
     for chunk in (1, 3, 4, 6):
         assert cpu_fused.gram(jit.kernels(), job, plan, view, _spans(chunk)).tolist() == want
+        torch_path = new_gram(view, 2)   # the torch path's (gram.add_gram), chunk by chunk
+        for s, e in _spans(chunk)(6):
+            add_gram(torch_path, [a.reshape(-1)[s:e], b.reshape(-1)[s:e]], s, view)
+        assert torch_path.tolist() == want
 
 
 GROUPINGS = [{}, {"filter_wise": True}, {"nuslerp_flatten": False}, {"nuslerp_flatten": False, "nuslerp_row_wise": True}]
