@@ -27,7 +27,7 @@
   of the products of every pair of inputs, per group), blocks over the cores and LANES float64
   sums per block, instead of a float64 copy of every input and a batched einsum per chunk (10x);
   gram_columns: per column (nuslerp_row_wise), column ranges over the cores, each column's sum
-  in row order (torch's einsum over blocks of rows took 24 s of a 26 s llama-336m merge).
+  in row order (llama-336m in-merge 2.5 s, against 4.8 s with gram.py's column sums in torch).
 - packed_histograms: the packed 65536-bin histograms of |x_i| (selection.py) of TIES's and
   breadcrumbs' thresholds, per-thread counts over the cores, instead of seven torch operations
   and a single-threaded bincount per chunk and model; bucket_histogram: the low 16 bits of
