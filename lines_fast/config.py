@@ -356,6 +356,12 @@ def _read_document(doc: dict, source: str, base_dir: Path | None, key_problems: 
         model_params = {k: vs for k, vs in model_params.items() if any(v is not None for v in vs)}
     else:
         model_keys = None
+    for param in method.params:   # a parameter given where it changes nothing (the registry says when)
+        if param.only_with and param.name in params:
+            other = method.param(param.only_with[0])
+            note = param.unused_note(params[param.name], params.get(other.name, other.default))
+            if note is not None:
+                notices.append(f"{source}: {note}")
     base_weight = None
     if base_path is not None and method.inputs is Inputs.MODELS and not listed:
         # mergekit 0.1.5 averages a models: config's base_model in as one more input, with the

@@ -95,6 +95,19 @@ class Param:
     required: bool = False      # no default: the config must give it (mergekit's slerp `t`)
     fields: tuple = ()          # kind "mapping": its keys, each a Param with its own default
     one_per_model: bool = False  # a mapping's number field: also a list of one number per model
+    only_with: tuple = ()       # (parameter, value): this one matters only where that one has that value
+
+    def unused_note(self, given: Any, other: Any) -> str | None:
+        """Why `given` (this parameter's value in a config) changes nothing while the parameter
+        named by only_with is `other`, or None when it takes effect (or is its default anyway)."""
+        plain = (bool, int, float, str)
+        if not self.only_with or not isinstance(given, plain) or not isinstance(other, plain):
+            return None   # gradients and filters: per tensor, not judged here
+        name, wanted = self.only_with
+        if other == wanted or given == self.default:
+            return None
+        return (f"{self.name}: {_show(given)} has no effect while {name} is {_show(other)}; set "
+                f"{name}: {_show(wanted)} for it to apply.")
 
     def with_default(self, default: Any, help: str | None = None, **changes: Any) -> "Param":
         return replace(self, default=default, help=help or self.help, **changes)
@@ -210,7 +223,8 @@ FILTER_WISE = Param("filter_wise", "one interpolation ratio per row (per output 
 NUSLERP_FLATTEN = Param("nuslerp_flatten", "interpolate each tensor as one flat vector (false: per row, or per "
                         "column with nuslerp_row_wise)", kind="bool", default=True)
 NUSLERP_ROW_WISE = Param("nuslerp_row_wise", "without flatten: interpolate each column vector (the norms run "
-                         "over the first dimension) instead of each row", kind="bool", default=False)
+                         "over the first dimension) instead of each row", kind="bool", default=False,
+                         only_with=("nuslerp_flatten", False))
 TALL = Param("consensus", "consensus (TALL-mask) merging: keep only elements where at least k task vectors "
              "matter, i.e. |tau_i| >= lambda_i * |sum_j tau_j - tau_i|", kind="mapping", default=None,
              fields=(Param("k", "how many task vectors must matter at an element", kind="integer", default=2,

@@ -236,6 +236,28 @@ def test_the_base_entrys_parameters_are_ignored_and_said_to_be_not_blamed_on_a_f
     assert f"{listed}: models[1] is the base model" in capsys.readouterr().err
 
 
+def test_a_parameter_that_changes_nothing_where_it_is_given_is_said_so(fam, capsys):
+    """nuslerp_row_wise applies only without nuslerp_flatten (mergekit ignores it there too): the
+    merge goes on, the log says why the setting did nothing, and the output is the plain one."""
+    def config(name, extra):
+        cfg = fam / name
+        cfg.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {fam / 'ft1'}\n    parameters: {{weight: 0.6}}\n"
+                       f"  - model: {fam / 'ft2'}\n    parameters: {{weight: 0.4}}\nparameters: {{{extra}}}\n")
+        return cfg
+    note = "nuslerp_row_wise: true has no effect while nuslerp_flatten is true; set nuslerp_flatten: false"
+    unused = config("unused.yml", "nuslerp_row_wise: true")
+    assert cli.main(["merge", str(unused), str(fam / "a"), "--no-progress"]) == 0
+    assert f"{unused}: {note}" in capsys.readouterr().err
+    assert cli.main(["merge", str(config("plain.yml", "")), str(fam / "b"), "--no-progress"]) == 0
+    a, b = load(fam / "a"), load(fam / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    for quiet in ("nuslerp_flatten: false, nuslerp_row_wise: true", "nuslerp_row_wise: false",
+                  "nuslerp_flatten: true, nuslerp_row_wise: false"):
+        capsys.readouterr()
+        assert cli.main(["plan", str(config("quiet.yml", quiet))]) == 0
+        assert "has no effect" not in capsys.readouterr().err, quiet
+
+
 def test_a_model_listed_twice_is_refused_as_mergekit_would_merge_it_once(fam, capsys):
     cfg = fam / "twice.yml"
     cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {fam / 'base'}\nmodels:\n  - model: {fam / 'ft1'}\n"

@@ -150,6 +150,26 @@ def test_every_method_and_parameter_has_cases():
         assert any(m == method.name and lines is not None for m, _, lines in CASES)
 
 
+def test_a_parameter_that_applies_only_with_another_names_one_of_the_same_method():
+    """only_with points at a parameter every method taking this one also takes, with a value it
+    accepts (else the config's notice would look up nothing, or ask for the impossible)."""
+    conditional = [(m, p) for m in methods.REGISTRY.values() for p in m.params if p.only_with]
+    assert conditional   # nuslerp_row_wise, at least
+    for method, param in conditional:
+        other, wanted = param.only_with
+        assert method.takes(other), (method.name, param.name)
+        assert make_spec(method.name, 2, values={other: wanted, param.name: not param.default}).value(other) == wanted
+
+
+def test_unused_note_says_so_only_where_the_setting_would_change_something():
+    row_wise = methods.get("nuslerp").param("nuslerp_row_wise")
+    assert row_wise.unused_note(True, True) == ("nuslerp_row_wise: true has no effect while nuslerp_flatten is "
+                                                "true; set nuslerp_flatten: false for it to apply.")
+    assert row_wise.unused_note(True, False) is None      # applies
+    assert row_wise.unused_note(False, True) is None      # the default: nothing asked for
+    assert row_wise.unused_note([{"filter": "mlp", "value": True}], True) is None   # per tensor: not judged
+
+
 # ---------------------------------------------------------------------------------------
 # Driving a backend as the engine does
 # ---------------------------------------------------------------------------------------
