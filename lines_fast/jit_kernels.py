@@ -510,8 +510,8 @@ def gram_columns(base, models, deltas, start, cols, sums, threads):
     elements j of column c = (start + j) % cols, x_i as gram_chunk's, each product exact in
     float64: the Gram statistic per column (nuslerp_row_wise). Each thread owns a range of columns
     and adds a row's products into them row after row, so every column's sum runs in row order:
-    the bits depend neither on the chunking nor on the thread count (torch's einsum sums in another
-    order: they agree to float64 rounding)."""
+    the bits depend neither on the chunking nor on the thread count (gram.py's torch sums may add
+    in another order: they agree to float64 rounding)."""
     n, count = models[0].shape[0], len(models)
     per = -(-cols // threads)
     first_row, last_row = start // cols, (start + n - 1) // cols

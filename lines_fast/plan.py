@@ -276,6 +276,8 @@ class ElementPlan:
         the sparsifier's rule, in plain torch (for the statistics; backends fuse it). RANKED:
         x holds whole rows of row_len elements."""
         if self.sparsify is Sparsify.RANKED:
+            if self.densities[i] >= 1:   # p = 0 (ranked_drop_p): every u >= p, so no ranks and no draws
+                return torch.ones_like(x, dtype=torch.bool)
             keep, tried = self._ranked_keep_compiled(x, i, name, start, row_len)
             if keep is not None:
                 return keep

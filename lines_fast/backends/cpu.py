@@ -421,13 +421,9 @@ class CpuBackend:
         base = job.base.reshape(-1)[s:e].float()
         masks = []
         for i, model in enumerate(job.models):
-            if plan.densities[i] >= 1:   # keeps everything (p = 0): no ranks, no draws
-                keep = torch.ones(e - s, dtype=torch.bool)
-            else:
-                keep = plan.keep_masks(model.reshape(-1)[s:e].float() - base, i, TensorStats(), job.name, s, row)
+            keep = plan.keep_masks(model.reshape(-1)[s:e].float() - base, i, TensorStats(), job.name, s, row)
             masks.append(torch.from_numpy(np.packbits(keep.numpy(), bitorder="little")))
         return masks
-
 
     def _chunks(self, job: MergeJob, plan: ElementPlan):
         numel = job.models[0].numel()
