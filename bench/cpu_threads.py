@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,9 +27,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from bench.common import machine, write_result  # noqa: E402
+from lines_fast.engine import SUMMARY_TIMES  # noqa: E402
 from lines_fast.synth import recipe, write_checkpoint_family, write_yaml_config  # noqa: E402
 
-SUMMARY = re.compile(r"merged \d+ tensors .* in ([0-9.]+) s: read ([0-9.]+) (GB|MB)")
 
 
 def run_merge(config: Path, out: Path, threads: int, workers: int = 1,
@@ -41,10 +40,10 @@ def run_merge(config: Path, out: Path, threads: int, workers: int = 1,
     done = subprocess.run([sys.executable, "-m", "lines_fast", "merge", str(config), str(out), "--device", "cpu",
                            "--workers", str(workers), "--max-shard-size", max_shard_size, "--force"],
                           capture_output=True, text=True, env=env)
-    match = SUMMARY.search(done.stderr + done.stdout)
+    match = SUMMARY_TIMES.search(done.stderr + done.stdout)
     if done.returncode or match is None:
         raise RuntimeError(f"merge at {workers} x {threads} threads failed:\n{done.stderr[-2000:]}")
-    return float(match.group(1)), float(match.group(2)) / (1 if match.group(3) == "GB" else 1e3)
+    return float(match.group(1)), float(match.group(3)) / (1 if match.group(4) == "GB" else 1e3)
 
 
 def cases(cores: list[int], workers: list[int]) -> list[tuple[str, int, int]]:

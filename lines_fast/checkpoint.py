@@ -24,34 +24,11 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-import torch
+from .lazy import torch
 
+from .dtypes import BY_CODE as DTYPES, DType
 from .errors import MergeInputError
 
-# safetensors dtype names -> torch dtypes. The float8 and unsigned types exist only in newer
-# torch builds; a file using one that this torch lacks gets a clear error at open.
-DTYPES: dict[str, torch.dtype] = {
-    name: dtype
-    for name, dtype in (
-        ("F64", torch.float64),
-        ("F32", torch.float32),
-        ("F16", torch.float16),
-        ("BF16", torch.bfloat16),
-        ("I64", torch.int64),
-        ("I32", torch.int32),
-        ("I16", torch.int16),
-        ("I8", torch.int8),
-        ("U8", torch.uint8),
-        ("BOOL", torch.bool),
-        ("U16", getattr(torch, "uint16", None)),
-        ("U32", getattr(torch, "uint32", None)),
-        ("U64", getattr(torch, "uint64", None)),
-        ("F8_E4M3", getattr(torch, "float8_e4m3fn", None)),
-        ("F8_E5M2", getattr(torch, "float8_e5m2", None)),
-    )
-    if dtype is not None
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 # The reference implementation refuses larger headers; a bigger length means the file is not
 # safetensors (a renamed .bin, say), and reading it would allocate garbage.
@@ -89,7 +66,7 @@ class TensorInfo(NamedTuple):
     them, and a tuple is built in less than half the time."""
 
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     file: Path
     offset: int
@@ -361,12 +338,18 @@ class Checkpoint:
         """
         info = self.info(name)
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+            return torch.empty(info.shape, dtype=info.dtype.torch)
         self._check_unchanged(info.file)
         raw = self._file_bytes(info.file)[info.offset:info.offset + info.nbytes]
         if info.offset % info.dtype.itemsize:
             raw = raw.clone()
-        return raw.view(info.dtype).view(info.shape)
+        return raw.view(info.dtype.torch).view(info.shape)
+
+    def raw(self, name: str) -> bytes:
+        """A copy of the tensor's bytes as stored, read without torch."""
+        info = self.info(name)
+        self._check_unchanged(info.file)
+        return self._map(info.file)[info.offset:info.offset + info.nbytes] if info.nbytes else b""
 
     def _span(self, names: list[str]) -> tuple[TensorInfo, int] | None:
         """(the first's info, the end offset) of tensors stored back to back in this order in one
@@ -392,7 +375,7 @@ class Checkpoint:
             return None
         first, end = span
         self._check_unchanged(first.file)
-        return self._file_bytes(first.file)[first.offset:end].view(first.dtype)
+        return self._file_bytes(first.file)[first.offset:end].view(first.dtype.torch)
 
     def _file_bytes(self, file: Path) -> torch.Tensor:
         """The whole mapped file as one read-only uint8 tensor, made once per file: a tensor is a

@@ -18,21 +18,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import hub, methods, slices as slicing
+from . import dtypes, hub, methods, slices as slicing
+from .dtypes import DType
 from .errors import MergeInputError, listing
 from .methods import Inputs
 from .settings import check as check_setting, evaluate as evaluate_setting, filters as filters_of, is_setting
 from .spec import LINES_OUTSIDE, LinesSpec, MethodSpec, is_auto, make_spec
 from .vocabulary import TokenizerSpec, TokenSource
 
+# The output dtypes a config may ask for, by mergekit's names and their short forms.
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": dtypes.FLOAT32, "fp32": dtypes.FLOAT32,
+    "bfloat16": dtypes.BFLOAT16, "bf16": dtypes.BFLOAT16,
+    "float16": dtypes.FLOAT16, "fp16": dtypes.FLOAT16,
 }
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
              "tokenizer_source", "tokenizer", "chat_template", "seed", "exclude", "lines", "name"}
@@ -66,7 +65,7 @@ class MergeConfig:
     model_params: dict[str, list] = field(default_factory=dict)
     base_weight: float | None = None
     lines: LinesSpec | None = None
-    out_dtype: torch.dtype | None = None
+    out_dtype: DType | None = None
     exclude: list[str] = field(default_factory=list)
     # tokenizer_source / the tokenizer: block: the output's vocabulary, every embedding row
     # realigned to it (lines_fast/vocabulary.py); None: the base's tokenizer files, copied.
@@ -122,7 +121,7 @@ class MergeConfig:
             "models": [str(m) for m in self.models],
             "base_weight": self.base_weight,
             "parameters": self.method_spec().as_dict(),
-            "out_dtype": DTYPE_NAMES.get(self.out_dtype) if self.out_dtype else None,
+            "out_dtype": self.out_dtype.name if self.out_dtype else None,
             "exclude": self.exclude,
         }
         if self.tokenizer is not None:
@@ -158,11 +157,10 @@ def refusal(source: str, problems: list[str]) -> MergeInputError:
     return listing(f"{source}: ", problems)
 
 
-def parse_dtype(name: Any, source: str, key: str) -> torch.dtype:
-    if isinstance(name, torch.dtype) and name in DTYPE_NAMES:
-        return name
+def parse_dtype(name: Any, source: str, key: str) -> DType:
+    """An output dtype from its name, "torch.bfloat16" (mergekit reads that too) or a torch dtype."""
     try:
-        return DTYPES[str(name).lower().removeprefix("torch.")]   # mergekit reads torch.bfloat16 too
+        return DTYPES[str(name).lower().removeprefix("torch.")]
     except KeyError:
         raise _fail(source, f"{key} '{name}' is not one of bfloat16 (bf16), float16 (fp16), float32 (fp32); "
                             "the math is float32 whatever the inputs are.") from None
@@ -615,6 +613,8 @@ def validate(config: MergeConfig) -> MergeConfig:
     """Check a config and resolve its MethodSpec; raise MergeInputError naming the problem."""
     src = config.source
     method = methods.get(config.method, src)
+    if config.out_dtype is not None and not isinstance(config.out_dtype, DType):   # the API takes torch's too
+        config = replace(config, out_dtype=parse_dtype(config.out_dtype, src, "out_dtype"))
     if not config.models:
         raise _fail(src, "no fine-tuned models given.")
     if method.base_required and config.base is None:

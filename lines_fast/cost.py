@@ -8,15 +8,17 @@ overlap, so a pass takes as long as its slowest stage.
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from .backends.base import STREAM_MIN
 
 from .config import DTYPES, MergeConfig, load_yaml
+from .dtypes import DType
+from .engine import cuda_available
 from .errors import MergeInputError
 from .writer import group_by_size, parse_size
 from .plan import ElementPlan
@@ -93,14 +95,14 @@ def _estimate(spec: MethodSpec, tensors: list[TensorCost], device: str, read_gbp
     return costs, host, gpu
 
 
-def _tensors_from_recipe(recipe_name: str, n_models: int, dtype: torch.dtype, uses_base: bool) -> list[TensorCost]:
+def _tensors_from_recipe(recipe_name: str, n_models: int, dtype: DType, uses_base: bool) -> list[TensorCost]:
     from .synth import recipe, tensor_shapes
 
     shapes = tensor_shapes(recipe(recipe_name))
     n_inputs = n_models + (1 if uses_base else 0)
     out = []
     for name, shape in shapes:
-        numel = int(torch.Size(shape).numel())
+        numel = math.prod(shape)
         out.append(TensorCost(name, numel, numel * dtype.itemsize * n_inputs, numel * dtype.itemsize))
     return out
 
@@ -235,7 +237,7 @@ def plan_command(args) -> int:
         raise MergeInputError("plan needs a CONFIG.yml or --recipe NAME (tiny, llama-336m, llama-1b, llama3-70b).")
     device = args.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if cuda_available() else "cpu"
     read = args.read_gbps or DEFAULT_READ_GBPS
     pcie = args.pcie_gbps or DEFAULT_PCIE_GBPS
     hbm = args.hbm_gbps or DEFAULT_HBM_GBPS

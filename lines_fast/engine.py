@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -24,16 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import torch
+from .lazy import torch
 
 from . import __version__
 from .backends.base import STREAM_MIN, MergeJob
 from .checkpoint import Checkpoint, TensorInfo, aux_files_in
-from .config import DTYPE_NAMES, MergeConfig, from_yaml_dict, load_yaml, model_key, validate, with_overrides
+from .config import MergeConfig, from_yaml_dict, load_yaml, model_key, validate, with_overrides
+from .dtypes import DType
 from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput, OutputWriteError
 from .layers import depth_fractions, lines_scales
-from . import jit, realign, tokenizer_files, vocabulary
+from . import jit, lazy, realign, tokenizer_files, vocabulary
 from .lora import AdapterCheckpoint, is_adapter
 from .settings import filters as filters_of
 from .plan import ElementPlan
@@ -50,6 +52,10 @@ PACK_TENSOR_MAX = 1 << 16
 PACK_ELEMENTS = 1 << 20
 
 _VOCAB_NAMES = re.compile(r"embed|lm_head|wte|word_embeddings|embed_out|shared\.weight|output\.weight")
+
+
+# MergeResult.summary()'s timing, as the benchmarks read it: "in S s[ (+T s importing torch)]: read B GB|MB".
+SUMMARY_TIMES = re.compile(r" in ([0-9.]+) s(?: \(\+([0-9.]+) s importing torch\))?: read ([0-9.]+) (GB|MB)")
 
 
 def human_bytes(n: int) -> str:
@@ -70,14 +76,18 @@ class MergeResult:
     alpha: float | None = None
     global_thresholds: tuple[float, ...] | None = None
     ranks: list[dict] | None = None   # a distributed merge: each rank's tensors, bytes read, seconds
+    import_seconds: float = 0.0   # importing torch once the checks passed: not in `seconds`
 
     @property
     def read_gbps(self) -> float:
         return self.bytes_read / self.seconds / 1e9 if self.seconds else 0.0
 
+    def _plus_import(self) -> str:
+        return f" (+{self.import_seconds:.2f} s importing torch)" if self.import_seconds >= 0.01 else ""
+
     def summary(self) -> str:
         text = (f"merged {self.merged_tensors} tensors ({self.method}, {self.backend}) "
-                f"in {self.seconds:.2f} s: read {human_bytes(self.bytes_read)} "
+                f"in {self.seconds:.2f} s{self._plus_import()}: read {human_bytes(self.bytes_read)} "
                 f"({self.read_gbps:.2f} GB/s), wrote {human_bytes(self.bytes_written)} "
                 f"in {len(self.passes)} pass{'es' if len(self.passes) > 1 else ''} -> {self.out_dir}")
         if self.alpha is not None:
@@ -117,7 +127,7 @@ class _Plan:
     order: list[str]                       # output tensor order (the reference checkpoint's order)
     merged: list[str]                      # float tensors that are merged
     copied: dict[str, str]                 # name -> why it is copied unchanged
-    out_dtypes: dict[str, torch.dtype]
+    out_dtypes: dict[str, DType]
     shapes: dict[str, tuple[int, ...]]
     substitutes: dict[tuple[int, str], str] = field(default_factory=dict)  # (model, name) -> "base"
 
@@ -126,12 +136,21 @@ def _log_to_stderr(message: str) -> None:
     say(message)
 
 
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch on a Linux machine with no GPU driver
+    (neither NVIDIA's nor ROCm's device files): there `plan` and a merge's checks stay torch-free."""
+    if ("torch" not in sys.modules and sys.platform.startswith("linux")
+            and not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/kfd"))):
+        return False
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str, log: Callable[[str], None] = _log_to_stderr) -> str:
     """cpu, cuda or interpret for --device auto|cpu|cuda|interpret."""
     if device not in ("auto", "cpu", "cuda", "interpret"):
         raise MergeInputError(f"--device must be auto, cpu, cuda or interpret, got {device!r}.")
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if cuda_available() else "cpu"
         if device == "cuda" and importlib.util.find_spec("triton") is None:
             log("a GPU is visible but triton is not installed: merging on the CPU (pip install triton for the GPU)")
             device = "cpu"
@@ -362,6 +381,14 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
     return plan
 
 
+def _same_values(name: str, a, b) -> bool:
+    """Whether a non-float tensor holds the same values in two inputs. Both safetensors (the usual
+    case): their stored bytes, compared without torch, so checking the inputs does not load it."""
+    if type(a) is Checkpoint and type(b) is Checkpoint:
+        return a.raw(name) == b.raw(name)
+    return torch.equal(a.tensor(name), b.tensor(name))
+
+
 def _check_copied(name: str, reference: Checkpoint, models: list[Checkpoint], log: Callable[[str], None]) -> None:
     """A non-float tensor is copied from the reference: refuse it where a model's has another shape
     (the checkpoints do not match), and say so where its values differ (the copy keeps one)."""
@@ -376,7 +403,7 @@ def _check_copied(name: str, reference: Checkpoint, models: list[Checkpoint], lo
                 f"tensor '{name}' ({info.dtype}, not merged: copied) has shape {list(info.shape)} {info.dtype} in "
                 f"{reference.label} ({info.file}) but {list(other.shape)} {other.dtype} in {model.label} "
                 f"({other.file}); the checkpoints do not match. Check that the models share an architecture.")
-        if other.nbytes <= 64 << 20 and not torch.equal(model.tensor(name), reference.tensor(name)):
+        if other.nbytes <= 64 << 20 and not _same_values(name, model, reference):
             differ.append(model.label)
     if differ:
         log(f"warning: non-float tensor '{name}' differs between {reference.label} and {', '.join(differ)}; "
@@ -563,7 +590,7 @@ class Engine:
         """Run every pass before the merge pass: each reads every merged tensor of `names` (this
         rank's) once, combines what every rank found, and leaves what it produces in the RunStats."""
         stats = RunStats()
-        total_elements = sum(int(torch.Size(plan.shapes[name]).numel()) for name in plan.merged)
+        total_elements = sum(math.prod(plan.shapes[name]) for name in plan.merged)
         for index, p in enumerate(passes):
             if p.writes:
                 break
@@ -638,6 +665,10 @@ class Engine:
             plan = _plan_tensors(config, inputs, self.log)
             self._slice_of = inputs.slice_of
             self._resolve_tensor_specs(plan.merged, inputs.depths)
+            # The checks so far read headers only, without torch (lazy.py): a refused merge is refused
+            # in a fraction of a second. The data path needs it from here.
+            import_seconds = lazy.load()
+            started += import_seconds
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log,
                                    local_rank=world.local_rank if world.size > 1 else None)
             device = torch.device(getattr(backend, "device", "cpu"))
@@ -653,7 +684,7 @@ class Engine:
             passes = plan_passes(spec, finetuned=self.config.finetuned_models)
             self.log(describe(passes))
             entries = [(n, plan.out_dtypes[n], plan.shapes[n]) for n in plan.order]
-            out_bytes = sum(int(torch.Size(s).numel()) * d.itemsize for _, d, s in entries)
+            out_bytes = sum(math.prod(s) * d.itemsize for _, d, s in entries)
             self._check_disk(out_bytes)
             # Everything that decides the output and is known before any pass: a resume of
             # another merge is refused here, before the statistics passes, not after them.
@@ -703,7 +734,8 @@ class Engine:
                 passes=[p.name for p in passes], merged_tensors=len(plan.merged),
                 copied_tensors=list(plan.copied), bytes_read=sum(s["bytes_read"] for s in shares),
                 bytes_written=out_bytes, seconds=time.perf_counter() - started, alpha=stats.alpha,
-                global_thresholds=stats.global_thresholds, ranks=shares if world.size > 1 else None)
+                global_thresholds=stats.global_thresholds, ranks=shares if world.size > 1 else None,
+                import_seconds=import_seconds)
         except MergeInputError as err:   # refused for its inputs: nothing to resume unless a shard is finished
             if isinstance(err, OutputWriteError) and writer is not None:
                 writer.abort()   # a failed write: the journal keeps the statistics for --resume
@@ -833,9 +865,9 @@ class Engine:
         else:
             models = [packed(ckpt) for ckpt in sources]
         el = self._plan_for(name).at_scale(scales[name])
-        numel = int(torch.Size(plan.shapes[name]).numel())
+        numel = math.prod(plan.shapes[name])
         return MergeJob(f"{len(group)} tensors from {name}", base, models, stats.for_tensor(name), scales[name],
-                        plan.out_dtypes[name], plan=el, stream=False,
+                        plan.out_dtypes[name].torch, plan=el, stream=False,
                         segments=(len(group), numel) if not el.elementwise else None,
                         segment_names=tuple(group) if not el.elementwise else ())
 
@@ -860,8 +892,8 @@ class Engine:
                 name = group[0]
                 yield MergeJob(name, self._base_tensor(inputs, name) if spec.uses_base else None,
                                self._model_tensors(inputs, plan, name), stats.for_tensor(name), scales[name],
-                               plan.out_dtypes[name], plan=self._plan_for(name).at_scale(scales[name]),
-                               stream=int(torch.Size(plan.shapes[name]).numel()) >= STREAM_MIN,
+                               plan.out_dtypes[name].torch, plan=self._plan_for(name).at_scale(scales[name]),
+                               stream=math.prod(plan.shapes[name]) >= STREAM_MIN,
                                release=self._releaser(inputs, name))
 
         copies = [n for n in plan.order if n in plan.copied and n in pending_set]
@@ -1002,7 +1034,7 @@ class Engine:
         if self.config.out_dtype is not None:
             # The model's declared dtype should describe the merged weights: transformers 4 reads
             # torch_dtype, transformers 5 reads dtype.
-            updates["torch_dtype"] = updates["dtype"] = DTYPE_NAMES[self.config.out_dtype]
+            updates["torch_dtype"] = updates["dtype"] = self.config.out_dtype.name
         if inputs.layers is not None:
             updates["num_hidden_layers"] = inputs.layers   # slices: the output's own depth
         if inputs.vocabulary is not None:

@@ -24,11 +24,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
+from .lazy import torch
 
 from .methods import Coefficients
 
-F64 = torch.float64
 
 
 @dataclass(frozen=True)
@@ -69,7 +68,7 @@ def group_index(view: GroupView, start: int, stop: int, device=None) -> torch.Te
 
 
 def new_gram(view: GroupView, n_inputs: int, device=None) -> torch.Tensor:
-    return torch.zeros(max(1, view.groups), n_inputs, n_inputs, dtype=F64, device=device)
+    return torch.zeros(max(1, view.groups), n_inputs, n_inputs, dtype=torch.float64, device=device)
 
 
 def add_gram(gram: torch.Tensor, xs: list[torch.Tensor], start: int, view: GroupView) -> None:
@@ -84,7 +83,7 @@ def add_gram(gram: torch.Tensor, xs: list[torch.Tensor], start: int, view: Group
         return
     # [M, n] float64, each row widened once as it is copied in (no float32 stack in between); xs
     # may be of any float dtype, since every float32 / bf16 / fp16 value is exact in float64.
-    stacked = torch.empty((len(xs), n), dtype=F64, device=xs[0].device)
+    stacked = torch.empty((len(xs), n), dtype=torch.float64, device=xs[0].device)
     for row, x in zip(stacked, xs):
         row.copy_(x.reshape(-1))
     L = view.cols
@@ -158,4 +157,4 @@ FORMULAS = {
 
 def weights(kind: Coefficients, gram: torch.Tensor, t: float) -> torch.Tensor:
     """float32 CPU [M, groups] weights from a [groups, M, M] Gram matrix."""
-    return FORMULAS[kind](gram.to("cpu", F64), t).to(torch.float32).contiguous()
+    return FORMULAS[kind](gram.to("cpu", torch.float64), t).to(torch.float32).contiguous()

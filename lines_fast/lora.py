@@ -23,8 +23,9 @@ import math
 import re
 from pathlib import Path
 
-import torch
+from .lazy import torch
 
+from . import dtypes
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import MergeInputError
 
@@ -130,7 +131,7 @@ class AdapterCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         for name, info in base.tensors.items():
             if name in self._lora:
-                self.tensors[name] = TensorInfo(name, torch.float32, info.shape, weights, 0, info.numel * 4)
+                self.tensors[name] = TensorInfo(name, dtypes.FLOAT32, info.shape, weights, 0, info.numel * 4)
             elif name in self._whole:
                 self.tensors[name] = self._adapter.tensors[self._whole[name]]
             else:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import dtypes
 from .checkpoint import Checkpoint, TensorInfo, shard_name_is_inside
 from .errors import MergeInputError
 
@@ -85,7 +86,7 @@ class PickledCheckpoint(Checkpoint):
             for name, t in sd.items():
                 if weight_map is not None and weight_map.get(name) != file.name:
                     continue   # only what the index lists is part of the model
-                tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), file, 0, t.numel() * t.element_size())
+                tensors[name] = TensorInfo(name, dtypes.of(t.dtype), tuple(t.shape), file, 0, t.numel() * t.element_size())
             del sd
         return cls(path, label, tensors, files)
 

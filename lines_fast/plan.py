@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-import torch
+from .lazy import torch
 
 from . import jit, rng
 from . import gram as gram_stats

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
+from .lazy import torch
 
 from .backends.base import MergeJob
 from .errors import MergeInputError

@@ -9,9 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-import torch
+from .lazy import torch
 
 from .errors import MergeInputError
+from . import dtypes
+from .dtypes import DType
 from .vocabulary import Built, TokenizerSpec, is_vocabulary_tensor
 
 
@@ -19,7 +21,7 @@ def realign(tensors: list[torch.Tensor], built: Built, spec: TokenizerSpec, base
             model_index: Callable[[Path], int | None], name: str, labels: list[str]) -> list[torch.Tensor]:
     """Every input's rows of one vocabulary tensor in the output vocabulary's order (mergekit's
     PermutedVocabulary), in the inputs' promoted dtype (or the config's dtype)."""
-    dtype = spec.dtype
+    dtype = spec.dtype.torch if spec.dtype is not None else None
     if dtype is None:
         dtype = tensors[0].dtype
         for t in tensors[1:]:
@@ -118,7 +120,7 @@ class _Realigner:
 class RealignedCheckpoint:
     """An input whose vocabulary tensors have the output vocabulary's rows; the rest is the input's."""
 
-    def __init__(self, inner, realigner: _Realigner, j: int, rows: int, dtype_of: Callable[[str], torch.dtype]):
+    def __init__(self, inner, realigner: _Realigner, j: int, rows: int, dtype_of: Callable[[str], DType]):
         self._inner, self._realigner, self._j = inner, realigner, j
         self.tensors = dict(inner.tensors)
         for name in realigner.names:
@@ -207,12 +209,13 @@ def realigned(inputs: list, built: Built, spec: TokenizerSpec, base_index: int |
     if missing:
         raise MergeInputError(f"{missing[0][0]} has no tensor '{missing[0][1]}', a vocabulary tensor of the base.")
 
-    def dtype_of(name: str) -> torch.dtype:
+    def dtype_of(name: str) -> DType:
         if spec.dtype is not None:
             return spec.dtype
         d = inputs[0].tensors[name].dtype
         for c in inputs[1:]:
-            d = torch.promote_types(d, c.tensors[name].dtype)
+            if c.tensors[name].dtype is not d:
+                d = dtypes.of(torch.promote_types(d.torch, c.tensors[name].dtype.torch))
         return d
 
     shared = _Realigner(inputs, built, spec, base_index, names, model_index)

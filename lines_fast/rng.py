@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
+from .lazy import torch
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53

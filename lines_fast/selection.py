@@ -24,7 +24,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-import torch
+from .lazy import torch
 
 BINS = 1 << 16
 BUCKETS = 1 << 15        # high 16 bits of a non-negative float32: 0 .. 0x7FFF

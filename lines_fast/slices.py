@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from .lazy import torch
 
 from .checkpoint import Checkpoint, TensorInfo
 from .errors import MergeInputError

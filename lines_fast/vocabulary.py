@@ -36,8 +36,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
+from .lazy import torch
 
+from .dtypes import DType
 from .errors import MergeInputError
 
 # Tokenizer files of other formats: a model that has one has a vocabulary of its own.
@@ -69,7 +70,7 @@ class TokenizerSpec:
     source: str | Path = "union"
     tokens: tuple[tuple[str, TokenSource], ...] = ()
     pad_to_multiple_of: int | None = None
-    dtype: torch.dtype | None = None
+    dtype: DType | None = None   # the config's dtype
 
     def as_dict(self) -> dict[str, Any]:
         return {"source": str(self.source), "pad_to_multiple_of": self.pad_to_multiple_of,

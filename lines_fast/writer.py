@@ -27,9 +27,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import torch
+from .lazy import torch
 
-from .checkpoint import DTYPE_NAMES, INDEX_FILE, SINGLE_FILE
+from . import dtypes
+from .checkpoint import INDEX_FILE, SINGLE_FILE
+from .dtypes import DType
 from .distributed import World
 from .errors import MergeInputError, OutputWriteError
 
@@ -100,15 +102,15 @@ def group_by_size(sizes: list[int], max_shard_size: int) -> list[list[int]]:
 
 
 def plan_shards(
-    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int, metadata: dict[str, str]
+    entries: list[tuple[str, DType, tuple[int, ...]]], max_shard_size: int, metadata: dict[str, str]
 ) -> list[Shard]:
-    """Fills shards greedily in entry order, as mergekit and Hugging Face do.
+    """Fills shards greedily in entry order, as mergekit and Hugging Face do (dtypes: DType or torch's).
 
     A new shard starts when the next tensor would take the current one's tensor bytes past
     max_shard_size; a tensor larger than the limit gets a shard of its own.
     """
     sizes = [dtype.itemsize * math.prod(shape) for _, dtype, shape in entries]
-    groups = [[(entries[i][0], DTYPE_NAMES[entries[i][1]], list(entries[i][2]), sizes[i]) for i in group]
+    groups = [[(entries[i][0], dtypes.of(entries[i][1]).code, list(entries[i][2]), sizes[i]) for i in group]
               for group in group_by_size(sizes, max_shard_size)]
     n = len(groups)
     shards = []
@@ -371,7 +373,7 @@ class ShardedWriter:
     def __init__(
         self,
         out_dir: str | os.PathLike,
-        entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+        entries: list[tuple[str, DType, tuple[int, ...]]],   # or torch dtypes
         *,
         max_shard_size: int,
         metadata: dict[str, str],
@@ -391,8 +393,10 @@ class ShardedWriter:
         if len(set(names)) != len(names) or "__metadata__" in names:
             raise ValueError("output tensor names must be unique and not '__metadata__'")
         for name, dtype, shape in entries:
-            if dtype not in DTYPE_NAMES or any(type(d) is not int or d < 0 for d in shape):
+            if dtypes.BY_NAME.get(str(dtype).removeprefix("torch.")) is None or any(
+                    type(d) is not int or d < 0 for d in shape):
                 raise ValueError(f"cannot write tensor {name!r}: dtype {dtype}, shape {shape}")
+        entries = [(name, dtypes.of(dtype), tuple(shape)) for name, dtype, shape in entries]
 
         self.out_dir = Path(os.path.abspath(out_dir))
         self.partial = self.out_dir.with_name(self.out_dir.name + PARTIAL_SUFFIX)
@@ -401,7 +405,7 @@ class ShardedWriter:
         self.metadata = {"format": "pt", **metadata}
         self.shards = plan_shards(entries, max_shard_size, self.metadata)
         self._entries = {name: (dtype, tuple(shape)) for name, dtype, shape in entries}
-        plan = [LAYOUT_VERSION, max_shard_size, self.metadata, [[n, DTYPE_NAMES[d], list(s)] for n, d, s in entries]]
+        plan = [LAYOUT_VERSION, max_shard_size, self.metadata, [[n, d.code, list(s)] for n, d, s in entries]]
         if resume_key:  # what else decides the values but is not written (e.g. the inputs' identity)
             plan.append(resume_key)
         self.plan_hash = hashlib.sha256(json.dumps(plan, ensure_ascii=False).encode("utf-8")).hexdigest()
@@ -544,7 +548,7 @@ class ShardedWriter:
         """The names still to write, in the order write() must receive them."""
         return [name for _, name in self._pending[self._pos :]]
 
-    def _next(self, name: str, ahead: int = 0) -> tuple[int, torch.dtype, tuple[int, ...]]:
+    def _next(self, name: str, ahead: int = 0) -> tuple[int, DType, tuple[int, ...]]:
         """The shard index, dtype and shape of the next pending tensor (`ahead` after it), which
         must be `name`."""
         if self._state != "open":
@@ -561,9 +565,9 @@ class ShardedWriter:
         index, dtype, shape = self._next(name)
         if self._piece_elems:
             raise ValueError(f"tensor {name!r} is partly written: write the rest with write_piece")
-        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        if tensor.dtype != dtype.torch or tuple(tensor.shape) != shape:
             raise ValueError(
-                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the plan says {dtype} {shape}"
+                f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, the plan says {dtype.torch} {shape}"
             )
         self._append(name, index, tensor, math.prod(shape))
 
@@ -576,8 +580,8 @@ class ShardedWriter:
         runs: list[tuple[int, int, int]] = []   # (shard index, tensors, elements), checked before any write
         for ahead, name in enumerate(names):
             index, dtype, shape = self._next(name, ahead)
-            if dtype != flat.dtype:
-                raise ValueError(f"tensor {name!r} is {flat.dtype}, the plan says {dtype}")
+            if dtype.torch != flat.dtype:
+                raise ValueError(f"tensor {name!r} is {flat.dtype}, the plan says {dtype.torch}")
             if runs and runs[-1][0] == index:
                 runs[-1] = (index, runs[-1][1] + 1, runs[-1][2] + math.prod(shape))
             else:
@@ -599,8 +603,8 @@ class ShardedWriter:
         """
         index, dtype, shape = self._next(name)
         total = math.prod(shape)
-        if piece.dtype != dtype:
-            raise ValueError(f"a piece of tensor {name!r} is {piece.dtype}, the plan says {dtype}")
+        if piece.dtype != dtype.torch:
+            raise ValueError(f"a piece of tensor {name!r} is {piece.dtype}, the plan says {dtype.torch}")
         if self._piece_elems + piece.numel() > total:
             raise ValueError(
                 f"a piece of {piece.numel()} elements would take tensor {name!r} past its "

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from lines_fast.checkpoint import DTYPE_NAMES, Checkpoint
+from lines_fast import dtypes
+from lines_fast.checkpoint import Checkpoint
 
 
 def load(path) -> dict[str, torch.Tensor]:
@@ -23,7 +24,7 @@ def write_safetensors(path, tensors, metadata=None) -> None:
     for name, t in tensors.items():
         t = t.contiguous()
         data = bytes(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+        header[name] = {"dtype": dtypes.of(t.dtype).code, "shape": list(t.shape),
                         "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

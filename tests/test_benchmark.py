@@ -109,8 +109,10 @@ def test_compare_mergekit_without_mergekit_is_refused(tmp_path, monkeypatch, cap
 
 
 def test_cpu_scaling_cases_split_each_core_count_among_workers():
-    from bench.cpu_threads import SUMMARY, cases
+    from bench.cpu_threads import SUMMARY_TIMES, cases
     assert cases([1, 2, 4], [1, 2, 3]) == [("1", 1, 1), ("2", 1, 2), ("2 (2 workers)", 2, 1), ("4", 1, 4),
                                           ("4 (2 workers)", 2, 2)]
     line = "merged 21 tensors (ties, cpu) in 0.13 s: read 0.6 MB (0.00 GB/s), wrote 0.2 MB in 1 pass -> out"
-    assert SUMMARY.search(line).groups() == ("0.13", "0.6", "MB")
+    assert SUMMARY_TIMES.search(line).groups() == ("0.13", None, "0.6", "MB")
+    line = line.replace(" s: read", " s (+1.27 s importing torch): read")
+    assert SUMMARY_TIMES.search(line).groups() == ("0.13", "1.27", "0.6", "MB")

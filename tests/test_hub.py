@@ -119,7 +119,7 @@ def test_plan_reads_only_the_headers_of_models_not_in_the_cache(hub, tmp_path, m
     from huggingface_hub.utils import SafetensorsFileMetadata, SafetensorsRepoMetadata, TensorInfo
 
     from lines_fast import cli
-    from lines_fast.checkpoint import DTYPE_NAMES, Checkpoint
+    from lines_fast.checkpoint import Checkpoint
 
     root, fam, _ = hub
     local = {"acme/base": fam.base, "acme/ft1": fam.finetunes[0]}
@@ -129,7 +129,7 @@ def test_plan_reads_only_the_headers_of_models_not_in_the_cache(hub, tmp_path, m
         fetched.append(repo_id)
         with Checkpoint.open(local[repo_id]) as ckpt:
             file = ckpt.files[0].name
-            tensors = {n: TensorInfo(DTYPE_NAMES[i.dtype], list(i.shape), (i.offset, i.offset + i.nbytes))
+            tensors = {n: TensorInfo(i.dtype.code, list(i.shape), (i.offset, i.offset + i.nbytes))
                        for n, i in ckpt.tensors.items()}
         return SafetensorsRepoMetadata(None, False, {n: file for n in tensors},
                                        {file: SafetensorsFileMetadata({}, tensors)})

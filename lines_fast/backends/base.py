@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Protocol
 
-import torch
+from ..lazy import torch
 
 from ..plan import ElementPlan, TensorStats
 

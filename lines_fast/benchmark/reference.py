@@ -35,7 +35,8 @@ def reference_main(config_path: str, out_dir: str) -> int:
     base = _load_state_dict(config.base) if config.base is not None else None
     models = [_load_state_dict(p) for p in config.merge_inputs]
     merged = merge_with_spec(base, models, config.method_spec(), exclude=config.exclude,
-                             out_dtype=config.out_dtype, finetuned=config.finetuned_models)
+                             out_dtype=config.out_dtype.torch if config.out_dtype else None,
+                             finetuned=config.finetuned_models)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(merged, str(out / "model.safetensors"), metadata={"format": "pt"})

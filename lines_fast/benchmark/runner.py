@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..engine import SUMMARY_TIMES
 from ..errors import MergeInputError
 from .machine import _machine_tag, machine_info, source_fingerprint, versions
 from .report import format_table, plot, summarize
@@ -45,7 +46,6 @@ class Run:
     error: str | None = None
 
 
-_SUMMARY = re.compile(r" in ([0-9.]+) s: read ")
 _PASS = re.compile(r"pass \d+/\d+ \((\w+)\) took ([0-9.]+) s")
 
 
@@ -91,7 +91,7 @@ def _timed_run(tool: Tool, method: str, config: Path, out: Path, logs: Path, rep
               peak_rss_bytes=child["peak_rss_bytes"], gpu_peak_allocated=child["gpu_peak_allocated"],
               gpu_peak_reserved=child["gpu_peak_reserved"], loadavg_1m=load)
     if tool.kind == "lines_fast":
-        found = _SUMMARY.search(child["stdout"])
+        found = SUMMARY_TIMES.search(child["stdout"])
         run.engine_seconds = float(found.group(1)) if found else None
         run.engine_passes = {name: float(s) for name, s in _PASS.findall(child["stderr"])}
     if run.returncode != 0:

@@ -1,0 +1,89 @@
+"""The front end runs without torch (lines_fast/lazy.py): `plan`, `layers` and a merge refused for
+its config, its inputs or its output directory never import it (1.5-2 s), so they answer in a
+fraction of a second; a merge that goes ahead imports it once the checks have passed, and its
+summary says how long that took. Each case runs the command in a fresh process."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lines_fast.checkpoint import SINGLE_FILE
+from lines_fast.synth import INT_TENSOR_NAME, recipe, write_checkpoint_family
+from helpers import load, write_safetensors
+
+REPO = Path(__file__).resolve().parents[1]
+# Runs the CLI as the console script does, then says whether torch was imported.
+SCRIPT = ("import sys\nfrom lines_fast.cli import main\ncode = main(sys.argv[1:])\n"
+          "print('torch imported' if 'torch' in sys.modules else 'torch not imported')\nsys.exit(code)\n")
+
+
+def lines_fast(*args):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.returncode, proc.stdout.strip().splitlines()[-1], proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("startup")
+    fam = write_checkpoint_family(root / "fam", recipe("tiny"), n_finetunes=2, dtype=torch.bfloat16, int_tensor=True)
+    config = root / "ties.yml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "ties", "base_model": str(fam.base),
+        "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.5}} for m in fam.finetunes]}))
+    return root, fam, config
+
+
+def test_plan_and_layers_do_not_import_torch(family):
+    root, fam, config = family
+    code, torch_line, out = lines_fast("plan", config)
+    assert code == 0 and "predicted" in out and torch_line == "torch not imported", out
+    code, torch_line, out = lines_fast("layers", fam.base)
+    assert code == 0 and "model.layers" in out and torch_line == "torch not imported", out
+
+
+def test_refused_merges_do_not_import_torch(family, tmp_path):
+    root, fam, config = family
+    bad_key = tmp_path / "bad.yml"
+    bad_key.write_text(config.read_text().replace("density: 0.5", "density: 1.5", 1))
+    # A model without one of the base's tensors, and the int tensor's values changed in the other
+    # (compared from the files' bytes: a warning, not a refusal, and no torch either).
+    short, changed = tmp_path / "short", tmp_path / "changed"
+    shutil.copytree(fam.finetunes[0], short)
+    shutil.copytree(fam.finetunes[1], changed)
+    tensors = load(short)
+    dropped = next(n for n in tensors if n != INT_TENSOR_NAME)
+    del tensors[dropped]
+    write_safetensors(short / SINGLE_FILE, tensors)
+    tensors = load(changed)
+    tensors[INT_TENSOR_NAME] = tensors[INT_TENSOR_NAME] + 1
+    write_safetensors(changed / SINGLE_FILE, tensors)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    cases = [
+        (["merge", bad_key, tmp_path / "o1"], "density"),
+        (["merge", "--method", "ties", "--base", fam.base, "--model", changed, "--model", short,
+          "-o", tmp_path / "o2"], dropped),
+        (["merge", config, occupied], str(occupied)),
+        (["merge", "--method", "ties", "--base", fam.base, "--model", tmp_path / "absent", "-o", tmp_path / "o3"],
+         "absent"),
+    ]
+    for args, named in cases:
+        code, torch_line, out = lines_fast(*args, "--no-progress")
+        assert code == 2 and named in out and torch_line == "torch not imported", (args, out)
+    assert "notes.txt" in {p.name for p in occupied.iterdir()}
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_a_merge_imports_torch_once_the_checks_pass(family, tmp_path):
+    root, fam, config = family
+    code, torch_line, out = lines_fast("merge", config, tmp_path / "out", "--no-progress")
+    assert code == 0 and torch_line == "torch imported", out   # the check above can see torch
+    assert "importing torch)" in out and (tmp_path / "out" / SINGLE_FILE).exists()
+    assert load(tmp_path / "out").keys() == load(fam.base).keys()
