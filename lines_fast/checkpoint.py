@@ -345,11 +345,14 @@ class Checkpoint:
             raw = raw.clone()
         return raw.view(info.dtype.torch).view(info.shape)
 
-    def raw(self, name: str) -> bytes:
-        """A copy of the tensor's bytes as stored, read without torch."""
+    def raw_view(self, name: str) -> memoryview:
+        """The tensor's bytes as stored (little-endian, row-major), a read-only view of the memory
+        map made without torch: what a copy of the tensor writes."""
         info = self.info(name)
+        if not info.nbytes:
+            return memoryview(b"")
         self._check_unchanged(info.file)
-        return self._map(info.file)[info.offset:info.offset + info.nbytes] if info.nbytes else b""
+        return memoryview(self._map(info.file))[info.offset:info.offset + info.nbytes]
 
     def _span(self, names: list[str]) -> tuple[TensorInfo, int] | None:
         """(the first's info, the end offset) of tensors stored back to back in this order in one

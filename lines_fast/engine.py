@@ -35,9 +35,10 @@ from .dtypes import DType
 from .distributed import RankFailure, World, assign_shards, current_world
 from .errors import MergeInputError, NonFiniteInput, OutputWriteError
 from .layers import depth_fractions, lines_scales
-from . import jit, lazy, realign, tokenizer_files, vocabulary
+from . import dtypes, jit, lazy, realign, tokenizer_files, vocabulary
 from .lora import AdapterCheckpoint, is_adapter
 from .settings import filters as filters_of
+from .slices import SlicedCheckpoint
 from .plan import ElementPlan
 from .planning import Pass, RunStats, auto_alpha, describe, plan_passes
 from .progress import Progress, say
@@ -381,12 +382,18 @@ def _plan_tensors(config: MergeConfig, inputs: _Inputs, log: Callable[[str], Non
     return plan
 
 
+def _stored_in(holder, name: str) -> tuple:
+    """The checkpoint that stores `holder`'s tensor `name` (a sliced view's source), and its name there."""
+    return holder.stored(name) if isinstance(holder, SlicedCheckpoint) else (holder, name)
+
+
 def _same_values(name: str, a, b) -> bool:
     """Whether a non-float tensor holds the same values in two inputs. Both safetensors (the usual
     case): their stored bytes, compared without torch, so checking the inputs does not load it."""
+    (a, in_a), (b, in_b) = _stored_in(a, name), _stored_in(b, name)
     if type(a) is Checkpoint and type(b) is Checkpoint:
-        return a.raw(name) == b.raw(name)
-    return torch.equal(a.tensor(name), b.tensor(name))
+        return bytes(a.raw_view(in_a)) == bytes(b.raw_view(in_b))
+    return torch.equal(a.tensor(in_a), b.tensor(in_b))
 
 
 def _check_copied(name: str, reference: Checkpoint, models: list[Checkpoint], log: Callable[[str], None]) -> None:
@@ -518,6 +525,21 @@ class Engine:
         averaged = [inputs.base.tensor(name)] if self.config.base_is_input else []
         return averaged + [inputs.base.tensor(name) if (i, name) in plan.substitutes else m.tensor(name)
                            for i, m in enumerate(inputs.models)]
+
+    def _stored_copy(self, inputs: _Inputs, plan: _Plan, name: str, scale: float | None = None):
+        """(checkpoint, name there) of the one input tensor `name`'s output is, byte for byte: a plan
+        that copies its input (at this scale), into the dtype that input is stored in, read from a
+        safetensors file. The merge pass writes those bytes from the memory map, without a backend or
+        torch; else None."""
+        el = self._plan_for(name) if scale is None else self._plan_for(name).at_scale(scale)
+        if not el.copies_input:
+            return None
+        holder = inputs.base if self.config.base_is_input or (0, name) in plan.substitutes else inputs.models[0]
+        ckpt, stored = _stored_in(holder, name)
+        dtype = ckpt.tensors[stored].dtype if type(ckpt) is Checkpoint else None
+        if dtype not in dtypes.EXACT_IN_FLOAT32 or dtype is not plan.out_dtypes[name]:
+            return None
+        return ckpt, stored
 
     def _prefetch(self, inputs: _Inputs, name: str | None) -> None:
         """Ask the kernel to start reading a coming tensor's pages (MADV_WILLNEED) on every
@@ -666,13 +688,15 @@ class Engine:
             self._slice_of = inputs.slice_of
             self._resolve_tensor_specs(plan.merged, inputs.depths)
             # The checks so far read headers only, without torch (lazy.py): a refused merge is refused
-            # in a fraction of a second. The data path needs it from here.
-            import_seconds = lazy.load()
+            # in a fraction of a second. The data path needs it from here, unless every output tensor
+            # is an input's stored bytes (passthrough), which the merge pass copies without it.
+            copies_only = all(self._stored_copy(inputs, plan, n) is not None for n in plan.merged)
+            import_seconds = 0.0 if copies_only else lazy.load()
             started += import_seconds
             backend = make_backend(self.device, allow_nonfinite=config.allow_nonfinite, log=self.log,
                                    local_rank=world.local_rank if world.size > 1 else None)
-            device = torch.device(getattr(backend, "device", "cpu"))
-            if device.type == "cuda":   # adapters' B A as GEMMs on the merge's GPU
+            device = str(getattr(backend, "device", "cpu"))
+            if device.startswith("cuda"):   # adapters' B A as GEMMs on the merge's GPU
                 for model in inputs.models:
                     adapter = getattr(model, "_inner", model)
                     if isinstance(adapter, AdapterCheckpoint):
@@ -880,7 +904,9 @@ class Engine:
         t0 = time.perf_counter()
         spec = self.spec
         source = inputs.base or inputs.models[0]
-        groups = self._packs(merged, inputs, plan, stats, scales, getattr(backend, "packs_segments", False))
+        stored = {n: s for n in merged if (s := self._stored_copy(inputs, plan, n, scales[n])) is not None}
+        groups = self._packs([n for n in merged if n not in stored], inputs, plan, stats, scales,
+                             getattr(backend, "packs_segments", False))
 
         def jobs() -> Iterator[MergeJob]:
             for k, group in enumerate(groups):
@@ -896,17 +922,32 @@ class Engine:
                                stream=math.prod(plan.shapes[name]) >= STREAM_MIN,
                                release=self._releaser(inputs, name))
 
-        copies = [n for n in plan.order if n in plan.copied and n in pending_set]
+        # Written between the backend's outputs, in the plan's order: the tensors copied from the
+        # reference (not float, excluded) and those whose output is an input's stored bytes.
+        copies = [n for n in plan.order if (n in plan.copied or n in stored) and n in pending_set]
         position = {n: i for i, n in enumerate(plan.order)}
         next_copy = 0
+        check = not self.config.allow_nonfinite
 
         def write_copies_before(limit: int) -> None:
             nonlocal next_copy
             while next_copy < len(copies) and position[copies[next_copy]] < limit:
                 name = copies[next_copy]
                 next_copy += 1
-                writer.write(name, source.tensor(name))
-                source.release(name)
+                ckpt, at = stored.get(name) or _stored_in(source, name)
+                if type(ckpt) is Checkpoint:   # its bytes from the memory map, without torch
+                    data = ckpt.raw_view(at)
+                    if name in stored and check and not dtypes.all_finite(data, ckpt.tensors[at].dtype):
+                        raise NonFiniteInput(name, 0)
+                    writer.write_bytes(name, data)
+                    data.release()
+                else:
+                    writer.write(name, ckpt.tensor(at))
+                if name in stored:
+                    self._release(inputs, name)
+                    bar.advance(self._input_bytes(inputs, [name]), 1)
+                else:
+                    source.release(name)
 
         def write(name: str, output) -> None:
             for piece in [output] if isinstance(output, torch.Tensor) else output:
@@ -947,13 +988,13 @@ class Engine:
                                     ckpt.release(name)
                 bar.advance(self._input_bytes(inputs, group), len(group))
                 done += 1
+            write_copies_before(len(plan.order))
         except NonFiniteInput as err:
-            # Jobs come back in order, so the one that failed follows the last one returned.
-            failed = groups[min(done, len(groups) - 1)]
-            name = err.name if err.name in plan.shapes else next(
-                (n for n in failed if self._holds_nonfinite(inputs, plan, n)), failed[0])
+            name = err.name
+            if name not in plan.shapes:   # a pack's: jobs come back in order, so it follows the last returned
+                failed = groups[min(done, len(groups) - 1)]
+                name = next((n for n in failed if self._holds_nonfinite(inputs, plan, n)), failed[0])
             raise self._nonfinite(err, inputs, plan, name) from None
-        write_copies_before(len(plan.order))
         bar.close()
         self.log(f"pass {len(passes)}/{len(passes)} (merge) took {time.perf_counter() - t0:.2f} s")
         return total_in

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-import torch
+from .lazy import torch
 
 EXPONENT_BINS = 256   # one int64 bin per float32 exponent
 _MAX_ADD = 1 << 28  # elements per bincount: each float64 bin sum stays below 2^52, exact

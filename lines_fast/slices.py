@@ -188,6 +188,10 @@ class SlicedCheckpoint:
         ckpt, src = self._routes[name]
         return ckpt.tensor(src)
 
+    def stored(self, name: str) -> tuple[Checkpoint, str]:
+        """The real checkpoint output tensor `name` is read from, and its name there."""
+        return self._routes[name]
+
     def prefetch(self, name: str) -> None:
         ckpt, src = self._routes[name]
         ckpt.prefetch(src)

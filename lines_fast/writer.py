@@ -612,12 +612,27 @@ class ShardedWriter:
             )
         self._append(name, index, piece, total)
 
+    def write_bytes(self, name: str, data: memoryview) -> None:
+        """Appends the next pending tensor as its stored bytes (its planned dtype, little-endian,
+        row-major): a copy of an input's tensor, straight from its memory map, without torch."""
+        index, dtype, shape = self._next(name)
+        if self._piece_elems:
+            raise ValueError(f"tensor {name!r} is partly written: write the rest with write_piece")
+        if data.nbytes != dtype.itemsize * math.prod(shape):
+            raise ValueError(f"tensor {name!r}: {data.nbytes} bytes given, the plan's {dtype} {shape} needs "
+                             f"{dtype.itemsize * math.prod(shape)}")
+        self._append_data(index, data, math.prod(shape), math.prod(shape))
+
     def _append(self, name: str, index: int, tensor: torch.Tensor, total: int, tensors: int = 1) -> None:
         """Writes the tensor's bytes to the shard; total: elements the current tensor has in all
         (or, with tensors > 1, the elements of that many whole tensors that `tensor` holds)."""
         if not tensor.is_contiguous():
             raise ValueError(f"tensor {name!r} is not contiguous")
         tensor = tensor.cpu()
+        self._append_data(index, tensor, tensor.numel(), total, tensors)
+
+    def _append_data(self, index: int, data, elements: int, total: int, tensors: int = 1) -> None:
+        """data: the bytes of `elements` elements, or a contiguous CPU tensor of them."""
         shard = self.shards[index]
         try:
             if self._file is None:
@@ -625,12 +640,13 @@ class ShardedWriter:
                 self._file.write(shard.header)
                 self._crc = zlib.crc32(shard.header)
                 self._written_back = self._dropped = 0
-            if tensor.numel():
-                data = _tensor_bytes(tensor)
+            if elements:
+                if not isinstance(data, memoryview):
+                    data = _tensor_bytes(data)
                 self._file.write(data)
                 self._crc = zlib.crc32(data, self._crc)
                 self._write_back()
-            self._piece_elems += tensor.numel()
+            self._piece_elems += elements
             if self._piece_elems == total:
                 self._piece_elems = 0
                 self._pos += tensors

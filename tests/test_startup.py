@@ -87,3 +87,43 @@ def test_a_merge_imports_torch_once_the_checks_pass(family, tmp_path):
     assert code == 0 and torch_line == "torch imported", out   # the check above can see torch
     assert "importing torch)" in out and (tmp_path / "out" / SINGLE_FILE).exists()
     assert load(tmp_path / "out").keys() == load(fam.base).keys()
+
+
+def test_a_passthrough_copies_stored_bytes_without_torch(family, tmp_path):
+    """A frankenmerge's every tensor is an input's stored bytes: the merge pass writes them from the
+    memory maps, the NaN/Inf check read from their bits (dtypes.all_finite), and torch stays out."""
+    root, fam, _ = family
+    ft1, ft2 = (tmp_path / "ft1", tmp_path / "ft2")
+    shutil.copytree(fam.finetunes[0], ft1)
+    shutil.copytree(fam.finetunes[1], ft2)
+    layers = sorted({int(n.split(".")[2]) for n in load(ft1) if n.startswith("model.layers.")})
+    assert layers == [0, 1]   # the tiny recipe's
+    config = tmp_path / "pt.yml"
+    config.write_text(yaml.safe_dump({"merge_method": "passthrough", "dtype": "bfloat16", "slices": [
+        {"sources": [{"model": str(ft1), "layer_range": [1, 2]}]},
+        {"sources": [{"model": str(ft2), "layer_range": [0, 2]}]}]}))
+    code, torch_line, out = lines_fast("merge", config, tmp_path / "out", "--no-progress")
+    assert code == 0 and torch_line == "torch not imported" and "importing torch" not in out, out
+    got, a, b = load(tmp_path / "out"), load(ft1), load(ft2)
+    up = "model.layers.{}.mlp.up_proj.weight"
+    # Output layer 0 is ft1's 1; layers 1, 2 are ft2's 0, 1; embeddings from the first slice's
+    # model, the head from the last's (mergekit's rule).
+    for out_layer, (model, layer) in enumerate([(a, 1), (b, 0), (b, 1)]):
+        assert torch.equal(got[up.format(out_layer)].view(torch.int16), model[up.format(layer)].view(torch.int16))
+    assert torch.equal(got["model.embed_tokens.weight"].view(torch.int16), a["model.embed_tokens.weight"].view(torch.int16))
+    assert torch.equal(got["lm_head.weight"].view(torch.int16), b["lm_head.weight"].view(torch.int16))
+    assert up.format(3) not in got
+
+    # A NaN in a copied tensor: refused, naming the tensor and the file; --allow-nonfinite copies
+    # it with its payload bits.
+    tensors = load(ft2)
+    bad = tensors[up.format(1)].view(-1)
+    bad[3] = float("nan")
+    payload = int(bad.view(torch.int16)[3])
+    write_safetensors(ft2 / SINGLE_FILE, tensors)
+    code, torch_line, out = lines_fast("merge", config, tmp_path / "refused", "--no-progress")
+    assert code == 2 and up.format(2) in out and str(ft2 / SINGLE_FILE) in out and "NaN or Inf" in out, out
+    assert not (tmp_path / "refused").exists()
+    code, torch_line, out = lines_fast("merge", config, tmp_path / "kept", "--no-progress", "--allow-nonfinite")
+    assert code == 0 and torch_line == "torch not imported", out
+    assert int(load(tmp_path / "kept")[up.format(2)].view(-1).view(torch.int16)[3]) == payload

@@ -11,14 +11,15 @@ current one computes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import replace
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
+from ..lazy import torch
 
-from .. import jit
+from .. import dtypes, jit
 from ..errors import NonFiniteInput
 from ..exactsum import AbsSum, row_abs_sums
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
@@ -64,7 +65,7 @@ class _Buffers:
 
 READ_AHEAD_MIN = 1 << 20
 KEEP_BUDGET = 64 << 20   # bytes of DARE / DELLA keep masks (8 per byte) kept from a job's statistics to its merge
-_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+_BITS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def _pack_bits(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -72,12 +73,17 @@ def _pack_bits(mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     n = mask.numel()
     padded = torch.zeros(out.numel() * 8, dtype=torch.uint8)
     padded[:n] = mask.reshape(-1)
-    return torch.sum(padded.view(-1, 8) * _BITS, dim=1, dtype=torch.uint8, out=out)
+    return torch.sum(padded.view(-1, 8) * _bit_values(), dim=1, dtype=torch.uint8, out=out)
 
 
 def _unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """The first n elements of a _pack_bits mask, as bool."""
-    return (packed.unsqueeze(1).bitwise_and(_BITS) != 0).reshape(-1)[:n]
+    return (packed.unsqueeze(1).bitwise_and(_bit_values()) != 0).reshape(-1)[:n]
+
+
+@functools.cache
+def _bit_values() -> torch.Tensor:
+    return torch.tensor(_BITS, dtype=torch.uint8)
 
 
 def _input_bytes(job: MergeJob) -> int:
@@ -119,12 +125,6 @@ def _bits_of(threshold, segment: torch.Tensor | None):
     own packed tensor's threshold."""
     value = _per_element(threshold, segment)
     return value if isinstance(value, float) else value.view(torch.int32)
-
-
-# Input dtypes whose float32 round trip is exact (so handing the values on gives the merge's bits)
-# and which torch can sum and test on the CPU: not float64 (the merge rounds it to float32), not
-# the float8 types (no CPU sum).
-_WIDENED_EXACTLY = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check_finite(values: torch.Tensor, name: str, model_index: int) -> None:
@@ -598,7 +598,7 @@ class CpuBackend:
             for s, e in self._spans(base.numel()):
                 yield s, e, base[s:e]
             return
-        if plan.copies_input and job.models[0].dtype in _WIDENED_EXACTLY:   # passthrough: the values as they are
+        if plan.copies_input and dtypes.of(job.models[0].dtype) in dtypes.EXACT_IN_FLOAT32:   # passthrough: as they are
             model = job.models[0].reshape(-1)
             for s, e in self._spans(model.numel()):
                 if self.check_finite:

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
+from ..lazy import torch
 
-from .. import jit
+from .. import dtypes, jit
 from ..exactsum import EXPONENT_BINS
 from ..gram import GroupView, group_view, new_gram
 from ..methods import Coefficients, Consensus, Rescale, Sparsify
@@ -45,18 +45,17 @@ FUSED = {
 # elements of work (a 1.3B model and 3 fine-tunes), TIES-like plans at jit.JIT_AFTER.
 LIGHT_PLAN_SHARE = 1 / 256
 HISTOGRAM_SPAN = 1 << 22   # elements per packed_histograms call: its per-thread bins are zeroed per call
-# numba has no 16-bit floats on the CPU: the kernels read bf16 as its uint16 bits and fp16 as its
-# int16 bits (jit_kernels.widen tells them apart by signedness and widens both exactly).
-_ARRAY_DTYPES = {torch.bfloat16: torch.uint16, torch.float16: torch.int16, torch.float32: torch.float32}
+# The type the kernels read each input dtype's bits as (dtypes.EXACT_IN_FLOAT32), by str(torch dtype).
+_ARRAY_DTYPES = {f"torch.{d.name}": bits for d, bits in dtypes.EXACT_IN_FLOAT32.items()}
 
 
 def as_array(t: torch.Tensor) -> np.ndarray | None:
     """A flat numpy view of a contiguous CPU tensor the kernels read (bf16 and fp16 as their bits), or None."""
-    view = _ARRAY_DTYPES.get(t.dtype)
+    view = _ARRAY_DTYPES.get(str(t.dtype))
     if view is None or t.device.type != "cpu" or not t.is_contiguous():
         return None
     try:
-        return t.reshape(-1).view(view).numpy()
+        return t.reshape(-1).view(getattr(torch, view)).numpy()
     except (TypeError, RuntimeError):   # a torch whose numpy bridge lacks uint16: the torch path
         return None
 
