@@ -137,11 +137,15 @@ def _log_to_stderr(message: str) -> None:
     say(message)
 
 
+# A GPU driver's files: NVIDIA's (a container with the NVIDIA runtime has them too), WSL2's, ROCm's.
+_GPU_DRIVER_FILES = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
 def cuda_available() -> bool:
-    """torch.cuda.is_available(), without importing torch on a Linux machine with no GPU driver
-    (neither NVIDIA's nor ROCm's device files): there `plan` and a merge's checks stay torch-free."""
+    """torch.cuda.is_available(), without importing torch on a Linux machine with no GPU driver's
+    files: there `plan` and a merge's checks stay torch-free."""
     if ("torch" not in sys.modules and sys.platform.startswith("linux")
-            and not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/kfd"))):
+            and not any(os.path.exists(f) for f in _GPU_DRIVER_FILES)):
         return False
     return torch.cuda.is_available()
 

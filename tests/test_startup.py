@@ -127,3 +127,22 @@ def test_a_passthrough_copies_stored_bytes_without_torch(family, tmp_path):
     code, torch_line, out = lines_fast("merge", config, tmp_path / "kept", "--no-progress", "--allow-nonfinite")
     assert code == 0 and torch_line == "torch not imported", out
     assert int(load(tmp_path / "kept")[up.format(2)].view(-1).view(torch.int16)[3]) == payload
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the driver files looked for are Linux's")
+def test_auto_device_needs_no_torch_without_a_gpu_driver(tmp_path):
+    """--device auto on a Linux machine without a GPU driver's files is the CPU, decided without
+    importing torch; where one exists, torch is asked."""
+    script = ("import sys\nfrom lines_fast import engine\nengine._GPU_DRIVER_FILES = tuple(sys.argv[1:])\n"
+              "print(engine.resolve_device('auto'), 'torch' in sys.modules)\n")
+    driver = tmp_path / "dxg"
+
+    def resolved():
+        proc = subprocess.run([sys.executable, "-c", script, str(driver)], capture_output=True, text=True,
+                              cwd=REPO, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split()
+
+    assert resolved() == ["cpu", "False"]
+    driver.write_text("")
+    assert resolved() == ["cuda" if torch.cuda.is_available() else "cpu", "True"]
